@@ -376,6 +376,11 @@ def gen_lora(case: dict, case_dir: Path, base_state: dict, sub: dict, seed: int)
     randomise_lora(model, seed)
     model.save_pretrained(str(out / "adapter"))
     (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's model-card boilerplate
+    # PEFT stores target_modules as a set: its JSON order varies run to run. Sort it (deterministic).
+    cfg_path = out / "adapter" / "adapter_config.json"
+    acfg = json.loads(cfg_path.read_text())
+    acfg["target_modules"] = sorted(acfg["target_modules"])
+    cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
 
     batch = json.loads((case_dir / "batch.json").read_text())
     ref32 = run_reference(model, batch)
