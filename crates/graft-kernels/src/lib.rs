@@ -1,1 +1,12 @@
-//! graft-kernels
+//! graft-kernels: the numeric ops of the engine, forward and backward, per device.
+//!
+//! Every op is a pair of functions (`*_forward` / `*_backward`) over explicit buffers, written
+//! out by hand and tested against finite differences here and against PyTorch through the model
+//! fixtures in `graft-model`. [`cpu`] holds the CPU implementations; [`Backend`] is the device
+//! seam the model code is written against, so a CUDA backend can be added without touching it.
+
+pub mod backend;
+pub mod cpu;
+
+pub use backend::{Backend, Cpu};
+pub use cpu::matmul::{Precision, Weight, WeightData};

@@ -1,0 +1,423 @@
+//! The device seam: the op set the model code is written against.
+//!
+//! Buffers are opaque per device ([`Backend::Buf`] for f32 activations/parameters,
+//! [`Backend::Ids`] for token ids, positions and targets, [`Backend::Weight`] for matrices in
+//! their compute storage). The CPU backend ([`Cpu`]) uses host vectors; a CUDA backend would use
+//! device allocations and NVRTC-compiled kernels behind the same methods, and the decoder in
+//! `graft-model` would not change.
+
+use crate::cpu::attention::{self, AttentionShape};
+use crate::cpu::cross_entropy::{self, CrossEntropyGrads, CrossEntropyOutput};
+use crate::cpu::matmul::{self, Precision, Weight};
+use crate::cpu::rope::RopeTable;
+use crate::cpu::{elementwise, norm, rope};
+
+/// The numeric op set of the decoder, forward and backward.
+///
+/// Shapes are passed explicitly; matrices are row-major. "Accumulate" means `+=`, otherwise the
+/// output is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend: Send + Sync {
+    /// An f32 buffer on the device.
+    type Buf: Send + Sync;
+    /// A u32 buffer on the device (token ids, positions).
+    type Ids: Send + Sync;
+    /// A weight matrix `[out, in]` in its compute storage (f32 or bf16).
+    type Weight: Send + Sync;
+    /// Precomputed RoPE angles.
+    type Rope: Send + Sync;
+
+    /// A zero-filled buffer of `n` floats.
+    fn zeros(&self, n: usize) -> Self::Buf;
+    /// Copies host data to the device.
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// Copies device data to the host.
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    /// Number of floats in `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Copies ids to the device.
+    fn upload_ids(&self, ids: &[u32]) -> Self::Ids;
+    /// Sets every element to zero.
+    fn fill_zero(&self, buf: &mut Self::Buf);
+    /// `dst = src`.
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+
+    /// Makes a weight from host f32 data, stored as bf16 when `bf16` is set.
+    fn weight(&self, data: &[f32], rows: usize, cols: usize, bf16: bool) -> Self::Weight;
+    /// Copies a weight back to host f32.
+    fn weight_to_host(&self, w: &Self::Weight) -> Vec<f32>;
+    /// Replaces a weight's values (after an optimizer step), keeping its storage type.
+    fn weight_update(&self, w: &mut Self::Weight, data: &Self::Buf);
+    /// Bytes a weight occupies.
+    fn weight_bytes(&self, w: &Self::Weight) -> usize;
+
+    /// `y[t×out] (+)= x · wᵀ`.
+    fn linear_forward(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        t: usize,
+        acc: bool,
+        p: Precision,
+    );
+    /// `dx[t×in] (+)= dy · w`.
+    fn linear_backward_input(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        t: usize,
+        acc: bool,
+        p: Precision,
+    );
+    /// `dw[out×in] (+)= dyᵀ · x`.
+    fn linear_backward_weight(
+        &self,
+        dw: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        t: usize,
+        out: usize,
+        inp: usize,
+        acc: bool,
+        p: Precision,
+    );
+    /// `y += bias` per row.
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf);
+    /// `db += Σ_rows dy`.
+    fn bias_backward(&self, db: &mut Self::Buf, dy: &Self::Buf);
+    /// `y += alpha · x`.
+    fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf);
+    /// `y = a + b`.
+    fn add(&self, y: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf);
+    /// Multiplies every element by `s` (LoRA dropout keeps its own mask op).
+    fn scale(&self, y: &mut Self::Buf, s: f32);
+    /// `y = x ⊙ mask` where `mask[i] = keep(i) / (1 − p)`, the keep decisions coming from a
+    /// counter-based hash of `(seed, i)` so backward regenerates the same mask.
+    fn dropout(&self, y: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64);
+
+    /// RMSNorm rows of width `dim`; stores `rstd`.
+    fn rmsnorm_forward(
+        &self,
+        y: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+    );
+    /// Recomputes RMSNorm output from a saved `rstd`.
+    fn rmsnorm_apply(&self, y: &mut Self::Buf, rstd: &Self::Buf, x: &Self::Buf, w: &Self::Buf, dim: usize);
+    /// RMSNorm backward; `dw` accumulated when given.
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        dim: usize,
+        acc: bool,
+    );
+
+    /// RoPE table for `inv_freq` up to `max_positions`.
+    fn rope_table(&self, inv_freq: &[f32], max_positions: usize) -> Self::Rope;
+    /// Rotates `[rows, n_heads, head_dim]` in place.
+    fn rope_forward(&self, x: &mut Self::Buf, positions: &Self::Ids, n_heads: usize, table: &Self::Rope);
+    /// RoPE backward in place.
+    fn rope_backward(&self, dx: &mut Self::Buf, positions: &Self::Ids, n_heads: usize, table: &Self::Rope);
+
+    /// Isolated causal attention over packed segments.
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        segments: &[(usize, usize)],
+        shape: &AttentionShape,
+    );
+    /// Attention backward (outputs overwritten).
+    fn attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        segments: &[(usize, usize)],
+        shape: &AttentionShape,
+    );
+
+    /// `a = silu(g) ⊙ u`.
+    fn swiglu_forward(&self, a: &mut Self::Buf, g: &Self::Buf, u: &Self::Buf);
+    /// SwiGLU backward.
+    fn swiglu_backward(
+        &self,
+        dg: &mut Self::Buf,
+        du: &mut Self::Buf,
+        da: &Self::Buf,
+        g: &Self::Buf,
+        u: &Self::Buf,
+    );
+
+    /// `x[t] = table[ids[t]]`.
+    fn embedding_forward(&self, x: &mut Self::Buf, ids: &Self::Ids, table: &Self::Weight, dim: usize);
+    /// `dtable[ids[t]] += dx[t]`.
+    fn embedding_backward(&self, dtable: &mut Self::Buf, dx: &Self::Buf, ids: &Self::Ids, dim: usize);
+
+    /// Fused chunked LM head + cross-entropy; see [`cross_entropy::lm_head_cross_entropy`].
+    fn lm_head_cross_entropy(
+        &self,
+        hidden: &Self::Buf,
+        head: &Self::Weight,
+        targets: &[i32],
+        grads: Option<(f32, &mut Self::Buf, Option<&mut Self::Buf>)>,
+        p: Precision,
+    ) -> CrossEntropyOutput;
+}
+
+/// The CPU backend: host vectors, `gemm`/bf16 kernels, rayon threads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+/// Counter-based keep decision for dropout: SplitMix64 of `(seed, index)`.
+pub fn dropout_keep(seed: u64, index: u64, p: f32) -> bool {
+    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 / (1u64 << 24) as f32) >= p
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Ids = Vec<u32>;
+    type Weight = Weight;
+    type Rope = RopeTable;
+
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn upload_ids(&self, ids: &[u32]) -> Vec<u32> {
+        ids.to_vec()
+    }
+    fn fill_zero(&self, buf: &mut Vec<f32>) {
+        buf.fill(0.0);
+    }
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.copy_from_slice(src);
+    }
+
+    fn weight(&self, data: &[f32], rows: usize, cols: usize, bf16: bool) -> Weight {
+        if bf16 {
+            Weight::bf16_from_f32(data, rows, cols)
+        } else {
+            Weight::f32(data.to_vec(), rows, cols)
+        }
+    }
+    fn weight_to_host(&self, w: &Weight) -> Vec<f32> {
+        w.to_f32()
+    }
+    fn weight_update(&self, w: &mut Weight, data: &Vec<f32>) {
+        match &mut w.data {
+            matmul::WeightData::F32(v) => v.copy_from_slice(data),
+            matmul::WeightData::Bf16(v) => *v = matmul::to_bf16(data),
+        }
+    }
+    fn weight_bytes(&self, w: &Weight) -> usize {
+        w.bytes()
+    }
+
+    fn linear_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &Weight, t: usize, acc: bool, p: Precision) {
+        matmul::linear_forward(y, x, w, t, acc, p)
+    }
+    fn linear_backward_input(
+        &self,
+        dx: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        w: &Weight,
+        t: usize,
+        acc: bool,
+        p: Precision,
+    ) {
+        matmul::linear_backward_input(dx, dy, w, t, acc, p)
+    }
+    fn linear_backward_weight(
+        &self,
+        dw: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        t: usize,
+        out: usize,
+        inp: usize,
+        acc: bool,
+        p: Precision,
+    ) {
+        matmul::linear_backward_weight(dw, dy, x, t, out, inp, acc, p)
+    }
+    fn add_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>) {
+        elementwise::add_bias(y, bias)
+    }
+    fn bias_backward(&self, db: &mut Vec<f32>, dy: &Vec<f32>) {
+        elementwise::bias_backward(db, dy)
+    }
+    fn axpy(&self, y: &mut Vec<f32>, alpha: f32, x: &Vec<f32>) {
+        elementwise::axpy(y, alpha, x)
+    }
+    fn add(&self, y: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+        elementwise::add(y, a, b)
+    }
+    fn scale(&self, y: &mut Vec<f32>, s: f32) {
+        y.iter_mut().for_each(|v| *v *= s);
+    }
+    fn dropout(&self, y: &mut Vec<f32>, x: &Vec<f32>, p: f32, seed: u64) {
+        use rayon::prelude::*;
+        let inv = 1.0 / (1.0 - p);
+        y.par_iter_mut()
+            .zip(x.par_iter())
+            .enumerate()
+            .for_each(|(i, (y, &x))| {
+                *y = if dropout_keep(seed, i as u64, p) {
+                    x * inv
+                } else {
+                    0.0
+                };
+            });
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        y: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dim: usize,
+        eps: f32,
+    ) {
+        norm::rmsnorm_forward(y, rstd, x, w, dim, eps)
+    }
+    fn rmsnorm_apply(&self, y: &mut Vec<f32>, rstd: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, dim: usize) {
+        norm::rmsnorm_apply(y, rstd, x, w, dim)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dw: Option<&mut Vec<f32>>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dim: usize,
+        acc: bool,
+    ) {
+        norm::rmsnorm_backward(dx, dw.map(|v| v.as_mut_slice()), dy, x, w, rstd, dim, acc)
+    }
+
+    fn rope_table(&self, inv_freq: &[f32], max_positions: usize) -> RopeTable {
+        RopeTable::new(inv_freq, max_positions)
+    }
+    fn rope_forward(&self, x: &mut Vec<f32>, positions: &Vec<u32>, n_heads: usize, table: &RopeTable) {
+        rope::rope_forward(x, positions, n_heads, table)
+    }
+    fn rope_backward(&self, dx: &mut Vec<f32>, positions: &Vec<u32>, n_heads: usize, table: &RopeTable) {
+        rope::rope_backward(dx, positions, n_heads, table)
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        segments: &[(usize, usize)],
+        shape: &AttentionShape,
+    ) {
+        attention::attention_forward(out, lse, q, k, v, segments, shape)
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        segments: &[(usize, usize)],
+        shape: &AttentionShape,
+    ) {
+        attention::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, segments, shape)
+    }
+
+    fn swiglu_forward(&self, a: &mut Vec<f32>, g: &Vec<f32>, u: &Vec<f32>) {
+        elementwise::swiglu_forward(a, g, u)
+    }
+    fn swiglu_backward(
+        &self,
+        dg: &mut Vec<f32>,
+        du: &mut Vec<f32>,
+        da: &Vec<f32>,
+        g: &Vec<f32>,
+        u: &Vec<f32>,
+    ) {
+        elementwise::swiglu_backward(dg, du, da, g, u)
+    }
+
+    fn embedding_forward(&self, x: &mut Vec<f32>, ids: &Vec<u32>, table: &Weight, dim: usize) {
+        match &table.data {
+            matmul::WeightData::F32(t) => elementwise::embedding_forward(x, ids, t, dim),
+            matmul::WeightData::Bf16(t) => {
+                for (row, &id) in x.chunks_mut(dim).zip(ids) {
+                    let src = &t[id as usize * dim..(id as usize + 1) * dim];
+                    row.iter_mut().zip(src).for_each(|(o, s)| *o = s.to_f32());
+                }
+            }
+        }
+    }
+    fn embedding_backward(&self, dtable: &mut Vec<f32>, dx: &Vec<f32>, ids: &Vec<u32>, dim: usize) {
+        elementwise::embedding_backward(dtable, dx, ids, dim)
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        hidden: &Vec<f32>,
+        head: &Weight,
+        targets: &[i32],
+        grads: Option<(f32, &mut Vec<f32>, Option<&mut Vec<f32>>)>,
+        p: Precision,
+    ) -> CrossEntropyOutput {
+        let grads = grads.map(|(grad_scale, d_hidden, d_head)| CrossEntropyGrads {
+            grad_scale,
+            d_hidden: d_hidden.as_mut_slice(),
+            d_head: d_head.map(|v| v.as_mut_slice()),
+        });
+        cross_entropy::lm_head_cross_entropy(
+            hidden,
+            head,
+            targets,
+            grads,
+            cross_entropy::default_chunk_rows(head.rows),
+            p,
+        )
+    }
+}

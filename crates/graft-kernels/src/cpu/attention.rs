@@ -1,0 +1,639 @@
+//! Grouped-query causal attention over packed sequences, forward and backward, flash-style: the
+//! forward keeps only the per-row log-sum-exp, the backward recomputes the probabilities block by
+//! block. Tokens of different sequences never attend to each other — a packed batch is a list of
+//! contiguous segments and each is processed on its own.
+//!
+//! Layouts (row-major): `q` is `[tokens, n_heads, head_dim]`, `k`/`v` are
+//! `[tokens, n_kv_heads, head_dim]`, `out` is like `q`, `lse` is `[tokens, n_heads]`.
+
+use rayon::prelude::*;
+
+/// Queries processed per block (bounds the score scratch to `QUERY_BLOCK × keys`).
+const QUERY_BLOCK: usize = 64;
+
+/// Shape of an attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Each query sees at most this many most recent keys, itself included.
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+    /// First key (inclusive) visible from a query at position `pos`.
+    fn first_key(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) if pos + 1 > w => pos + 1 - w,
+            _ => 0,
+        }
+    }
+}
+
+/// Splits per-token sequence ids into contiguous `(start, len)` segments.
+pub fn segments_from_seq_ids(seq_ids: &[u32]) -> Vec<(usize, usize)> {
+    let mut segs = Vec::new();
+    let mut start = 0;
+    for i in 1..=seq_ids.len() {
+        if i == seq_ids.len() || seq_ids[i] != seq_ids[i - 1] {
+            if i > start {
+                segs.push((start, i - start));
+            }
+            start = i;
+        }
+    }
+    segs
+}
+
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+// SAFETY: tasks write disjoint elements through these pointers (see each use).
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+/// `c[m×n] (+)= scale · a[m×k] · b[k×n]` over raw strided pointers (single-threaded gemm).
+///
+/// # Safety
+/// All indices `i*rs + j*cs` within the dimensions must be valid for the pointers, and no other
+/// thread may write the elements of `c` touched here.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    c_cs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    scale: f32,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Applies the causal/window mask to a score block and turns it into probabilities in place;
+/// returns nothing but writes each row's log-sum-exp into `lse_out(row)`.
+fn softmax_rows(
+    s: &mut [f32],
+    nk: usize,
+    rows: usize,
+    q_pos0: usize,
+    k0: usize,
+    shape: &AttentionShape,
+) -> Vec<f32> {
+    let mut lse = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let pos = q_pos0 + r;
+        let lo = shape.first_key(pos).max(k0) - k0;
+        let hi = pos + 1 - k0; // exclusive
+        let row = &mut s[r * nk..(r + 1) * nk];
+        let mut mx = f32::NEG_INFINITY;
+        for &v in &row[lo..hi] {
+            mx = mx.max(v);
+        }
+        let mut sum = 0.0f32;
+        for v in &mut row[lo..hi] {
+            *v = (*v - mx).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in &mut row[lo..hi] {
+            *v *= inv;
+        }
+        row[..lo].fill(0.0);
+        row[hi..].fill(0.0);
+        lse.push(mx + sum.ln());
+    }
+    lse
+}
+
+/// Attention for queries at positions `q_pos0 ..` of one sequence whose keys/values (positions
+/// `0 ..`) are at `k`/`v` with row stride `kv_rs`; writes `out` rows and `lse`.
+///
+/// # Safety
+/// Pointers must cover the rows/heads addressed; `out`/`lse` elements of (these rows, heads of
+/// `kv_head`'s group) must not be written by other threads.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_one_kv_head(
+    shape: &AttentionShape,
+    kv_head: usize,
+    q: *const f32,
+    q_rs: usize,
+    nq: usize,
+    q_pos0: usize,
+    k: *const f32,
+    v: *const f32,
+    kv_rs: usize,
+    out: *mut f32,
+    out_rs: usize,
+    lse: *mut f32,
+    lse_rs: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let d = shape.head_dim;
+    let g = shape.group();
+    for h in kv_head * g..(kv_head + 1) * g {
+        let mut qs = 0;
+        while qs < nq {
+            let nb = QUERY_BLOCK.min(nq - qs);
+            let pos0 = q_pos0 + qs;
+            let k0 = shape.first_key(pos0);
+            let k1 = pos0 + nb; // exclusive
+            let nk = k1 - k0;
+            scratch.resize(nb * nk, 0.0);
+            // SAFETY: rows qs..qs+nb of q and keys k0..k1 exist by the caller's contract.
+            unsafe {
+                gemm_raw(
+                    nb,
+                    nk,
+                    d,
+                    scratch.as_mut_ptr(),
+                    nk,
+                    1,
+                    q.add(qs * q_rs + h * d),
+                    q_rs,
+                    1,
+                    k.add(k0 * kv_rs + kv_head * d),
+                    1,
+                    kv_rs,
+                    shape.scale(),
+                    false,
+                );
+            }
+            let l = softmax_rows(scratch, nk, nb, pos0, k0, shape);
+            // SAFETY: as above; out rows qs..qs+nb, head h are this task's.
+            unsafe {
+                for (r, &val) in l.iter().enumerate() {
+                    *lse.add((qs + r) * lse_rs + h) = val;
+                }
+                gemm_raw(
+                    nb,
+                    d,
+                    nk,
+                    out.add(qs * out_rs + h * d),
+                    out_rs,
+                    1,
+                    scratch.as_ptr(),
+                    nk,
+                    1,
+                    v.add(k0 * kv_rs + kv_head * d),
+                    kv_rs,
+                    1,
+                    1.0,
+                    false,
+                );
+            }
+            qs += nb;
+        }
+    }
+}
+
+/// Training forward over a packed batch: `out` and `lse` for every token and head.
+pub fn attention_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segments: &[(usize, usize)],
+    shape: &AttentionShape,
+) {
+    let (qw, kw) = (shape.q_width(), shape.kv_width());
+    let t: usize = segments.iter().map(|s| s.1).sum();
+    assert!(q.len() >= t * qw && k.len() >= t * kw && v.len() >= t * kw && out.len() >= t * qw);
+    assert!(lse.len() >= t * shape.n_heads);
+    let (out_p, lse_p) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
+    let tasks: Vec<(usize, usize, usize)> = segments
+        .iter()
+        .flat_map(|&(s, n)| (0..shape.n_kv_heads).map(move |h| (s, n, h)))
+        .collect();
+    tasks
+        .par_iter()
+        .for_each_init(Vec::new, |scratch, &(start, len, kvh)| {
+            let (out_p, lse_p) = (out_p, lse_p);
+            // SAFETY: each task owns rows start..start+len of the heads in kvh's group.
+            unsafe {
+                attend_one_kv_head(
+                    shape,
+                    kvh,
+                    q.as_ptr().add(start * qw),
+                    qw,
+                    len,
+                    0,
+                    k.as_ptr().add(start * kw),
+                    v.as_ptr().add(start * kw),
+                    kw,
+                    out_p.0.add(start * qw),
+                    qw,
+                    lse_p.0.add(start * shape.n_heads),
+                    shape.n_heads,
+                    scratch,
+                );
+            }
+        });
+}
+
+/// Inference attention for `nq` new queries of one sequence at positions `past ..past+nq`, over a
+/// cache holding keys/values for positions `0 .. past+nq` (row stride `n_kv_heads·head_dim`).
+pub fn attention_cached(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) {
+    let (qw, kw) = (shape.q_width(), shape.kv_width());
+    assert!(q.len() >= nq * qw && out.len() >= nq * qw);
+    assert!(k_cache.len() >= (past + nq) * kw && v_cache.len() >= (past + nq) * kw);
+    let mut lse = vec![0.0f32; nq * shape.n_heads];
+    let (out_p, lse_p) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
+    let run = |scratch: &mut Vec<f32>, kvh: usize| {
+        let (out_p, lse_p) = (out_p, lse_p);
+        // SAFETY: each kv head's task writes only its group's heads.
+        unsafe {
+            attend_one_kv_head(
+                shape,
+                kvh,
+                q.as_ptr(),
+                qw,
+                nq,
+                past,
+                k_cache.as_ptr(),
+                v_cache.as_ptr(),
+                kw,
+                out_p.0,
+                qw,
+                lse_p.0,
+                shape.n_heads,
+                scratch,
+            );
+        }
+    };
+    if nq * (past + nq) >= 4096 {
+        (0..shape.n_kv_heads)
+            .into_par_iter()
+            .for_each_init(Vec::new, |s, h| run(s, h));
+    } else {
+        let mut scratch = Vec::new();
+        (0..shape.n_kv_heads).for_each(|h| run(&mut scratch, h));
+    }
+}
+
+/// Backward of [`attention_forward`]: writes `dq`, `dk`, `dv` (overwritten, not accumulated).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segments: &[(usize, usize)],
+    shape: &AttentionShape,
+) {
+    let (qw, kw, d, nh) = (shape.q_width(), shape.kv_width(), shape.head_dim, shape.n_heads);
+    let t: usize = segments.iter().map(|s| s.1).sum();
+    dk[..t * kw].fill(0.0);
+    dv[..t * kw].fill(0.0);
+    // delta[t, h] = Σ_d dout · out
+    let mut delta = vec![0.0f32; t * nh];
+    delta.par_chunks_mut(nh).enumerate().for_each(|(row, dl)| {
+        for (h, x) in dl.iter_mut().enumerate() {
+            let o = &out[row * qw + h * d..row * qw + (h + 1) * d];
+            let g = &dout[row * qw + h * d..row * qw + (h + 1) * d];
+            *x = o.iter().zip(g).map(|(a, b)| a * b).sum();
+        }
+    });
+    let (dq_p, dk_p, dv_p) = (Ptr(dq.as_mut_ptr()), Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()));
+    let tasks: Vec<(usize, usize, usize)> = segments
+        .iter()
+        .flat_map(|&(s, n)| (0..shape.n_kv_heads).map(move |h| (s, n, h)))
+        .collect();
+    let scale = shape.scale();
+    tasks.par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(p, dp), &(start, len, kvh)| {
+            let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
+            let qb = q[start * qw..].as_ptr();
+            let kb = k[start * kw..].as_ptr();
+            let vb = v[start * kw..].as_ptr();
+            let gb = dout[start * qw..].as_ptr();
+            for h in kvh * shape.group()..(kvh + 1) * shape.group() {
+                let mut qs = 0;
+                while qs < len {
+                    let nb = QUERY_BLOCK.min(len - qs);
+                    let k0 = shape.first_key(qs);
+                    let nk = qs + nb - k0;
+                    p.resize(nb * nk, 0.0);
+                    dp.resize(nb * nk, 0.0);
+                    // SAFETY: all reads are inside this segment; writes go to dq rows of head h
+                    // (owned by this task) and dk/dv rows of kv head kvh (owned by this task).
+                    unsafe {
+                        gemm_raw(
+                            nb,
+                            nk,
+                            d,
+                            p.as_mut_ptr(),
+                            nk,
+                            1,
+                            qb.add(qs * qw + h * d),
+                            qw,
+                            1,
+                            kb.add(k0 * kw + kvh * d),
+                            1,
+                            kw,
+                            scale,
+                            false,
+                        );
+                        for r in 0..nb {
+                            let pos = qs + r;
+                            let l = lse[(start + pos) * nh + h];
+                            let lo = shape.first_key(pos) - k0;
+                            let hi = pos + 1 - k0;
+                            let row = &mut p[r * nk..(r + 1) * nk];
+                            row[..lo].fill(0.0);
+                            for x in &mut row[lo..hi] {
+                                *x = (*x - l).exp();
+                            }
+                            row[hi..].fill(0.0);
+                        }
+                        // dV[k0..] += Pᵀ · dO
+                        gemm_raw(
+                            nk,
+                            d,
+                            nb,
+                            dv_p.0.add((start + k0) * kw + kvh * d),
+                            kw,
+                            1,
+                            p.as_ptr(),
+                            1,
+                            nk,
+                            gb.add(qs * qw + h * d),
+                            qw,
+                            1,
+                            1.0,
+                            true,
+                        );
+                        // dP = dO · Vᵀ
+                        gemm_raw(
+                            nb,
+                            nk,
+                            d,
+                            dp.as_mut_ptr(),
+                            nk,
+                            1,
+                            gb.add(qs * qw + h * d),
+                            qw,
+                            1,
+                            vb.add(k0 * kw + kvh * d),
+                            1,
+                            kw,
+                            1.0,
+                            false,
+                        );
+                        // dS = P ∘ (dP − delta)
+                        for r in 0..nb {
+                            let dl = delta[(start + qs + r) * nh + h];
+                            for (x, &pp) in dp[r * nk..(r + 1) * nk].iter_mut().zip(&p[r * nk..(r + 1) * nk])
+                            {
+                                *x = pp * (*x - dl);
+                            }
+                        }
+                        // dQ = dS · K · scale
+                        gemm_raw(
+                            nb,
+                            d,
+                            nk,
+                            dq_p.0.add((start + qs) * qw + h * d),
+                            qw,
+                            1,
+                            dp.as_ptr(),
+                            nk,
+                            1,
+                            kb.add(k0 * kw + kvh * d),
+                            kw,
+                            1,
+                            scale,
+                            false,
+                        );
+                        // dK[k0..] += dSᵀ · Q · scale
+                        gemm_raw(
+                            nk,
+                            d,
+                            nb,
+                            dk_p.0.add((start + k0) * kw + kvh * d),
+                            kw,
+                            1,
+                            dp.as_ptr(),
+                            1,
+                            nk,
+                            qb.add(qs * qw + h * d),
+                            qw,
+                            1,
+                            scale,
+                            true,
+                        );
+                    }
+                    qs += nb;
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Direct O(T²) reference of one segment.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], segs: &[(usize, usize)], sh: &AttentionShape) -> Vec<f32> {
+        let (qw, kw, d) = (sh.q_width(), sh.kv_width(), sh.head_dim);
+        let mut out = vec![0.0f32; q.len()];
+        for &(s, n) in segs {
+            for i in 0..n {
+                for h in 0..sh.n_heads {
+                    let kvh = h / sh.group();
+                    let lo = sh.first_key(i);
+                    let scores: Vec<f64> = (lo..=i)
+                        .map(|j| {
+                            (0..d)
+                                .map(|x| {
+                                    q[(s + i) * qw + h * d + x] as f64 * k[(s + j) * kw + kvh * d + x] as f64
+                                })
+                                .sum::<f64>()
+                                * sh.scale() as f64
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|x| (x - m).exp()).sum();
+                    for x in 0..d {
+                        out[(s + i) * qw + h * d + x] = (lo..=i)
+                            .map(|j| (scores[j - lo] - m).exp() / z * v[(s + j) * kw + kvh * d + x] as f64)
+                            .sum::<f64>() as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn forward_matches_reference_and_isolates_segments() {
+        for window in [None, Some(3)] {
+            let sh = AttentionShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                window,
+            };
+            let segs = vec![(0, 5), (5, 70), (75, 2)];
+            let t = 77;
+            let (q, k, v) = (rand(t * 32, 1), rand(t * 16, 2), rand(t * 16, 3));
+            let mut out = vec![0.0; t * 32];
+            let mut lse = vec![0.0; t * 4];
+            attention_forward(&mut out, &mut lse, &q, &k, &v, &segs, &sh);
+            let want = reference(&q, &k, &v, &segs, &sh);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let sh = AttentionShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            window: Some(4),
+        };
+        let segs = vec![(0, 6), (6, 3)];
+        let t = 9;
+        let (q, k, v) = (rand(t * 8, 4), rand(t * 4, 5), rand(t * 4, 6));
+        let g = rand(t * 8, 7);
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            reference(q, k, v, &segs, &sh)
+                .iter()
+                .zip(&g)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum()
+        };
+        let mut out = vec![0.0; t * 8];
+        let mut lse = vec![0.0; t * 2];
+        attention_forward(&mut out, &mut lse, &q, &k, &v, &segs, &sh);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; t * 8], vec![0.0; t * 4], vec![0.0; t * 4]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &g, &out, &lse, &q, &k, &v, &segs, &sh);
+        let h = 1e-3f32;
+        let check = |which: usize, grad: &[f32]| {
+            for i in 0..grad.len() {
+                let mut bufs = [q.clone(), k.clone(), v.clone()];
+                bufs[which][i] += h;
+                let lp = loss(&bufs[0], &bufs[1], &bufs[2]);
+                bufs[which][i] -= 2.0 * h;
+                let lm = loss(&bufs[0], &bufs[1], &bufs[2]);
+                let num = (lp - lm) / (2.0 * h as f64);
+                assert!(
+                    (num - grad[i] as f64).abs() < 1e-3,
+                    "tensor {which} [{i}] {num} vs {}",
+                    grad[i]
+                );
+            }
+        };
+        check(0, &dq);
+        check(1, &dk);
+        check(2, &dv);
+    }
+
+    #[test]
+    fn cached_attention_equals_training_forward() {
+        let sh = AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            window: Some(5),
+        };
+        let t = 11;
+        let (q, k, v) = (rand(t * 32, 8), rand(t * 16, 9), rand(t * 16, 10));
+        let mut want = vec![0.0; t * 32];
+        let mut lse = vec![0.0; t * 4];
+        attention_forward(&mut want, &mut lse, &q, &k, &v, &[(0, t)], &sh);
+        // prefill 7, then decode 4 one at a time
+        let mut out = vec![0.0; t * 32];
+        attention_cached(&mut out[..7 * 32], &q[..7 * 32], &k, &v, 7, 0, &sh);
+        for p in 7..t {
+            attention_cached(
+                &mut out[p * 32..(p + 1) * 32],
+                &q[p * 32..(p + 1) * 32],
+                &k,
+                &v,
+                1,
+                p,
+                &sh,
+            );
+        }
+        for (a, b) in out.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The language-model head fused with cross-entropy, chunked over tokens so the full
+//! `[tokens × vocab]` logits matrix never exists. Only tokens with a target (`target >= 0`) are
+//! computed at all. One pass yields the summed loss, per-token log-probabilities (for DPO, KTO and
+//! GRPO) and, when asked, the gradients of `grad_scale · Σ loss` w.r.t. the hidden states and the
+//! head weight.
+
+use super::matmul::{Precision, Weight, linear_backward_input, linear_backward_weight, linear_forward};
+use rayon::prelude::*;
+
+/// Target value meaning "no loss at this position".
+pub const IGNORE_INDEX: i32 = -100;
+
+/// What [`lm_head_cross_entropy`] computed.
+#[derive(Debug, Clone)]
+pub struct CrossEntropyOutput {
+    /// Σ over trained tokens of `−log p(target)`, accumulated in f64.
+    pub loss_sum: f64,
+    /// Number of tokens with a target.
+    pub num_trained: usize,
+    /// `log p(target)` per token (0 where the target is ignored).
+    pub logprobs: Vec<f32>,
+}
+
+/// Gradient outputs requested from [`lm_head_cross_entropy`].
+pub struct CrossEntropyGrads<'a> {
+    /// Multiplier of the summed loss (e.g. `1 / trained tokens of the whole step`).
+    pub grad_scale: f32,
+    /// `[tokens, hidden]`, overwritten (zero rows for ignored tokens).
+    pub d_hidden: &'a mut [f32],
+    /// `[vocab, hidden]`, accumulated into when the head is trained.
+    pub d_head: Option<&'a mut [f32]>,
+}
+
+/// Rows per chunk so that a chunk of logits stays near 32 MB.
+pub fn default_chunk_rows(vocab: usize) -> usize {
+    ((8 << 20) / vocab.max(1)).clamp(16, 1024)
+}
+
+/// Fused, chunked LM head + cross-entropy over `hidden` (`[tokens, dim]`).
+pub fn lm_head_cross_entropy(
+    hidden: &[f32],
+    head: &Weight,
+    targets: &[i32],
+    mut grads: Option<CrossEntropyGrads<'_>>,
+    chunk_rows: usize,
+    precision: Precision,
+) -> CrossEntropyOutput {
+    let (vocab, dim) = (head.rows, head.cols);
+    let t = targets.len();
+    assert_eq!(hidden.len(), t * dim);
+    let rows: Vec<usize> = (0..t).filter(|&i| targets[i] >= 0).collect();
+    let mut logprobs = vec![0.0f32; t];
+    let mut loss_sum = 0.0f64;
+    if let Some(g) = grads.as_mut() {
+        g.d_hidden.fill(0.0);
+    }
+    let chunk_rows = chunk_rows.max(1);
+    let mut h = vec![0.0f32; chunk_rows.min(rows.len().max(1)) * dim];
+    let mut logits = vec![0.0f32; chunk_rows.min(rows.len().max(1)) * vocab];
+    let mut dh = Vec::new();
+    for chunk in rows.chunks(chunk_rows) {
+        let c = chunk.len();
+        for (r, &i) in chunk.iter().enumerate() {
+            h[r * dim..(r + 1) * dim].copy_from_slice(&hidden[i * dim..(i + 1) * dim]);
+        }
+        let (h, logits) = (&h[..c * dim], &mut logits[..c * vocab]);
+        linear_forward(logits, h, head, c, false, precision);
+        let scale = grads.as_ref().map(|g| g.grad_scale);
+        let lp: Vec<f32> = logits
+            .par_chunks_mut(vocab)
+            .zip(chunk.par_iter())
+            .map(|(row, &i)| {
+                let tgt = targets[i] as usize;
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&x| ((x - mx) as f64).exp()).sum();
+                let lse = mx as f64 + sum.ln();
+                let logprob = (row[tgt] as f64 - lse) as f32;
+                if let Some(s) = scale {
+                    for x in row.iter_mut() {
+                        *x = ((*x as f64 - lse).exp() as f32) * s;
+                    }
+                    row[tgt] -= s;
+                }
+                logprob
+            })
+            .collect();
+        for (&i, &l) in chunk.iter().zip(&lp) {
+            logprobs[i] = l;
+            loss_sum -= l as f64;
+        }
+        if let Some(g) = grads.as_mut() {
+            dh.resize(c * dim, 0.0);
+            linear_backward_input(&mut dh, logits, head, c, false, precision);
+            for (r, &i) in chunk.iter().enumerate() {
+                g.d_hidden[i * dim..(i + 1) * dim].copy_from_slice(&dh[r * dim..(r + 1) * dim]);
+            }
+            if let Some(dw) = g.d_head.as_deref_mut() {
+                linear_backward_weight(dw, logits, h, c, vocab, dim, true, precision);
+            }
+        }
+    }
+    CrossEntropyOutput {
+        loss_sum,
+        num_trained: rows.len(),
+        logprobs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gradients_match_finite_differences_and_chunking_is_invisible() {
+        let (t, dim, vocab) = (7, 5, 11);
+        let hidden: Vec<f32> = (0..t * dim).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.1).collect();
+        let w: Vec<f32> = (0..vocab * dim)
+            .map(|i| ((i * 13 % 19) as f32 - 9.0) * 0.05)
+            .collect();
+        let targets = [3, -100, 0, 10, 5, -100, 7];
+        let head = Weight::f32(w.clone(), vocab, dim);
+        let run = |hidden: &[f32], w: &[f32], chunk: usize| {
+            let head = Weight::f32(w.to_vec(), vocab, dim);
+            lm_head_cross_entropy(hidden, &head, &targets, None, chunk, Precision::Exact).loss_sum
+        };
+        let mut dh = vec![0.0; t * dim];
+        let mut dw = vec![0.0; vocab * dim];
+        let out = lm_head_cross_entropy(
+            &hidden,
+            &head,
+            &targets,
+            Some(CrossEntropyGrads {
+                grad_scale: 1.0,
+                d_hidden: &mut dh,
+                d_head: Some(&mut dw),
+            }),
+            2,
+            Precision::Exact,
+        );
+        assert_eq!(out.num_trained, 5);
+        assert!((out.loss_sum - run(&hidden, &w, 100)).abs() < 1e-5);
+        let e = 1e-2f32;
+        for i in 0..t * dim {
+            let (mut p, mut m) = (hidden.clone(), hidden.clone());
+            p[i] += e;
+            m[i] -= e;
+            let num = (run(&p, &w, 3) - run(&m, &w, 3)) / (2.0 * e as f64);
+            assert!((num - dh[i] as f64).abs() < 1e-3, "dh {i}");
+        }
+        for i in 0..vocab * dim {
+            let (mut p, mut m) = (w.clone(), w.clone());
+            p[i] += e;
+            m[i] -= e;
+            let num = (run(&hidden, &p, 3) - run(&hidden, &m, 3)) / (2.0 * e as f64);
+            assert!((num - dw[i] as f64).abs() < 1e-3, "dw {i}");
+        }
+    }
+}
