@@ -141,6 +141,7 @@ CASES = [
     ),
 ]
 PROMPT_MASK = 3  # the first PROMPT_MASK targets of every sequence are -100
+MID_MASK = (6, 7)  # ... and these targets (sequence-local indices) of the second sequence
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 def make_batch(lengths: list[int], vocab: int, seed: int) -> dict:
     """A packed batch: sequences concatenated, positions restarting at 0, sequence ids, and
-    next-token targets with -100 at each sequence's last token and its first PROMPT_MASK targets."""
+    next-token targets with -100 at each sequence's last token, its first PROMPT_MASK targets, and
+    (second sequence only) the MID_MASK targets."""
     gen = torch.Generator().manual_seed(seed)
     input_ids, positions, seq_ids, targets = [], [], [], []
     for s, n in enumerate(lengths):
@@ -200,6 +202,9 @@ def make_batch(lengths: list[int], vocab: int, seed: int) -> dict:
         tgt = ids[1:] + [IGNORE]
         for i in range(min(PROMPT_MASK, n)):
             tgt[i] = IGNORE
+        if s == 1:  # a masked span in the middle too (e.g. a user turn between assistant turns)
+            for i in MID_MASK:
+                tgt[i] = IGNORE
         targets += tgt
     return {"input_ids": input_ids, "positions": positions, "seq_ids": seq_ids, "targets": targets}
 
