@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod weights;
 
 pub use config::{Architecture, ModelSpec, RopeScaling};
 pub use error::ModelError;

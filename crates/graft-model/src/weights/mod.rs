@@ -1,0 +1,616 @@
+//! Weight I/O: named tensors from Hugging Face safetensors directories, llama2.c checkpoints and
+//! GGUF files, all exposed under Hugging Face names and shapes; safetensors writing.
+//!
+//! [`load_model`] dispatches on the path (directory → HF, `.bin` → llama2.c, `.gguf` → GGUF) and
+//! returns a [`LoadedModel`]: the [`ModelSpec`], a [`WeightStore`] and where the tokenizer lives.
+//! The store memory-maps its files and converts on access ([`WeightStore::f32`],
+//! [`WeightStore::bf16`]), so opening a model costs no copies.
+//!
+//! Every store, whatever its source, names its tensors as transformers does
+//! (`model.layers.{i}.self_attn.q_proj.weight`, …) with HF shapes (`[out, in]` for linear
+//! weights), and q/k rows in HF's rotate-half RoPE order: llama2.c files and GGUF `llama` files
+//! keep the interleaved order and are permuted on access (see [`rope_interleaved_to_half`]).
+
+mod gguf;
+mod llama2c;
+mod safetensors_io;
+#[cfg(test)]
+mod tests;
+
+pub use gguf::{GgufFile, GgufTensor, GgufValue, parse_gguf, read_gguf};
+pub use safetensors_io::{
+    open_hf_weights, open_safetensors, save_hf_model_dir, save_safetensors, save_safetensors_bf16,
+};
+
+use crate::config::ModelSpec;
+use crate::error::ModelError;
+use half::{bf16, f16};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE float32.
+    F32,
+    /// IEEE float16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// GGUF Q8_0: blocks of 32 values along the innermost dimension, each an f16 scale and 32
+    /// int8 quants (34 bytes per block).
+    Q8_0,
+}
+
+impl DType {
+    /// Bytes taken by `numel` elements, or `None` if `numel` does not fit the type's blocks or
+    /// overflows.
+    pub fn storage_bytes(self, numel: usize) -> Option<usize> {
+        match self {
+            DType::F32 => numel.checked_mul(4),
+            DType::F16 | DType::BF16 => numel.checked_mul(2),
+            DType::Q8_0 => numel
+                .is_multiple_of(Q8_0_BLOCK)
+                .then(|| numel / Q8_0_BLOCK * Q8_0_BLOCK_BYTES),
+        }
+    }
+
+    /// The conventional name of this type (`F32`, `F16`, `BF16`, `Q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Values per Q8_0 block.
+pub(crate) const Q8_0_BLOCK: usize = 32;
+/// Bytes per Q8_0 block: an f16 scale and 32 int8 quants.
+pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// Name, shape and element type of one tensor, as the store exposes it (HF name and shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Hugging Face tensor name, e.g. `model.layers.0.mlp.up_proj.weight`.
+    pub name: String,
+    /// Hugging Face shape, outermost first (`[out, in]` for linear weights).
+    pub shape: Vec<usize>,
+    /// Element type in the file.
+    pub dtype: DType,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Bytes a store reads from: a memory-mapped file or an owned buffer.
+enum Backing {
+    Mmap(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+/// One file (or buffer) tensors point into.
+struct Source {
+    path: PathBuf,
+    data: Backing,
+}
+
+/// Where one tensor's bytes are and how to turn them into HF layout.
+struct Entry {
+    info: TensorInfo,
+    source: usize,
+    offset: usize,
+    len: usize,
+    /// Rows are in llama2.c/GGUF interleaved RoPE order for this many heads; permute on access.
+    rope_heads: Option<usize>,
+}
+
+/// Named tensors from one or more files, memory-mapped where possible and converted on access.
+///
+/// Names and shapes are Hugging Face's whatever the source format; see the module docs.
+pub struct WeightStore {
+    /// The model path the store was opened from (a file or directory), used in error messages.
+    origin: PathBuf,
+    sources: Vec<Source>,
+    entries: Vec<Entry>,
+    index: HashMap<String, usize>,
+    /// Tensors present in the files in a type the store cannot convert: name → (type, source).
+    unsupported: HashMap<String, (String, usize)>,
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightStore")
+            .field("origin", &self.origin)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+impl WeightStore {
+    fn new(origin: &Path) -> WeightStore {
+        WeightStore {
+            origin: origin.to_path_buf(),
+            sources: Vec::new(),
+            entries: Vec::new(),
+            index: HashMap::new(),
+            unsupported: HashMap::new(),
+        }
+    }
+
+    /// An in-memory store of f32 tensors `(name, shape, values)`; `origin` is only used in error
+    /// messages. Fails if a tensor's value count does not match its shape or a name repeats.
+    pub fn from_f32_tensors(
+        origin: &Path,
+        tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    ) -> Result<WeightStore, ModelError> {
+        let mut store = WeightStore::new(origin);
+        for (name, shape, values) in tensors {
+            let numel: usize = shape.iter().product();
+            if numel != values.len() {
+                return Err(ModelError::tensor(
+                    origin,
+                    &name,
+                    format!("shape {shape:?} needs {numel} values, got {}", values.len()),
+                ));
+            }
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let len = bytes.len();
+            let source = store.add_source(origin, Backing::Owned(bytes));
+            store.insert(
+                Entry {
+                    info: TensorInfo {
+                        name,
+                        shape,
+                        dtype: DType::F32,
+                    },
+                    source,
+                    offset: 0,
+                    len,
+                    rope_heads: None,
+                },
+                origin,
+            )?;
+        }
+        Ok(store)
+    }
+
+    fn add_source(&mut self, path: &Path, data: Backing) -> usize {
+        self.sources.push(Source {
+            path: path.to_path_buf(),
+            data,
+        });
+        self.sources.len() - 1
+    }
+
+    /// Adds a tensor after checking its byte range against its source and its size against its
+    /// shape and type.
+    fn insert(&mut self, entry: Entry, path: &Path) -> Result<(), ModelError> {
+        let name = &entry.info.name;
+        let source_len = self.sources[entry.source].data.bytes().len();
+        let end = entry.offset.checked_add(entry.len);
+        if end.is_none_or(|end| end > source_len) {
+            return Err(ModelError::tensor(
+                path,
+                name,
+                format!(
+                    "data at bytes {}..{} lies beyond the end of the file ({source_len} bytes); the file is \
+                     truncated or corrupt",
+                    entry.offset,
+                    entry.offset as u128 + entry.len as u128
+                ),
+            ));
+        }
+        let numel = checked_numel(&entry.info.shape).ok_or_else(|| {
+            ModelError::tensor(path, name, format!("shape {:?} overflows", entry.info.shape))
+        })?;
+        let expected = entry.info.dtype.storage_bytes(numel).ok_or_else(|| {
+            ModelError::tensor(
+                path,
+                name,
+                format!("{} elements cannot be stored as {}", numel, entry.info.dtype),
+            )
+        })?;
+        if expected != entry.len {
+            return Err(ModelError::tensor(
+                path,
+                name,
+                format!(
+                    "shape {:?} as {} needs {expected} bytes but the file gives {}",
+                    entry.info.shape, entry.info.dtype, entry.len
+                ),
+            ));
+        }
+        if let Some(heads) = entry.rope_heads {
+            let rows = entry.info.shape.first().copied().unwrap_or(0);
+            if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+                return Err(ModelError::tensor(
+                    path,
+                    name,
+                    format!("{rows} rows cannot be split into {heads} RoPE heads of even width"),
+                ));
+            }
+        }
+        if self.index.contains_key(name) {
+            return Err(ModelError::tensor(path, name, "appears more than once"));
+        }
+        self.index.insert(name.clone(), self.entries.len());
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// The path the store was opened from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.entries.iter().map(|e| e.info.name.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Name, HF shape and file type of a tensor.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.entries[i].info)
+    }
+
+    /// Whether the store has a tensor of this name (in a supported type).
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The file a tensor is read from.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.index
+            .get(name)
+            .map(|&i| self.sources[self.entries[i].source].path.as_path())
+    }
+
+    /// Looks a tensor up and checks its shape; the error names the tensor and the file.
+    fn entry(&self, name: &str, expected_shape: &[usize]) -> Result<&Entry, ModelError> {
+        let Some(&i) = self.index.get(name) else {
+            if let Some((ty, source)) = self.unsupported.get(name) {
+                return Err(ModelError::tensor(
+                    &self.sources[*source].path,
+                    name,
+                    format!("has type {ty}, which is not supported (supported: F32, F16, BF16, Q8_0)"),
+                ));
+            }
+            return Err(ModelError::tensor(
+                &self.origin,
+                name,
+                format!(
+                    "not found (expected shape {expected_shape:?}; the model has {} tensors)",
+                    self.entries.len()
+                ),
+            ));
+        };
+        let entry = &self.entries[i];
+        if entry.info.shape != expected_shape {
+            return Err(ModelError::tensor(
+                &self.sources[entry.source].path,
+                name,
+                format!("expected shape {expected_shape:?}, found {:?}", entry.info.shape),
+            ));
+        }
+        Ok(entry)
+    }
+
+    fn bytes_of(&self, entry: &Entry) -> &[u8] {
+        // In range: checked by `insert`, and sources are never mutated afterwards.
+        &self.sources[entry.source].data.bytes()[entry.offset..entry.offset + entry.len]
+    }
+
+    /// A converted f32 copy of a tensor in HF layout. Errors name the tensor and the file if it is
+    /// missing, in an unsupported type, or its shape is not `expected_shape`.
+    pub fn f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let entry = self.entry(name, expected_shape)?;
+        let mut out = vec![0f32; entry.info.numel()];
+        self.convert_f32(entry, &mut out);
+        Ok(out)
+    }
+
+    /// Like [`WeightStore::f32`], writing into `out` (whose length must be the element count).
+    pub fn f32_into(&self, name: &str, expected_shape: &[usize], out: &mut [f32]) -> Result<(), ModelError> {
+        let entry = self.entry(name, expected_shape)?;
+        if out.len() != entry.info.numel() {
+            return Err(ModelError::tensor(
+                &self.origin,
+                name,
+                format!(
+                    "output buffer holds {} values, the tensor has {}",
+                    out.len(),
+                    entry.info.numel()
+                ),
+            ));
+        }
+        self.convert_f32(entry, out);
+        Ok(())
+    }
+
+    fn convert_f32(&self, entry: &Entry, out: &mut [f32]) {
+        let bytes = self.bytes_of(entry);
+        match entry.info.dtype {
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            DType::Q8_0 => dequantize_q8_0(bytes, out),
+        }
+        if let Some(heads) = entry.rope_heads {
+            rope_interleaved_to_half(out, heads, entry.info.shape[0]);
+        }
+    }
+
+    /// A converted bf16 copy of a tensor in HF layout (f32/f16/Q8_0 values rounded to nearest
+    /// even). Errors as [`WeightStore::f32`].
+    pub fn bf16(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<bf16>, ModelError> {
+        let entry = self.entry(name, expected_shape)?;
+        match entry.info.dtype {
+            DType::BF16 => {
+                let mut out: Vec<bf16> = self
+                    .bytes_of(entry)
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect();
+                if let Some(heads) = entry.rope_heads {
+                    rope_interleaved_to_half(&mut out, heads, entry.info.shape[0]);
+                }
+                Ok(out)
+            }
+            _ => {
+                let mut tmp = vec![0f32; entry.info.numel()];
+                self.convert_f32(entry, &mut tmp);
+                Ok(tmp.into_iter().map(bf16::from_f32).collect())
+            }
+        }
+    }
+
+    /// Checks that every tensor `spec` needs is present with the HF shape; the error names the
+    /// first missing or misshapen tensor.
+    pub fn check_against(&self, spec: &ModelSpec) -> Result<(), ModelError> {
+        for (name, shape) in hf_tensor_shapes(spec) {
+            self.entry(&name, &shape)?;
+        }
+        Ok(())
+    }
+}
+
+fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// Dequantizes Q8_0 blocks (`bytes.len() / 34` of them) into `out`.
+fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
+    for (block, o) in bytes
+        .chunks_exact(Q8_0_BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(Q8_0_BLOCK))
+    {
+        let d = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+        for (x, &q) in o.iter_mut().zip(&block[2..]) {
+            *x = d * (q as i8) as f32;
+        }
+    }
+}
+
+/// Reorders the rows of a `[heads * head_dim, cols]` matrix (or a bias, `cols = 1`) from the
+/// interleaved RoPE layout of llama2.c and GGUF `llama` (pairs `(2i, 2i+1)`) into Hugging Face's
+/// rotate-half layout (pairs `(i, i + head_dim/2)`): HF row `h*hd + j*hd/2 + i` = interleaved row
+/// `h*hd + 2i + j`. `rows` must be a multiple of `heads` with an even quotient.
+pub fn rope_interleaved_to_half<T: Copy>(data: &mut [T], heads: usize, rows: usize) {
+    if rows == 0 || heads == 0 {
+        return;
+    }
+    let cols = data.len() / rows;
+    let hd = rows / heads;
+    let src = data.to_vec();
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let dst_row = h * hd + j * hd / 2 + i;
+                let src_row = h * hd + 2 * i + j;
+                data[dst_row * cols..(dst_row + 1) * cols]
+                    .copy_from_slice(&src[src_row * cols..(src_row + 1) * cols]);
+            }
+        }
+    }
+}
+
+/// Every tensor a model with this spec has, with its HF name and shape, in file order
+/// (embedding, layers, final norm, then `lm_head.weight` when the head is not tied).
+pub fn hf_tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
+    let h = spec.hidden_size;
+    let (q, kv, ffn) = (spec.q_dim(), spec.kv_dim(), spec.intermediate_size);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![spec.vocab_size, h])];
+    for i in 0..spec.num_layers {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        if spec.qkv_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        if spec.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![spec.head_dim]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![spec.head_dim]));
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if spec.o_bias {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![ffn, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, ffn]));
+        if spec.mlp_bias {
+            out.push((format!("{p}.mlp.gate_proj.bias"), vec![ffn]));
+            out.push((format!("{p}.mlp.up_proj.bias"), vec![ffn]));
+            out.push((format!("{p}.mlp.down_proj.bias"), vec![h]));
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !spec.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![spec.vocab_size, h]));
+    }
+    out
+}
+
+/// Where a model's tokenizer comes from.
+#[derive(Clone, PartialEq)]
+pub enum TokenizerSource {
+    /// A Hugging Face directory with `tokenizer.json` (and `tokenizer_config.json`, …).
+    HfDir(PathBuf),
+    /// A llama2.c tokenizer file (`tok{vocab}.bin` or `tokenizer.bin` beside the checkpoint).
+    Llama2cFile(PathBuf),
+    /// The vocabulary embedded in a GGUF file's `tokenizer.ggml.*` metadata.
+    Gguf {
+        /// `tokenizer.ggml.tokens`: the piece of each id.
+        pieces: Vec<String>,
+        /// `tokenizer.ggml.scores` (empty if absent).
+        scores: Vec<f32>,
+        /// `tokenizer.ggml.token_type` (empty if absent): 1 normal, 2 unknown, 3 control,
+        /// 4 user-defined, 5 unused, 6 byte.
+        token_types: Vec<i32>,
+        /// `tokenizer.ggml.merges` (BPE merges, `"a b"`; empty if absent).
+        merges: Vec<String>,
+        /// `tokenizer.ggml.bos_token_id`.
+        bos: Option<u32>,
+        /// `tokenizer.ggml.eos_token_id`.
+        eos: Option<u32>,
+        /// `tokenizer.ggml.model` (`llama` for SentencePiece, `gpt2` for byte-level BPE, …).
+        model: String,
+        /// `tokenizer.ggml.pre`: the pre-tokenizer name of a BPE vocabulary (`qwen2`, `llama-bpe`, …).
+        pre: Option<String>,
+        /// `tokenizer.chat_template`, if the file carries one.
+        chat_template: Option<String>,
+    },
+    /// No tokenizer was found next to the weights.
+    Missing,
+}
+
+impl std::fmt::Debug for TokenizerSource {
+    /// Summarises an embedded vocabulary (counts, not the pieces themselves).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenizerSource::HfDir(p) => f.debug_tuple("HfDir").field(p).finish(),
+            TokenizerSource::Llama2cFile(p) => f.debug_tuple("Llama2cFile").field(p).finish(),
+            TokenizerSource::Gguf {
+                pieces,
+                merges,
+                bos,
+                eos,
+                model,
+                pre,
+                chat_template,
+                ..
+            } => f
+                .debug_struct("Gguf")
+                .field("model", model)
+                .field("pre", pre)
+                .field("pieces", &pieces.len())
+                .field("merges", &merges.len())
+                .field("bos", bos)
+                .field("eos", eos)
+                .field("chat_template", &chat_template.is_some())
+                .finish_non_exhaustive(),
+            TokenizerSource::Missing => f.write_str("Missing"),
+        }
+    }
+}
+
+/// A model opened by [`load_model`].
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The architecture, from `config.json`, the llama2.c header or the GGUF metadata.
+    pub spec: ModelSpec,
+    /// The weights under HF names and shapes.
+    pub weights: WeightStore,
+    /// Where the tokenizer is.
+    pub tokenizer: TokenizerSource,
+    /// The path given to [`load_model`].
+    pub path: PathBuf,
+}
+
+/// Opens a model: a directory is a Hugging Face checkpoint (`config.json` plus `model.safetensors`
+/// or a sharded `model.safetensors.index.json`), a `.bin` file a llama2.c checkpoint (legacy or
+/// version 1), a `.gguf` file a GGUF v2/v3 model. Checks that every tensor the spec needs is present
+/// with the right shape; errors name the file and the tensor or field at fault.
+pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    let loaded = if meta.is_dir() {
+        safetensors_io::load_hf_dir(path)?
+    } else {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("bin") => llama2c::load_llama2c(path)?,
+            Some("gguf") => gguf::load_gguf(path)?,
+            Some("safetensors") => {
+                return Err(ModelError::format(
+                    path,
+                    "a bare .safetensors file has no config; pass the directory holding it and config.json",
+                ));
+            }
+            _ => {
+                return Err(ModelError::format(
+                    path,
+                    "unknown model format; expected a Hugging Face directory, a llama2.c .bin or a .gguf file",
+                ));
+            }
+        }
+    };
+    loaded.weights.check_against(&loaded.spec)?;
+    Ok(loaded)
+}
+
+/// Memory-maps a whole file read-only.
+fn map_file(path: &Path) -> Result<memmap2::Mmap, ModelError> {
+    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    if len == 0 {
+        return Err(ModelError::format(path, "the file is empty"));
+    }
+    // SAFETY: the map is read-only; like every mmap-based loader we rely on model files not being
+    // truncated or rewritten while they are open. All offsets are checked against the map's length.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))
+}
