@@ -1,1 +1,55 @@
-//! graft-data
+//! graft-data: tokenizers, chat templates, dataset formats, template-derived loss masks and
+//! isolated packing.
+
+pub mod error;
+pub mod hash;
+pub mod template;
+pub mod tokenizer;
+
+use std::path::Path;
+
+pub use error::{Error, Result};
+pub use template::{ChatTemplate, Message, MessageSpan, Rendered};
+pub use tokenizer::{DecodeStream, Encoding, SpecialTokens, TiktokenSpec, Tokenizer, TokenizerKind};
+
+/// Loads the tokenizer and chat template for a model path: a Hugging Face folder (tokenizer.json
+/// or tiktoken ranks + configs), or a llama2.c checkpoint `.bin` whose tokenizer sits beside it
+/// (`tokenizer.bin`, `tok<N>.bin`). The template is `None` when the model has none.
+pub fn load_tokenizer_and_template(model_path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    if model_path.is_dir() {
+        let tok = Tokenizer::from_model_dir(model_path)?;
+        let template = ChatTemplate::from_model_dir(model_path, tok.special_tokens(), None)?;
+        return Ok((tok, template));
+    }
+    if model_path.extension().is_some_and(|e| e == "bin") {
+        let dir = model_path.parent().unwrap_or(Path::new("."));
+        let is_tokenizer_file = |p: &Path| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name == "tokenizer.bin" || (name.starts_with("tok") && name[3..].trim_end_matches(".bin").parse::<u32>().is_ok())
+        };
+        if is_tokenizer_file(model_path) {
+            return Ok((Tokenizer::from_llama2c_file(model_path)?, None));
+        }
+        let mut candidates: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_tokenizer_file(p))
+            .collect();
+        candidates.sort();
+        return match candidates.first() {
+            Some(p) => Ok((Tokenizer::from_llama2c_file(p)?, None)),
+            None => Err(Error::invalid(
+                model_path.display().to_string(),
+                format!("no llama2.c tokenizer beside it: expected tokenizer.bin or tok<N>.bin in {}", dir.display()),
+            )),
+        };
+    }
+    if model_path.file_name().is_some_and(|n| n == "tokenizer.json") {
+        let dir = model_path.parent().unwrap_or(Path::new("."));
+        return load_tokenizer_and_template(dir);
+    }
+    Err(Error::invalid(
+        model_path.display().to_string(),
+        "expected a Hugging Face model folder or a llama2.c .bin checkpoint",
+    ))
+}

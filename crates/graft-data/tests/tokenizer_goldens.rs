@@ -1,0 +1,144 @@
+//! Tokenizer encodings against the golden ids in `shared/data/tokenizers`.
+
+mod common;
+
+use common::{data_dir, ids, read_json};
+use graft_data::{TiktokenSpec, Tokenizer};
+
+fn check_cases(tok: &Tokenizer, cases: &serde_json::Value, prepend_bos: Option<u32>) -> usize {
+    let mut n = 0;
+    for case in cases.as_array().unwrap() {
+        let input = case["input"].as_str().unwrap();
+        let expected = ids(&case["encoded"]["input_ids"]);
+        let mut got = tok.encode(input, prepend_bos.is_none()).unwrap().ids;
+        if let Some(b) = prepend_bos {
+            got.insert(0, b);
+        }
+        assert_eq!(got, expected, "input {input:?}");
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn llama3_tiktoken_matches_swift_transformers() {
+    let Some(d) = data_dir() else { return };
+    let tok = Tokenizer::from_tiktoken_file(&d.join("tokenizers/llama3/tokenizer.model"), &TiktokenSpec::llama3())
+        .unwrap();
+    let g = d.join("tokenizers/goldens/swift-transformers");
+    let tests = read_json(&g.join("tokenizer_tests.json"));
+    let n = check_cases(&tok, &tests["pcuenq/Llama-3.2-1B-Instruct-tokenizer"], None);
+    assert_eq!(n, 18);
+    let long = read_json(&g.join("llama_3.2_encoded.json"));
+    let text = long["text"].as_str().unwrap();
+    let enc = tok.encode(text, true).unwrap();
+    assert_eq!(enc.ids, ids(&long["token_ids"]));
+    assert_eq!(tok.decode(&enc.ids, true), text);
+    // Offsets cover the text contiguously after BOS.
+    assert_eq!(enc.offsets[0], (0, 0));
+    for w in enc.offsets[1..].windows(2) {
+        assert_eq!(w[0].1, w[1].0);
+    }
+    assert_eq!(tok.encode("<|eot_id|>", false).unwrap().ids, vec![128009]);
+    assert_eq!(tok.bos_id(), Some(128000));
+    assert_eq!(tok.eos_ids(), &[128001, 128008, 128009]);
+    assert_eq!(tok.vocab_size(), 128256);
+}
+
+#[test]
+fn gpt2_vocab_merges_match_distilgpt2() {
+    let Some(d) = data_dir() else { return };
+    let t = d.join("tokenizers/gpt2");
+    let tok = Tokenizer::from_gpt2_files(&t.join("vocab.json"), &t.join("merges.txt")).unwrap();
+    let g = d.join("tokenizers/goldens/swift-transformers");
+    let tests = read_json(&g.join("tokenizer_tests.json"));
+    assert_eq!(check_cases(&tok, &tests["distilgpt2"], None), 18);
+    let long = read_json(&g.join("gpt2_encoded_tokens.json"));
+    let text = long["text"].as_str().unwrap();
+    assert_eq!(tok.encode(text, true).unwrap().ids, ids(&long["token_ids"]));
+}
+
+#[test]
+fn qwen25_tiktoken_nfc_matches_multilingual() {
+    let Some(d) = data_dir() else { return };
+    let tok =
+        Tokenizer::from_tiktoken_file(&d.join("tokenizers/qwen2.5/qwen.tiktoken"), &TiktokenSpec::qwen2()).unwrap();
+    let g = d.join("tokenizers/goldens/swift-transformers/multilingual");
+    let inputs = read_json(&g.join("inputs.json"));
+    let golden = read_json(&g.join("Qwen__Qwen2.5-0.5B.json"));
+    let mut n = 0;
+    for input in inputs["inputs"].as_array().unwrap() {
+        let id = input["id"].as_str().unwrap();
+        let text = input["text"].as_str().unwrap();
+        let entry = &golden["entries"][id];
+        assert_eq!(tok.encode(text, true).unwrap().ids, ids(&entry["input_ids"]), "case {id}");
+        assert_eq!(tok.decode(&ids(&entry["input_ids"]), true), entry["decoded_skip_special"].as_str().unwrap());
+        n += 1;
+    }
+    assert_eq!(n, 30);
+    assert_eq!(tok.encode("<|im_start|>user", false).unwrap().ids[0], 151644);
+    assert_eq!(tok.bos_id(), None);
+}
+
+#[test]
+fn phi3_tokenizer_json_is_llama2() {
+    let Some(d) = data_dir() else { return };
+    let tok = Tokenizer::from_model_dir(&d.join("tokenizers/phi-3-mini")).unwrap();
+    let g = d.join("tokenizers/goldens/swift-transformers");
+    let tests = read_json(&g.join("tokenizer_tests.json"));
+    // phi-3's config says add_bos_token=false; the Llama-2 goldens have BOS 1.
+    assert!(!tok.adds_bos());
+    assert_eq!(check_cases(&tok, &tests["coreml-projects/Llama-2-7b-chat-coreml"], Some(1)), 18);
+    let long = read_json(&g.join("llama_encoded.json"));
+    let mut got = tok.encode(long["text"].as_str().unwrap(), true).unwrap().ids;
+    got.insert(0, 1);
+    assert_eq!(got, ids(&long["token_ids"]));
+    assert_eq!(tok.eos_ids()[0], tok.token_to_id("<|endoftext|>").unwrap());
+    assert_eq!(tok.encode("<|user|>", false).unwrap().ids, vec![32010]);
+}
+
+#[test]
+fn stories260k_all_three_sources_agree() {
+    let Some(d) = data_dir() else { return };
+    let m = d.join("models/stories260K");
+    let bin = Tokenizer::from_llama2c_file(&m.join("tok512.bin")).unwrap();
+    let hf = Tokenizer::from_model_dir(&m.join("hf")).unwrap();
+    let (bundled, _) = graft_data::load_tokenizer_and_template(&m.join("stories260K.bin")).unwrap();
+    for tok in [&bin, &hf, &bundled] {
+        assert_eq!(tok.encode("Once upon a time", true).unwrap().ids, vec![1, 403, 407, 261, 378]);
+        assert_eq!(tok.bos_id(), Some(1));
+        assert_eq!(tok.eos_ids()[0], 2);
+    }
+    let stories = std::fs::read_to_string(d.join("datasets/text/tinystories/tinystories_sample_cs336.txt")).unwrap();
+    let samples = ["", "  two  spaces", "tabs\tand\nnewlines", "naïve café ✓ 🙂", "Lily said, \"Hi!\""];
+    for text in stories.lines().chain(samples) {
+        let a = bin.encode(text, true).unwrap();
+        let b = hf.encode(text, true).unwrap();
+        assert_eq!(a.ids, b.ids, "{text:?}");
+        assert_eq!(a.offsets, b.offsets, "{text:?}");
+        assert_eq!(bin.decode(&a.ids, true), hf.decode(&b.ids, true));
+        assert_eq!(bin.decode(&a.ids, true), text);
+    }
+}
+
+#[test]
+fn gguf_style_vocab_with_u2581_pieces() {
+    let Some(d) = data_dir() else { return };
+    // Rebuild the stories vocab as a GGUF loader would hand it over: `▁` for spaces, typed tokens.
+    let hf = Tokenizer::from_model_dir(&d.join("models/stories260K/hf")).unwrap();
+    let n = hf.vocab_size() as u32;
+    let pieces: Vec<String> = (0..n).map(|i| hf.id_to_token(i).unwrap()).collect();
+    let types: Vec<i32> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match i {
+            0 => 2,
+            1 | 2 => 3,
+            _ if p.starts_with("<0x") => 6,
+            _ => 1,
+        })
+        .collect();
+    let scores: Vec<f32> = (0..n).map(|i| if i >= 259 { -((i - 259) as f32) } else { 0.0 }).collect();
+    let tok = Tokenizer::from_sentencepiece_vocab(pieces, scores, types, Some(1), Some(2)).unwrap();
+    assert_eq!(tok.encode("Once upon a time", true).unwrap().ids, vec![1, 403, 407, 261, 378]);
+}
