@@ -156,6 +156,28 @@ pub trait Backend: Send + Sync {
         shape: &AttentionShape,
     );
 
+    /// Inference attention of `nq` new queries at positions `past..past+nq` over a KV cache.
+    fn attention_cached(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        nq: usize,
+        past: usize,
+        shape: &AttentionShape,
+    );
+    /// Copies rows `src_row..src_row+n` of `src` into `dst` starting at row `dst_row` (width `width`).
+    fn copy_rows(
+        &self,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+        src: &Self::Buf,
+        src_row: usize,
+        n: usize,
+        width: usize,
+    );
+
     /// `a = silu(g) ⊙ u`.
     fn swiglu_forward(&self, a: &mut Self::Buf, g: &Self::Buf, u: &Self::Buf);
     /// SwiGLU backward.
@@ -367,6 +389,31 @@ impl Backend for Cpu {
         shape: &AttentionShape,
     ) {
         attention::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, segments, shape)
+    }
+
+    fn attention_cached(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        nq: usize,
+        past: usize,
+        shape: &AttentionShape,
+    ) {
+        attention::attention_cached(out, q, k_cache, v_cache, nq, past, shape)
+    }
+    fn copy_rows(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_row: usize,
+        src: &Vec<f32>,
+        src_row: usize,
+        n: usize,
+        width: usize,
+    ) {
+        dst[dst_row * width..(dst_row + n) * width]
+            .copy_from_slice(&src[src_row * width..(src_row + n) * width]);
     }
 
     fn swiglu_forward(&self, a: &mut Vec<f32>, g: &Vec<f32>, u: &Vec<f32>) {

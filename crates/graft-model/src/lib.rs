@@ -6,6 +6,9 @@
 
 pub mod config;
 pub mod error;
+pub mod lora;
+pub mod model;
+pub mod train;
 pub mod weights;
 
 pub use config::{Architecture, ModelSpec, RopeScaling};

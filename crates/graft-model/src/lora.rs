@@ -1,0 +1,153 @@
+//! LoRA on the decoder's linear projections: `y = W x + b + scale · B (A dropout(x))`.
+//!
+//! [`LoraModule`] holds one projection's `A` (`[r, in]`) and `B` (`[out, r]`) on the device; a
+//! [`LoraSpec`] says which projections get one, their rank and scale. Conversion to and from
+//! PEFT's on-disk adapters lives in [`crate::peft`].
+
+use crate::model::{LINEAR_NAMES, Model};
+use graft_kernels::Backend;
+
+/// One projection's adapter.
+pub struct LoraModule<B: Backend> {
+    /// `[r, in]`.
+    pub a: B::Weight,
+    /// `[out, r]`.
+    pub b: B::Weight,
+    pub r: usize,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f32,
+}
+
+/// Which projections get an adapter, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f32,
+    pub rslora: bool,
+    /// Dropout on the adapter's input during training (0 = none).
+    pub dropout: f32,
+    /// Per projection (indexed like [`LINEAR_NAMES`]).
+    pub targets: [bool; 7],
+}
+
+impl LoraSpec {
+    /// The scale multiplying `B A x`.
+    pub fn scale(&self) -> f32 {
+        if self.rslora {
+            self.alpha / (self.r as f32).sqrt()
+        } else {
+            self.alpha / self.r as f32
+        }
+    }
+
+    /// Parses target names (`q_proj`, …, or `all-linear`); an unknown name is an error naming it.
+    pub fn targets_from_names(names: &[String]) -> Result<[bool; 7], String> {
+        let mut t = [false; 7];
+        for n in names {
+            if n == "all-linear" || n == "all" {
+                return Ok([true; 7]);
+            }
+            match LINEAR_NAMES.iter().position(|x| x == n) {
+                Some(i) => t[i] = true,
+                None => {
+                    return Err(format!(
+                        "unknown LoRA target `{n}`; expected any of {}",
+                        LINEAR_NAMES.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// The target names in PEFT order.
+    pub fn target_names(&self) -> Vec<String> {
+        LINEAR_NAMES
+            .iter()
+            .zip(self.targets)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+}
+
+/// Deterministic normal samples (Box–Muller over SplitMix64) for adapter initialisation.
+fn normal_stream(seed: u64, n: usize, std: f32) -> Vec<f32> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (next(), next());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
+        })
+        .collect()
+}
+
+impl<B: Backend> Model<B> {
+    /// Attaches fresh adapters as PEFT initialises them: `A` Kaiming-uniform-like random
+    /// (here: normal with std `1/sqrt(in)`), `B` zero — so the model's output is unchanged.
+    pub fn init_lora(&mut self, spec: &LoraSpec, seed: u64) {
+        let scale = spec.scale();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for i in 0..7 {
+                layer.lora[i] = if spec.targets[i] {
+                    let (out, inp) = (layer.linears[i].out, layer.linears[i].inp);
+                    let a = normal_stream(
+                        seed ^ ((l * 7 + i) as u64).wrapping_mul(0x1000_0001),
+                        spec.r * inp,
+                        1.0 / (inp as f32).sqrt(),
+                    );
+                    Some(LoraModule {
+                        a: self.backend.weight(&a, spec.r, inp, false),
+                        b: self.backend.weight(&vec![0.0; out * spec.r], out, spec.r, false),
+                        r: spec.r,
+                        scale,
+                    })
+                } else {
+                    None
+                };
+            }
+        }
+    }
+
+    /// Removes the active adapter.
+    pub fn clear_adapter(&mut self) {
+        for layer in &mut self.layers {
+            layer.lora = Default::default();
+        }
+    }
+
+    /// Folds the active adapter into the base weights (`W += scale · B A`) and removes it.
+    pub fn merge_adapter(&mut self) {
+        let b = &self.backend;
+        for layer in &mut self.layers {
+            for i in 0..7 {
+                if let Some(m) = layer.lora[i].take() {
+                    let lin = &mut layer.linears[i];
+                    let mut w = b.weight_to_host(&lin.w);
+                    let (av, bv) = (b.weight_to_host(&m.a), b.weight_to_host(&m.b));
+                    for o in 0..lin.out {
+                        for k in 0..m.r {
+                            let coef = m.scale * bv[o * m.r + k];
+                            if coef != 0.0 {
+                                let arow = &av[k * lin.inp..(k + 1) * lin.inp];
+                                for (wv, &a) in w[o * lin.inp..(o + 1) * lin.inp].iter_mut().zip(arow) {
+                                    *wv += coef * a;
+                                }
+                            }
+                        }
+                    }
+                    let buf = b.upload(&w);
+                    b.weight_update(&mut lin.w, &buf);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The decoder's parameters on a device: [`Model`] holds the weights of every layer in their
+//! compute storage, plus the RoPE table, and is generic over the [`Backend`].
+
+use crate::config::{ModelSpec, RopeScaling};
+use crate::error::ModelError;
+use crate::lora::LoraModule;
+use crate::weights::WeightStore;
+use graft_kernels::Backend;
+use graft_kernels::cpu::attention::AttentionShape;
+
+/// Index of each linear projection inside a layer (the LoRA target names in PEFT order).
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+/// Query projection.
+pub const Q: usize = 0;
+/// Key projection.
+pub const K: usize = 1;
+/// Value projection.
+pub const V: usize = 2;
+/// Attention output projection.
+pub const O: usize = 3;
+/// MLP gate projection.
+pub const GATE: usize = 4;
+/// MLP up projection.
+pub const UP: usize = 5;
+/// MLP down projection.
+pub const DOWN: usize = 6;
+
+/// The Hugging Face tensor name prefix of linear `index` in layer `layer`.
+pub fn linear_hf_name(layer: usize, index: usize) -> String {
+    let block = if index <= O { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{block}.{}", LINEAR_NAMES[index])
+}
+
+/// One linear projection `y = x Wᵀ + b`.
+pub struct Linear<B: Backend> {
+    /// `[out, in]`.
+    pub w: B::Weight,
+    pub bias: Option<B::Buf>,
+    pub out: usize,
+    pub inp: usize,
+}
+
+/// Weights of one decoder layer.
+pub struct Layer<B: Backend> {
+    pub attn_norm: B::Buf,
+    pub mlp_norm: B::Buf,
+    /// Indexed by [`Q`], [`K`], [`V`], [`O`], [`GATE`], [`UP`], [`DOWN`].
+    pub linears: [Linear<B>; 7],
+    /// Qwen3 per-head norms.
+    pub q_norm: Option<B::Buf>,
+    pub k_norm: Option<B::Buf>,
+    /// The active LoRA adapter's modules, same indexing as `linears`.
+    pub lora: [Option<LoraModule<B>>; 7],
+}
+
+/// A decoder-only transformer on backend `B`.
+pub struct Model<B: Backend> {
+    pub spec: ModelSpec,
+    pub backend: B,
+    /// `[vocab, hidden]`.
+    pub embed: B::Weight,
+    pub layers: Vec<Layer<B>>,
+    pub final_norm: B::Buf,
+    /// `[vocab, hidden]`; `None` when tied to `embed`.
+    pub lm_head: Option<B::Weight>,
+    pub rope: B::Rope,
+}
+
+/// How frozen matrices are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightStorage {
+    /// f32 (needed for full fine-tuning and exact mode).
+    #[default]
+    F32,
+    /// bf16: half the memory; used for frozen base weights in fast mode and for serving.
+    Bf16,
+}
+
+/// RoPE inverse frequencies for a spec, as transformers computes them (incl. llama3 scaling).
+pub fn rope_inv_freq(spec: &ModelSpec) -> Vec<f32> {
+    let d = spec.head_dim;
+    let base: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / spec.rope_theta.powf((2 * i) as f32 / d as f32))
+        .collect();
+    match spec.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = original_max_position_embeddings as f32;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds the model from loaded weights; every tensor is checked by name and shape.
+    pub fn from_weights(
+        backend: B,
+        spec: &ModelSpec,
+        weights: &WeightStore,
+        storage: WeightStorage,
+    ) -> Result<Model<B>, ModelError> {
+        let b = &backend;
+        let (h, inter) = (spec.hidden_size, spec.intermediate_size);
+        let bf16 = storage == WeightStorage::Bf16;
+        let vec =
+            |name: &str, n: usize| -> Result<B::Buf, ModelError> { Ok(b.upload(&weights.f32(name, &[n])?)) };
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<B::Weight, ModelError> {
+            Ok(b.weight(&weights.f32(name, &[rows, cols])?, rows, cols, bf16))
+        };
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let p = format!("model.layers.{l}");
+            let dims = [
+                (spec.q_dim(), h),
+                (spec.kv_dim(), h),
+                (spec.kv_dim(), h),
+                (h, spec.q_dim()),
+                (inter, h),
+                (inter, h),
+                (h, inter),
+            ];
+            let mut linears = Vec::with_capacity(7);
+            for (i, &(out, inp)) in dims.iter().enumerate() {
+                let name = linear_hf_name(l, i);
+                let has_bias = match i {
+                    Q | K | V => spec.qkv_bias,
+                    O => spec.o_bias,
+                    _ => spec.mlp_bias,
+                };
+                let bias = if has_bias {
+                    Some(vec(&format!("{name}.bias"), out)?)
+                } else {
+                    None
+                };
+                linears.push(Linear {
+                    w: mat(&format!("{name}.weight"), out, inp)?,
+                    bias,
+                    out,
+                    inp,
+                });
+            }
+            let linears: [Linear<B>; 7] = linears.try_into().unwrap_or_else(|_| unreachable!());
+            layers.push(Layer {
+                attn_norm: vec(&format!("{p}.input_layernorm.weight"), h)?,
+                mlp_norm: vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                linears,
+                q_norm: if spec.qk_norm {
+                    Some(vec(&format!("{p}.self_attn.q_norm.weight"), spec.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if spec.qk_norm {
+                    Some(vec(&format!("{p}.self_attn.k_norm.weight"), spec.head_dim)?)
+                } else {
+                    None
+                },
+                lora: Default::default(),
+            });
+        }
+        let embed = mat("model.embed_tokens.weight", spec.vocab_size, h)?;
+        let lm_head = if spec.tie_word_embeddings {
+            None
+        } else {
+            Some(mat("lm_head.weight", spec.vocab_size, h)?)
+        };
+        let final_norm = vec("model.norm.weight", h)?;
+        let rope = b.rope_table(&rope_inv_freq(spec), spec.max_position_embeddings.max(1));
+        Ok(Model {
+            spec: spec.clone(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+            backend,
+        })
+    }
+
+    /// The LM head matrix (the embedding when tied).
+    pub fn head(&self) -> &B::Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Attention geometry of this model.
+    pub fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            n_heads: self.spec.num_heads,
+            n_kv_heads: self.spec.num_kv_heads,
+            head_dim: self.spec.head_dim,
+            window: self.spec.sliding_window,
+        }
+    }
+
+    /// Rebuilds the RoPE table to cover `positions` positions (long sequences beyond the config).
+    pub fn ensure_positions(&mut self, positions: usize) {
+        if positions > self.spec.max_position_embeddings {
+            self.spec.max_position_embeddings = positions;
+            self.rope = self.backend.rope_table(&rope_inv_freq(&self.spec), positions);
+        }
+    }
+
+    /// Every base tensor with its Hugging Face name and shape, as host f32 (for export).
+    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let b = &self.backend;
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.spec.vocab_size, self.spec.hidden_size],
+            b.weight_to_host(&self.embed),
+        )];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                vec![self.spec.hidden_size],
+                b.download(&layer.attn_norm),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![self.spec.hidden_size],
+                b.download(&layer.mlp_norm),
+            ));
+            for (i, lin) in layer.linears.iter().enumerate() {
+                let name = linear_hf_name(l, i);
+                out.push((
+                    format!("{name}.weight"),
+                    vec![lin.out, lin.inp],
+                    b.weight_to_host(&lin.w),
+                ));
+                if let Some(bias) = &lin.bias {
+                    out.push((format!("{name}.bias"), vec![lin.out], b.download(bias)));
+                }
+            }
+            if let Some(n) = &layer.q_norm {
+                out.push((
+                    format!("{p}.self_attn.q_norm.weight"),
+                    vec![self.spec.head_dim],
+                    b.download(n),
+                ));
+            }
+            if let Some(n) = &layer.k_norm {
+                out.push((
+                    format!("{p}.self_attn.k_norm.weight"),
+                    vec![self.spec.head_dim],
+                    b.download(n),
+                ));
+            }
+        }
+        out.push((
+            "model.norm.weight".into(),
+            vec![self.spec.hidden_size],
+            b.download(&self.final_norm),
+        ));
+        if let Some(head) = &self.lm_head {
+            out.push((
+                "lm_head.weight".into(),
+                vec![self.spec.vocab_size, self.spec.hidden_size],
+                b.weight_to_host(head),
+            ));
+        }
+        out
+    }
+}
