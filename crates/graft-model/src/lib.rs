@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod peft;
 pub mod lora;
 pub mod model;
 pub mod train;

@@ -20,6 +20,7 @@ mod tests;
 pub use gguf::{GgufFile, GgufTensor, GgufValue, parse_gguf, read_gguf};
 pub use safetensors_io::{
     open_hf_weights, open_safetensors, save_hf_model_dir, save_safetensors, save_safetensors_bf16,
+    write_file_atomically,
 };
 
 use crate::config::ModelSpec;

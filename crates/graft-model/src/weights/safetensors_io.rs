@@ -268,6 +268,11 @@ pub(crate) fn write_atomically(
     Ok(())
 }
 
+/// Writes `bytes` to `path` atomically (to `path.tmp`, fsync, rename).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    write_atomically(path, |w| w.write_all(bytes))
+}
+
 /// Writes a Hugging Face model directory: `config.json` (from [`ModelSpec::to_config_json`]) and
 /// `model.safetensors` (f32, one file). Creates `dir` if needed.
 pub fn save_hf_model_dir(
@@ -282,5 +287,5 @@ pub fn save_hf_model_dir(
     let config = dir.join("config.json");
     let text = serde_json::to_string_pretty(&spec.to_config_json())
         .map_err(|e| ModelError::format(&config, format!("cannot encode: {e}")))?;
-    write_atomically(&config, |w| w.write_all(text.as_bytes()))
+    write_file_atomically(&config, text.as_bytes())
 }
