@@ -6,9 +6,12 @@
 
 pub mod config;
 pub mod error;
-pub mod peft;
+pub mod infer;
 pub mod lora;
+mod lora_peft;
 pub mod model;
+pub mod peft;
+pub mod sample;
 pub mod train;
 pub mod weights;
 

@@ -1,6 +1,6 @@
 //! LoRA on the decoder's linear projections: `y = W x + b + scale · B (A dropout(x))`.
 //!
-//! [`LoraModule`] holds one projection's `A` (`[r, in]`) and `B` (`[out, r]`) on the device; a
+//! [`LoraLinear`] holds one projection's `A` (`[r, in]`) and `B` (`[out, r]`) on the device; a
 //! [`LoraSpec`] says which projections get one, their rank and scale. Conversion to and from
 //! PEFT's on-disk adapters lives in [`crate::peft`].
 
@@ -8,7 +8,7 @@ use crate::model::{LINEAR_NAMES, Model};
 use graft_kernels::Backend;
 
 /// One projection's adapter.
-pub struct LoraModule<B: Backend> {
+pub struct LoraLinear<B: Backend> {
     /// `[r, in]`.
     pub a: B::Weight,
     /// `[out, r]`.
@@ -104,7 +104,7 @@ impl<B: Backend> Model<B> {
                         spec.r * inp,
                         1.0 / (inp as f32).sqrt(),
                     );
-                    Some(LoraModule {
+                    Some(LoraLinear {
                         a: self.backend.weight(&a, spec.r, inp, false),
                         b: self.backend.weight(&vec![0.0; out * spec.r], out, spec.r, false),
                         r: spec.r,

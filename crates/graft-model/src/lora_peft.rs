@@ -1,16 +1,17 @@
-//! Conversion between the device-side adapters ([`crate::lora`]) and PEFT's host format.
+//! Conversion between the device-side adapters ([`crate::lora`]) and PEFT's host format
+//! ([`crate::peft`]).
 
-use crate::lora::LoraModule;
+use crate::lora::LoraLinear;
 use crate::model::Model;
-use crate::peft::{LayerLora, LoraAdapter, LoraAdapterConfig, LoraPair};
+use crate::peft::{LayerLora, LoraAdapter, LoraAdapterConfig, LoraModule, LoraPair};
 use graft_kernels::Backend;
 
 impl<B: Backend> Model<B> {
     /// Attaches a loaded PEFT adapter (replacing any active one).
     pub fn set_adapter(&mut self, adapter: &LoraAdapter) {
         for (layer, la) in self.layers.iter_mut().zip(&adapter.layers) {
-            for i in 0..7 {
-                layer.lora[i] = la.modules[i].as_ref().map(|p| LoraModule {
+            for (i, module) in LoraModule::ALL.into_iter().enumerate() {
+                layer.lora[i] = la.get(module).map(|p| LoraLinear {
                     a: self.backend.weight(&p.a, p.r, layer.linears[i].inp, false),
                     b: self.backend.weight(&p.b, layer.linears[i].out, p.r, false),
                     r: p.r,
@@ -26,15 +27,17 @@ impl<B: Backend> Model<B> {
         let layers = self
             .layers
             .iter()
-            .map(|layer| crate::peft::LayerLora {
-                modules: std::array::from_fn(|i| {
-                    layer.lora[i].as_ref().map(|m| LoraPair {
+            .map(|layer| {
+                let mut out = LayerLora::default();
+                for (i, module) in LoraModule::ALL.into_iter().enumerate() {
+                    *out.get_mut(module) = layer.lora[i].as_ref().map(|m| LoraPair {
                         a: b.weight_to_host(&m.a),
                         b: b.weight_to_host(&m.b),
                         r: m.r,
                         scale: m.scale,
-                    })
-                }),
+                    });
+                }
+                out
             })
             .collect();
         LoraAdapter { config, layers }

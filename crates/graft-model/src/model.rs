@@ -3,7 +3,7 @@
 
 use crate::config::{ModelSpec, RopeScaling};
 use crate::error::ModelError;
-use crate::lora::LoraModule;
+use crate::lora::LoraLinear;
 use crate::weights::WeightStore;
 use graft_kernels::Backend;
 use graft_kernels::cpu::attention::AttentionShape;
@@ -58,7 +58,7 @@ pub struct Layer<B: Backend> {
     pub q_norm: Option<B::Buf>,
     pub k_norm: Option<B::Buf>,
     /// The active LoRA adapter's modules, same indexing as `linears`.
-    pub lora: [Option<LoraModule<B>>; 7],
+    pub lora: [Option<LoraLinear<B>>; 7],
 }
 
 /// A decoder-only transformer on backend `B`.

@@ -503,7 +503,7 @@ impl<B: Backend> Model<B> {
     #[allow(clippy::too_many_arguments)]
     fn lora_bwd(
         &self,
-        m: &crate::lora::LoraModule<B>,
+        m: &crate::lora::LoraLinear<B>,
         g: Option<&mut LoraGrad<B>>,
         l: usize,
         i: usize,

@@ -149,3 +149,83 @@ fn checkpointing_gives_identical_gradients() {
     assert_eq!(a.0, b.0);
     assert!(a.1 == b.1, "checkpointed gradients differ");
 }
+
+#[test]
+fn lora_matches_peft() {
+    use graft_model::peft::load_peft_adapter;
+    let mut subcases: Vec<(String, String)> = CASES
+        .iter()
+        .map(|c| (c.to_string(), "lora".to_string()))
+        .collect();
+    subcases.push(("llama_tied_gqa".into(), "lora_qv".into()));
+    for (case, sub) in subcases {
+        let dir = fixtures().join(&case);
+        let mut model = load(&case, WeightStorage::F32);
+        let adapter = load_peft_adapter(&dir.join(&sub).join("adapter"), &model.spec).unwrap();
+        model.set_adapter(&adapter);
+        let batch = read_batch(&dir);
+        let reference = open_safetensors(&dir.join(&sub).join("reference.safetensors")).unwrap();
+        let logits = model.logits(&batch, Precision::Exact);
+        let err = rel_norm_err(&logits, &tensor(&reference, "logits"));
+        assert!(err < 1e-4, "{case}/{sub}: logits rel err {err}");
+        let mut grads = model.new_grads(TrainMode::Lora);
+        let n = batch.num_trained();
+        let out = model.forward_backward(&batch, &mut grads, 1.0 / n as f32, TrainOptions::default());
+        let loss = out.loss_sum / n as f64;
+        let want = tensor(&reference, "loss")[0] as f64;
+        assert!((loss - want).abs() < 1e-5, "{case}/{sub}: loss {loss} vs {want}");
+        let mut checked = 0;
+        let mut worst = 0.0f64;
+        grads.for_each_mut(|name, g| {
+            let err = rel_norm_err(g, &tensor(&reference, &format!("grad.{name}")));
+            assert!(err < 1e-3, "{case}/{sub}: grad {name} rel err {err}");
+            worst = worst.max(err);
+            checked += 1;
+        });
+        eprintln!(
+            "{case}/{sub}: logits {err:.1e}, loss {loss:.7} vs {want:.7}, worst LoRA grad {worst:.1e} ({checked} tensors)"
+        );
+        let expected = reference
+            .names()
+            .iter()
+            .filter(|n| n.starts_with("grad."))
+            .count();
+        assert_eq!(
+            checked, expected,
+            "{case}/{sub}: every LoRA tensor has a gradient"
+        );
+    }
+}
+
+#[test]
+fn lora_checkpointing_and_dropout_consistency() {
+    use graft_model::lora::LoraSpec;
+    let case = "mistral_sliding";
+    let mut model = load(case, WeightStorage::F32);
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        rslora: false,
+        dropout: 0.1,
+        targets: [true; 7],
+    };
+    model.init_lora(&spec, 3);
+    let batch = read_batch(&fixtures().join(case));
+    let run = |checkpointing: bool| {
+        let mut grads = model.new_grads(TrainMode::Lora);
+        let opts = TrainOptions {
+            checkpointing,
+            lora_dropout: 0.1,
+            dropout_seed: 99,
+            ..Default::default()
+        };
+        let out = model.forward_backward(&batch, &mut grads, 0.1, opts);
+        let mut all = Vec::new();
+        grads.for_each_mut(|_, g| all.extend_from_slice(g));
+        (out.loss_sum, all)
+    };
+    let (a, b) = (run(false), run(true));
+    assert_eq!(a.0, b.0);
+    assert!(a.1 == b.1, "checkpointed LoRA gradients differ");
+    assert!(a.1.iter().any(|&g| g != 0.0));
+}

@@ -1,0 +1,243 @@
+//! Inference: KV-cache prefill and decode for one or many sequences at once.
+//!
+//! [`Model::forward_batch`] runs a step for several sequences, each bringing its new tokens (a
+//! whole prompt for prefill, one token for decode) and its own [`KvCache`]. The matrix products
+//! run once over all rows of the step; attention runs per sequence over its cache. This is the
+//! primitive under `graft generate` and the server's continuous batching.
+
+use crate::model::{DOWN, GATE, K, Layer, Model, O, Q, UP, V};
+use graft_kernels::{Backend, Precision};
+
+/// Keys and values of one sequence, per layer `[capacity, kv_dim]`.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    /// Positions filled.
+    pub len: usize,
+    /// Positions the buffers can hold.
+    pub capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Bytes held by the cache buffers.
+    pub fn bytes(&self, kv_dim: usize) -> usize {
+        2 * self.k.len() * self.capacity * kv_dim * 4
+    }
+}
+
+/// One sequence's part of a batched step.
+pub struct SeqStep<'a, B: Backend> {
+    pub cache: &'a mut KvCache<B>,
+    /// New tokens (prompt or the last sampled token).
+    pub tokens: &'a [u32],
+}
+
+impl<B: Backend> Model<B> {
+    /// A cache for up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
+        let n = capacity * self.spec.kv_dim();
+        KvCache {
+            k: (0..self.spec.num_layers).map(|_| self.backend.zeros(n)).collect(),
+            v: (0..self.spec.num_layers).map(|_| self.backend.zeros(n)).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Runs one step for every sequence in `seqs`, appending to their caches; returns the
+    /// next-token logits (`[vocab]`) after each sequence's last new token.
+    ///
+    /// Panics if a cache would overflow; callers size caches from `max_tokens`.
+    pub fn forward_batch(&self, seqs: &mut [SeqStep<'_, B>], precision: Precision) -> Vec<Vec<f32>> {
+        let b = &self.backend;
+        let s = &self.spec;
+        let hd = s.hidden_size;
+        let t: usize = seqs.iter().map(|q| q.tokens.len()).sum();
+        if t == 0 {
+            return vec![vec![]; seqs.len()];
+        }
+        let mut ids = Vec::with_capacity(t);
+        let mut positions = Vec::with_capacity(t);
+        for q in seqs.iter() {
+            assert!(
+                q.cache.len + q.tokens.len() <= q.cache.capacity,
+                "KV cache overflow"
+            );
+            ids.extend_from_slice(q.tokens);
+            positions.extend((q.cache.len..q.cache.len + q.tokens.len()).map(|p| p as u32));
+        }
+        let pos = b.upload_ids(&positions);
+        let mut x = b.zeros(t * hd);
+        b.embedding_forward(&mut x, &b.upload_ids(&ids), &self.embed, hd);
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = self.layer_infer(l, layer, x, seqs, &pos, t, precision);
+        }
+        for q in seqs.iter_mut() {
+            q.cache.len += q.tokens.len();
+        }
+        // Final norm and head on each sequence's last row only.
+        let n = seqs.len();
+        let mut last = b.zeros(n * hd);
+        let mut row = 0;
+        for (i, q) in seqs.iter().enumerate() {
+            row += q.tokens.len();
+            b.copy_rows(&mut last, i, &x, row - 1, 1, hd);
+        }
+        let mut normed = b.zeros(n * hd);
+        let mut rstd = b.zeros(n);
+        b.rmsnorm_forward(
+            &mut normed,
+            &mut rstd,
+            &last,
+            &self.final_norm,
+            hd,
+            s.rms_norm_eps,
+        );
+        let mut logits = b.zeros(n * s.vocab_size);
+        b.linear_forward(&mut logits, &normed, self.head(), n, false, precision);
+        let host = b.download(&logits);
+        host.chunks(s.vocab_size).map(|c| c.to_vec()).collect()
+    }
+
+    fn linear_infer(&self, layer: &Layer<B>, i: usize, x: &B::Buf, t: usize, p: Precision) -> B::Buf {
+        let b = &self.backend;
+        let lin = &layer.linears[i];
+        let mut y = b.zeros(t * lin.out);
+        b.linear_forward(&mut y, x, &lin.w, t, false, p);
+        if let Some(bias) = &lin.bias {
+            b.add_bias(&mut y, bias);
+        }
+        if let Some(m) = &layer.lora[i] {
+            let mut xa = b.zeros(t * m.r);
+            b.linear_forward(&mut xa, x, &m.a, t, false, Precision::Exact);
+            b.scale(&mut xa, m.scale);
+            b.linear_forward(&mut y, &xa, &m.b, t, true, Precision::Exact);
+        }
+        y
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_infer(
+        &self,
+        l: usize,
+        layer: &Layer<B>,
+        x: B::Buf,
+        seqs: &mut [SeqStep<'_, B>],
+        pos: &B::Ids,
+        t: usize,
+        p: Precision,
+    ) -> B::Buf {
+        let b = &self.backend;
+        let s = &self.spec;
+        let (hd, eps) = (s.hidden_size, s.rms_norm_eps);
+        let (qd, kd) = (s.q_dim(), s.kv_dim());
+        let mut xn = b.zeros(t * hd);
+        let mut rstd = b.zeros(t);
+        b.rmsnorm_forward(&mut xn, &mut rstd, &x, &layer.attn_norm, hd, eps);
+        let mut q = self.linear_infer(layer, Q, &xn, t, p);
+        let mut k = self.linear_infer(layer, K, &xn, t, p);
+        let v = self.linear_infer(layer, V, &xn, t, p);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let mut qo = b.zeros(t * qd);
+            let mut r = b.zeros(t * s.num_heads);
+            b.rmsnorm_forward(&mut qo, &mut r, &q, qn, s.head_dim, eps);
+            let mut ko = b.zeros(t * kd);
+            let mut r2 = b.zeros(t * s.num_kv_heads);
+            b.rmsnorm_forward(&mut ko, &mut r2, &k, kn, s.head_dim, eps);
+            q = qo;
+            k = ko;
+        }
+        b.rope_forward(&mut q, pos, s.num_heads, &self.rope);
+        b.rope_forward(&mut k, pos, s.num_kv_heads, &self.rope);
+        let shape = self.attention_shape();
+        let mut attn = b.zeros(t * qd);
+        let mut row = 0;
+        for sq in seqs.iter_mut() {
+            let n = sq.tokens.len();
+            let past = sq.cache.len;
+            b.copy_rows(&mut sq.cache.k[l], past, &k, row, n, kd);
+            b.copy_rows(&mut sq.cache.v[l], past, &v, row, n, kd);
+            let mut qs = b.zeros(n * qd);
+            b.copy_rows(&mut qs, 0, &q, row, n, qd);
+            let mut out = b.zeros(n * qd);
+            b.attention_cached(&mut out, &qs, &sq.cache.k[l], &sq.cache.v[l], n, past, &shape);
+            b.copy_rows(&mut attn, row, &out, 0, n, qd);
+            row += n;
+        }
+        let o = self.linear_infer(layer, O, &attn, t, p);
+        let mut h = o;
+        b.axpy(&mut h, 1.0, &x);
+        let mut hn = b.zeros(t * hd);
+        b.rmsnorm_forward(&mut hn, &mut rstd, &h, &layer.mlp_norm, hd, eps);
+        let g = self.linear_infer(layer, GATE, &hn, t, p);
+        let u = self.linear_infer(layer, UP, &hn, t, p);
+        let mut act = b.zeros(t * s.intermediate_size);
+        b.swiglu_forward(&mut act, &g, &u);
+        let mut out = self.linear_infer(layer, DOWN, &act, t, p);
+        b.axpy(&mut out, 1.0, &h);
+        out
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence / stop token was produced.
+    Stop,
+    /// `max_tokens` was reached (or the context is full).
+    Length,
+}
+
+impl<B: Backend> Model<B> {
+    /// Generates up to `max_tokens` tokens after `prompt`, calling `on_token` for each new token
+    /// (return `false` to stop early). Stop tokens end generation and are not returned.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: crate::sample::SamplingParams,
+        stop_tokens: &[u32],
+        precision: Precision,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> (Vec<u32>, FinishReason) {
+        let capacity = prompt.len() + max_tokens;
+        self.ensure_positions(capacity);
+        let mut cache = self.new_cache(capacity);
+        let mut sampler = crate::sample::Sampler::new(sampling);
+        let mut out = Vec::new();
+        if prompt.is_empty() || max_tokens == 0 {
+            return (out, FinishReason::Length);
+        }
+        let mut logits = self
+            .forward_batch(
+                &mut [SeqStep {
+                    cache: &mut cache,
+                    tokens: prompt,
+                }],
+                precision,
+            )
+            .remove(0);
+        loop {
+            let next = sampler.sample(&logits);
+            if stop_tokens.contains(&next) {
+                return (out, FinishReason::Stop);
+            }
+            out.push(next);
+            if !on_token(next) {
+                return (out, FinishReason::Stop);
+            }
+            if out.len() >= max_tokens {
+                return (out, FinishReason::Length);
+            }
+            logits = self
+                .forward_batch(
+                    &mut [SeqStep {
+                        cache: &mut cache,
+                        tokens: &[next],
+                    }],
+                    precision,
+                )
+                .remove(0);
+        }
+    }
+}
