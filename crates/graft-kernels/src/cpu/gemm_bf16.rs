@@ -138,12 +138,14 @@ pub const MC: usize = 256;
 /// Column block of the inner loops.
 pub const NC: usize = 1024;
 
-/// Whether the CPU has the avx512_bf16 instructions (and the AVX-512 subsets this kernel uses).
+/// Whether the CPU has the avx512_bf16 instructions (and the AVX-512 F/BW/VL subsets this kernel
+/// uses).
 pub fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -278,8 +280,6 @@ mod x86 {
     use core::arch::x86_64::*;
     use std::cell::Cell;
 
-    /// k-pairs per k-block.
-    const KCP: usize = KC / 2;
     /// Owned-operand chunk (rows of A or columns of B) a worker packs at a time.
     const CHUNK: usize = 512;
 
@@ -373,7 +373,7 @@ mod x86 {
                 let ap: &[u16] = ap;
                 par_for(threads, |t| {
                     let (q0, q1) = (split(np, threads, t), split(np, threads, t + 1));
-                    let chunk_panels = CHUNK / NR;
+                    let chunk_panels = blocking().chunk / NR;
                     with_scratch(&OWNED, chunk_panels.min(q1 - q0) * b_panel, |bp| {
                         for q in (q0..q1).step_by(chunk_panels) {
                             let qe = (q + chunk_panels).min(q1);
@@ -396,7 +396,7 @@ mod x86 {
                 let bp: &[u16] = bp;
                 par_for(threads, |t| {
                     let (q0, q1) = (split(mp, threads, t), split(mp, threads, t + 1));
-                    let chunk_panels = CHUNK / MR;
+                    let chunk_panels = blocking().chunk / MR;
                     with_scratch(&OWNED, chunk_panels.min(q1 - q0) * a_panel, |ap| {
                         for q in (q0..q1).step_by(chunk_panels) {
                             let qe = (q + chunk_panels).min(q1);
@@ -447,46 +447,251 @@ mod x86 {
     /// Packs rows `i0..i0+MR` of A (zero rows past the end, zero k past k) as
     /// `out[p*MR*2 + r*2 + e] = A[i0 + r][2p + e]`.
     fn pack_a_panel(a: &MatRef, i0: usize, kp: usize, out: &mut [u16]) {
-        let k = a.cols;
         let rows = MR.min(a.rows - i0);
-        for r in 0..MR {
-            if r >= rows {
-                for p in 0..kp {
-                    out[p * MR * 2 + r * 2] = 0;
-                    out[p * MR * 2 + r * 2 + 1] = 0;
-                }
-                continue;
-            }
-            for kk in 0..k {
-                out[(kk / 2) * MR * 2 + r * 2 + (kk & 1)] = a.bits(i0 + r, kk);
-            }
-            if k % 2 == 1 {
-                out[(kp - 1) * MR * 2 + r * 2 + 1] = 0;
-            }
+        assert!(out.len() >= kp * MR * 2);
+        let (k, rs, cs) = (a.cols, a.row_stride, a.col_stride);
+        if cs == 1 {
+            // SAFETY: line r < rows holds k elements at i0*rs + r*rs (inside the view, checked by
+            // `MatRef::check`); `out` holds kp*MR*2 (asserted); features: this module is only
+            // entered when `has_avx512_bf16()`.
+            unsafe { pack_lines::<MR>(a.data, i0 * rs, rs, rows, k, kp, out) }
+        } else if rs == 1 {
+            // SAFETY: k-row kk holds the rows i0..i0+rows at i0 + kk*cs (inside the view);
+            // `out` and features as above.
+            unsafe { pack_interleave::<MR>(a.data, i0, cs, rows, k, kp, out) }
+        } else {
+            pack_scalar::<MR>(kp, rows, k, out, |r, kk| a.bits(i0 + r, kk));
         }
     }
 
     /// Packs columns `j0..j0+NR` of B (zero past the end) as
     /// `out[p*NR*2 + c*2 + e] = B[2p + e][j0 + c]`.
     fn pack_b_panel(b: &MatRef, j0: usize, kp: usize, out: &mut [u16]) {
-        let k = b.rows;
         let cols = NR.min(b.cols - j0);
-        for c in 0..NR {
-            if c >= cols {
-                for p in 0..kp {
-                    out[p * NR * 2 + c * 2] = 0;
-                    out[p * NR * 2 + c * 2 + 1] = 0;
+        assert!(out.len() >= kp * NR * 2);
+        let (k, rs, cs) = (b.rows, b.row_stride, b.col_stride);
+        if rs == 1 {
+            // SAFETY: column c < cols holds k elements at j0*cs + c*cs (inside the view);
+            // `out` holds kp*NR*2 (asserted); features: module entered only with avx512_bf16.
+            unsafe { pack_lines::<NR>(b.data, j0 * cs, cs, cols, k, kp, out) }
+        } else if cs == 1 {
+            // SAFETY: k-row kk holds columns j0..j0+cols at j0 + kk*rs (inside the view);
+            // `out` and features as above.
+            unsafe { pack_interleave::<NR>(b.data, j0, rs, cols, k, kp, out) }
+        } else {
+            pack_scalar::<NR>(kp, cols, k, out, |c, kk| b.bits(kk, j0 + c));
+        }
+    }
+
+    /// Generic strided packing: `out[p*W*2 + l*2 + e] = get(l, 2p + e)` (zero past `lines`/`k`).
+    fn pack_scalar<const W: usize>(
+        kp: usize,
+        lines: usize,
+        k: usize,
+        out: &mut [u16],
+        get: impl Fn(usize, usize) -> u16,
+    ) {
+        for p in 0..kp {
+            let o = &mut out[p * W * 2..][..W * 2];
+            for l in 0..W {
+                for e in 0..2 {
+                    let kk = 2 * p + e;
+                    o[l * 2 + e] = if l < lines && kk < k { get(l, kk) } else { 0 };
                 }
-                continue;
-            }
-            for kk in 0..k {
-                out[(kk / 2) * NR * 2 + c * 2 + (kk & 1)] = b.bits(kk, j0 + c);
-            }
-            if k % 2 == 1 {
-                out[(kp - 1) * NR * 2 + c * 2 + 1] = 0;
             }
         }
-        let _ = MatData::F32; // (layout-specific fast paths come later)
+    }
+
+    /// Mask of the first `n` (≤ 16) lanes.
+    #[inline(always)]
+    fn mask16(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 }
+    }
+
+    /// Mask of the first `n` (≤ 32) lanes.
+    #[inline(always)]
+    fn mask32(n: usize) -> __mmask32 {
+        if n >= 32 { u32::MAX } else { (1u32 << n) - 1 }
+    }
+
+    /// The 32 consecutive elements at `idx` as bf16 bits (element `i ≥ n` reads as zero).
+    ///
+    /// # Safety
+    /// Elements `idx..idx+n` must be inside the data; the CPU must have avx512f/bw/bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    unsafe fn load32(src: MatData, idx: usize, n: usize) -> __m512i {
+        // SAFETY: masked-off lanes are not accessed; the pointers are formed with wrapping
+        // arithmetic, and the lanes that are read lie inside the data per the caller.
+        unsafe {
+            match src {
+                MatData::F32(d) => {
+                    let p = d.as_ptr().wrapping_add(idx);
+                    let lo = _mm512_maskz_loadu_ps(mask16(n), p);
+                    let hi = _mm512_maskz_loadu_ps(mask16(n.saturating_sub(16)), p.wrapping_add(16));
+                    _mm512_cvtne2ps_pbh(hi, lo).into_i()
+                }
+                MatData::Bf16(d) => {
+                    _mm512_maskz_loadu_epi16(mask32(n), d.as_ptr().wrapping_add(idx) as *const i16)
+                }
+            }
+        }
+    }
+
+    /// The 16 consecutive elements at `idx0` as bf16 bits in the low half and the 16 at `idx1`
+    /// in the high half (element `i ≥ n` of either reads as zero; the high half is zero when
+    /// `idx1` is `None`).
+    ///
+    /// # Safety
+    /// Elements `idx0..idx0+n` (and `idx1..idx1+n`) must be inside the data; the CPU must have
+    /// avx512f/bw/vl/bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    unsafe fn load16x2(src: MatData, idx0: usize, idx1: Option<usize>, n: usize) -> __m512i {
+        let m = mask16(n);
+        // SAFETY: as for `load32`.
+        unsafe {
+            match src {
+                MatData::F32(d) => {
+                    let lo = _mm512_maskz_loadu_ps(m, d.as_ptr().wrapping_add(idx0));
+                    let hi = match idx1 {
+                        Some(i) => _mm512_maskz_loadu_ps(m, d.as_ptr().wrapping_add(i)),
+                        None => _mm512_setzero_ps(),
+                    };
+                    _mm512_cvtne2ps_pbh(hi, lo).into_i()
+                }
+                MatData::Bf16(d) => {
+                    let p = d.as_ptr() as *const i16;
+                    let lo = _mm256_maskz_loadu_epi16(m, p.wrapping_add(idx0));
+                    let hi = match idx1 {
+                        Some(i) => _mm256_maskz_loadu_epi16(m, p.wrapping_add(i)),
+                        None => _mm256_setzero_si256(),
+                    };
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                }
+            }
+        }
+    }
+
+    /// Transposes a 16 × 16 matrix of 32-bit elements held as 16 rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4q + j], 128-bit lane L: rows 4q..4q+4 of column 4L + j.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+            u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+            u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+            u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+        }
+        let mut o = [_mm512_setzero_si512(); 16];
+        for j in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
+            let v1 = _mm512_shuffle_i32x4::<0xee>(u[j], u[4 + j]);
+            let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
+            let v3 = _mm512_shuffle_i32x4::<0xee>(u[8 + j], u[12 + j]);
+            o[j] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+            o[4 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, v2);
+            o[8 + j] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+            o[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, v3);
+        }
+        o
+    }
+
+    /// Packs `lines` lines (line `l` = `k` contiguous elements at `base + l * stride`) as
+    /// `out[p*W*2 + l*2 + e] = line_l[2p + e]` (zero past `lines` and `k`): pairs are already
+    /// adjacent, so this is a transpose of 32-bit pairs, 16 lines × 16 pairs at a time.
+    ///
+    /// # Safety
+    /// Line `l < lines` must have its `k` elements inside `src`; `out.len() ≥ kp * W * 2`,
+    /// `kp = k.div_ceil(2)`, `W` is 8 or a multiple of 16; the CPU must have avx512f/bw/vl/bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn pack_lines<const W: usize>(
+        src: MatData,
+        base: usize,
+        stride: usize,
+        lines: usize,
+        k: usize,
+        kp: usize,
+        out: &mut [u16],
+    ) {
+        let o = out.as_mut_ptr();
+        for g in 0..W.div_ceil(16) {
+            for p0 in (0..kp).step_by(16) {
+                let nk = (k - 2 * p0).min(32);
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (l, r) in r.iter_mut().enumerate() {
+                    let line = g * 16 + l;
+                    if line < lines.min(W) {
+                        // SAFETY: elements 2*p0..2*p0+nk of a valid line (caller).
+                        *r = unsafe { load32(src, base + line * stride + 2 * p0, nk) };
+                    }
+                }
+                let t = transpose16(r);
+                for (p, t) in t.iter().enumerate().take((kp - p0).min(16)) {
+                    // SAFETY: pair p0+p < kp, lines g*16.. < W: inside `out` (caller).
+                    unsafe {
+                        let dst = o.add((p0 + p) * W * 2 + g * 32);
+                        if W >= 16 {
+                            _mm512_storeu_si512(dst as *mut __m512i, *t);
+                        } else {
+                            _mm256_storeu_si256(dst as *mut __m256i, _mm512_castsi512_si256(*t));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packs `lines` lines that are contiguous across a k-row (line `l` of k-row `kk` at
+    /// `base + kk * kstride + l`) as `out[p*W*2 + l*2 + e] = src[base + (2p+e)*kstride + l]`
+    /// (zero past `lines` and `k`): two k-rows interleaved per pair.
+    ///
+    /// # Safety
+    /// For every `kk < k`, elements `base + kk*kstride + (0..lines)` must be inside `src`;
+    /// `out.len() ≥ kp * W * 2`; `W` is 8 or a multiple of 16; the CPU must have
+    /// avx512f/bw/vl/bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn pack_interleave<const W: usize>(
+        src: MatData,
+        base: usize,
+        kstride: usize,
+        lines: usize,
+        k: usize,
+        kp: usize,
+        out: &mut [u16],
+    ) {
+        // Lane 2i takes element i (first k-row), lane 2i+1 element 16+i (second k-row).
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+            18, 2, 17, 1, 16, 0,
+        );
+        let o = out.as_mut_ptr();
+        for p in 0..kp {
+            let k0 = base + 2 * p * kstride;
+            let k1 = (2 * p + 1 < k).then(|| k0 + kstride);
+            for g in 0..W.div_ceil(16) {
+                let n = lines.saturating_sub(g * 16).min(16).min(W);
+                // SAFETY: `n` elements of each present k-row from line g*16 (caller).
+                let v = unsafe { load16x2(src, k0 + g * 16, k1.map(|i| i + g * 16), n) };
+                let v = _mm512_permutexvar_epi16(idx, v);
+                // SAFETY: pair p < kp, lines g*16.. < W: inside `out` (caller).
+                unsafe {
+                    let dst = o.add(p * W * 2 + g * 32);
+                    if W >= 16 {
+                        _mm512_storeu_si512(dst as *mut __m512i, v);
+                    } else {
+                        _mm256_storeu_si256(dst as *mut __m256i, _mm512_castsi512_si256(v));
+                    }
+                }
+            }
+        }
     }
 
     /// Multiplies packed A panels (`rows` rows) by packed B panels (`cols` columns) into the C
@@ -511,13 +716,17 @@ mod x86 {
     ) {
         let (a_panel, b_panel) = (kp * MR * 2, kp * NR * 2);
         assert!(ap.len() >= rows.div_ceil(MR) * a_panel && bp.len() >= cols.div_ceil(NR) * b_panel);
-        for pc in (0..kp).step_by(KCP) {
-            let kcp = KCP.min(kp - pc);
-            let beta = if pc == 0 { beta } else { 1.0 };
-            for jc in (0..cols).step_by(NC) {
-                let jce = (jc + NC).min(cols);
-                for ic in (0..rows).step_by(MC) {
-                    let ice = (ic + MC).min(rows);
+        let bl = blocking();
+        // Balanced k-blocks of at most `kc` k (C is read and written once per k-block).
+        let nkb = kp.div_ceil(bl.kc / 2);
+        let kcp_blk = kp.div_ceil(nkb);
+        for jc in (0..cols).step_by(bl.nc) {
+            let jce = (jc + bl.nc).min(cols);
+            for pc in (0..kp).step_by(kcp_blk) {
+                let kcp = kcp_blk.min(kp - pc);
+                let beta = if pc == 0 { beta } else { 1.0 };
+                for ic in (0..rows).step_by(bl.mc) {
+                    let ice = (ic + bl.mc).min(rows);
                     for jr in (jc..jce).step_by(NR) {
                         let bpan = &bp[(jr / NR) * b_panel + pc * NR * 2..][..kcp * NR * 2];
                         for ir in (ic..ice).step_by(MR) {
@@ -545,6 +754,49 @@ mod x86 {
         }
     }
 
+    /// Cache-blocking parameters (tunable through `GRAFT_GEMM_BF16_BLOCKING=kc,mc,nc,chunk`).
+    #[derive(Clone, Copy)]
+    struct Blocking {
+        kc: usize,
+        mc: usize,
+        nc: usize,
+        chunk: usize,
+    }
+
+    fn pf_dist() -> usize {
+        static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *B.get_or_init(|| {
+            std::env::var("GRAFT_PF")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(8)
+        })
+    }
+
+    fn blocking() -> Blocking {
+        static B: std::sync::OnceLock<Blocking> = std::sync::OnceLock::new();
+        *B.get_or_init(|| {
+            let mut b = Blocking {
+                kc: KC,
+                mc: MC,
+                nc: NC,
+                chunk: CHUNK,
+            };
+            if let Ok(v) = std::env::var("GRAFT_GEMM_BF16_BLOCKING") {
+                let f: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+                if let [kc, mc, nc, chunk] = f[..] {
+                    b = Blocking {
+                        kc: kc.max(2),
+                        mc: mc.div_ceil(MR).max(1) * MR,
+                        nc: nc.div_ceil(NR).max(1) * NR,
+                        chunk: chunk.div_ceil(NR * MR).max(1) * NR * MR,
+                    };
+                }
+            }
+            b
+        })
+    }
+
     /// The 8 × 32 microkernel: `C[tile] = alpha · Ap·Bp + beta · C[tile]` over `kcp` k-pairs,
     /// storing only `mr × nr` elements (`beta == 0`: C is not read).
     ///
@@ -568,7 +820,19 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut ap = a as *const i32;
         let mut bp = b;
+        // Fetch the C tile (read for ownership) while the products run.
+        for r in 0..MR {
+            if r < mr {
+                let row = c.wrapping_add(r * ldc) as *const i8;
+                _mm_prefetch::<_MM_HINT_ET0>(row);
+                _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(64));
+            }
+        }
+        let pf = pf_dist();
         for _ in 0..kcp {
+            // Prefetching never faults, so running past the panel is harmless.
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(pf * NR * 2) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(pf * NR * 2 + 32) as *const i8);
             // SAFETY: the pair p of the B panel is 2 × 32 u16 at `bp`, within `kcp * NR * 2`.
             let (b0, b1) = unsafe {
                 (
@@ -622,9 +886,19 @@ mod x86 {
         }
     }
 
-    /// Reinterpretation of 32 packed bf16 bit patterns as `__m512bh`.
+    /// Reinterpretation of 32 packed bf16 bit patterns as `__m512bh` and back.
     trait IntoBh {
         fn into_bh(self) -> __m512bh;
+    }
+    trait IntoI {
+        fn into_i(self) -> __m512i;
+    }
+    impl IntoI for __m512bh {
+        #[inline(always)]
+        fn into_i(self) -> __m512i {
+            // SAFETY: both are 512-bit plain-data vector types; every bit pattern is valid.
+            unsafe { core::mem::transmute::<__m512bh, __m512i>(self) }
+        }
     }
     impl IntoBh for __m512i {
         #[inline(always)]
