@@ -1033,6 +1033,53 @@ mod tests {
         assert_eq!(c.scale_for("model.layers.2.self_attn.v_proj"), 2.0);
     }
 
+    /// Ranks and scales PEFT 0.21.2 gave each module for these configs (`get_peft_model` on a
+    /// 2-layer model, read from each LoRA layer's `r` and `scaling`).
+    #[test]
+    fn patterns_agree_with_peft() {
+        let p = Path::new("adapter_config.json");
+        let c = LoraAdapterConfig::from_json(
+            &json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                    "rank_pattern": {"layers.1.self_attn.q_proj": 2, "^model.layers.0.mlp.*": 3},
+                    "alpha_pattern": {"down_proj": 5, "v_proj": 7}}),
+            p,
+        )
+        .unwrap();
+        for (module, r, scale) in [
+            ("model.layers.0.mlp.down_proj", 3, 5.0 / 3.0),
+            ("model.layers.0.mlp.gate_proj", 3, 8.0 / 3.0),
+            ("model.layers.0.self_attn.q_proj", 4, 2.0),
+            ("model.layers.0.self_attn.v_proj", 4, 1.75),
+            ("model.layers.1.mlp.down_proj", 4, 1.25),
+            ("model.layers.1.self_attn.q_proj", 2, 4.0),
+        ] {
+            assert_eq!(c.rank_for(module), r, "{module}");
+            assert!((c.scale_for(module) - scale).abs() < 1e-6, "{module}");
+        }
+        let c = LoraAdapterConfig::from_json(
+            &json!({"r": 2, "lora_alpha": 3, "target_modules": ".*\\.(q|k)_proj", "use_rslora": true}),
+            p,
+        )
+        .unwrap();
+        assert!(
+            c.targets("model.layers.1.self_attn.k_proj", 1)
+                && !c.targets("model.layers.1.self_attn.v_proj", 1)
+        );
+        assert!((c.scale_for("model.layers.1.self_attn.k_proj") - 2.1213203).abs() < 1e-6);
+        let c = LoraAdapterConfig::from_json(
+            &json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "down_proj"],
+                    "layers_to_transform": [1], "exclude_modules": ["layers.1.mlp.down_proj"]}),
+            p,
+        )
+        .unwrap();
+        let targeted: Vec<String> = (0..2)
+            .flat_map(|i| LoraModule::ALL.map(move |m| (i, m)))
+            .filter(|&(i, m)| c.targets(&m.path(i), i))
+            .map(|(i, m)| m.path(i))
+            .collect();
+        assert_eq!(targeted, vec!["model.layers.1.self_attn.q_proj".to_string()]);
+    }
+
     #[test]
     fn unsupported_options_are_refused_by_name() {
         let p = Path::new("adapter_config.json");
