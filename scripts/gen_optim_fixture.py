@@ -57,11 +57,13 @@ def adamw_fixture():
         lr = sched.get_last_lr()[0]
         lrs.append(lr)
         norm = torch.nn.utils.clip_grad_norm_([params[n] for n in names], max_grad_norm, foreach=False)
+        clipped = {n: params[n].grad.clone() for n in names}
         opt.step()
         sched.step()
         steps.append({
             "grads": [flat(grads[n]) for n in names],
             "grad_norm": float(norm),
+            "clipped_grads": [flat(clipped[n]) for n in names],
             "after": [flat(params[n]) for n in names],
             "exp_avg": [flat(opt.state[params[n]]["exp_avg"]) for n in names],
             "exp_avg_sq": [flat(opt.state[params[n]]["exp_avg_sq"]) for n in names],

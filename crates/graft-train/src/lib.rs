@@ -1,1 +1,44 @@
-//! graft-train
+//! graft-train: everything around the engine that a training run needs.
+//!
+//! The engine (`graft-model`, `graft-kernels`) computes a loss and its gradients for a micro-batch;
+//! this crate turns that into a run: the configuration a user writes, the optimizer that updates the
+//! weights, the learning-rate schedule, checkpoints that resume bit-identically, the metrics log and
+//! the report at the end. Nothing here depends on the engine: parameters and gradients are plain
+//! `f32` slices with names.
+//!
+//! # Modules
+//! - [`config`]: [`TrainConfig`](config::TrainConfig), the TOML file behind `graft train CONFIG.toml`,
+//!   with `--set key=value` overrides, defaults, validation and "did you mean" errors.
+//! - [`optim`]: AdamW (as `torch.optim.AdamW`), global-norm gradient clipping, non-finite checks.
+//! - [`schedule`]: learning-rate schedules as in transformers (cosine / linear / constant with
+//!   warmup, optional floor).
+//! - [`rng`]: the deterministic RNG (xoshiro256**) for shuffling and the counter-based
+//!   [`uniform_at`](rng::uniform_at) for dropout masks.
+//! - [`tensors`]: named `f32` tensors in safetensors files, exact round trip.
+//! - [`checkpoint`]: atomic checkpoint directories with a hashed manifest, the trainer state, finding
+//!   the latest good checkpoint, retention.
+//! - [`metrics`]: the append-only `metrics.jsonl` log and its reader.
+//! - [`report`]: `report.md` and the `loss_curve.svg` it embeds.
+//! - [`signal`]: the Ctrl-C / SIGTERM flag the loop polls to save and stop cleanly.
+//!
+//! # How a run uses it
+//! ```text
+//! TrainConfig::load(path, &sets)            -> resolved config (saved as config.toml in the run dir)
+//! StopFlag::install()                       -> polled once per optimizer step
+//! LrSchedule::from_config(..).lr_at(step)   -> lr for this step
+//! clip_grad_norm(grads, max_norm)           -> grad norm (non-finite: stop, keep last checkpoint)
+//! AdamW::step(params, lr)                   -> updated weights
+//! MetricsWriter::append(record)             -> metrics.jsonl
+//! CheckpointWriter::begin/…/commit          -> checkpoints/step-N, then prune_checkpoints
+//! write_report(run_dir, facts, records)     -> report.md + loss_curve.svg
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod report;
+pub mod rng;
+pub mod schedule;
+pub mod signal;
+pub mod tensors;

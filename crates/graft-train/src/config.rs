@@ -1,0 +1,1581 @@
+//! The training configuration: the TOML file behind `graft train CONFIG.toml [--set key=value ...]`.
+//!
+//! [`TrainConfig::load`] reads the file, applies `--set` overrides (values parsed as TOML, falling
+//! back to a plain string), checks every key against [`KEYS`] — an unknown key at any level is an
+//! error that names its full path and suggests the nearest valid key, a value of the wrong type names
+//! the key and the type it needs — fills defaults, resolves derived values and validates ranges.
+//! [`TrainConfig::to_toml`] writes the resolved config back (saved in the run directory);
+//! [`TrainConfig::documented_example`] prints every key with its documentation and default
+//! (`graft train --print-config`).
+//!
+//! Every key is optional except `model.path` and `data.train`.
+
+use crate::schedule::ScheduleKind;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+/// An error in a training configuration. Messages name the key (as a dotted path) or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{origin}: invalid TOML: {message}")]
+    Parse {
+        /// The config file.
+        origin: String,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A key that the config does not have.
+    #[error("unknown key `{key}` in {origin}{}", suggestion_text(.suggestion))]
+    UnknownKey {
+        /// The full dotted path of the key.
+        key: String,
+        /// Where it came from: the file name or `--set`.
+        origin: String,
+        /// The nearest valid key, when one is close.
+        suggestion: Option<String>,
+    },
+    /// A value of the wrong type.
+    #[error("`{key}` in {origin} must be {expected}, found {found}")]
+    Type {
+        /// The full dotted path of the key.
+        key: String,
+        /// Where it came from: the file name or `--set`.
+        origin: String,
+        /// The expected type, in words.
+        expected: String,
+        /// The value found, in words.
+        found: String,
+    },
+    /// A `--set` argument that is not `key=value`.
+    #[error("--set `{arg}`: expected key=value, e.g. --set optimizer.lr=1e-4")]
+    BadSet {
+        /// The argument as given.
+        arg: String,
+    },
+    /// A value out of range, or keys that conflict.
+    #[error("`{key}`: {message}")]
+    Invalid {
+        /// The key (or keys) at fault.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+fn suggestion_text(s: &Option<String>) -> String {
+    match s {
+        Some(s) => format!(" (did you mean `{s}`?)"),
+        None => String::new(),
+    }
+}
+
+/// The training method.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Supervised fine-tuning: next-token cross-entropy on the unmasked tokens.
+    #[default]
+    Sft,
+}
+
+/// Matmul precision of the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 matmul inputs throughout (the fidelity tests' mode).
+    Exact,
+    /// bf16 matmul inputs with f32 accumulation where the CPU supports it, f32 elsewhere.
+    #[default]
+    Fast,
+}
+
+/// The record format of the data files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Detect from each file's fields.
+    #[default]
+    Auto,
+    /// `{"messages": [{"role", "content"}, ...]}`.
+    Openai,
+    /// `{"conversations": [{"from", "value"}, ...]}`.
+    Sharegpt,
+    /// `{"instruction", "input", "output"}`.
+    Alpaca,
+    /// `{"prompt", "completion"}`.
+    PromptCompletion,
+    /// `{"text"}`: plain language modelling.
+    Text,
+}
+
+/// Which tokens the loss is computed on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskPolicy {
+    /// Every assistant turn's tokens.
+    #[default]
+    Assistant,
+    /// Every token.
+    All,
+    /// Only the last assistant turn.
+    LastAssistant,
+    /// The completion of prompt/completion records.
+    Completion,
+}
+
+/// What happens to a sequence longer than `data.max_length`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Keep the first `max_length` tokens.
+    #[default]
+    Right,
+    /// Keep the last `max_length` tokens.
+    Left,
+    /// Drop the example.
+    Drop,
+}
+
+/// `[model]`: what to fine-tune.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model directory or hub id. Required (default: empty, rejected by validation).
+    pub path: String,
+    /// Tokenizer directory or hub id when it differs from the model's. Default: none (the model's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
+    /// Matmul precision. Default: `fast`.
+    pub precision: Precision,
+}
+
+/// `[data]`: the datasets and how they become token sequences.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training files or folders. Required (default: empty, rejected by validation).
+    #[serde(deserialize_with = "one_or_many")]
+    pub train: Vec<String>,
+    /// Evaluation files or folders. Default: none.
+    #[serde(deserialize_with = "one_or_many")]
+    pub eval: Vec<String>,
+    /// Record format. Default: `auto`.
+    pub format: DataFormat,
+    /// Maximum tokens per sequence. Default: 2048.
+    pub max_length: usize,
+    /// Pack several examples into one row (attention kept separate). Default: true.
+    pub packing: bool,
+    /// Which tokens are trained on. Default: `assistant`.
+    pub mask: MaskPolicy,
+    /// Handling of over-long sequences. Default: `right`.
+    pub truncation: Truncation,
+    /// Skip malformed records with a warning instead of failing. Default: false.
+    pub skip_invalid: bool,
+    /// Fraction of the training data held out for evaluation when `eval` is empty. Default: 0.
+    pub eval_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: Vec::new(),
+            eval: Vec::new(),
+            format: DataFormat::Auto,
+            max_length: 2048,
+            packing: true,
+            mask: MaskPolicy::Assistant,
+            truncation: Truncation::Right,
+            skip_invalid: false,
+            eval_fraction: 0.0,
+        }
+    }
+}
+
+/// Which linear layers get LoRA adapters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LoraTargets {
+    /// Every linear layer of the decoder except the output head (PEFT's `"all-linear"`).
+    AllLinear,
+    /// Layers whose name ends with one of these (e.g. `q_proj`).
+    Modules(Vec<String>),
+}
+
+impl Serialize for LoraTargets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LoraTargets::AllLinear => s.serialize_str("all-linear"),
+            LoraTargets::Modules(m) => m.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list = one_or_many(d)?;
+        Ok(if list.len() == 1 && list[0] == "all-linear" {
+            LoraTargets::AllLinear
+        } else {
+            LoraTargets::Modules(list)
+        })
+    }
+}
+
+/// `[lora]`: the adapter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Train a LoRA adapter. Default: true (forced false by `full = true`).
+    pub enabled: bool,
+    /// Rank. Default: 16.
+    pub r: usize,
+    /// Scale numerator: the update is scaled by `alpha / r` (`alpha / sqrt(r)` with rslora).
+    /// Default: 32.
+    pub alpha: f64,
+    /// Dropout on the adapter's input. Default: 0.05.
+    pub dropout: f64,
+    /// Target layers. Default: `all-linear`.
+    pub targets: LoraTargets,
+    /// Rank-stabilised scaling `alpha / sqrt(r)`. Default: false.
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            enabled: true,
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: LoraTargets::AllLinear,
+            rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor the adapter's output is multiplied by: `alpha / r`, or `alpha / sqrt(r)` with
+    /// rslora.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// `[optimizer]`: AdamW.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Peak learning rate. Default: 2e-4.
+    pub lr: f64,
+    /// First-moment decay. Default: 0.9.
+    pub beta1: f64,
+    /// Second-moment decay. Default: 0.999.
+    pub beta2: f64,
+    /// Denominator epsilon. Default: 1e-8.
+    pub eps: f64,
+    /// Decoupled weight decay (not applied to norms and biases). Default: 0.
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// `[schedule]`: the learning-rate schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Decay after warmup. Default: `cosine`.
+    pub kind: ScheduleKind,
+    /// Warmup steps. Default: none (use `warmup_ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
+    /// Warmup as a fraction of the total steps, rounded up. Default: 0.
+    pub warmup_ratio: f64,
+    /// Floor of the decay as a fraction of the peak lr. Default: 0.
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: None,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+/// `[batch]`: micro-batches, accumulation and clipping.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Tokens per micro-batch. Default: 4096 (or `max_length` if larger) when `micro_batch_rows`
+    /// is not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micro_batch_tokens: Option<usize>,
+    /// Rows (sequences) per micro-batch, instead of a token budget. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micro_batch_rows: Option<usize>,
+    /// Micro-batches per optimizer step. Default: 1.
+    pub grad_accum: usize,
+    /// Global gradient-norm clipping threshold; 0 turns clipping off. Default: 1.
+    pub max_grad_norm: f64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            micro_batch_tokens: None,
+            micro_batch_rows: None,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+/// The resolved micro-batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MicroBatch {
+    /// At most this many tokens per micro-batch.
+    Tokens(usize),
+    /// Exactly this many rows per micro-batch (the last may have fewer).
+    Rows(usize),
+}
+
+/// `[train]`: length of the run, intervals, seed, resources.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainLoopConfig {
+    /// Passes over the training data. Default: 1.
+    pub epochs: u64,
+    /// Stop after this many optimizer steps; overrides `epochs`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    /// Evaluate every N steps (and at the end); 0 = only at the end. Default: 100.
+    pub eval_every: u64,
+    /// Checkpoint every N steps (and at the end); 0 = only at the end. Default: 500.
+    pub save_every: u64,
+    /// Checkpoints kept; 0 keeps all. Default: 3.
+    pub keep_checkpoints: usize,
+    /// Seed of data order, LoRA initialisation and dropout. Default: 42.
+    pub seed: u64,
+    /// Recompute each layer in backward instead of keeping its activations. Default: false.
+    pub activation_checkpointing: bool,
+    /// Worker threads; 0 = one per core. Default: 0.
+    pub threads: usize,
+    /// Log metrics every N steps. Default: 10.
+    pub log_every: u64,
+}
+
+impl Default for TrainLoopConfig {
+    fn default() -> Self {
+        TrainLoopConfig {
+            epochs: 1,
+            max_steps: None,
+            eval_every: 100,
+            save_every: 500,
+            keep_checkpoints: 3,
+            seed: 42,
+            activation_checkpointing: false,
+            threads: 0,
+            log_every: 10,
+        }
+    }
+}
+
+/// `[output]`: where the run goes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Run directory. Default: `runs/<config file name without .toml>` (`runs/graft` when the
+    /// config does not come from a file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+}
+
+/// A complete training configuration. Field defaults are those of [`TrainConfig::default`] and are
+/// listed with each key in [`KEYS`] and [`TrainConfig::documented_example`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Training method. Default: `sft`.
+    pub method: Method,
+    /// Full fine-tuning instead of LoRA. Default: false.
+    pub full: bool,
+    /// `[model]`.
+    pub model: ModelConfig,
+    /// `[data]`.
+    pub data: DataConfig,
+    /// `[lora]`.
+    pub lora: LoraConfig,
+    /// `[optimizer]`.
+    pub optimizer: OptimizerConfig,
+    /// `[schedule]`.
+    pub schedule: ScheduleConfig,
+    /// `[batch]`.
+    pub batch: BatchConfig,
+    /// `[train]`.
+    pub train: TrainLoopConfig,
+    /// `[output]`.
+    pub output: OutputConfig,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// The type a key accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A string.
+    Str,
+    /// A non-negative integer.
+    Int,
+    /// A number (integers accepted).
+    Float,
+    /// `true` or `false`.
+    Bool,
+    /// One of these strings.
+    Choice(&'static [&'static str]),
+    /// A string or a list of strings.
+    StrList,
+}
+
+impl KeyKind {
+    fn expected(self) -> String {
+        match self {
+            KeyKind::Str => "a string".into(),
+            KeyKind::Int => "a non-negative integer".into(),
+            KeyKind::Float => "a number".into(),
+            KeyKind::Bool => "true or false".into(),
+            KeyKind::Choice(c) => format!(
+                "one of {}",
+                c.iter()
+                    .map(|s| format!("\"{s}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            KeyKind::StrList => "a string or a list of strings".into(),
+        }
+    }
+}
+
+/// One valid key of the config file.
+#[derive(Clone, Copy, Debug)]
+pub struct KeySpec {
+    /// Dotted path, e.g. `optimizer.lr`.
+    pub path: &'static str,
+    /// The type it accepts.
+    pub kind: KeyKind,
+    /// What it does and its default, as printed in the documented example.
+    pub doc: &'static str,
+    /// Value shown in the documented example instead of the default (TOML syntax); for keys
+    /// without a default the example line is commented out.
+    pub example: Option<&'static str>,
+}
+
+const fn key(path: &'static str, kind: KeyKind, doc: &'static str) -> KeySpec {
+    KeySpec {
+        path,
+        kind,
+        doc,
+        example: None,
+    }
+}
+
+const fn key_ex(path: &'static str, kind: KeyKind, doc: &'static str, example: &'static str) -> KeySpec {
+    KeySpec {
+        path,
+        kind,
+        doc,
+        example: Some(example),
+    }
+}
+
+/// The sections of the config file, in documentation order.
+pub const SECTIONS: &[(&str, &str)] = &[
+    ("model", "The model to fine-tune."),
+    (
+        "data",
+        "Training and evaluation data, and how records become token sequences.",
+    ),
+    ("lora", "The LoRA adapter (ignored with `full = true`)."),
+    ("optimizer", "AdamW, as torch.optim.AdamW."),
+    (
+        "schedule",
+        "Learning-rate schedule, as transformers' get_*_schedule_with_warmup.",
+    ),
+    ("batch", "Micro-batches, gradient accumulation and clipping."),
+    ("train", "Length of the run, intervals, seed and resources."),
+    ("output", "Where the run directory goes."),
+];
+
+/// Every valid key, in documentation order: the schema that unknown-key and type errors, `--set`
+/// and [`TrainConfig::documented_example`] use.
+pub const KEYS: &[KeySpec] = &[
+    key(
+        "method",
+        KeyKind::Choice(&["sft"]),
+        "Training method: \"sft\" (supervised fine-tuning). Default: \"sft\".",
+    ),
+    key(
+        "full",
+        KeyKind::Bool,
+        "Full fine-tuning: train every weight instead of a LoRA adapter ([lora] is then ignored). Default: false.",
+    ),
+    key_ex(
+        "model.path",
+        KeyKind::Str,
+        "Model directory (config.json, tokenizer, *.safetensors) or Hugging Face hub id. Required.",
+        "\"HuggingFaceTB/SmolLM2-135M-Instruct\"",
+    ),
+    key_ex(
+        "model.tokenizer",
+        KeyKind::Str,
+        "Tokenizer directory or hub id, when it differs from the model's. Default: the model's own.",
+        "\"path/to/tokenizer\"",
+    ),
+    key(
+        "model.precision",
+        KeyKind::Choice(&["exact", "fast"]),
+        "Matmul precision: \"fast\" = bf16 inputs with f32 accumulation where the CPU has avx512_bf16 (f32 \
+         elsewhere); \"exact\" = f32 throughout. Weights and optimizer state are f32 either way. Default: \"fast\".",
+    ),
+    key_ex(
+        "data.train",
+        KeyKind::StrList,
+        "Training data: JSONL files or folders of them, a string or a list. Required.",
+        "[\"data/train.jsonl\"]",
+    ),
+    key_ex(
+        "data.eval",
+        KeyKind::StrList,
+        "Evaluation data, in the same forms as `train`. Default: none (see `eval_fraction`).",
+        "[\"data/eval.jsonl\"]",
+    ),
+    key(
+        "data.format",
+        KeyKind::Choice(&[
+            "auto",
+            "openai",
+            "sharegpt",
+            "alpaca",
+            "prompt_completion",
+            "text",
+        ]),
+        "Record format: \"openai\" ({messages: [{role, content}]}), \"sharegpt\" ({conversations: [{from, value}]}), \
+         \"alpaca\" ({instruction, input, output}), \"prompt_completion\" ({prompt, completion}), \"text\" ({text}), \
+         or \"auto\" to detect it per file. Default: \"auto\".",
+    ),
+    key(
+        "data.max_length",
+        KeyKind::Int,
+        "Maximum tokens per sequence (at least 2). Default: 2048.",
+    ),
+    key(
+        "data.packing",
+        KeyKind::Bool,
+        "Pack several examples into each row; attention never crosses examples. Default: true.",
+    ),
+    key(
+        "data.mask",
+        KeyKind::Choice(&["assistant", "all", "last_assistant", "completion"]),
+        "Tokens the loss is computed on: every assistant turn, all tokens, the last assistant turn, or the \
+         completion of prompt/completion records. Default: \"assistant\".",
+    ),
+    key(
+        "data.truncation",
+        KeyKind::Choice(&["right", "left", "drop"]),
+        "Sequences longer than max_length: keep the start (\"right\"), keep the end (\"left\") or drop them. \
+         Default: \"right\".",
+    ),
+    key(
+        "data.skip_invalid",
+        KeyKind::Bool,
+        "Skip malformed records with a warning instead of stopping. Default: false.",
+    ),
+    key(
+        "data.eval_fraction",
+        KeyKind::Float,
+        "Fraction of the training data held out for evaluation when `eval` is not given (0 = none). Default: 0.",
+    ),
+    key(
+        "lora.enabled",
+        KeyKind::Bool,
+        "Train a LoRA adapter. Default: true.",
+    ),
+    key("lora.r", KeyKind::Int, "Rank of the adapter. Default: 16."),
+    key(
+        "lora.alpha",
+        KeyKind::Float,
+        "Scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rslora). Default: 32.",
+    ),
+    key(
+        "lora.dropout",
+        KeyKind::Float,
+        "Dropout on the adapter's input, in [0, 1). Default: 0.05.",
+    ),
+    key(
+        "lora.targets",
+        KeyKind::StrList,
+        "Layers to adapt: \"all-linear\" (every linear layer but the output head) or a list of layer names such \
+         as [\"q_proj\", \"v_proj\"]. Default: \"all-linear\".",
+    ),
+    key(
+        "lora.rslora",
+        KeyKind::Bool,
+        "Rank-stabilised LoRA: scale by alpha / sqrt(r). Default: false.",
+    ),
+    key(
+        "optimizer.lr",
+        KeyKind::Float,
+        "Peak learning rate. Typical: 1e-4 to 3e-4 for LoRA, 1e-5 to 5e-5 for full fine-tuning. Default: 2e-4.",
+    ),
+    key(
+        "optimizer.beta1",
+        KeyKind::Float,
+        "AdamW first-moment decay, in [0, 1). Default: 0.9.",
+    ),
+    key(
+        "optimizer.beta2",
+        KeyKind::Float,
+        "AdamW second-moment decay, in [0, 1). Default: 0.999.",
+    ),
+    key(
+        "optimizer.eps",
+        KeyKind::Float,
+        "AdamW denominator epsilon. Default: 1e-8.",
+    ),
+    key(
+        "optimizer.weight_decay",
+        KeyKind::Float,
+        "Decoupled weight decay; never applied to norms and biases. Default: 0.",
+    ),
+    key(
+        "schedule.kind",
+        KeyKind::Choice(&["cosine", "linear", "constant"]),
+        "Decay after warmup: \"cosine\", \"linear\" or \"constant\". Default: \"cosine\".",
+    ),
+    key_ex(
+        "schedule.warmup_steps",
+        KeyKind::Int,
+        "Steps of linear warmup from 0. Default: none (use warmup_ratio); do not set both.",
+        "20",
+    ),
+    key(
+        "schedule.warmup_ratio",
+        KeyKind::Float,
+        "Warmup as a fraction of the total steps, rounded up. Default: 0.",
+    ),
+    key(
+        "schedule.min_lr_ratio",
+        KeyKind::Float,
+        "Floor of the cosine or linear decay, as a fraction of the peak lr. Default: 0.",
+    ),
+    key_ex(
+        "batch.micro_batch_tokens",
+        KeyKind::Int,
+        "Token budget of one micro-batch (padding included). Default: 4096, or max_length if larger, unless \
+         micro_batch_rows is set.",
+        "4096",
+    ),
+    key_ex(
+        "batch.micro_batch_rows",
+        KeyKind::Int,
+        "Rows per micro-batch, instead of a token budget. Default: none.",
+        "4",
+    ),
+    key(
+        "batch.grad_accum",
+        KeyKind::Int,
+        "Micro-batches per optimizer step; the loss is normalised by all trained tokens of the step. Default: 1.",
+    ),
+    key(
+        "batch.max_grad_norm",
+        KeyKind::Float,
+        "Clip the global gradient norm to this; 0 turns clipping off. Default: 1.",
+    ),
+    key(
+        "train.epochs",
+        KeyKind::Int,
+        "Passes over the training data. Default: 1.",
+    ),
+    key_ex(
+        "train.max_steps",
+        KeyKind::Int,
+        "Stop after this many optimizer steps; overrides epochs. Default: none.",
+        "1000",
+    ),
+    key(
+        "train.eval_every",
+        KeyKind::Int,
+        "Evaluate every N optimizer steps, and at the end; 0 = only at the end. Default: 100.",
+    ),
+    key(
+        "train.save_every",
+        KeyKind::Int,
+        "Save a checkpoint every N optimizer steps, and at the end; 0 = only at the end. Default: 500.",
+    ),
+    key(
+        "train.keep_checkpoints",
+        KeyKind::Int,
+        "Checkpoints to keep; 0 keeps all. Default: 3.",
+    ),
+    key(
+        "train.seed",
+        KeyKind::Int,
+        "Seed for data order, adapter initialisation and dropout. Default: 42.",
+    ),
+    key(
+        "train.activation_checkpointing",
+        KeyKind::Bool,
+        "Keep only each layer's input and recompute the layer in backward: less memory, ~30% more compute. \
+         Default: false.",
+    ),
+    key(
+        "train.threads",
+        KeyKind::Int,
+        "Worker threads; 0 = one per core. Default: 0.",
+    ),
+    key(
+        "train.log_every",
+        KeyKind::Int,
+        "Log metrics every N optimizer steps. Default: 10.",
+    ),
+    key_ex(
+        "output.dir",
+        KeyKind::Str,
+        "Run directory (adapter, checkpoints, metrics, report). Default: runs/<config file name>.",
+        "\"runs/my-run\"",
+    ),
+];
+
+fn spec(path: &str) -> Option<&'static KeySpec> {
+    KEYS.iter().find(|k| k.path == path)
+}
+
+fn is_section(path: &str) -> bool {
+    SECTIONS.iter().any(|(s, _)| *s == path)
+}
+
+/// Levenshtein distance between two strings (by chars).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn normalise(s: &str) -> String {
+    s.to_ascii_lowercase().replace('-', "_")
+}
+
+/// All valid paths directly under `parent` ("" for the top level): keys and sections.
+fn children(parent: &str) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    if parent.is_empty() {
+        out.extend(SECTIONS.iter().map(|(s, _)| *s));
+    }
+    for k in KEYS {
+        let (p, _) = k.path.rsplit_once('.').unwrap_or(("", k.path));
+        if p == parent {
+            out.push(k.path);
+        }
+    }
+    out
+}
+
+fn last(path: &str) -> &str {
+    path.rsplit_once('.').map(|(_, l)| l).unwrap_or(path)
+}
+
+/// The valid key nearest to the unknown `path`: a sibling within a small edit distance, else a key
+/// of the same (or nearly the same) name in another section.
+fn suggest(path: &str) -> Option<String> {
+    let (parent, name) = path.rsplit_once('.').unwrap_or(("", path));
+    let name = normalise(name);
+    let limit = (name.chars().count() / 3).max(2);
+    let best = |candidates: Vec<&'static str>, limit: usize| {
+        candidates
+            .into_iter()
+            .map(|c| (edit_distance(&name, last(c)), c))
+            .filter(|(d, _)| *d <= limit)
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, c)| c.to_string())
+    };
+    if spec(parent).is_none()
+        && (parent.is_empty() || is_section(parent))
+        && let Some(s) = best(children(parent), limit)
+    {
+        return Some(s);
+    }
+    let all: Vec<&'static str> = KEYS
+        .iter()
+        .map(|k| k.path)
+        .chain(SECTIONS.iter().map(|(s, _)| *s))
+        .collect();
+    best(all, 1)
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("string \"{s}\""),
+        Value::Integer(i) => format!("integer {i}"),
+        Value::Float(f) => format!("number {f}"),
+        Value::Boolean(b) => format!("boolean {b}"),
+        Value::Datetime(d) => format!("datetime {d}"),
+        Value::Array(_) => "a list".into(),
+        Value::Table(_) => "a table".into(),
+    }
+}
+
+fn check_value(path: &str, kind: KeyKind, v: &Value, origin: &str) -> Result<(), ConfigError> {
+    let ok = match (kind, v) {
+        (KeyKind::Str, Value::String(_)) => true,
+        (KeyKind::Int, Value::Integer(i)) => *i >= 0,
+        (KeyKind::Float, Value::Float(_) | Value::Integer(_)) => true,
+        (KeyKind::Bool, Value::Boolean(_)) => true,
+        (KeyKind::Choice(choices), Value::String(s)) => {
+            if choices.contains(&s.as_str()) {
+                true
+            } else {
+                let near = choices
+                    .iter()
+                    .map(|c| (edit_distance(&normalise(s), c), *c))
+                    .filter(|(d, _)| *d <= 3)
+                    .min_by_key(|(d, _)| *d)
+                    .map(|(_, c)| format!(" (did you mean \"{c}\"?)"))
+                    .unwrap_or_default();
+                return Err(ConfigError::Type {
+                    key: path.to_string(),
+                    origin: origin.to_string(),
+                    expected: kind.expected(),
+                    found: format!("{}{near}", describe(v)),
+                });
+            }
+        }
+        (KeyKind::StrList, Value::String(_)) => true,
+        (KeyKind::StrList, Value::Array(items)) => items.iter().all(Value::is_str),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Type {
+            key: path.to_string(),
+            origin: origin.to_string(),
+            expected: kind.expected(),
+            found: describe(v),
+        })
+    }
+}
+
+/// Checks every key of `table` (at `prefix`) against [`KEYS`].
+fn check_table(table: &Table, prefix: &str, origin: &str) -> Result<(), ConfigError> {
+    for (k, v) in table {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if prefix.is_empty() && is_section(&path) {
+            match v {
+                Value::Table(t) => check_table(t, &path, origin)?,
+                other => {
+                    return Err(ConfigError::Type {
+                        key: path.clone(),
+                        origin: origin.to_string(),
+                        expected: format!("a section ([{path}] with keys such as `{}`)", children(&path)[0]),
+                        found: describe(other),
+                    });
+                }
+            }
+        } else if let Some(s) = spec(&path) {
+            check_value(&path, s.kind, v, origin)?;
+        } else {
+            return Err(ConfigError::UnknownKey {
+                suggestion: suggest(&path),
+                key: path,
+                origin: origin.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Applies one `--set key=value` to `table`.
+fn apply_set(table: &mut Table, arg: &str) -> Result<(), ConfigError> {
+    let origin = "--set";
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadSet { arg: arg.to_string() })?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::BadSet { arg: arg.to_string() });
+    }
+    let Some(spec) = spec(key) else {
+        return Err(ConfigError::UnknownKey {
+            key: key.to_string(),
+            origin: origin.into(),
+            suggestion: suggest(key),
+        });
+    };
+    let parsed = format!("v = {raw}")
+        .parse::<Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    let value = match (spec.kind, parsed) {
+        // A key that wants a string takes the text as written (`--set output.dir=2024`).
+        (KeyKind::Str | KeyKind::Choice(_), Some(v)) if !v.is_str() => Value::String(raw.to_string()),
+        (KeyKind::StrList, Some(v)) if !v.is_str() && !v.is_array() => Value::String(raw.to_string()),
+        (_, Some(v)) => v,
+        (_, None) => Value::String(raw.to_string()),
+    };
+    check_value(key, spec.kind, &value, origin)?;
+    let mut node = table;
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let leaf = parts.pop().expect("split yields at least one part");
+    for part in parts {
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        node = match entry {
+            Value::Table(t) => t,
+            other => {
+                return Err(ConfigError::Type {
+                    key: part.to_string(),
+                    origin: "the config".into(),
+                    expected: "a section".into(),
+                    found: describe(other),
+                });
+            }
+        };
+    }
+    node.insert(leaf.to_string(), value);
+    Ok(())
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+impl TrainConfig {
+    /// Reads a config file, applies `--set key=value` overrides, resolves and validates it. The run
+    /// directory defaults to `runs/<file stem>`.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("graft");
+        Self::parse(&text, &path.display().to_string(), sets, &format!("runs/{stem}"))
+    }
+
+    /// Parses config text (`origin` names it in errors), applies `--set` overrides, resolves and
+    /// validates. The run directory defaults to `runs/graft`.
+    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self, ConfigError> {
+        Self::parse(text, origin, sets, "runs/graft")
+    }
+
+    fn parse(text: &str, origin: &str, sets: &[String], default_dir: &str) -> Result<Self, ConfigError> {
+        let mut table: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        check_table(&table, "", origin)?;
+        for arg in sets {
+            apply_set(&mut table, arg)?;
+        }
+        let lora_explicit = table
+            .get("lora")
+            .and_then(|l| l.get("enabled"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mut cfg = TrainConfig::deserialize(Value::Table(table)).map_err(|e| ConfigError::Parse {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        if cfg.full && lora_explicit {
+            return Err(invalid(
+                "full",
+                "`full = true` and `lora.enabled = true` conflict; choose one",
+            ));
+        }
+        cfg.resolve(default_dir);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Fills the defaults that depend on other keys: the micro-batch budget, the run directory, and
+    /// `lora.enabled = false` under `full = true`. Idempotent.
+    pub fn resolve(&mut self, default_dir: &str) {
+        if self.batch.micro_batch_tokens.is_none() && self.batch.micro_batch_rows.is_none() {
+            self.batch.micro_batch_tokens = Some(self.data.max_length.max(4096));
+        }
+        if self.output.dir.is_none() {
+            self.output.dir = Some(default_dir.to_string());
+        }
+        if self.full {
+            self.lora.enabled = false;
+        }
+    }
+
+    /// Checks ranges and combinations; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let unit = |key: &str, x: f64, closed_top: bool| {
+            let ok = x >= 0.0 && (x < 1.0 || (closed_top && x == 1.0));
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    format!("must be in [0, 1{}, got {x}", if closed_top { "]" } else { ")" }),
+                ))
+            }
+        };
+        let positive = |key: &str, x: f64| {
+            if x > 0.0 && x.is_finite() {
+                Ok(())
+            } else {
+                Err(invalid(key, format!("must be a positive number, got {x}")))
+            }
+        };
+        if self.model.path.trim().is_empty() {
+            return Err(invalid("model.path", "is required: a model directory or hub id"));
+        }
+        let d = &self.data;
+        if d.train.is_empty() || d.train.iter().any(|p| p.trim().is_empty()) {
+            return Err(invalid("data.train", "is required: one or more files or folders"));
+        }
+        if d.max_length < 2 {
+            return Err(invalid(
+                "data.max_length",
+                format!("must be at least 2, got {}", d.max_length),
+            ));
+        }
+        unit("data.eval_fraction", d.eval_fraction, false)?;
+        if d.eval_fraction > 0.0 && !d.eval.is_empty() {
+            return Err(invalid(
+                "data.eval_fraction",
+                "set together with data.eval; use one of them",
+            ));
+        }
+        if !self.full && !self.lora.enabled {
+            return Err(invalid(
+                "lora.enabled",
+                "is false and full is false: nothing to train; set one of them",
+            ));
+        }
+        if self.uses_lora() {
+            let l = &self.lora;
+            if l.r == 0 {
+                return Err(invalid("lora.r", "must be at least 1"));
+            }
+            positive("lora.alpha", l.alpha)?;
+            unit("lora.dropout", l.dropout, false)?;
+            if let LoraTargets::Modules(m) = &l.targets
+                && (m.is_empty() || m.iter().any(|t| t.trim().is_empty()))
+            {
+                return Err(invalid(
+                    "lora.targets",
+                    "must be \"all-linear\" or a non-empty list of layer names",
+                ));
+            }
+        }
+        let o = &self.optimizer;
+        positive("optimizer.lr", o.lr)?;
+        unit("optimizer.beta1", o.beta1, false)?;
+        unit("optimizer.beta2", o.beta2, false)?;
+        positive("optimizer.eps", o.eps)?;
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            return Err(invalid(
+                "optimizer.weight_decay",
+                format!("must be >= 0, got {}", o.weight_decay),
+            ));
+        }
+        let s = &self.schedule;
+        unit("schedule.warmup_ratio", s.warmup_ratio, true)?;
+        unit("schedule.min_lr_ratio", s.min_lr_ratio, true)?;
+        if s.warmup_steps.is_some() && s.warmup_ratio > 0.0 {
+            return Err(invalid(
+                "schedule.warmup_steps",
+                "set together with schedule.warmup_ratio; use one of them",
+            ));
+        }
+        let b = &self.batch;
+        match (b.micro_batch_tokens, b.micro_batch_rows) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "batch.micro_batch_tokens",
+                    "set together with batch.micro_batch_rows; use one",
+                ));
+            }
+            (Some(t), None) if t < d.max_length => {
+                return Err(invalid(
+                    "batch.micro_batch_tokens",
+                    format!(
+                        "({t}) must be at least data.max_length ({}) so that every sequence fits",
+                        d.max_length
+                    ),
+                ));
+            }
+            (None, Some(0)) => return Err(invalid("batch.micro_batch_rows", "must be at least 1")),
+            _ => {}
+        }
+        if b.grad_accum == 0 {
+            return Err(invalid("batch.grad_accum", "must be at least 1"));
+        }
+        if b.max_grad_norm.is_nan() || b.max_grad_norm < 0.0 {
+            return Err(invalid(
+                "batch.max_grad_norm",
+                format!("must be >= 0 (0 = no clipping), got {}", b.max_grad_norm),
+            ));
+        }
+        let t = &self.train;
+        match t.max_steps {
+            Some(0) => return Err(invalid("train.max_steps", "must be at least 1")),
+            None if t.epochs == 0 => return Err(invalid("train.epochs", "must be at least 1")),
+            _ => {}
+        }
+        if t.log_every == 0 {
+            return Err(invalid("train.log_every", "must be at least 1"));
+        }
+        if self.output.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(invalid("output.dir", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Whether a LoRA adapter is trained (`lora.enabled` and not `full`).
+    pub fn uses_lora(&self) -> bool {
+        !self.full && self.lora.enabled
+    }
+
+    /// The micro-batch size; in a resolved config exactly one of the two keys is set.
+    pub fn micro_batch(&self) -> MicroBatch {
+        match (self.batch.micro_batch_rows, self.batch.micro_batch_tokens) {
+            (Some(r), _) => MicroBatch::Rows(r),
+            (None, Some(t)) => MicroBatch::Tokens(t),
+            (None, None) => MicroBatch::Tokens(self.data.max_length.max(4096)),
+        }
+    }
+
+    /// The run directory (`output.dir`, or `runs/graft` in an unresolved config).
+    pub fn output_dir(&self) -> PathBuf {
+        PathBuf::from(self.output.dir.as_deref().unwrap_or("runs/graft"))
+    }
+
+    /// The config as TOML, every resolved value written out; parses back to an equal config.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a TrainConfig always serialises to TOML")
+    }
+
+    /// SHA-256 (hex) of [`TrainConfig::to_toml`]: identifies the config in checkpoints.
+    pub fn hash(&self) -> String {
+        crate::checkpoint::sha256_hex(self.to_toml().as_bytes())
+    }
+
+    /// A complete example config with every key, its documentation and its default (keys without a
+    /// default are shown commented out). It parses and validates as is.
+    pub fn documented_example() -> String {
+        let mut defaults = TrainConfig {
+            model: ModelConfig {
+                path: "x".into(),
+                ..Default::default()
+            },
+            data: DataConfig {
+                train: vec!["x".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        defaults.resolve("runs/graft");
+        let defaults: Table = toml::from_str(&defaults.to_toml()).expect("own TOML parses");
+        let mut out = String::from(
+            "# graft train configuration.\n\
+             # Run: graft train CONFIG.toml [--set section.key=value ...]\n\
+             # Every key is optional except model.path and data.train; the values below are the defaults\n\
+             # (commented-out lines show keys that have no default).\n",
+        );
+        let mut section = "";
+        for k in KEYS {
+            let (sec, name) = k.path.rsplit_once('.').unwrap_or(("", k.path));
+            if sec != section {
+                section = sec;
+                let doc = SECTIONS
+                    .iter()
+                    .find(|(s, _)| *s == sec)
+                    .map(|(_, d)| *d)
+                    .unwrap_or("");
+                out.push_str(&format!("\n[{sec}]\n# {doc}\n"));
+            }
+            out.push('\n');
+            for line in wrap(k.doc, 98) {
+                out.push_str(&format!("# {line}\n"));
+            }
+            let default = if sec.is_empty() {
+                defaults.get(name)
+            } else {
+                defaults.get(sec).and_then(|t| t.get(name))
+            };
+            let required = matches!(k.path, "model.path" | "data.train");
+            match (default, k.example) {
+                (_, Some(ex)) if required => out.push_str(&format!("{name} = {ex}\n")),
+                (Some(v), _) => out.push_str(&format!("{name} = {v}\n")),
+                (None, Some(ex)) => out.push_str(&format!("# {name} = {ex}\n")),
+                (None, None) => out.push_str(&format!("# {name} =\n")),
+            }
+        }
+        out
+    }
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\n";
+
+    fn parse(text: &str, sets: &[&str]) -> Result<TrainConfig, ConfigError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        TrainConfig::from_toml_str(text, "test.toml", &sets)
+    }
+
+    fn err(text: &str, sets: &[&str]) -> String {
+        parse(text, sets).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.model.path, "m");
+        assert_eq!(c.data.train, vec!["t.jsonl"]);
+        assert_eq!(c.method, Method::Sft);
+        assert!(c.uses_lora());
+        assert_eq!(c.lora.r, 16);
+        assert_eq!(c.lora.targets, LoraTargets::AllLinear);
+        assert_eq!(c.optimizer.lr, 2e-4);
+        assert_eq!(c.micro_batch(), MicroBatch::Tokens(4096));
+        assert_eq!(c.output_dir(), PathBuf::from("runs/graft"));
+        assert_eq!(c.lora.scale(), 2.0);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_suggestions() {
+        let e = err(&format!("{MINIMAL}[optimizer]\nlrr = 1e-4\n"), &[]);
+        assert_eq!(
+            e,
+            "unknown key `optimizer.lrr` in test.toml (did you mean `optimizer.lr`?)"
+        );
+        let e = err(&format!("{MINIMAL}[optimiser]\nlr = 1e-4\n"), &[]);
+        assert!(
+            e.contains("`optimiser`") && e.contains("did you mean `optimizer`"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[train]\nlr = 1e-4\n"), &[]);
+        assert!(
+            e.contains("`train.lr`") && e.contains("did you mean `optimizer.lr`"),
+            "{e}"
+        );
+        let e = err(
+            "[model]\npath = \"m\"\n[data]\ntrain = \"t\"\nmax-length = 5\n",
+            &[],
+        );
+        assert!(
+            e.contains("`data.max-length`") && e.contains("`data.max_length`"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[data]\n"), &[]);
+        assert!(e.contains("invalid TOML"), "{e}");
+        let e = err(&format!("{MINIMAL}[batch]\nzzzzzzzzzz = 1\n"), &[]);
+        assert_eq!(e, "unknown key `batch.zzzzzzzzzz` in test.toml");
+        let e = err(MINIMAL, &["lora.rnk=8"]);
+        assert_eq!(e, "unknown key `lora.rnk` in --set (did you mean `lora.r`?)");
+        let e = err(MINIMAL, &["optimizer.lr.x=1"]);
+        assert!(e.contains("`optimizer.lr.x`"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_key_and_type() {
+        let e = err(&format!("{MINIMAL}[optimizer]\nlr = \"fast\"\n"), &[]);
+        assert_eq!(
+            e,
+            "`optimizer.lr` in test.toml must be a number, found string \"fast\""
+        );
+        let e = err(&format!("{MINIMAL}[lora]\nr = -1\n"), &[]);
+        assert!(
+            e.contains("`lora.r`") && e.contains("non-negative integer"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[schedule]\nkind = \"cosin\"\n"), &[]);
+        assert!(
+            e.contains("`schedule.kind`") && e.contains("did you mean \"cosine\""),
+            "{e}"
+        );
+        let e = err("model = \"m\"\n", &[]);
+        assert!(e.contains("`model`") && e.contains("section"), "{e}");
+        let e = err(MINIMAL, &["train.seed=abc"]);
+        assert!(e.contains("`train.seed` in --set"), "{e}");
+        let e = err(MINIMAL, &["data.packing=yes"]);
+        assert!(e.contains("true or false"), "{e}");
+        assert!(err(MINIMAL, &["novalue"]).contains("expected key=value"));
+    }
+
+    #[test]
+    fn set_overrides_parse_as_toml_or_string() {
+        let c = parse(
+            MINIMAL,
+            &[
+                "optimizer.lr=1e-3",
+                "lora.targets=[\"q_proj\", \"v_proj\"]",
+                "model.path=org/model-name",
+                "output.dir=2024",
+                "schedule.kind=linear",
+                "train.max_steps=7",
+                "data.train=a.jsonl",
+                "lora.alpha=8",
+                "data.packing=false",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.optimizer.lr, 1e-3);
+        assert_eq!(
+            c.lora.targets,
+            LoraTargets::Modules(vec!["q_proj".into(), "v_proj".into()])
+        );
+        assert_eq!(c.model.path, "org/model-name");
+        assert_eq!(c.output.dir.as_deref(), Some("2024"));
+        assert_eq!(c.schedule.kind, ScheduleKind::Linear);
+        assert_eq!(c.train.max_steps, Some(7));
+        assert_eq!(c.data.train, vec!["a.jsonl"]);
+        assert_eq!(c.lora.alpha, 8.0);
+        assert!(!c.data.packing);
+        // Later overrides win; a --set may create its section.
+        let c = parse(
+            "[model]\npath = \"m\"\n",
+            &["data.train=x", "optimizer.lr=1", "optimizer.lr=2"],
+        )
+        .unwrap();
+        assert_eq!(c.optimizer.lr, 2.0);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        assert!(err("[model]\npath = \"\"\n[data]\ntrain = \"t\"\n", &[]).contains("`model.path`"));
+        assert!(err("[model]\npath = \"m\"\n", &[]).contains("`data.train`"));
+        let e = err(&format!("full = true\n{MINIMAL}[lora]\nenabled = true\n"), &[]);
+        assert!(e.contains("conflict"), "{e}");
+        let cases: [(&[&str], &str); 16] = [
+            (&["optimizer.lr=0"], "`optimizer.lr`: must be a positive number"),
+            (&["optimizer.beta2=1.0"], "`optimizer.beta2`"),
+            (&["optimizer.weight_decay=-0.1"], "`optimizer.weight_decay`"),
+            (&["lora.r=0"], "`lora.r`"),
+            (&["lora.dropout=1.0"], "`lora.dropout`"),
+            (&["lora.targets=[]"], "`lora.targets`"),
+            (&["batch.grad_accum=0"], "`batch.grad_accum`"),
+            (&["batch.micro_batch_tokens=100"], "`batch.micro_batch_tokens`"),
+            (
+                &["batch.micro_batch_tokens=4096", "batch.micro_batch_rows=2"],
+                "use one",
+            ),
+            (&["data.max_length=1"], "`data.max_length`: must be at least 2"),
+            (
+                &["schedule.warmup_steps=5", "schedule.warmup_ratio=0.1"],
+                "`schedule.warmup_steps`",
+            ),
+            (&["train.max_steps=0"], "`train.max_steps`"),
+            (&["train.epochs=0"], "`train.epochs`"),
+            (&["train.log_every=0"], "`train.log_every`"),
+            (&["lora.enabled=false"], "nothing to train"),
+            (&["data.eval=e", "data.eval_fraction=0.1"], "`data.eval_fraction`"),
+        ];
+        for (sets, want) in cases {
+            let e = err(MINIMAL, sets);
+            assert!(e.contains(want), "{sets:?}: {e}");
+        }
+        // Rows instead of tokens is fine, and so is a token budget of exactly max_length.
+        assert_eq!(
+            parse(MINIMAL, &["batch.micro_batch_rows=2"])
+                .unwrap()
+                .micro_batch(),
+            MicroBatch::Rows(2)
+        );
+        let c = parse(
+            MINIMAL,
+            &["data.max_length=8192", "batch.micro_batch_tokens=8192"],
+        )
+        .unwrap();
+        assert_eq!(c.micro_batch(), MicroBatch::Tokens(8192));
+        let c = parse(MINIMAL, &["data.max_length=8192"]).unwrap();
+        assert_eq!(c.micro_batch(), MicroBatch::Tokens(8192));
+    }
+
+    #[test]
+    fn full_fine_tuning_disables_lora() {
+        let c = parse(&format!("full = true\n{MINIMAL}"), &[]).unwrap();
+        assert!(!c.uses_lora() && !c.lora.enabled);
+        let c = parse(MINIMAL, &["full=true"]).unwrap();
+        assert!(c.full && !c.uses_lora());
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = parse(
+            MINIMAL,
+            &[
+                "lora.targets=[\"q_proj\"]",
+                "schedule.warmup_steps=3",
+                "model.tokenizer=tok",
+            ],
+        )
+        .unwrap();
+        let text = c.to_toml();
+        let back = parse(&text, &[]).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.hash(), c.hash());
+        assert_eq!(c.hash().len(), 64);
+        let other = parse(MINIMAL, &["train.seed=1"]).unwrap();
+        assert_ne!(other.hash(), c.hash());
+    }
+
+    #[test]
+    fn documented_example_parses_and_covers_every_key() {
+        let text = TrainConfig::documented_example();
+        let c = parse(&text, &[]).unwrap();
+        assert_eq!(c.model.path, "HuggingFaceTB/SmolLM2-135M-Instruct");
+        // Apart from the required keys, the example's values are the defaults.
+        let mut expected = parse(MINIMAL, &[]).unwrap();
+        expected.model.path = c.model.path.clone();
+        expected.data.train = c.data.train.clone();
+        assert_eq!(c, expected);
+        for k in KEYS {
+            let name = last(k.path);
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{name} =")) || l.starts_with(&format!("# {name} ="))),
+                "{} missing from the example",
+                k.path
+            );
+        }
+        assert!(text.lines().all(|l| l.len() <= 110), "long line in example");
+    }
+
+    #[test]
+    fn schema_matches_struct() {
+        // A config with every optional key set serialises to exactly the keys of the schema.
+        let mut c = parse(
+            MINIMAL,
+            &[
+                "model.tokenizer=t",
+                "schedule.warmup_steps=1",
+                "train.max_steps=5",
+                "data.eval=e",
+            ],
+        )
+        .unwrap();
+        c.batch.micro_batch_rows = Some(2);
+        let table: Table = toml::from_str(&c.to_toml()).unwrap();
+        let mut found = Vec::new();
+        for (k, v) in &table {
+            match v {
+                Value::Table(t) => found.extend(t.keys().map(|sub| format!("{k}.{sub}"))),
+                _ => found.push(k.clone()),
+            }
+        }
+        found.sort();
+        let mut schema: Vec<String> = KEYS.iter().map(|k| k.path.to_string()).collect();
+        schema.sort();
+        assert_eq!(found, schema);
+        for (s, _) in SECTIONS {
+            assert!(KEYS.iter().any(|k| k.path.starts_with(&format!("{s}."))));
+        }
+    }
+
+    #[test]
+    fn load_reads_file_and_names_it() {
+        let dir = std::env::temp_dir().join(format!("graft-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("my-sft.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let c = TrainConfig::load(&path, &[]).unwrap();
+        assert_eq!(c.output_dir(), PathBuf::from("runs/my-sft"));
+        let e = TrainConfig::load(&dir.join("missing.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::write(&path, "[model\n").unwrap();
+        let e = TrainConfig::load(&path, &[]).unwrap_err().to_string();
+        assert!(e.contains("my-sft.toml") && e.contains("invalid TOML"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn edit_distance_basics() {
+        assert_eq!(edit_distance("lr", "lr"), 0);
+        assert_eq!(edit_distance("lrr", "lr"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}
