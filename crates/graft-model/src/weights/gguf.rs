@@ -745,7 +745,7 @@ fn rope_scaling(
     let path = meta.path;
     let n = head_dim / 2;
     let unsupported = |why: String| ModelError::tensor(path, "rope_freqs.weight", why);
-    if t.ggml_type != 0 || t.dims.iter().product::<u64>() != n as u64 {
+    if t.ggml_type != 0 || t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)) != Some(n as u64) {
         return Err(unsupported(format!(
             "expected {n} F32 values (one factor per frequency), found {} {:?}",
             t.type_name(),

@@ -404,6 +404,14 @@ impl WeightStore {
     /// Checks that every tensor `spec` needs is present with the HF shape; the error names the
     /// first missing or misshapen tensor.
     pub fn check_against(&self, spec: &ModelSpec) -> Result<(), ModelError> {
+        // A corrupt layer count must not make us list billions of names: stop at the first
+        // layer that is absent (never more than one past the number of stored tensors).
+        for i in 0..spec.num_layers {
+            let name = format!("model.layers.{i}.input_layernorm.weight");
+            if !self.contains(&name) {
+                self.entry(&name, &[spec.hidden_size])?;
+            }
+        }
         for (name, shape) in hf_tensor_shapes(spec) {
             self.entry(&name, &shape)?;
         }

@@ -663,6 +663,17 @@ fn gguf_errors_name_the_tensor_or_field() {
         "{e}"
     );
 
+    // An absurd layer count fails fast on the first missing layer.
+    let (mut g, _) = tiny_qwen2_gguf();
+    let kv = g.kv.iter_mut().find(|kv| kv.0 == "qwen2.block_count").unwrap();
+    kv.2 = u32::MAX.to_le_bytes().to_vec();
+    std::fs::write(&path, g.build()).unwrap();
+    let e = load_model(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.1.input_layernorm.weight") && e.contains("not found"),
+        "{e}"
+    );
+
     // A missing hyperparameter.
     let (mut g, _) = tiny_qwen2_gguf();
     g.kv.retain(|kv| kv.0 != "qwen2.block_count");
@@ -736,4 +747,60 @@ fn rope_permutation_matches_the_readme_formula() {
     let mut rows: Vec<u32> = (0..8).collect();
     rope_interleaved_to_half(&mut rows, 2, 8);
     assert_eq!(rows, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+}
+
+/// Random byte corruption of the headers of every format: loading (and reading every tensor of
+/// what still loads) must return, never panic.
+#[test]
+fn corrupted_headers_never_panic() {
+    let Some(data) = shared_data() else { return };
+    let dir = scratch("fuzz");
+    let gguf = stories(&data).join("stories260K-Q8_0.gguf");
+    let header_end = read_gguf(&gguf).unwrap().data_offset as usize;
+    let cases = [
+        (gguf, "f.gguf", header_end),
+        (stories(&data).join("stories260K.bin"), "f.bin", 28),
+        (stories(&data).join("stories260K.v1.bin"), "f1.bin", 64),
+        (
+            stories(&data).join("hf/model.safetensors"),
+            "model.safetensors",
+            4096,
+        ),
+    ];
+    std::fs::copy(stories(&data).join("hf/config.json"), dir.join("config.json")).unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (src, name, span) in cases {
+        let original = std::fs::read(&src).unwrap();
+        for _ in 0..60 {
+            let mut bytes = original.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % span;
+                bytes[at] = match next() % 3 {
+                    0 => 0xff,
+                    1 => 0,
+                    _ => next() as u8,
+                };
+            }
+            let path = dir.join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let target = if name.ends_with(".safetensors") {
+                dir.clone()
+            } else {
+                path
+            };
+            if let Ok(m) = load_model(&target) {
+                for n in m.weights.names() {
+                    let shape = m.weights.info(n).unwrap().shape.clone();
+                    let _ = m.weights.f32(n, &shape);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
