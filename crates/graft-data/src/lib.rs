@@ -1,6 +1,7 @@
 //! graft-data: tokenizers, chat templates, dataset formats, template-derived loss masks and
 //! isolated packing.
 
+pub mod dataset;
 pub mod error;
 pub mod hash;
 pub mod template;
@@ -8,6 +9,7 @@ pub mod tokenizer;
 
 use std::path::Path;
 
+pub use dataset::{DatasetFormat, Record, Row, RowError, Turns};
 pub use error::{Error, Result};
 pub use template::{ChatTemplate, Message, MessageSpan, Rendered};
 pub use tokenizer::{DecodeStream, Encoding, SpecialTokens, TiktokenSpec, Tokenizer, TokenizerKind};

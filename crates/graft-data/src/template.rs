@@ -126,7 +126,18 @@ pub struct ChatTemplate {
     env: Arc<Environment<'static>>,
     special: SpecialTokens,
     name: Option<String>,
-    fixed_time: Option<i64>,
+    clock: Clock,
+}
+
+/// What `strftime_now` reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Clock {
+    /// The system clock (UTC).
+    Now,
+    /// A fixed UNIX time, formatted with the requested format.
+    At(i64),
+    /// A fixed string returned for every format.
+    Text(String),
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -145,7 +156,7 @@ impl ChatTemplate {
             env: Arc::new(Environment::new()),
             special,
             name: None,
-            fixed_time: None,
+            clock: Clock::Now,
         };
         t.rebuild()?;
         Ok(t)
@@ -166,15 +177,19 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: Value| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISE_MARKER}{}", python_str(&msg))))
         });
-        let fixed = self.fixed_time;
+        let clock = self.clock.clone();
         env.add_function("strftime_now", move |fmt: String| -> String {
-            let now = fixed.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0)
-            });
-            strftime(&fmt, now)
+            match &clock {
+                Clock::Text(s) => s.clone(),
+                Clock::At(t) => strftime(&fmt, *t),
+                Clock::Now => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    strftime(&fmt, now)
+                }
+            }
         });
         let source = rewrite_generation_tags(&self.source);
         env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| Error::Template(describe(&e)))?;
@@ -184,7 +199,14 @@ impl ChatTemplate {
 
     /// Pins `strftime_now` to a UNIX time (seconds, UTC) so renderings are reproducible.
     pub fn with_fixed_time(mut self, unix_seconds: i64) -> Result<Self> {
-        self.fixed_time = Some(unix_seconds);
+        self.clock = Clock::At(unix_seconds);
+        self.rebuild()?;
+        Ok(self)
+    }
+
+    /// Makes `strftime_now(any format)` return `text` (how transformers' tests pin the date).
+    pub fn with_fixed_date_text(mut self, text: impl Into<String>) -> Result<Self> {
+        self.clock = Clock::Text(text.into());
         self.rebuild()?;
         Ok(self)
     }
@@ -277,12 +299,20 @@ impl ChatTemplate {
         extra_kwargs: &Map<String, Json>,
     ) -> Result<String> {
         let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
-        let opt = |s: &Option<String>| s.as_ref().map(|s| Value::from(s.as_str())).unwrap_or(Value::from(()));
-        ctx.insert("bos_token".into(), opt(&self.special.bos_token));
-        ctx.insert("eos_token".into(), opt(&self.special.eos_token));
-        ctx.insert("unk_token".into(), opt(&self.special.unk_token));
-        ctx.insert("pad_token".into(), opt(&self.special.pad_token));
-        ctx.insert("additional_special_tokens".into(), Value::from_serialize(&self.special.additional));
+        // Like transformers' `special_tokens_map`: tokens the model lacks stay undefined.
+        for (key, value) in [
+            ("bos_token", &self.special.bos_token),
+            ("eos_token", &self.special.eos_token),
+            ("unk_token", &self.special.unk_token),
+            ("pad_token", &self.special.pad_token),
+        ] {
+            if let Some(v) = value {
+                ctx.insert(key.into(), Value::from(v.as_str()));
+            }
+        }
+        if !self.special.additional.is_empty() {
+            ctx.insert("additional_special_tokens".into(), Value::from_serialize(&self.special.additional));
+        }
         ctx.insert("tools".into(), tools.map(Value::from_serialize).unwrap_or(Value::from(())));
         ctx.insert("documents".into(), Value::from(()));
         for (k, v) in extra_kwargs {
