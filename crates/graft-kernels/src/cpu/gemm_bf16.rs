@@ -131,12 +131,13 @@ impl<'a> MatRef<'a> {
 pub const MR: usize = 8;
 /// Columns of the microkernel's register tile (B panel width): two zmm of 16 f32.
 pub const NR: usize = 32;
-/// k-block (in k, i.e. 2 × k-pairs) per microkernel call.
-pub const KC: usize = 256;
-/// Row block: the packed A block `MC × KC` stays in L2.
-pub const MC: usize = 256;
+/// Largest k-block: longer k is split into balanced blocks of at most this many, each packed and
+/// multiplied on its own (C is read and written once per block).
+pub const KC: usize = 1024;
+/// Row block: the packed A block `MC × KC` stays in L2 while the B panels stream past it.
+pub const MC: usize = 128;
 /// Column block of the inner loops.
-pub const NC: usize = 1024;
+pub const NC: usize = 2048;
 
 /// Whether the CPU has the avx512_bf16 instructions (and the AVX-512 F/BW/VL subsets this kernel
 /// uses).
@@ -356,20 +357,55 @@ mod x86 {
         beta: f32,
         threads: usize,
     ) {
+        let k = a.cols;
+        // Balanced k-blocks of at most `kc` (even boundaries, so pairs never straddle blocks).
+        // Each block is packed and multiplied on its own; C is read and written once per block.
+        let kp = k.div_ceil(2);
+        let nkb = kp.div_ceil(blocking().kc / 2);
+        let kcp = kp.div_ceil(nkb);
+        for kb in 0..nkb {
+            let (k0, k1) = (2 * kcp * kb, (2 * kcp * (kb + 1)).min(k));
+            let a_blk = sub_view(a, 0, k0, a.rows, k1 - k0);
+            let b_blk = sub_view(b, k0, 0, k1 - k0, b.cols);
+            let beta = if kb == 0 { beta } else { 1.0 };
+            gemm_kblock(c, ldc, &a_blk, &b_blk, alpha, beta, threads);
+        }
+    }
+
+    /// The `rows × cols` part of `v` starting at element (i0, j0).
+    fn sub_view<'a>(v: &MatRef<'a>, i0: usize, j0: usize, rows: usize, cols: usize) -> MatRef<'a> {
+        let off = if rows == 0 || cols == 0 {
+            0
+        } else {
+            i0 * v.row_stride + j0 * v.col_stride
+        };
+        MatRef {
+            data: match v.data {
+                MatData::F32(d) => MatData::F32(&d[off..]),
+                MatData::Bf16(d) => MatData::Bf16(&d[off..]),
+            },
+            rows,
+            cols,
+            row_stride: v.row_stride,
+            col_stride: v.col_stride,
+        }
+    }
+
+    /// One k-block: `C = alpha · A · B + beta · C` with `A`, `B` packed whole (k ≤ kc).
+    fn gemm_kblock(c: &mut [f32], ldc: usize, a: &MatRef, b: &MatRef, alpha: f32, beta: f32, threads: usize) {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         let kp = k.div_ceil(2);
         let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
         let a_panel = kp * MR * 2;
         let b_panel = kp * NR * 2;
         let cptr = CPtr(c.as_mut_ptr());
-        // Split the output along its larger dimension; the other operand is packed whole, shared.
+        // Split the output along its larger dimension; the other operand is packed whole and
+        // shared, each worker packs its own part of this one, a chunk at a time.
         let split_cols = n >= m;
         if split_cols {
             let threads = threads.min(np).max(1);
             with_scratch(&SHARED, mp * a_panel, |ap| {
-                pack_parallel(ap, a_panel, mp, threads, |q, out| {
-                    pack_a_panel(a, q * MR, kp, out)
-                });
+                pack_parallel(ap, a_panel, mp, threads, |q0, q1, out| pack_a(a, q0, q1, kp, out));
                 let ap: &[u16] = ap;
                 par_for(threads, |t| {
                     let (q0, q1) = (split(np, threads, t), split(np, threads, t + 1));
@@ -377,9 +413,7 @@ mod x86 {
                     with_scratch(&OWNED, chunk_panels.min(q1 - q0) * b_panel, |bp| {
                         for q in (q0..q1).step_by(chunk_panels) {
                             let qe = (q + chunk_panels).min(q1);
-                            for (i, out) in bp.chunks_exact_mut(b_panel).take(qe - q).enumerate() {
-                                pack_b_panel(b, (q + i) * NR, kp, out);
-                            }
+                            pack_b(b, q, qe, kp, &mut bp[..(qe - q) * b_panel]);
                             let cols = (qe * NR).min(n) - q * NR;
                             // SAFETY: see `compute`; this worker owns columns q*NR..q*NR+cols.
                             unsafe { compute(ap, bp, kp, m, cols, cptr.at(q * NR), ldc, alpha, beta) };
@@ -390,9 +424,7 @@ mod x86 {
         } else {
             let threads = threads.min(mp).max(1);
             with_scratch(&SHARED, np * b_panel, |bp| {
-                pack_parallel(bp, b_panel, np, threads, |q, out| {
-                    pack_b_panel(b, q * NR, kp, out)
-                });
+                pack_parallel(bp, b_panel, np, threads, |q0, q1, out| pack_b(b, q0, q1, kp, out));
                 let bp: &[u16] = bp;
                 par_for(threads, |t| {
                     let (q0, q1) = (split(mp, threads, t), split(mp, threads, t + 1));
@@ -400,9 +432,7 @@ mod x86 {
                     with_scratch(&OWNED, chunk_panels.min(q1 - q0) * a_panel, |ap| {
                         for q in (q0..q1).step_by(chunk_panels) {
                             let qe = (q + chunk_panels).min(q1);
-                            for (i, out) in ap.chunks_exact_mut(a_panel).take(qe - q).enumerate() {
-                                pack_a_panel(a, (q + i) * MR, kp, out);
-                            }
+                            pack_a(a, q, qe, kp, &mut ap[..(qe - q) * a_panel]);
                             let rows = (qe * MR).min(m) - q * MR;
                             // SAFETY: see `compute`; this worker owns rows q*MR..q*MR+rows.
                             unsafe { compute(ap, bp, kp, rows, n, cptr.at(q * MR * ldc), ldc, alpha, beta) };
@@ -413,19 +443,18 @@ mod x86 {
         }
     }
 
-    /// Packs `panels` panels of `panel_len` into `buf` with `threads` workers.
+    /// Packs `panels` panels of `panel_len` into `buf` with `threads` workers, each packing a
+    /// contiguous range `pack(q0, q1, out)`.
     fn pack_parallel(
         buf: &mut [u16],
         panel_len: usize,
         panels: usize,
         threads: usize,
-        pack: impl Fn(usize, &mut [u16]) + Sync,
+        pack: impl Fn(usize, usize, &mut [u16]) + Sync,
     ) {
         let threads = threads.min(panels).max(1);
         if threads == 1 {
-            for (q, out) in buf.chunks_exact_mut(panel_len).enumerate() {
-                pack(q, out);
-            }
+            pack(0, panels, &mut buf[..panels * panel_len]);
             return;
         }
         let pack = &pack;
@@ -435,51 +464,61 @@ mod x86 {
                 let (q0, q1) = (split(panels, threads, t), split(panels, threads, t + 1));
                 let (mine, tail) = rest.split_at_mut((q1 - q0) * panel_len);
                 rest = tail;
-                s.spawn(move |_| {
-                    for (i, out) in mine.chunks_exact_mut(panel_len).enumerate() {
-                        pack(q0 + i, out);
-                    }
-                });
+                s.spawn(move |_| pack(q0, q1, mine));
             }
         });
     }
 
-    /// Packs rows `i0..i0+MR` of A (zero rows past the end, zero k past k) as
-    /// `out[p*MR*2 + r*2 + e] = A[i0 + r][2p + e]`.
-    fn pack_a_panel(a: &MatRef, i0: usize, kp: usize, out: &mut [u16]) {
-        let rows = MR.min(a.rows - i0);
-        assert!(out.len() >= kp * MR * 2);
+    /// Packs the A panels `q0..q1` (rows `q*MR..`, zero rows past the end, zero k past k) into
+    /// `out`, panel after panel: `out[(q-q0)*kp*MR*2 + p*MR*2 + r*2 + e] = A[q*MR + r][2p + e]`.
+    fn pack_a(a: &MatRef, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
+        let panel = kp * MR * 2;
+        assert!(out.len() >= (q1 - q0) * panel && q1 * MR < a.rows + MR);
         let (k, rs, cs) = (a.cols, a.row_stride, a.col_stride);
+        let rows = a.rows.min(q1 * MR) - q0 * MR;
         if cs == 1 {
-            // SAFETY: line r < rows holds k elements at i0*rs + r*rs (inside the view, checked by
-            // `MatRef::check`); `out` holds kp*MR*2 (asserted); features: this module is only
-            // entered when `has_avx512_bf16()`.
-            unsafe { pack_lines::<MR>(a.data, i0 * rs, rs, rows, k, kp, out) }
+            for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
+                let lines = MR.min(a.rows - q * MR);
+                // SAFETY: line r < lines holds k elements at (q*MR + r)*rs (inside the view,
+                // checked by `MatRef::check`); `out` holds one panel; features: this module is
+                // only entered when `has_avx512_bf16()`.
+                unsafe { pack_lines::<MR>(a.data, q * MR * rs, rs, lines, k, kp, out) }
+            }
         } else if rs == 1 {
-            // SAFETY: k-row kk holds the rows i0..i0+rows at i0 + kk*cs (inside the view);
-            // `out` and features as above.
-            unsafe { pack_interleave::<MR>(a.data, i0, cs, rows, k, kp, out) }
+            // SAFETY: k-row kk holds rows q0*MR..q0*MR+rows at q0*MR + kk*cs (inside the view);
+            // `out` holds the q1 - q0 panels (asserted); features as above.
+            unsafe { pack_interleave::<MR>(a.data, q0 * MR, cs, rows, k, kp, &mut out[..(q1 - q0) * panel]) }
         } else {
-            pack_scalar::<MR>(kp, rows, k, out, |r, kk| a.bits(i0 + r, kk));
+            for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
+                let lines = MR.min(a.rows - q * MR);
+                pack_scalar::<MR>(kp, lines, k, out, |r, kk| a.bits(q * MR + r, kk));
+            }
         }
     }
 
-    /// Packs columns `j0..j0+NR` of B (zero past the end) as
-    /// `out[p*NR*2 + c*2 + e] = B[2p + e][j0 + c]`.
-    fn pack_b_panel(b: &MatRef, j0: usize, kp: usize, out: &mut [u16]) {
-        let cols = NR.min(b.cols - j0);
-        assert!(out.len() >= kp * NR * 2);
+    /// Packs the B panels `q0..q1` (columns `q*NR..`, zero past the end) into `out`, panel after
+    /// panel: `out[(q-q0)*kp*NR*2 + p*NR*2 + c*2 + e] = B[2p + e][q*NR + c]`.
+    fn pack_b(b: &MatRef, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
+        let panel = kp * NR * 2;
+        assert!(out.len() >= (q1 - q0) * panel && q1 * NR < b.cols + NR);
         let (k, rs, cs) = (b.rows, b.row_stride, b.col_stride);
+        let cols = b.cols.min(q1 * NR) - q0 * NR;
         if rs == 1 {
-            // SAFETY: column c < cols holds k elements at j0*cs + c*cs (inside the view);
-            // `out` holds kp*NR*2 (asserted); features: module entered only with avx512_bf16.
-            unsafe { pack_lines::<NR>(b.data, j0 * cs, cs, cols, k, kp, out) }
+            for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
+                let lines = NR.min(b.cols - q * NR);
+                // SAFETY: column c < lines holds k elements at (q*NR + c)*cs (inside the view);
+                // `out` holds one panel; features: module entered only with avx512_bf16.
+                unsafe { pack_lines::<NR>(b.data, q * NR * cs, cs, lines, k, kp, out) }
+            }
         } else if cs == 1 {
-            // SAFETY: k-row kk holds columns j0..j0+cols at j0 + kk*rs (inside the view);
-            // `out` and features as above.
-            unsafe { pack_interleave::<NR>(b.data, j0, rs, cols, k, kp, out) }
+            // SAFETY: k-row kk holds columns q0*NR..q0*NR+cols at q0*NR + kk*rs (inside the
+            // view); `out` holds the q1 - q0 panels (asserted); features as above.
+            unsafe { pack_interleave::<NR>(b.data, q0 * NR, rs, cols, k, kp, &mut out[..(q1 - q0) * panel]) }
         } else {
-            pack_scalar::<NR>(kp, cols, k, out, |c, kk| b.bits(kk, j0 + c));
+            for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
+                let lines = NR.min(b.cols - q * NR);
+                pack_scalar::<NR>(kp, lines, k, out, |c, kk| b.bits(kk, q * NR + c));
+            }
         }
     }
 
@@ -650,13 +689,15 @@ mod x86 {
     }
 
     /// Packs `lines` lines that are contiguous across a k-row (line `l` of k-row `kk` at
-    /// `base + kk * kstride + l`) as `out[p*W*2 + l*2 + e] = src[base + (2p+e)*kstride + l]`
-    /// (zero past `lines` and `k`): two k-rows interleaved per pair.
+    /// `base + kk * kstride + l`) into the consecutive panels of `out` (each `kp * W * 2` long):
+    /// `out[(l/W)*kp*W*2 + p*W*2 + (l%W)*2 + e] = src[base + (2p+e)*kstride + l]`, zero past
+    /// `lines` and `k`: two k-rows interleaved per pair, each k-row read contiguously across all
+    /// the panels.
     ///
     /// # Safety
     /// For every `kk < k`, elements `base + kk*kstride + (0..lines)` must be inside `src`;
-    /// `out.len() ≥ kp * W * 2`; `W` is 8 or a multiple of 16; the CPU must have
-    /// avx512f/bw/vl/bf16.
+    /// `out.len()` must be a multiple of `kp * W * 2` covering `lines`; `W` is 8 or 32; the CPU
+    /// must have avx512f/bw/vl/bf16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pack_interleave<const W: usize>(
         src: MatData,
@@ -672,22 +713,36 @@ mod x86 {
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
             18, 2, 17, 1, 16, 0,
         );
+        let panel = kp * W * 2;
+        let slots = out.len() / panel * W;
+        assert!(slots >= lines && out.len() % panel == 0);
         let o = out.as_mut_ptr();
-        for p in 0..kp {
-            let k0 = base + 2 * p * kstride;
-            let k1 = (2 * p + 1 < k).then(|| k0 + kstride);
-            for g in 0..W.div_ceil(16) {
-                let n = lines.saturating_sub(g * 16).min(16).min(W);
-                // SAFETY: `n` elements of each present k-row from line g*16 (caller).
-                let v = unsafe { load16x2(src, k0 + g * 16, k1.map(|i| i + g * 16), n) };
-                let v = _mm512_permutexvar_epi16(idx, v);
-                // SAFETY: pair p < kp, lines g*16.. < W: inside `out` (caller).
-                unsafe {
-                    let dst = o.add(p * W * 2 + g * 32);
-                    if W >= 16 {
-                        _mm512_storeu_si512(dst as *mut __m512i, v);
-                    } else {
-                        _mm256_storeu_si256(dst as *mut __m256i, _mm512_castsi512_si256(v));
+        // Blocks of 16 pairs, so that each panel receives 16 pairs (512 or 2048 contiguous
+        // bytes) at a time rather than one pair per panel in turn, which thrashes L1 sets (the
+        // panels lie a multiple of 4 KiB apart).
+        for pb in (0..kp).step_by(16) {
+            for l0 in (0..slots).step_by(16) {
+                let n = lines.saturating_sub(l0).min(16);
+                for p in pb..(pb + 16).min(kp) {
+                    let k0 = base + 2 * p * kstride;
+                    let k1 = (2 * p + 1 < k).then(|| k0 + kstride);
+                    // SAFETY: `n` elements of each present k-row from line l0 (caller).
+                    let v = unsafe { load16x2(src, k0 + l0, k1.map(|i| i + l0), n) };
+                    let v = _mm512_permutexvar_epi16(idx, v);
+                    // SAFETY: the slots l0..l0+16 (or l0..l0+8 when that is all there is) are inside
+                    // `out`: panel l/W, pair p < kp.
+                    unsafe {
+                        if W == 8 {
+                            let dst = o.add((l0 / 8) * panel + p * 16);
+                            _mm256_storeu_si256(dst as *mut __m256i, _mm512_castsi512_si256(v));
+                            if l0 + 8 < slots {
+                                let dst = o.add((l0 / 8 + 1) * panel + p * 16);
+                                _mm256_storeu_si256(dst as *mut __m256i, _mm512_extracti64x4_epi64::<1>(v));
+                            }
+                        } else {
+                            let dst = o.add((l0 / W) * panel + p * W * 2 + (l0 % W) * 2);
+                            _mm512_storeu_si512(dst as *mut __m512i, v);
+                        }
                     }
                 }
             }
@@ -695,7 +750,7 @@ mod x86 {
     }
 
     /// Multiplies packed A panels (`rows` rows) by packed B panels (`cols` columns) into the C
-    /// block at `c`, looping over k-blocks, column blocks, row blocks, then micro-tiles.
+    /// block at `c`, looping over column blocks, row blocks, then micro-tiles.
     ///
     /// # Safety
     /// `c` must point at a `rows × cols` block (row stride `ldc`) that is valid for reads and writes
@@ -717,37 +772,30 @@ mod x86 {
         let (a_panel, b_panel) = (kp * MR * 2, kp * NR * 2);
         assert!(ap.len() >= rows.div_ceil(MR) * a_panel && bp.len() >= cols.div_ceil(NR) * b_panel);
         let bl = blocking();
-        // Balanced k-blocks of at most `kc` k (C is read and written once per k-block).
-        let nkb = kp.div_ceil(bl.kc / 2);
-        let kcp_blk = kp.div_ceil(nkb);
         for jc in (0..cols).step_by(bl.nc) {
             let jce = (jc + bl.nc).min(cols);
-            for pc in (0..kp).step_by(kcp_blk) {
-                let kcp = kcp_blk.min(kp - pc);
-                let beta = if pc == 0 { beta } else { 1.0 };
-                for ic in (0..rows).step_by(bl.mc) {
-                    let ice = (ic + bl.mc).min(rows);
-                    for jr in (jc..jce).step_by(NR) {
-                        let bpan = &bp[(jr / NR) * b_panel + pc * NR * 2..][..kcp * NR * 2];
-                        for ir in (ic..ice).step_by(MR) {
-                            let apan = &ap[(ir / MR) * a_panel + pc * MR * 2..][..kcp * MR * 2];
-                            // SAFETY: the tile (ir, jr) of at most MR × NR elements lies inside
-                            // the block the caller vouches for; the panels hold kcp pairs
-                            // (sliced above); CPU features per the caller.
-                            unsafe {
-                                kernel(
-                                    kcp,
-                                    apan.as_ptr(),
-                                    bpan.as_ptr(),
-                                    c.add(ir * ldc + jr),
-                                    ldc,
-                                    alpha,
-                                    beta,
-                                    MR.min(rows - ir),
-                                    NR.min(cols - jr),
-                                )
-                            };
-                        }
+            for ic in (0..rows).step_by(bl.mc) {
+                let ice = (ic + bl.mc).min(rows);
+                for jr in (jc..jce).step_by(NR) {
+                    let bpan = &bp[(jr / NR) * b_panel..][..b_panel];
+                    for ir in (ic..ice).step_by(MR) {
+                        let apan = &ap[(ir / MR) * a_panel..][..a_panel];
+                        // SAFETY: the tile (ir, jr) of at most MR × NR elements lies inside the
+                        // block the caller vouches for; the panels hold kp pairs (sliced
+                        // above); CPU features per the caller.
+                        unsafe {
+                            kernel(
+                                kp,
+                                apan.as_ptr(),
+                                bpan.as_ptr(),
+                                c.add(ir * ldc + jr),
+                                ldc,
+                                alpha,
+                                beta,
+                                MR.min(rows - ir),
+                                NR.min(cols - jr),
+                            )
+                        };
                     }
                 }
             }
