@@ -14,10 +14,13 @@ use std::path::Path;
 pub(super) fn load_hf_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     let config = dir.join("config.json");
     if !config.is_file() {
-        return Err(ModelError::format(
-            dir,
-            "not a Hugging Face model directory: config.json is missing",
-        ));
+        let message = if dir.join("adapter_config.json").is_file() {
+            "this is a PEFT adapter directory (adapter_config.json, no config.json); load the base model and \
+             apply the adapter to it"
+        } else {
+            "not a Hugging Face model directory: config.json is missing"
+        };
+        return Err(ModelError::format(dir, message));
     }
     let spec = ModelSpec::from_config_file(&config)?;
     let weights = open_hf_weights(dir)?;
@@ -45,10 +48,15 @@ pub fn open_hf_weights(dir: &Path) -> Result<WeightStore, ModelError> {
         return Ok(store);
     }
     if !index.is_file() {
-        return Err(ModelError::format(
-            dir,
-            "no weights: expected model.safetensors or model.safetensors.index.json",
-        ));
+        let pickle =
+            dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file();
+        let message = if pickle {
+            "only PyTorch pickle weights (pytorch_model.bin) found; graft reads safetensors: re-save the \
+             checkpoint with save_pretrained(safe_serialization=True)"
+        } else {
+            "no weights: expected model.safetensors or model.safetensors.index.json"
+        };
+        return Err(ModelError::format(dir, message));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
     let value: serde_json::Value =
