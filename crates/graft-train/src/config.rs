@@ -57,6 +57,15 @@ pub enum ConfigError {
         /// The value found, in words.
         found: String,
     },
+    /// Writing the resolved config failed.
+    #[error("{path}: {source}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A `--set` argument that is not `key=value`.
     #[error("--set `{arg}`: expected key=value, e.g. --set optimizer.lr=1e-4")]
     BadSet {
@@ -456,6 +465,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
         OneOrMany::Many(v) => v,
     })
 }
+
+/// The file name of the resolved config in a run directory.
+pub const CONFIG_FILE: &str = "config.toml";
 
 /// The type a key accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -954,6 +966,15 @@ fn apply_set(table: &mut Table, arg: &str) -> Result<(), ConfigError> {
     if key.is_empty() {
         return Err(ConfigError::BadSet { arg: arg.to_string() });
     }
+    if is_section(key) {
+        return Err(invalid(
+            key,
+            format!(
+                "is a section; set one of its keys, e.g. --set {}=...",
+                children(key)[0]
+            ),
+        ));
+    }
     let Some(spec) = spec(key) else {
         return Err(ConfigError::UnknownKey {
             key: key.to_string(),
@@ -1214,6 +1235,26 @@ impl TrainConfig {
         toml::to_string(self).expect("a TrainConfig always serialises to TOML")
     }
 
+    /// Writes the resolved config to `run_dir/config.toml` (temp file + rename), creating `run_dir`.
+    /// Returns the file's path.
+    pub fn save(&self, run_dir: &Path) -> Result<PathBuf, ConfigError> {
+        let path = run_dir.join(CONFIG_FILE);
+        let tmp = run_dir.join(format!(".{CONFIG_FILE}.tmp"));
+        let io = |source| ConfigError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(run_dir).map_err(io)?;
+        let text = format!(
+            "# Resolved configuration of this run (graft {}).\n{}",
+            env!("CARGO_PKG_VERSION"),
+            self.to_toml()
+        );
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(path)
+    }
+
     /// SHA-256 (hex) of [`TrainConfig::to_toml`]: identifies the config in checkpoints.
     pub fn hash(&self) -> String {
         crate::checkpoint::sha256_hex(self.to_toml().as_bytes())
@@ -1222,7 +1263,9 @@ impl TrainConfig {
     /// A complete example config with every key, its documentation and its default (keys without a
     /// default are shown commented out). It parses and validates as is.
     pub fn documented_example() -> String {
-        let mut defaults = TrainConfig {
+        // Unresolved on purpose: keys whose default depends on other keys or on the file name
+        // (micro-batch size, run directory) are shown commented out.
+        let defaults = TrainConfig {
             model: ModelConfig {
                 path: "x".into(),
                 ..Default::default()
@@ -1233,7 +1276,6 @@ impl TrainConfig {
             },
             ..Default::default()
         };
-        defaults.resolve("runs/graft");
         let defaults: Table = toml::from_str(&defaults.to_toml()).expect("own TOML parses");
         let mut out = String::from(
             "# graft train configuration.\n\
@@ -1265,12 +1307,24 @@ impl TrainConfig {
             let required = matches!(k.path, "model.path" | "data.train");
             match (default, k.example) {
                 (_, Some(ex)) if required => out.push_str(&format!("{name} = {ex}\n")),
+                (Some(Value::Float(f)), _) => out.push_str(&format!("{name} = {}\n", format_float(*f))),
                 (Some(v), _) => out.push_str(&format!("{name} = {v}\n")),
                 (None, Some(ex)) => out.push_str(&format!("# {name} = {ex}\n")),
                 (None, None) => out.push_str(&format!("# {name} =\n")),
             }
         }
         out
+    }
+}
+
+/// A float as TOML, in exponent form when small (`1e-8` rather than `0.00000001`).
+fn format_float(f: f64) -> String {
+    if f != 0.0 && f.abs() < 1e-3 {
+        format!("{f:e}")
+    } else if f.fract() == 0.0 && f.abs() < 1e15 {
+        format!("{f:.1}")
+    } else {
+        format!("{f}")
     }
 }
 
@@ -1353,6 +1407,8 @@ mod tests {
         assert_eq!(e, "unknown key `batch.zzzzzzzzzz` in test.toml");
         let e = err(MINIMAL, &["lora.rnk=8"]);
         assert_eq!(e, "unknown key `lora.rnk` in --set (did you mean `lora.r`?)");
+        let e = err(MINIMAL, &["lora=false"]);
+        assert!(e.contains("is a section") && e.contains("lora.enabled"), "{e}");
         let e = err(MINIMAL, &["optimizer.lr.x=1"]);
         assert!(e.contains("`optimizer.lr.x`"), "{e}");
     }
@@ -1561,6 +1617,8 @@ mod tests {
         std::fs::write(&path, MINIMAL).unwrap();
         let c = TrainConfig::load(&path, &[]).unwrap();
         assert_eq!(c.output_dir(), PathBuf::from("runs/my-sft"));
+        let saved = c.save(&dir.join("run")).unwrap();
+        assert_eq!(TrainConfig::load(&saved, &[]).unwrap(), c);
         let e = TrainConfig::load(&dir.join("missing.toml"), &[])
             .unwrap_err()
             .to_string();

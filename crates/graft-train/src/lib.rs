@@ -33,6 +33,18 @@
 //! write_report(run_dir, facts, records)     -> report.md + loss_curve.svg
 //! ```
 
+//!
+//! # Run directory
+//! ```text
+//! RUN_DIR/
+//!   config.toml                  resolved config (TrainConfig::save)
+//!   metrics.jsonl                one JSON object per log line (metrics)
+//!   report.md, loss_curve.svg    written at the end, and on a clean stop (report)
+//!   adapter/                     the final adapter in PEFT's layout (written by graft-model)
+//!   checkpoints/step-N/          manifest.json, trainer_state.json, optimizer.safetensors,
+//!                                adapter.safetensors or model.safetensors (checkpoint)
+//! ```
+
 pub mod checkpoint;
 pub mod config;
 pub mod metrics;

@@ -444,6 +444,23 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
     norm
 }
 
+/// Multiplies every gradient by `factor`, e.g. `1 / trained_tokens` after accumulating summed
+/// per-token losses over the micro-batches of a step (the normalisation is by all trained tokens of
+/// the step, not a mean of per-micro-batch means). Element-wise, so deterministic.
+pub fn scale_grads(grads: &mut [&mut [f32]], factor: f32) {
+    let mut chunks: Vec<&mut [f32]> = grads.iter_mut().flat_map(|g| g.chunks_mut(CHUNK)).collect();
+    chunks
+        .par_iter_mut()
+        .for_each(|c| c.iter_mut().for_each(|x| *x *= factor));
+}
+
+/// Whether a parameter gets weight decay by default, as transformers' `Trainer` decides: not for
+/// biases and normalisation weights (names containing `bias` or `norm`), yes for everything else.
+pub fn decays_by_default(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !(lower.contains("bias") || lower.contains("norm"))
+}
+
 /// The first non-finite value found by [`find_non_finite`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct NonFinite {
@@ -756,6 +773,19 @@ mod tests {
         assert!(matches!(err, OptimError::DuplicateName(_)));
         assert_eq!(opt.step_count(), 0);
         assert!(AdamW::from_state_bytes(AdamWHyper::default(), b"nope", "opt.safetensors").is_err());
+    }
+
+    #[test]
+    fn scaling_and_default_decay() {
+        let mut a = [2.0f32; 5];
+        let mut b = [4.0f32; 3];
+        scale_grads(&mut [&mut a[..], &mut b[..]], 0.25);
+        assert_eq!((a[4], b[2]), (0.5, 1.0));
+        assert!(decays_by_default("model.layers.0.mlp.down_proj.lora_A.weight"));
+        assert!(decays_by_default("model.embed_tokens.weight"));
+        assert!(!decays_by_default("model.layers.0.input_layernorm.weight"));
+        assert!(!decays_by_default("model.norm.weight"));
+        assert!(!decays_by_default("model.layers.0.self_attn.q_proj.bias"));
     }
 
     #[test]

@@ -268,8 +268,13 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
     let _ = writeln!(svg, r##"<rect width="{w}" height="{h}" fill="#ffffff"/>"##);
     let _ = writeln!(
         svg,
-        r##"<text x="{}" y="28" font-size="17" font-weight="bold" fill="#222" text-anchor="middle">Training loss</text>"##,
-        left + pw / 2.0
+        r##"<text x="{}" y="28" font-size="17" font-weight="bold" fill="#222" text-anchor="middle">{}</text>"##,
+        left + pw / 2.0,
+        if eval.is_empty() {
+            "Training loss"
+        } else {
+            "Training and evaluation loss"
+        }
     );
 
     let all_y: Vec<f64> = train.iter().chain(&eval).map(|p| p.1).collect();
