@@ -268,6 +268,7 @@ impl Backend for Cpu {
     }
 
     fn linear_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &Weight, t: usize, acc: bool, p: Precision) {
+        let _p = crate::profile::scope("matmul_forward");
         matmul::linear_forward(y, x, w, t, acc, p)
     }
     fn linear_backward_input(
@@ -279,6 +280,7 @@ impl Backend for Cpu {
         acc: bool,
         p: Precision,
     ) {
+        let _p = crate::profile::scope("matmul_backward_input");
         matmul::linear_backward_input(dx, dy, w, t, acc, p)
     }
     fn linear_backward_weight(
@@ -292,24 +294,31 @@ impl Backend for Cpu {
         acc: bool,
         p: Precision,
     ) {
+        let _p = crate::profile::scope("matmul_backward_weight");
         matmul::linear_backward_weight(dw, dy, x, t, out, inp, acc, p)
     }
     fn add_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>) {
+        let _p = crate::profile::scope("elementwise");
         elementwise::add_bias(y, bias)
     }
     fn bias_backward(&self, db: &mut Vec<f32>, dy: &Vec<f32>) {
+        let _p = crate::profile::scope("elementwise");
         elementwise::bias_backward(db, dy)
     }
     fn axpy(&self, y: &mut Vec<f32>, alpha: f32, x: &Vec<f32>) {
+        let _p = crate::profile::scope("elementwise");
         elementwise::axpy(y, alpha, x)
     }
     fn add(&self, y: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+        let _p = crate::profile::scope("elementwise");
         elementwise::add(y, a, b)
     }
     fn scale(&self, y: &mut Vec<f32>, s: f32) {
+        let _p = crate::profile::scope("elementwise");
         y.iter_mut().for_each(|v| *v *= s);
     }
     fn dropout(&self, y: &mut Vec<f32>, x: &Vec<f32>, p: f32, seed: u64) {
+        let _p = crate::profile::scope("elementwise");
         use rayon::prelude::*;
         let inv = 1.0 / (1.0 - p);
         y.par_iter_mut()
@@ -333,9 +342,11 @@ impl Backend for Cpu {
         dim: usize,
         eps: f32,
     ) {
+        let _p = crate::profile::scope("rmsnorm");
         norm::rmsnorm_forward(y, rstd, x, w, dim, eps)
     }
     fn rmsnorm_apply(&self, y: &mut Vec<f32>, rstd: &Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, dim: usize) {
+        let _p = crate::profile::scope("rmsnorm");
         norm::rmsnorm_apply(y, rstd, x, w, dim)
     }
     fn rmsnorm_backward(
@@ -349,6 +360,7 @@ impl Backend for Cpu {
         dim: usize,
         acc: bool,
     ) {
+        let _p = crate::profile::scope("rmsnorm_backward");
         norm::rmsnorm_backward(dx, dw.map(|v| v.as_mut_slice()), dy, x, w, rstd, dim, acc)
     }
 
@@ -356,9 +368,11 @@ impl Backend for Cpu {
         RopeTable::new(inv_freq, max_positions)
     }
     fn rope_forward(&self, x: &mut Vec<f32>, positions: &Vec<u32>, n_heads: usize, table: &RopeTable) {
+        let _p = crate::profile::scope("rope");
         rope::rope_forward(x, positions, n_heads, table)
     }
     fn rope_backward(&self, dx: &mut Vec<f32>, positions: &Vec<u32>, n_heads: usize, table: &RopeTable) {
+        let _p = crate::profile::scope("rope");
         rope::rope_backward(dx, positions, n_heads, table)
     }
 
@@ -372,6 +386,7 @@ impl Backend for Cpu {
         segments: &[(usize, usize)],
         shape: &AttentionShape,
     ) {
+        let _p = crate::profile::scope("attention_forward");
         attention::attention_forward(out, lse, q, k, v, segments, shape)
     }
     fn attention_backward(
@@ -388,6 +403,7 @@ impl Backend for Cpu {
         segments: &[(usize, usize)],
         shape: &AttentionShape,
     ) {
+        let _p = crate::profile::scope("attention_backward");
         attention::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, segments, shape)
     }
 
@@ -401,6 +417,7 @@ impl Backend for Cpu {
         past: usize,
         shape: &AttentionShape,
     ) {
+        let _p = crate::profile::scope("attention_cached");
         attention::attention_cached(out, q, k_cache, v_cache, nq, past, shape)
     }
     fn copy_rows(
@@ -417,6 +434,7 @@ impl Backend for Cpu {
     }
 
     fn swiglu_forward(&self, a: &mut Vec<f32>, g: &Vec<f32>, u: &Vec<f32>) {
+        let _p = crate::profile::scope("swiglu");
         elementwise::swiglu_forward(a, g, u)
     }
     fn swiglu_backward(
@@ -427,10 +445,12 @@ impl Backend for Cpu {
         g: &Vec<f32>,
         u: &Vec<f32>,
     ) {
+        let _p = crate::profile::scope("swiglu_backward");
         elementwise::swiglu_backward(dg, du, da, g, u)
     }
 
     fn embedding_forward(&self, x: &mut Vec<f32>, ids: &Vec<u32>, table: &Weight, dim: usize) {
+        let _p = crate::profile::scope("embedding");
         match &table.data {
             matmul::WeightData::F32(t) => elementwise::embedding_forward(x, ids, t, dim),
             matmul::WeightData::Bf16(t) => {
@@ -442,6 +462,7 @@ impl Backend for Cpu {
         }
     }
     fn embedding_backward(&self, dtable: &mut Vec<f32>, dx: &Vec<f32>, ids: &Vec<u32>, dim: usize) {
+        let _p = crate::profile::scope("embedding_backward");
         elementwise::embedding_backward(dtable, dx, ids, dim)
     }
 
@@ -453,6 +474,7 @@ impl Backend for Cpu {
         grads: Option<(f32, &mut Vec<f32>, Option<&mut Vec<f32>>)>,
         p: Precision,
     ) -> CrossEntropyOutput {
+        let _p = crate::profile::scope("lm_head_cross_entropy");
         let grads = grads.map(|(grad_scale, d_hidden, d_head)| CrossEntropyGrads {
             grad_scale,
             d_hidden: d_hidden.as_mut_slice(),

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod profile;
 
 pub use backend::{Backend, Cpu};
 pub use cpu::matmul::{Precision, Weight, WeightData};

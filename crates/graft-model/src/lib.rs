@@ -12,6 +12,7 @@ mod lora_peft;
 pub mod model;
 pub mod peft;
 pub mod sample;
+pub mod shapes;
 pub mod train;
 pub mod weights;
 

@@ -127,13 +127,26 @@ impl<B: Backend> Model<B> {
         weights: &WeightStore,
         storage: WeightStorage,
     ) -> Result<Model<B>, ModelError> {
+        Model::from_tensor_fn(backend, spec, storage, |name, shape| weights.f32(name, shape))
+    }
+
+    /// Builds the model from a function that yields each tensor (HF name, expected shape) as f32.
+    /// Tensors are uploaded one at a time, so at most one extra host copy exists at once.
+    pub fn from_tensor_fn(
+        backend: B,
+        spec: &ModelSpec,
+        storage: WeightStorage,
+        mut tensor: impl FnMut(&str, &[usize]) -> Result<Vec<f32>, ModelError>,
+    ) -> Result<Model<B>, ModelError> {
         let b = &backend;
         let (h, inter) = (spec.hidden_size, spec.intermediate_size);
         let bf16 = storage == WeightStorage::Bf16;
-        let vec =
-            |name: &str, n: usize| -> Result<B::Buf, ModelError> { Ok(b.upload(&weights.f32(name, &[n])?)) };
+        let tensor = std::cell::RefCell::new(&mut tensor);
+        let vec = |name: &str, n: usize| -> Result<B::Buf, ModelError> {
+            Ok(b.upload(&(tensor.borrow_mut())(name, &[n])?))
+        };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<B::Weight, ModelError> {
-            Ok(b.weight(&weights.f32(name, &[rows, cols])?, rows, cols, bf16))
+            Ok(b.weight(&(tensor.borrow_mut())(name, &[rows, cols])?, rows, cols, bf16))
         };
         let mut layers = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {

@@ -146,8 +146,9 @@ impl<B: Backend> Grads<B> {
         }
     }
 
-    /// Visits every gradient buffer with its parameter name (HF or PEFT key).
-    pub fn for_each_mut(&mut self, mut f: impl FnMut(String, &mut B::Buf)) {
+    /// Visits every gradient buffer with its parameter name (HF or PEFT key), in the same order
+    /// as [`Model::visit_params_mut`] visits the parameters.
+    pub fn for_each_mut<'a>(&'a mut self, mut f: impl FnMut(String, &'a mut B::Buf)) {
         if let Some(g) = &mut self.embed {
             f("model.embed_tokens.weight".into(), g);
         }
@@ -165,15 +166,15 @@ impl<B: Backend> Grads<B> {
             if let Some(g) = &mut lg.k_norm {
                 f(format!("{p}.self_attn.k_norm.weight"), g);
             }
-            for i in 0..7 {
+            for (i, (lin, lora)) in lg.linears.iter_mut().zip(lg.lora.iter_mut()).enumerate() {
                 let name = crate::model::linear_hf_name(l, i);
-                if let Some(g) = &mut lg.linears[i] {
+                if let Some(g) = lin {
                     f(format!("{name}.weight"), &mut g.w);
                     if let Some(bg) = &mut g.bias {
                         f(format!("{name}.bias"), bg);
                     }
                 }
-                if let Some(g) = &mut lg.lora[i] {
+                if let Some(g) = lora {
                     f(format!("base_model.model.{name}.lora_A.weight"), &mut g.a);
                     f(format!("base_model.model.{name}.lora_B.weight"), &mut g.b);
                 }
@@ -843,4 +844,66 @@ impl<B: Backend> Model<B> {
 /// Seed of the dropout mask of projection `i` in layer `l`.
 fn dropout_seed(step_seed: u64, l: usize, i: usize) -> u64 {
     step_seed ^ ((l as u64) << 32 | i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+impl Model<graft_kernels::Cpu> {
+    /// Visits every trainable parameter of `mode` as a mutable host slice, with its name, in the
+    /// order [`Grads::for_each_mut`] visits the gradients (so the two zip one to one).
+    ///
+    /// Full fine-tuning needs f32 weight storage; bf16-stored matrices are skipped there.
+    pub fn visit_params_mut<'a>(&'a mut self, mode: TrainMode, mut f: impl FnMut(String, &'a mut [f32])) {
+        use graft_kernels::WeightData;
+        fn data(w: &mut graft_kernels::Weight) -> Option<&mut [f32]> {
+            match &mut w.data {
+                WeightData::F32(v) => Some(v.as_mut_slice()),
+                WeightData::Bf16(_) => None,
+            }
+        }
+        let full = mode == TrainMode::Full;
+        if full && let Some(d) = data(&mut self.embed) {
+            f("model.embed_tokens.weight".into(), d);
+        }
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            if full {
+                f(format!("{p}.input_layernorm.weight"), &mut layer.attn_norm);
+                f(format!("{p}.post_attention_layernorm.weight"), &mut layer.mlp_norm);
+                if let Some(n) = &mut layer.q_norm {
+                    f(format!("{p}.self_attn.q_norm.weight"), n);
+                }
+                if let Some(n) = &mut layer.k_norm {
+                    f(format!("{p}.self_attn.k_norm.weight"), n);
+                }
+            }
+            for (i, (lin, lora)) in layer.linears.iter_mut().zip(layer.lora.iter_mut()).enumerate() {
+                let name = crate::model::linear_hf_name(l, i);
+                if full {
+                    if let Some(d) = data(&mut lin.w) {
+                        f(format!("{name}.weight"), d);
+                    }
+                    if let Some(b) = &mut lin.bias {
+                        f(format!("{name}.bias"), b);
+                    }
+                }
+                if mode == TrainMode::Lora
+                    && let Some(m) = lora
+                {
+                    if let Some(d) = data(&mut m.a) {
+                        f(format!("base_model.model.{name}.lora_A.weight"), d);
+                    }
+                    if let Some(d) = data(&mut m.b) {
+                        f(format!("base_model.model.{name}.lora_B.weight"), d);
+                    }
+                }
+            }
+        }
+        if full {
+            f("model.norm.weight".into(), &mut self.final_norm);
+            if let Some(h) = &mut self.lm_head
+                && let Some(d) = data(h)
+            {
+                f("lm_head.weight".into(), d);
+            }
+        }
+    }
 }

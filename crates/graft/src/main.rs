@@ -1,1 +1,47 @@
-fn main() {}
+//! `graft`: post-train open-weight LLMs on your own machine — fine-tune, evaluate, export, serve.
+//!
+//! One subcommand per job; each lives in its own module and is a thin layer over the library
+//! crates (`graft-model`, `graft-data`, `graft-train`, `graft-serve`).
+
+mod bench;
+mod generate;
+mod model_io;
+
+use clap::{Parser, Subcommand};
+
+/// graft — post-train open-weight LLMs (SFT, LoRA, full fine-tuning) and serve them.
+#[derive(Parser)]
+#[command(name = "graft", version, about)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion for a prompt.
+    Generate(generate::GenerateArgs),
+    /// Benchmarks (training step throughput and memory vs PyTorch).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()
+    {
+        eprintln!("warning: could not set threads: {e}");
+    }
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(&args),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,274 @@
+//! `graft bench train`: training-step throughput, peak memory and MFU of a named model shape,
+//! with a per-op time profile, and — in the same invocation — PyTorch + transformers + PEFT on
+//! the same shape and batch (`scripts/bench_torch.py`), printing the ratios.
+
+use anyhow::{Context, Result, bail};
+use graft_kernels::{Cpu, Precision, profile};
+use graft_model::lora::LoraSpec;
+use graft_model::model::{Model, WeightStorage};
+use graft_model::shapes::{SHAPE_NAMES, named_shape};
+use graft_model::train::{Batch, TrainMode, TrainOptions};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Benchmark subcommands.
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// One training step repeated on a random model of a named shape.
+    Train(TrainBenchArgs),
+}
+
+/// Arguments of `graft bench train`.
+#[derive(clap::Args)]
+pub struct TrainBenchArgs {
+    /// Model shape: smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, stories260k, tiny.
+    #[arg(long, default_value = "smollm2-135m")]
+    shape: String,
+    /// LoRA rank (on all seven linear projections, alpha = 2·rank).
+    #[arg(long, default_value_t = 16, conflicts_with = "full")]
+    lora_rank: usize,
+    /// Full fine-tuning instead of LoRA.
+    #[arg(long)]
+    full: bool,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Activation checkpointing.
+    #[arg(long)]
+    checkpointing: bool,
+    /// Use exact f32 matrix products instead of bf16 (fast) ones.
+    #[arg(long)]
+    exact: bool,
+    /// Skip the PyTorch comparison.
+    #[arg(long)]
+    no_torch: bool,
+    /// Python with torch, transformers and peft (default: $GRAFT_PYTHON or python3).
+    #[arg(long)]
+    python: Option<String>,
+    /// PyTorch configurations to try: `all` (fp32/bf16 × checkpointing off/on, best is compared),
+    /// `fp32` or `bf16`.
+    #[arg(long, default_value = "all")]
+    torch_configs: String,
+}
+
+/// Runs a benchmark subcommand.
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Train(args) => train(&args),
+    }
+}
+
+/// Peak resident set size of this process in MB (VmHWM), if the OS reports it.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A packed batch of `batch` random sequences of `seq` tokens, next-token targets.
+fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
+    let mut s = seed;
+    let mut b = Batch::default();
+    for r in 0..batch {
+        let ids: Vec<u32> = (0..seq)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) % vocab as u64) as u32
+            })
+            .collect();
+        for p in 0..seq {
+            b.input_ids.push(ids[p]);
+            b.positions.push(p as u32);
+            b.seq_ids.push(r as u32);
+            b.targets.push(if p + 1 < seq { ids[p + 1] as i32 } else { -100 });
+        }
+    }
+    b
+}
+
+/// Model FLOPs of one step (forward + backward, no recomputation), the MFU numerator.
+fn step_flops(spec: &graft_model::ModelSpec, batch: usize, seq: usize, full: bool, lora_rank: usize) -> f64 {
+    let t = (batch * seq) as f64;
+    let (h, i) = (spec.hidden_size as f64, spec.intermediate_size as f64);
+    let (q, kv) = (spec.q_dim() as f64, spec.kv_dim() as f64);
+    let linear_params = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+    let passes = if full { 3.0 } else { 2.0 }; // forward, dX, (dW)
+    let mut f = passes * 2.0 * t * linear_params * spec.num_layers as f64;
+    if !full {
+        // LoRA: x·Aᵀ and (xa)·Bᵀ forward, and ~3× that backward.
+        let in_out: f64 = 2.0 * h + q + 2.0 * kv + q + h + 2.0 * i + h + i;
+        f += 4.0 * 2.0 * t * lora_rank as f64 * in_out * spec.num_layers as f64;
+    }
+    let trained = (batch * (seq - 1)) as f64;
+    f += passes * 2.0 * trained * spec.vocab_size as f64 * h;
+    // Causal attention: QKᵀ and PV, each 2·S²/2·d per head; backward ≈ 2.5× forward.
+    let attn_fwd = 2.0 * 2.0 * (seq as f64 * seq as f64 / 2.0) * spec.head_dim as f64 * spec.num_heads as f64;
+    f += 3.5 * attn_fwd * batch as f64 * spec.num_layers as f64;
+    f
+}
+
+fn train(args: &TrainBenchArgs) -> Result<()> {
+    let Some(spec) = named_shape(&args.shape) else {
+        bail!("unknown --shape `{}`; expected one of {}", args.shape, SHAPE_NAMES.join(", "));
+    };
+    if args.batch == 0 || args.seq < 2 || args.steps == 0 {
+        bail!("--batch and --steps must be ≥ 1 and --seq ≥ 2");
+    }
+    let precision = if args.exact { Precision::Exact } else { Precision::Fast.effective() };
+    let mode = if args.full { TrainMode::Full } else { TrainMode::Lora };
+    let storage = if mode == TrainMode::Lora && precision == Precision::Fast { WeightStorage::Bf16 } else { WeightStorage::F32 };
+    let threads = rayon::current_num_threads();
+    eprintln!(
+        "graft bench train: {} ({:.1}M params), {}, batch {} × seq {}, {:?} precision, checkpointing {}, {} threads",
+        args.shape,
+        spec.num_parameters() as f64 / 1e6,
+        if args.full { "full fine-tuning".to_string() } else { format!("LoRA r{} on all linear layers", args.lora_rank) },
+        args.batch,
+        args.seq,
+        precision,
+        if args.checkpointing { "on" } else { "off" },
+        threads
+    );
+    let mut model = Model::random(Cpu, &spec, 1, storage);
+    model.ensure_positions(args.seq);
+    if mode == TrainMode::Lora {
+        let lora = LoraSpec {
+            r: args.lora_rank,
+            alpha: 2.0 * args.lora_rank as f32,
+            rslora: false,
+            dropout: 0.0,
+            targets: [true; 7],
+        };
+        model.init_lora(&lora, 7);
+    }
+    let batch = random_batch(spec.vocab_size, args.batch, args.seq, 42);
+    let mut grads = model.new_grads(mode);
+    // AdamW moments for every trainable parameter (what a real run holds).
+    let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    model.visit_params_mut(mode, |_, p| moments.push((vec![0.0; p.len()], vec![0.0; p.len()])));
+    let opts = TrainOptions { precision, checkpointing: args.checkpointing, ..Default::default() };
+    let n_trained = batch.num_trained();
+    let mut times = Vec::new();
+    let mut last_loss = 0.0;
+    for step in 0..=args.steps {
+        if step == 1 {
+            profile::reset();
+            profile::set_enabled(true);
+        }
+        let t0 = Instant::now();
+        grads.zero(&model.backend);
+        let out = model.forward_backward(&batch, &mut grads, 1.0 / n_trained as f32, opts);
+        last_loss = out.loss_sum / n_trained as f64;
+        let mut gl: Vec<&mut Vec<f32>> = Vec::new();
+        grads.for_each_mut(|_, g| gl.push(g));
+        let mut k = 0;
+        let _p = profile::scope("optimizer");
+        model.visit_params_mut(mode, |_, p| {
+            adamw_step(p, gl[k], &mut moments[k], step + 1, 1e-4);
+            k += 1;
+        });
+        drop(_p);
+        let dt = t0.elapsed().as_secs_f64();
+        eprintln!("  step {step}{}: {dt:.2} s, loss {last_loss:.4}", if step == 0 { " (warm-up)" } else { "" });
+        if step > 0 {
+            times.push(dt);
+        }
+    }
+    profile::set_enabled(false);
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let tokens = (args.batch * args.seq) as f64;
+    let tps = tokens / mean;
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    let flops = step_flops(&spec, args.batch, args.seq, args.full, args.lora_rank);
+    let (peak_f32, peak_bf16) = graft_kernels::cpu::gemm_bf16::measure_peak_gflops(threads);
+    let peak = if precision == Precision::Fast { peak_bf16 } else { peak_f32 };
+    let achieved = flops / mean / 1e9;
+    println!("graft: {tps:.1} tokens/s, step {mean:.2} s, peak RSS {rss:.0} MB, loss {last_loss:.4}");
+    println!(
+        "graft: {achieved:.1} GFLOP/s model FLOPs, MFU {:.1}% of the measured {} GEMM peak ({peak:.0} GFLOP/s; f32 {peak_f32:.0}, bf16 {peak_bf16:.0})",
+        100.0 * achieved / peak,
+        if precision == Precision::Fast { "bf16" } else { "f32" },
+    );
+    println!("per-op time over {} timed steps:", times.len());
+    let totals = profile::totals();
+    let all: f64 = totals.iter().map(|t| t.1.as_secs_f64()).sum();
+    for (op, d, calls) in totals {
+        println!("  {op:<24} {:>8.3} s/step {:>5.1}%  ({} calls/step)", d.as_secs_f64() / times.len() as f64, 100.0 * d.as_secs_f64() / all, calls / times.len() as u64);
+    }
+    if !args.no_torch {
+        compare_torch(args, tps, rss)?;
+    }
+    Ok(())
+}
+
+/// One AdamW update (β = 0.9/0.999, ε = 1e-8, weight decay 0) for the benchmark.
+fn adamw_step(p: &mut [f32], g: &[f32], m: &mut (Vec<f32>, Vec<f32>), step: usize, lr: f32) {
+    use rayon::prelude::*;
+    let (b1, b2) = (0.9f32, 0.999f32);
+    let c1 = 1.0 - b1.powi(step as i32);
+    let c2 = 1.0 - b2.powi(step as i32);
+    let (mm, vv) = (&mut m.0, &mut m.1);
+    p.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(mm.par_chunks_mut(4096).zip(vv.par_chunks_mut(4096))).for_each(
+        |((p, g), (m, v))| {
+            for i in 0..p.len() {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                p[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8);
+            }
+        },
+    );
+}
+
+fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
+    let python = args.python.clone().or_else(|| std::env::var("GRAFT_PYTHON").ok()).unwrap_or_else(|| "python3".into());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_torch.py");
+    if !script.exists() {
+        eprintln!("(skipping PyTorch comparison: {} not found)", script.display());
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&script)
+        .args(["--shape", &args.shape, "--batch", &args.batch.to_string(), "--seq", &args.seq.to_string()])
+        .args(["--steps", &args.steps.to_string(), "--threads", &rayon::current_num_threads().to_string()]);
+    if args.full {
+        cmd.arg("--full");
+    } else {
+        cmd.args(["--lora-rank", &args.lora_rank.to_string()]);
+    }
+    match args.torch_configs.as_str() {
+        "all" => {
+            cmd.arg("--all-configs");
+        }
+        d @ ("fp32" | "bf16") => {
+            cmd.args(["--dtype", d]);
+            if args.checkpointing {
+                cmd.arg("--checkpointing");
+            }
+        }
+        other => bail!("--torch-configs: expected all, fp32 or bf16, got `{other}`"),
+    }
+    eprintln!("running PyTorch reference: {python} {} …", script.display());
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {python}"))?;
+    if !out.status.success() {
+        eprintln!("(PyTorch comparison failed: {}; is torch installed for {python}? set --python)", out.status);
+        return Ok(());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')) else {
+        eprintln!("(PyTorch comparison printed no JSON result)");
+        return Ok(());
+    };
+    let v: serde_json::Value = serde_json::from_str(line).context("parsing bench_torch.py output")?;
+    let t_tps = v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let t_rss = v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
+    println!("pytorch (best config {}): {t_tps:.1} tokens/s, peak RSS {t_rss:.0} MB", v["config"]);
+    println!("ratio graft/pytorch: tokens/s {:.2}×, peak RSS {:.2}×", tps / t_tps, rss / t_rss);
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! `graft generate`: complete a prompt with a model (and optionally a LoRA adapter).
+
+use crate::model_io;
+use anyhow::{Result, bail};
+use graft_kernels::Precision;
+use graft_model::model::WeightStorage;
+use graft_model::sample::SamplingParams;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Arguments of `graft generate`.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Model: a Hugging Face directory, a llama2.c `.bin` (tokenizer beside it) or a `.gguf`.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Tokenizer to use instead of the model's (directory, tokenizer.json or llama2.c tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Prompt text (raw: no chat template is applied; see --chat).
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as one user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use bf16 matrix products (faster on CPUs with avx512_bf16).
+    #[arg(long)]
+    fast: bool,
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+/// Runs `graft generate`, streaming the completion to stdout.
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    if let Err(e) = sampling.validate() {
+        bail!("{e}");
+    }
+    let storage = if args.fast { WeightStorage::Bf16 } else { WeightStorage::F32 };
+    let precision = if args.fast { Precision::Fast } else { Precision::Exact };
+    let mut m = model_io::open(&args.model, args.tokenizer.as_deref(), args.adapter.as_deref(), storage)?;
+    let prompt_ids = if args.chat {
+        let Some(template) = &m.template else {
+            bail!("{}: the model has no chat template; drop --chat", args.model.display())
+        };
+        let text = template.render_text(
+            &[graft_data::Message::new("user", args.prompt.as_str())],
+            None,
+            true,
+            &serde_json::Map::new(),
+        )?;
+        // The template writes special tokens such as BOS itself.
+        m.tokenizer.encode(&text, false)?.ids
+    } else {
+        m.tokenizer.encode(&args.prompt, true)?.ids
+    };
+    if prompt_ids.is_empty() {
+        bail!("the prompt encodes to no tokens; give a non-empty --prompt");
+    }
+    let mut stop: Vec<u32> = m.tokenizer.eos_ids().to_vec();
+    stop.extend(m.model.spec.eos_token_ids.iter().copied());
+    if args.ignore_eos {
+        stop.clear();
+    }
+    let vocab = m.model.spec.vocab_size;
+    if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("the tokenizer produced id {bad}, outside the model's vocabulary ({vocab}); wrong --tokenizer?");
+    }
+    let mut stream = m.tokenizer.decode_stream(true);
+    for &id in &prompt_ids {
+        stream.step(id);
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let model = &mut m.model;
+    model.generate(&prompt_ids, args.max_tokens, sampling, &stop, precision, |id| {
+        if let Some(text) = stream.step(id) {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    });
+    if let Some(text) = stream.finish() {
+        out.write_all(text.as_bytes())?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
