@@ -353,24 +353,22 @@ impl WeightStore {
     }
 
     fn convert_f32(&self, entry: &Entry, out: &mut [f32]) {
+        use rayon::prelude::*;
         let bytes = self.bytes_of(entry);
-        match entry.info.dtype {
-            DType::F32 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            DType::F16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                }
-            }
-            DType::BF16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                }
-            }
-            DType::Q8_0 => dequantize_q8_0(bytes, out),
+        let dtype = entry.info.dtype;
+        // Large tensors convert in parallel chunks (a multiple of the Q8_0 block).
+        const CHUNK: usize = 1 << 16;
+        let chunk_bytes = match dtype {
+            DType::F32 => CHUNK * 4,
+            DType::F16 | DType::BF16 => CHUNK * 2,
+            DType::Q8_0 => CHUNK / Q8_0_BLOCK * Q8_0_BLOCK_BYTES,
+        };
+        if out.len() > 4 * CHUNK {
+            out.par_chunks_mut(CHUNK)
+                .zip(bytes.par_chunks(chunk_bytes))
+                .for_each(|(o, b)| convert_chunk_f32(dtype, b, o));
+        } else {
+            convert_chunk_f32(dtype, bytes, out);
         }
         if let Some(heads) = entry.rope_heads {
             rope_interleaved_to_half(out, heads, entry.info.shape[0]);
@@ -421,6 +419,28 @@ impl WeightStore {
 
 fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// Converts raw little-endian values of `dtype` into `out` (as many as both hold).
+fn convert_chunk_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        DType::Q8_0 => dequantize_q8_0(bytes, out),
+    }
 }
 
 /// Dequantizes Q8_0 blocks (`bytes.len() / 34` of them) into `out`.

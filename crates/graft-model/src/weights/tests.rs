@@ -804,3 +804,61 @@ fn corrupted_headers_never_panic() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Tensors large enough for the parallel conversion path give the same values as the serial one.
+#[test]
+fn large_tensors_convert_in_parallel_identically() {
+    let n = 5 * (1 << 16) + 96; // not a multiple of the chunk
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 10007) as f32 / 997.0 - 5.0)
+        .collect();
+    let store = WeightStore::from_f32_tensors(
+        Path::new("mem"),
+        vec![("x".into(), vec![n / 32, 32], values.clone())],
+    )
+    .unwrap();
+    assert_eq!(store.f32("x", &[n / 32, 32]).unwrap(), values);
+
+    let dir = scratch("parallel");
+    let path = dir.join("x.safetensors");
+    save_safetensors_bf16(&path, &[("x".into(), vec![n], &values)], None).unwrap();
+    let store = open_safetensors(&path).unwrap();
+    let want: Vec<f32> = values.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+    assert_eq!(store.f32("x", &[n]).unwrap(), want);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Q8_0: block k has scale (k % 5 + 1) / 64 and quants (j - 16) * (k % 3 + 1) clamped.
+    let blocks = n / 32;
+    let mut bytes = Vec::with_capacity(blocks * 34);
+    let mut want = Vec::with_capacity(n);
+    for k in 0..blocks {
+        let d = f16::from_f32((k % 5 + 1) as f32 / 64.0);
+        bytes.extend_from_slice(&d.to_le_bytes());
+        for j in 0..32i32 {
+            let q = ((j - 16) * (k as i32 % 3 + 1)).clamp(-127, 127) as i8;
+            bytes.push(q as u8);
+            want.push(d.to_f32() * q as f32);
+        }
+    }
+    let mut store = WeightStore::new(Path::new("mem"));
+    let len = bytes.len();
+    let source = store.add_source(Path::new("mem"), Backing::Owned(bytes));
+    let info = TensorInfo {
+        name: "q".into(),
+        shape: vec![blocks, 32],
+        dtype: DType::Q8_0,
+    };
+    store
+        .insert(
+            Entry {
+                info,
+                source,
+                offset: 0,
+                len,
+                rope_heads: None,
+            },
+            Path::new("mem"),
+        )
+        .unwrap();
+    assert_eq!(store.f32("q", &[blocks, 32]).unwrap(), want);
+}
