@@ -1,16 +1,20 @@
 //! graft-data: tokenizers, chat templates, dataset formats, template-derived loss masks and
 //! isolated packing.
 
+pub mod batch;
 pub mod dataset;
 pub mod error;
 pub mod hash;
+pub mod sample;
 pub mod template;
 pub mod tokenizer;
 
 use std::path::Path;
 
+pub use batch::{PackedBatch, Rng, best_fit_decreasing, pack};
 pub use dataset::{DatasetFormat, Record, Row, RowError, Turns};
 pub use error::{Error, Result};
+pub use sample::{LossMode, TokenizeOptions, TokenizedRecord, TokenizedSample, Truncation};
 pub use template::{ChatTemplate, Message, MessageSpan, Rendered};
 pub use tokenizer::{DecodeStream, Encoding, SpecialTokens, TiktokenSpec, Tokenizer, TokenizerKind};
 

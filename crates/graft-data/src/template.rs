@@ -409,7 +409,10 @@ fn align_end(text: &str, prefix: &str) -> (usize, bool) {
             return (lcp + tail.len(), false);
         }
     }
-    (lcp, false)
+    // Nothing of the prefix rendering continues: it diverged inside a marker both happen to start
+    // alike (`<|end|>\n<|user|>` vs `<|end|>\n<|endoftext|>`); back up to the marker's start.
+    let backed = text[..lcp].trim_end_matches(|c: char| c.is_ascii_punctuation());
+    (backed.len(), false)
 }
 
 fn common_prefix_len(a: &str, b: &str) -> usize {
