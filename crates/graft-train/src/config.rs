@@ -962,7 +962,7 @@ fn apply_set(table: &mut Table, arg: &str) -> Result<(), ConfigError> {
     let (key, raw) = arg
         .split_once('=')
         .ok_or_else(|| ConfigError::BadSet { arg: arg.to_string() })?;
-    let key = key.trim();
+    let (key, raw) = (key.trim(), raw.trim());
     if key.is_empty() {
         return Err(ConfigError::BadSet { arg: arg.to_string() });
     }
@@ -1453,6 +1453,7 @@ mod tests {
                 "data.train=a.jsonl",
                 "lora.alpha=8",
                 "data.packing=false",
+                " train.seed = 7 ",
             ],
         )
         .unwrap();
@@ -1468,6 +1469,7 @@ mod tests {
         assert_eq!(c.data.train, vec!["a.jsonl"]);
         assert_eq!(c.lora.alpha, 8.0);
         assert!(!c.data.packing);
+        assert_eq!(c.train.seed, 7);
         // Later overrides win; a --set may create its section.
         let c = parse(
             "[model]\npath = \"m\"\n",

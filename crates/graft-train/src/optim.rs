@@ -183,20 +183,30 @@ impl AdamW {
             if !seen.insert(p.name) {
                 return Err(OptimError::DuplicateName(p.name.to_string()));
             }
+            if let Some(&i) = self.index.get(p.name)
+                && self.exp_avg[i].len() != p.value.len()
+            {
+                return Err(OptimError::Length {
+                    name: p.name.to_string(),
+                    what: "optimizer state",
+                    got: self.exp_avg[i].len(),
+                    expected: p.value.len(),
+                });
+            }
         }
         for p in params.iter() {
             slots.push(self.slot(p.name, p.value.len())?);
         }
         self.step += 1;
         let h = self.hyper;
-        let t = self.step as i32;
+        let t = self.step as f64;
         // Scalars as torch computes them: Python floats (f64), cast to f32 when applied to tensors.
         let decay_factor = (1.0 - lr * h.weight_decay) as f32;
         let lerp_weight = (1.0 - h.beta1) as f32;
         let beta2 = h.beta2 as f32;
         let one_minus_beta2 = (1.0 - h.beta2) as f32;
-        let bias_correction1 = 1.0 - h.beta1.powi(t);
-        let bias_correction2 = 1.0 - h.beta2.powi(t);
+        let bias_correction1 = 1.0 - h.beta1.powf(t);
+        let bias_correction2 = 1.0 - h.beta2.powf(t);
         let neg_step_size = (-(lr / bias_correction1)) as f32;
         let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
         let eps = h.eps as f32;
@@ -772,6 +782,42 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, OptimError::DuplicateName(_)));
         assert_eq!(opt.step_count(), 0);
+        // A length change against existing state fails before anything is updated.
+        let (mut y, mut z) = ([1.0f32; 2], [1.0f32; 2]);
+        opt.step(
+            &mut [Param {
+                name: "y",
+                value: &mut y,
+                grad: &g,
+                decay: true,
+            }],
+            1e-3,
+        )
+        .unwrap();
+        let before = y;
+        let mut y3 = [1.0f32; 3];
+        let g3 = [0.0f32; 3];
+        let err = opt
+            .step(
+                &mut [
+                    Param {
+                        name: "z",
+                        value: &mut z,
+                        grad: &g,
+                        decay: true,
+                    },
+                    Param {
+                        name: "y",
+                        value: &mut y3,
+                        grad: &g3,
+                        decay: true,
+                    },
+                ],
+                1e-3,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("optimizer state"), "{err}");
+        assert!(opt.moments("z").is_none() && opt.step_count() == 1 && y == before);
         assert!(AdamW::from_state_bytes(AdamWHyper::default(), b"nope", "opt.safetensors").is_err());
     }
 

@@ -102,10 +102,13 @@ fn md_escape(s: &str) -> String {
 /// The Markdown report for a run: key facts, the loss curve (as `loss_curve.svg` beside it) and the
 /// resolved config.
 pub fn render_report(facts: &RunFacts, records: &[MetricsRecord]) -> String {
-    let last_train = records.iter().rev().find_map(|r| r.loss.map(|l| (r.step, l)));
+    let last_train = records
+        .iter()
+        .rev()
+        .find_map(|r| r.loss.filter(|v| v.is_finite()).map(|l| (r.step, l)));
     let evals: Vec<(u64, f64)> = records
         .iter()
-        .filter_map(|r| r.eval_loss.map(|l| (r.step, l)))
+        .filter_map(|r| r.eval_loss.filter(|v| v.is_finite()).map(|l| (r.step, l)))
         .collect();
     let best_eval = evals.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1));
     let mut md = String::from("# graft run report\n\n| | |\n|---|---|\n");
@@ -253,11 +256,11 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
     let (pw, ph) = (w - left - right, h - top - bottom);
     let train: Vec<(f64, f64)> = records
         .iter()
-        .filter_map(|r| r.loss.map(|l| (r.step as f64, l)))
+        .filter_map(|r| r.loss.filter(|v| v.is_finite()).map(|l| (r.step as f64, l)))
         .collect();
     let eval: Vec<(f64, f64)> = records
         .iter()
-        .filter_map(|r| r.eval_loss.map(|l| (r.step as f64, l)))
+        .filter_map(|r| r.eval_loss.filter(|v| v.is_finite()).map(|l| (r.step as f64, l)))
         .collect();
 
     let mut svg = String::new();
@@ -471,11 +474,19 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 10 + 1);
         // Degenerate inputs still give a valid picture.
         assert!(loss_curve_svg(&[]).contains("no loss recorded yet"));
-        let one = [MetricsRecord {
-            step: 1,
-            loss: Some(2.0),
-            ..Default::default()
-        }];
+        let one = [
+            MetricsRecord {
+                step: 1,
+                loss: Some(2.0),
+                ..Default::default()
+            },
+            MetricsRecord {
+                step: 2,
+                loss: Some(f64::NAN),
+                eval_loss: Some(f64::INFINITY),
+                ..Default::default()
+            },
+        ];
         let svg = loss_curve_svg(&one);
         assert!(svg.contains("<circle") && !svg.contains("NaN") && !svg.contains("inf"));
     }
