@@ -715,7 +715,7 @@ mod x86 {
         );
         let panel = kp * W * 2;
         let slots = out.len() / panel * W;
-        assert!(slots >= lines && out.len() % panel == 0);
+        assert!(slots >= lines && out.len().is_multiple_of(panel));
         let o = out.as_mut_ptr();
         // Blocks of 16 pairs, so that each panel receives 16 pairs (512 or 2048 contiguous
         // bytes) at a time rather than one pair per panel in turn, which thrashes L1 sets (the
@@ -1058,6 +1058,8 @@ mod tests {
         Tn,
         /// A = G^T, B = W^T (both transposed).
         Tt,
+        /// Neither operand has a unit stride (A row-major and B = W^T, every other element).
+        Strided,
     }
 
     /// Storage for one operand and a view of it as `rows × cols` in the given orientation,
@@ -1072,13 +1074,15 @@ mod tests {
     }
 
     impl Operand {
-        fn new(rows: usize, cols: usize, transposed: bool, pad: usize, seed: u64) -> Self {
-            // Stored as `rows × cols` row-major, or as `cols × rows` row-major when transposed.
+        fn new(rows: usize, cols: usize, transposed: bool, pad: usize, spread: bool, seed: u64) -> Self {
+            // Stored as `rows × cols` row-major, or as `cols × rows` row-major when transposed;
+            // with `spread`, consecutive elements of a stored row are 2 apart.
             let (sr, sc) = if transposed { (cols, rows) } else { (rows, cols) };
-            let ld = sc + pad;
+            let unit = if spread { 2 } else { 1 };
+            let ld = sc * unit + pad;
             let f = rand_vec(sr.max(1) * ld, seed);
             let h = f.iter().map(|&x| bf16::from_f32(x)).collect();
-            let (rs, cs) = if transposed { (1, ld) } else { (ld, 1) };
+            let (rs, cs) = if transposed { (unit, ld) } else { (ld, unit) };
             Operand {
                 f,
                 h,
@@ -1118,15 +1122,16 @@ mod tests {
         threads: usize,
         fallback: bool,
     ) {
-        let (ta, tb) = match layout {
-            Layout::Nt => (false, true),
-            Layout::Nn => (false, false),
-            Layout::Tn => (true, false),
-            Layout::Tt => (true, true),
+        let (ta, tb, spread) = match layout {
+            Layout::Nt => (false, true, false),
+            Layout::Nn => (false, false, false),
+            Layout::Tn => (true, false, false),
+            Layout::Tt => (true, true, false),
+            Layout::Strided => (false, true, true),
         };
         let seed = (m * 1000003 + n * 1009 + k) as u64;
-        let a = Operand::new(m, k, ta, 3, seed);
-        let b = Operand::new(k, n, tb, 1, seed + 1);
+        let a = Operand::new(m, k, ta, 3, spread, seed);
+        let b = Operand::new(k, n, tb, 1, spread, seed + 1);
         let ldc = n + 5;
         let c0 = rand_vec(m * ldc, seed + 2);
         let mut c = if beta == 0.0 {
@@ -1175,7 +1180,7 @@ mod tests {
         );
     }
 
-    const LAYOUTS: [Layout; 4] = [Layout::Nt, Layout::Nn, Layout::Tn, Layout::Tt];
+    const LAYOUTS: [Layout; 5] = [Layout::Nt, Layout::Nn, Layout::Tn, Layout::Tt, Layout::Strided];
 
     fn sweep(fallback: bool) {
         let sizes = [
@@ -1278,6 +1283,35 @@ mod tests {
             );
             assert_eq!(c[0], 1.0 + (1.0 + 4.0 / 256.0), "fallback={fallback}");
         }
+    }
+
+    #[test]
+    fn gemm_bf16_many_k_blocks() {
+        // k far past KC: several balanced k-blocks accumulate into C (odd k: a padded last pair).
+        for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
+            check(40, 70, 2 * KC + 301, layout, false, 1.5, 0.0, 2, false);
+            check(70, 40, 3 * KC + 2, layout, true, 1.0, 1.0, 1, false);
+        }
+    }
+
+    #[test]
+    fn gemm_bf16_nested_in_rayon() {
+        // Calls from inside rayon workers (as a caller running layers in parallel would): the
+        // scratch buffers must not be shared between the interleaved calls.
+        use rayon::prelude::*;
+        (0..8usize).into_par_iter().for_each(|i| {
+            check(
+                33 + i,
+                65,
+                40 + i,
+                LAYOUTS[i % LAYOUTS.len()],
+                i % 2 == 0,
+                1.0,
+                0.0,
+                2,
+                false,
+            );
+        });
     }
 
     #[test]
