@@ -23,16 +23,19 @@
 //!
 //! # How a run uses it
 //! ```text
-//! TrainConfig::load(path, &sets)            -> resolved config (saved as config.toml in the run dir)
-//! StopFlag::install()                       -> polled once per optimizer step
-//! LrSchedule::from_config(..).lr_at(step)   -> lr for this step
-//! clip_grad_norm(grads, max_norm)           -> grad norm (non-finite: stop, keep last checkpoint)
-//! AdamW::step(params, lr)                   -> updated weights
-//! MetricsWriter::append(record)             -> metrics.jsonl
-//! CheckpointWriter::begin/…/commit          -> checkpoints/step-N, then prune_checkpoints
-//! write_report(run_dir, facts, records)     -> report.md + loss_curve.svg
+//! cfg = TrainConfig::load(path, &sets)?            resolved + validated; cfg.save(run_dir)
+//! stop = StopFlag::install()?                      polled once per optimizer step
+//! sched = LrSchedule::from_config(&cfg.schedule, cfg.optimizer.lr, total_steps)
+//! opt = AdamW::new((&cfg.optimizer).into())        or AdamW::read_state_file(..) on resume
+//! per step:
+//!   micro-batches -> engine accumulates summed-loss gradients
+//!   scale_grads(grads, 1 / trained_tokens_of_step)
+//!   norm = clip_grad_norm(grads, cfg.batch.max_grad_norm)   non-finite: stop, keep last checkpoint
+//!   opt.step(params, sched.lr_at(step))?
+//!   MetricsWriter::append(record)                  every train.log_every steps
+//!   CheckpointWriter::begin/write_*/commit, prune_checkpoints   every train.save_every steps
+//! write_report(run_dir, &facts, &read_metrics(..)?)
 //! ```
-
 //!
 //! # Run directory
 //! ```text
@@ -44,6 +47,8 @@
 //!   checkpoints/step-N/          manifest.json, trainer_state.json, optimizer.safetensors,
 //!                                adapter.safetensors or model.safetensors (checkpoint)
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod config;
