@@ -28,7 +28,10 @@ pub fn totals() -> Vec<(&'static str, Duration, u64)> {
 
 /// Times the rest of the enclosing scope under `op` (when enabled).
 pub fn scope(op: &'static str) -> Scope {
-    Scope { op, start: ENABLED.load(Ordering::Relaxed).then(Instant::now) }
+    Scope {
+        op,
+        start: ENABLED.load(Ordering::Relaxed).then(Instant::now),
+    }
 }
 
 /// Guard returned by [`scope`].

@@ -79,7 +79,9 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
     for r in 0..batch {
         let ids: Vec<u32> = (0..seq)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) % vocab as u64) as u32
             })
             .collect();
@@ -116,20 +118,40 @@ fn step_flops(spec: &graft_model::ModelSpec, batch: usize, seq: usize, full: boo
 
 fn train(args: &TrainBenchArgs) -> Result<()> {
     let Some(spec) = named_shape(&args.shape) else {
-        bail!("unknown --shape `{}`; expected one of {}", args.shape, SHAPE_NAMES.join(", "));
+        bail!(
+            "unknown --shape `{}`; expected one of {}",
+            args.shape,
+            SHAPE_NAMES.join(", ")
+        );
     };
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch and --steps must be ≥ 1 and --seq ≥ 2");
     }
-    let precision = if args.exact { Precision::Exact } else { Precision::Fast.effective() };
-    let mode = if args.full { TrainMode::Full } else { TrainMode::Lora };
-    let storage = if mode == TrainMode::Lora && precision == Precision::Fast { WeightStorage::Bf16 } else { WeightStorage::F32 };
+    let precision = if args.exact {
+        Precision::Exact
+    } else {
+        Precision::Fast.effective()
+    };
+    let mode = if args.full {
+        TrainMode::Full
+    } else {
+        TrainMode::Lora
+    };
+    let storage = if mode == TrainMode::Lora && precision == Precision::Fast {
+        WeightStorage::Bf16
+    } else {
+        WeightStorage::F32
+    };
     let threads = rayon::current_num_threads();
     eprintln!(
         "graft bench train: {} ({:.1}M params), {}, batch {} × seq {}, {:?} precision, checkpointing {}, {} threads",
         args.shape,
         spec.num_parameters() as f64 / 1e6,
-        if args.full { "full fine-tuning".to_string() } else { format!("LoRA r{} on all linear layers", args.lora_rank) },
+        if args.full {
+            "full fine-tuning".to_string()
+        } else {
+            format!("LoRA r{} on all linear layers", args.lora_rank)
+        },
         args.batch,
         args.seq,
         precision,
@@ -152,8 +174,14 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     let mut grads = model.new_grads(mode);
     // AdamW moments for every trainable parameter (what a real run holds).
     let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
-    model.visit_params_mut(mode, |_, p| moments.push((vec![0.0; p.len()], vec![0.0; p.len()])));
-    let opts = TrainOptions { precision, checkpointing: args.checkpointing, ..Default::default() };
+    model.visit_params_mut(mode, |_, p| {
+        moments.push((vec![0.0; p.len()], vec![0.0; p.len()]))
+    });
+    let opts = TrainOptions {
+        precision,
+        checkpointing: args.checkpointing,
+        ..Default::default()
+    };
     let n_trained = batch.num_trained();
     let mut times = Vec::new();
     let mut last_loss = 0.0;
@@ -176,7 +204,10 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         });
         drop(_p);
         let dt = t0.elapsed().as_secs_f64();
-        eprintln!("  step {step}{}: {dt:.2} s, loss {last_loss:.4}", if step == 0 { " (warm-up)" } else { "" });
+        eprintln!(
+            "  step {step}{}: {dt:.2} s, loss {last_loss:.4}",
+            if step == 0 { " (warm-up)" } else { "" }
+        );
         if step > 0 {
             times.push(dt);
         }
@@ -188,19 +219,32 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
     let flops = step_flops(&spec, args.batch, args.seq, args.full, args.lora_rank);
     let (peak_f32, peak_bf16) = graft_kernels::cpu::gemm_bf16::measure_peak_gflops(threads);
-    let peak = if precision == Precision::Fast { peak_bf16 } else { peak_f32 };
+    let peak = if precision == Precision::Fast {
+        peak_bf16
+    } else {
+        peak_f32
+    };
     let achieved = flops / mean / 1e9;
     println!("graft: {tps:.1} tokens/s, step {mean:.2} s, peak RSS {rss:.0} MB, loss {last_loss:.4}");
     println!(
         "graft: {achieved:.1} GFLOP/s model FLOPs, MFU {:.1}% of the measured {} GEMM peak ({peak:.0} GFLOP/s; f32 {peak_f32:.0}, bf16 {peak_bf16:.0})",
         100.0 * achieved / peak,
-        if precision == Precision::Fast { "bf16" } else { "f32" },
+        if precision == Precision::Fast {
+            "bf16"
+        } else {
+            "f32"
+        },
     );
     println!("per-op time over {} timed steps:", times.len());
     let totals = profile::totals();
     let all: f64 = totals.iter().map(|t| t.1.as_secs_f64()).sum();
     for (op, d, calls) in totals {
-        println!("  {op:<24} {:>8.3} s/step {:>5.1}%  ({} calls/step)", d.as_secs_f64() / times.len() as f64, 100.0 * d.as_secs_f64() / all, calls / times.len() as u64);
+        println!(
+            "  {op:<24} {:>8.3} s/step {:>5.1}%  ({} calls/step)",
+            d.as_secs_f64() / times.len() as f64,
+            100.0 * d.as_secs_f64() / all,
+            calls / times.len() as u64
+        );
     }
     if !args.no_torch {
         compare_torch(args, tps, rss)?;
@@ -215,19 +259,24 @@ fn adamw_step(p: &mut [f32], g: &[f32], m: &mut (Vec<f32>, Vec<f32>), step: usiz
     let c1 = 1.0 - b1.powi(step as i32);
     let c2 = 1.0 - b2.powi(step as i32);
     let (mm, vv) = (&mut m.0, &mut m.1);
-    p.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(mm.par_chunks_mut(4096).zip(vv.par_chunks_mut(4096))).for_each(
-        |((p, g), (m, v))| {
+    p.par_chunks_mut(4096)
+        .zip(g.par_chunks(4096))
+        .zip(mm.par_chunks_mut(4096).zip(vv.par_chunks_mut(4096)))
+        .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
                 m[i] = b1 * m[i] + (1.0 - b1) * g[i];
                 v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
                 p[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8);
             }
-        },
-    );
+        });
 }
 
 fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
-    let python = args.python.clone().or_else(|| std::env::var("GRAFT_PYTHON").ok()).unwrap_or_else(|| "python3".into());
+    let python = args
+        .python
+        .clone()
+        .or_else(|| std::env::var("GRAFT_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_torch.py");
     if !script.exists() {
         eprintln!("(skipping PyTorch comparison: {} not found)", script.display());
@@ -235,8 +284,20 @@ fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
     }
     let mut cmd = std::process::Command::new(&python);
     cmd.arg(&script)
-        .args(["--shape", &args.shape, "--batch", &args.batch.to_string(), "--seq", &args.seq.to_string()])
-        .args(["--steps", &args.steps.to_string(), "--threads", &rayon::current_num_threads().to_string()]);
+        .args([
+            "--shape",
+            &args.shape,
+            "--batch",
+            &args.batch.to_string(),
+            "--seq",
+            &args.seq.to_string(),
+        ])
+        .args([
+            "--steps",
+            &args.steps.to_string(),
+            "--threads",
+            &rayon::current_num_threads().to_string(),
+        ]);
     if args.full {
         cmd.arg("--full");
     } else {
@@ -255,9 +316,15 @@ fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
         other => bail!("--torch-configs: expected all, fp32 or bf16, got `{other}`"),
     }
     eprintln!("running PyTorch reference: {python} {} …", script.display());
-    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {python}"))?;
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {python}"))?;
     if !out.status.success() {
-        eprintln!("(PyTorch comparison failed: {}; is torch installed for {python}? set --python)", out.status);
+        eprintln!(
+            "(PyTorch comparison failed: {}; is torch installed for {python}? set --python)",
+            out.status
+        );
         return Ok(());
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -268,7 +335,14 @@ fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
     let v: serde_json::Value = serde_json::from_str(line).context("parsing bench_torch.py output")?;
     let t_tps = v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     let t_rss = v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
-    println!("pytorch (best config {}): {t_tps:.1} tokens/s, peak RSS {t_rss:.0} MB", v["config"]);
-    println!("ratio graft/pytorch: tokens/s {:.2}×, peak RSS {:.2}×", tps / t_tps, rss / t_rss);
+    println!(
+        "pytorch (best config {}): {t_tps:.1} tokens/s, peak RSS {t_rss:.0} MB",
+        v["config"]
+    );
+    println!(
+        "ratio graft/pytorch: tokens/s {:.2}×, peak RSS {:.2}×",
+        tps / t_tps,
+        rss / t_rss
+    );
     Ok(())
 }

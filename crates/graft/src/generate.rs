@@ -51,16 +51,37 @@ pub struct GenerateArgs {
 
 /// Runs `graft generate`, streaming the completion to stdout.
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
     if let Err(e) = sampling.validate() {
         bail!("{e}");
     }
-    let storage = if args.fast { WeightStorage::Bf16 } else { WeightStorage::F32 };
-    let precision = if args.fast { Precision::Fast } else { Precision::Exact };
-    let mut m = model_io::open(&args.model, args.tokenizer.as_deref(), args.adapter.as_deref(), storage)?;
+    let storage = if args.fast {
+        WeightStorage::Bf16
+    } else {
+        WeightStorage::F32
+    };
+    let precision = if args.fast {
+        Precision::Fast
+    } else {
+        Precision::Exact
+    };
+    let mut m = model_io::open(
+        &args.model,
+        args.tokenizer.as_deref(),
+        args.adapter.as_deref(),
+        storage,
+    )?;
     let prompt_ids = if args.chat {
         let Some(template) = &m.template else {
-            bail!("{}: the model has no chat template; drop --chat", args.model.display())
+            bail!(
+                "{}: the model has no chat template; drop --chat",
+                args.model.display()
+            )
         };
         let text = template.render_text(
             &[graft_data::Message::new("user", args.prompt.as_str())],
@@ -83,7 +104,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     let vocab = m.model.spec.vocab_size;
     if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-        bail!("the tokenizer produced id {bad}, outside the model's vocabulary ({vocab}); wrong --tokenizer?");
+        bail!(
+            "the tokenizer produced id {bad}, outside the model's vocabulary ({vocab}); wrong --tokenizer?"
+        );
     }
     let mut stream = m.tokenizer.decode_stream(true);
     for &id in &prompt_ids {

@@ -16,7 +16,10 @@ pub struct OpenModel {
 }
 
 /// Loads the tokenizer (and chat template) that belongs to a loaded model, or `override_path`.
-pub fn load_tokenizer(loaded: &LoadedModel, override_path: Option<&Path>) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+pub fn load_tokenizer(
+    loaded: &LoadedModel,
+    override_path: Option<&Path>,
+) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     if let Some(p) = override_path {
         return graft_data::load_tokenizer_and_template(p)
             .with_context(|| format!("loading tokenizer from {}", p.display()));
@@ -25,7 +28,16 @@ pub fn load_tokenizer(loaded: &LoadedModel, override_path: Option<&Path>) -> Res
         TokenizerSource::HfDir(dir) => graft_data::load_tokenizer_and_template(dir)
             .with_context(|| format!("loading tokenizer from {}", dir.display())),
         TokenizerSource::Llama2cFile(file) => Ok((Tokenizer::from_llama2c_file(file)?, None)),
-        TokenizerSource::Gguf { pieces, scores, token_types, bos, eos, model, chat_template, .. } => {
+        TokenizerSource::Gguf {
+            pieces,
+            scores,
+            token_types,
+            bos,
+            eos,
+            model,
+            chat_template,
+            ..
+        } => {
             if model != "llama" {
                 bail!(
                     "{}: GGUF tokenizer model `{model}` is not supported yet (only SentencePiece `llama`); \
@@ -54,7 +66,12 @@ pub fn load_tokenizer(loaded: &LoadedModel, override_path: Option<&Path>) -> Res
 }
 
 /// Opens `path` (and `adapter`, a PEFT adapter directory) for inference.
-pub fn open(path: &Path, tokenizer: Option<&Path>, adapter: Option<&Path>, storage: WeightStorage) -> Result<OpenModel> {
+pub fn open(
+    path: &Path,
+    tokenizer: Option<&Path>,
+    adapter: Option<&Path>,
+    storage: WeightStorage,
+) -> Result<OpenModel> {
     let loaded = load_model(path)?;
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage)?;
     if let Some(dir) = adapter {
@@ -62,5 +79,9 @@ pub fn open(path: &Path, tokenizer: Option<&Path>, adapter: Option<&Path>, stora
         model.set_adapter(&a);
     }
     let (tokenizer, template) = load_tokenizer(&loaded, tokenizer)?;
-    Ok(OpenModel { model, tokenizer, template })
+    Ok(OpenModel {
+        model,
+        tokenizer,
+        template,
+    })
 }

@@ -6,6 +6,7 @@
 //! Layouts (row-major): `q` is `[tokens, n_heads, head_dim]`, `k`/`v` are
 //! `[tokens, n_kv_heads, head_dim]`, `out` is like `q`, `lse` is `[tokens, n_heads]`.
 
+use super::math::{exp_sub_sum, row_max, scale_row};
 use rayon::prelude::*;
 
 /// Queries processed per block (bounds the score scratch to `QUERY_BLOCK × keys`).
@@ -131,19 +132,9 @@ fn softmax_rows(
         let lo = shape.first_key(pos).max(k0) - k0;
         let hi = pos + 1 - k0; // exclusive
         let row = &mut s[r * nk..(r + 1) * nk];
-        let mut mx = f32::NEG_INFINITY;
-        for &v in &row[lo..hi] {
-            mx = mx.max(v);
-        }
-        let mut sum = 0.0f32;
-        for v in &mut row[lo..hi] {
-            *v = (*v - mx).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        for v in &mut row[lo..hi] {
-            *v *= inv;
-        }
+        let mx = row_max(&row[lo..hi]);
+        let sum = exp_sub_sum(&mut row[lo..hi], mx);
+        scale_row(&mut row[lo..hi], 1.0 / sum);
         row[..lo].fill(0.0);
         row[hi..].fill(0.0);
         lse.push(mx + sum.ln());
@@ -401,9 +392,7 @@ pub fn attention_backward(
                             let hi = pos + 1 - k0;
                             let row = &mut p[r * nk..(r + 1) * nk];
                             row[..lo].fill(0.0);
-                            for x in &mut row[lo..hi] {
-                                *x = (*x - l).exp();
-                            }
+                            exp_sub_sum(&mut row[lo..hi], l);
                             row[hi..].fill(0.0);
                         }
                         // dV[k0..] += Pᵀ · dO

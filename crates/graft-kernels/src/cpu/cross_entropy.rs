@@ -4,6 +4,7 @@
 //! GRPO) and, when asked, the gradients of `grad_scale · Σ loss` w.r.t. the hidden states and the
 //! head weight.
 
+use super::math::{exp_sub_sum, row_max, scale_row};
 use super::matmul::{Precision, Weight, linear_backward_input, linear_backward_weight, linear_forward};
 use rayon::prelude::*;
 
@@ -71,17 +72,15 @@ pub fn lm_head_cross_entropy(
             .zip(chunk.par_iter())
             .map(|(row, &i)| {
                 let tgt = targets[i] as usize;
-                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = row.iter().map(|&x| ((x - mx) as f64).exp()).sum();
-                let lse = mx as f64 + sum.ln();
-                let logprob = (row[tgt] as f64 - lse) as f32;
+                let target_logit = row[tgt];
+                let mx = row_max(row);
+                let sum = exp_sub_sum(row, mx);
+                let lse = mx + sum.ln();
                 if let Some(s) = scale {
-                    for x in row.iter_mut() {
-                        *x = ((*x as f64 - lse).exp() as f32) * s;
-                    }
+                    scale_row(row, s / sum);
                     row[tgt] -= s;
                 }
-                logprob
+                target_logit - lse
             })
             .collect();
         for (&i, &l) in chunk.iter().zip(&lp) {

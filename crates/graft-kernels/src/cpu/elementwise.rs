@@ -4,20 +4,12 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// `a = silu(g) · u`.
 pub fn swiglu_forward(a: &mut [f32], g: &[f32], u: &[f32]) {
     a.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(u.par_chunks(CHUNK))
-        .for_each(|((a, g), u)| {
-            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                *a = g * sigmoid(g) * u;
-            }
-        });
+        .for_each(|((a, g), u)| super::math::swiglu_fwd(a, g, u));
 }
 
 /// Backward of [`swiglu_forward`]: `dg = da · u · σ(g)(1 + g(1 − σ(g)))`, `du = da · silu(g)`.
@@ -26,13 +18,7 @@ pub fn swiglu_backward(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u:
         .zip(du.par_chunks_mut(CHUNK))
         .zip(da.par_chunks(CHUNK))
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(((dg, du), da), (g, u))| {
-            for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(da).zip(g).zip(u) {
-                let s = sigmoid(g);
-                *du = da * g * s;
-                *dg = da * u * s * (1.0 + g * (1.0 - s));
-            }
-        });
+        .for_each(|(((dg, du), da), (g, u))| super::math::swiglu_bwd(dg, du, da, g, u));
 }
 
 /// `y += x`.
@@ -136,7 +122,7 @@ mod tests {
         let mut dg = [0.0; 5];
         let mut du = [0.0; 5];
         swiglu_backward(&mut dg, &mut du, &da, &g, &u);
-        let f = |g: f32, u: f32| g * sigmoid(g) * u;
+        let f = |g: f32, u: f32| g * super::super::math::sigmoid_f32(g) * u;
         for i in 0..5 {
             let h = 1e-3;
             let ng = (f(g[i] + h, u[i]) - f(g[i] - h, u[i])) / (2.0 * h) * da[i];

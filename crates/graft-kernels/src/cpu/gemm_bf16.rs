@@ -811,16 +811,6 @@ mod x86 {
         chunk: usize,
     }
 
-    fn pf_dist() -> usize {
-        static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        *B.get_or_init(|| {
-            std::env::var("GRAFT_PF")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(8)
-        })
-    }
-
     fn blocking() -> Blocking {
         static B: std::sync::OnceLock<Blocking> = std::sync::OnceLock::new();
         *B.get_or_init(|| {
@@ -876,11 +866,7 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(64));
             }
         }
-        let pf = pf_dist();
         for _ in 0..kcp {
-            // Prefetching never faults, so running past the panel is harmless.
-            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(pf * NR * 2) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(pf * NR * 2 + 32) as *const i8);
             // SAFETY: the pair p of the B panel is 2 × 32 u16 at `bp`, within `kcp * NR * 2`.
             let (b0, b1) = unsafe {
                 (

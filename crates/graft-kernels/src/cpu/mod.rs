@@ -4,6 +4,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod gemm_bf16;
+pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
