@@ -5,8 +5,10 @@ pub mod batch;
 pub mod dataset;
 pub mod error;
 pub mod hash;
+pub mod inspect;
 pub mod sample;
 pub mod template;
+pub mod tokenized;
 pub mod tokenizer;
 
 use std::path::Path;
@@ -16,6 +18,8 @@ pub use dataset::{DatasetFormat, Record, Row, RowError, Turns};
 pub use error::{Error, Result};
 pub use sample::{LossMode, TokenizeOptions, TokenizedRecord, TokenizedSample, Truncation};
 pub use template::{ChatTemplate, Message, MessageSpan, Rendered};
+pub use inspect::{InspectOptions, InspectReport};
+pub use tokenized::{TokenizedDataset, load_tokenized};
 pub use tokenizer::{DecodeStream, Encoding, SpecialTokens, TiktokenSpec, Tokenizer, TokenizerKind};
 
 /// Loads the tokenizer and chat template for a model path: a Hugging Face folder (tokenizer.json
