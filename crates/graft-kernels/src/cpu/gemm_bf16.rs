@@ -133,9 +133,9 @@ pub const MR: usize = 8;
 pub const NR: usize = 32;
 /// Largest k-block: longer k is split into balanced blocks of at most this many, each packed and
 /// multiplied on its own (C is read and written once per block).
-pub const KC: usize = 1024;
+pub const KC: usize = 2048;
 /// Row block: the packed A block `MC × KC` stays in L2 while the B panels stream past it.
-pub const MC: usize = 128;
+pub const MC: usize = 96;
 /// Column block of the inner loops.
 pub const NC: usize = 2048;
 
@@ -612,6 +612,35 @@ mod x86 {
         }
     }
 
+    /// How far ahead (in elements) `pack_lines` prefetches each line.
+    const PACK_PF: usize = 128;
+
+    /// Prefetches the cache line of element `idx` (never faults, so `idx` may run past the data).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    fn prefetch_line(src: MatData, idx: usize) {
+        let p = match src {
+            MatData::F32(d) => d.as_ptr().wrapping_add(idx) as *const i8,
+            MatData::Bf16(d) => d.as_ptr().wrapping_add(idx) as *const i8,
+        };
+        _mm_prefetch::<_MM_HINT_T0>(p);
+    }
+
+    /// Prefetches the cache lines of elements `idx..idx + 32` (never faults, so `idx` may run past
+    /// the data).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    fn prefetch_elem(src: MatData, idx: usize) {
+        match src {
+            MatData::F32(d) => {
+                let p = d.as_ptr().wrapping_add(idx) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            }
+            MatData::Bf16(d) => _mm_prefetch::<_MM_HINT_T0>(d.as_ptr().wrapping_add(idx) as *const i8),
+        }
+    }
+
     /// Transposes a 16 × 16 matrix of 32-bit elements held as 16 rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[inline]
@@ -670,6 +699,7 @@ mod x86 {
                     if line < lines.min(W) {
                         // SAFETY: elements 2*p0..2*p0+nk of a valid line (caller).
                         *r = unsafe { load32(src, base + line * stride + 2 * p0, nk) };
+                        prefetch_elem(src, base + line * stride + 2 * p0 + PACK_PF);
                     }
                 }
                 let t = transpose16(r);
@@ -728,6 +758,8 @@ mod x86 {
                     let k1 = (2 * p + 1 < k).then(|| k0 + kstride);
                     // SAFETY: `n` elements of each present k-row from line l0 (caller).
                     let v = unsafe { load16x2(src, k0 + l0, k1.map(|i| i + l0), n) };
+                    prefetch_line(src, k0 + l0 + PACK_PF);
+                    prefetch_line(src, k0 + kstride + l0 + PACK_PF);
                     let v = _mm512_permutexvar_epi16(idx, v);
                     // SAFETY: the slots l0..l0+16 (or l0..l0+8 when that is all there is) are inside
                     // `out`: panel l/W, pair p < kp.
