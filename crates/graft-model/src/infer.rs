@@ -5,6 +5,7 @@
 //! run once over all rows of the step; attention runs per sequence over its cache. This is the
 //! primitive under `graft generate` and the server's continuous batching.
 
+use crate::lora::{Adapter, LoraLinear};
 use crate::model::{DOWN, GATE, K, Layer, Model, O, Q, UP, V};
 use graft_kernels::{Backend, Precision};
 
@@ -30,6 +31,10 @@ pub struct SeqStep<'a, B: Backend> {
     pub cache: &'a mut KvCache<B>,
     /// New tokens (prompt or the last sampled token).
     pub tokens: &'a [u32],
+    /// The LoRA adapter of this sequence (`None`: the model's own active adapter, if any).
+    /// Sequences with different adapters share one step: base products run once over all rows,
+    /// each adapter is applied to its own rows.
+    pub adapter: Option<&'a Adapter<B>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -99,7 +104,19 @@ impl<B: Backend> Model<B> {
         host.chunks(s.vocab_size).map(|c| c.to_vec()).collect()
     }
 
-    fn linear_infer(&self, layer: &Layer<B>, i: usize, x: &B::Buf, t: usize, p: Precision) -> B::Buf {
+    /// `y = x Wᵀ + b` for all rows, then each sequence's LoRA on its rows (consecutive
+    /// sequences sharing an adapter are done together).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_infer(
+        &self,
+        layer: &Layer<B>,
+        l: usize,
+        i: usize,
+        x: &B::Buf,
+        seqs: &[SeqStep<'_, B>],
+        t: usize,
+        p: Precision,
+    ) -> B::Buf {
         let b = &self.backend;
         let lin = &layer.linears[i];
         let mut y = b.zeros(t * lin.out);
@@ -107,11 +124,52 @@ impl<B: Backend> Model<B> {
         if let Some(bias) = &lin.bias {
             b.add_bias(&mut y, bias);
         }
-        if let Some(m) = &layer.lora[i] {
-            let mut xa = b.zeros(t * m.r);
-            b.linear_forward(&mut xa, x, &m.a, t, false, Precision::Exact);
-            b.scale(&mut xa, m.scale);
-            b.linear_forward(&mut y, &xa, &m.b, t, true, Precision::Exact);
+        fn lora_of<'x, B: Backend>(
+            adapter: Option<&'x Adapter<B>>,
+            layer: &'x Layer<B>,
+            l: usize,
+            i: usize,
+        ) -> Option<&'x LoraLinear<B>> {
+            match adapter {
+                Some(a) => a.layers[l][i].as_ref(),
+                None => layer.lora[i].as_ref(),
+            }
+        }
+        let same = |a: Option<&LoraLinear<B>>, c: Option<&LoraLinear<B>>| match (a, c) {
+            (None, None) => true,
+            (Some(a), Some(c)) => std::ptr::eq(a, c),
+            _ => false,
+        };
+        let mut start = 0; // first sequence of the current group
+        let mut row0 = 0; // its first row
+        while start < seqs.len() {
+            let m = lora_of(seqs[start].adapter, layer, l, i);
+            let mut end = start;
+            let mut rows = 0;
+            while end < seqs.len() && same(lora_of(seqs[end].adapter, layer, l, i), m) {
+                rows += seqs[end].tokens.len();
+                end += 1;
+            }
+            if let Some(m) = m {
+                if rows == t {
+                    let mut xa = b.zeros(t * m.r);
+                    b.linear_forward(&mut xa, x, &m.a, t, false, Precision::Exact);
+                    b.scale(&mut xa, m.scale);
+                    b.linear_forward(&mut y, &xa, &m.b, t, true, Precision::Exact);
+                } else if rows > 0 {
+                    let mut xs = b.zeros(rows * lin.inp);
+                    b.copy_rows(&mut xs, 0, x, row0, rows, lin.inp);
+                    let mut ys = b.zeros(rows * lin.out);
+                    b.copy_rows(&mut ys, 0, &y, row0, rows, lin.out);
+                    let mut xa = b.zeros(rows * m.r);
+                    b.linear_forward(&mut xa, &xs, &m.a, rows, false, Precision::Exact);
+                    b.scale(&mut xa, m.scale);
+                    b.linear_forward(&mut ys, &xa, &m.b, rows, true, Precision::Exact);
+                    b.copy_rows(&mut y, row0, &ys, 0, rows, lin.out);
+                }
+            }
+            row0 += rows;
+            start = end;
         }
         y
     }
@@ -134,9 +192,9 @@ impl<B: Backend> Model<B> {
         let mut xn = b.zeros(t * hd);
         let mut rstd = b.zeros(t);
         b.rmsnorm_forward(&mut xn, &mut rstd, &x, &layer.attn_norm, hd, eps);
-        let mut q = self.linear_infer(layer, Q, &xn, t, p);
-        let mut k = self.linear_infer(layer, K, &xn, t, p);
-        let v = self.linear_infer(layer, V, &xn, t, p);
+        let mut q = self.linear_infer(layer, l, Q, &xn, seqs, t, p);
+        let mut k = self.linear_infer(layer, l, K, &xn, seqs, t, p);
+        let v = self.linear_infer(layer, l, V, &xn, seqs, t, p);
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let mut qo = b.zeros(t * qd);
             let mut r = b.zeros(t * s.num_heads);
@@ -164,16 +222,16 @@ impl<B: Backend> Model<B> {
             b.copy_rows(&mut attn, row, &out, 0, n, qd);
             row += n;
         }
-        let o = self.linear_infer(layer, O, &attn, t, p);
+        let o = self.linear_infer(layer, l, O, &attn, seqs, t, p);
         let mut h = o;
         b.axpy(&mut h, 1.0, &x);
         let mut hn = b.zeros(t * hd);
         b.rmsnorm_forward(&mut hn, &mut rstd, &h, &layer.mlp_norm, hd, eps);
-        let g = self.linear_infer(layer, GATE, &hn, t, p);
-        let u = self.linear_infer(layer, UP, &hn, t, p);
+        let g = self.linear_infer(layer, l, GATE, &hn, seqs, t, p);
+        let u = self.linear_infer(layer, l, UP, &hn, seqs, t, p);
         let mut act = b.zeros(t * s.intermediate_size);
         b.swiglu_forward(&mut act, &g, &u);
-        let mut out = self.linear_infer(layer, DOWN, &act, t, p);
+        let mut out = self.linear_infer(layer, l, DOWN, &act, seqs, t, p);
         b.axpy(&mut out, 1.0, &h);
         out
     }
@@ -213,6 +271,7 @@ impl<B: Backend> Model<B> {
                 &mut [SeqStep {
                     cache: &mut cache,
                     tokens: prompt,
+                    adapter: None,
                 }],
                 precision,
             )
@@ -234,6 +293,7 @@ impl<B: Backend> Model<B> {
                     &mut [SeqStep {
                         cache: &mut cache,
                         tokens: &[next],
+                        adapter: None,
                     }],
                     precision,
                 )

@@ -18,6 +18,25 @@ pub struct LoraLinear<B: Backend> {
     pub scale: f32,
 }
 
+/// An adapter resident on the device, independent of the model's active one: what a server
+/// keeps per loaded adapter and passes per sequence to [`Model::forward_batch`].
+pub struct Adapter<B: Backend> {
+    /// Per decoder layer, per projection (indexed like [`LINEAR_NAMES`]).
+    pub layers: Vec<[Option<LoraLinear<B>>; 7]>,
+}
+
+impl<B: Backend> Adapter<B> {
+    /// Bytes of device memory the adapter holds.
+    pub fn bytes(&self, b: &B) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|m| b.weight_bytes(&m.a) + b.weight_bytes(&m.b))
+            .sum()
+    }
+}
+
 /// Which projections get an adapter, and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {

@@ -1,12 +1,32 @@
 //! Conversion between the device-side adapters ([`crate::lora`]) and PEFT's host format
 //! ([`crate::peft`]).
 
-use crate::lora::LoraLinear;
+use crate::lora::{Adapter, LoraLinear};
 use crate::model::Model;
 use crate::peft::{LayerLora, LoraAdapter, LoraAdapterConfig, LoraModule, LoraPair};
 use graft_kernels::Backend;
 
 impl<B: Backend> Model<B> {
+    /// Uploads a PEFT adapter as a standalone [`Adapter`] (for per-request adapters in serving).
+    pub fn upload_adapter(&self, adapter: &LoraAdapter) -> Adapter<B> {
+        let layers = self
+            .layers
+            .iter()
+            .zip(&adapter.layers)
+            .map(|(layer, la)| {
+                std::array::from_fn(|i| {
+                    la.get(LoraModule::ALL[i]).map(|p| LoraLinear {
+                        a: self.backend.weight(&p.a, p.r, layer.linears[i].inp, false),
+                        b: self.backend.weight(&p.b, layer.linears[i].out, p.r, false),
+                        r: p.r,
+                        scale: p.scale,
+                    })
+                })
+            })
+            .collect();
+        Adapter { layers }
+    }
+
     /// Attaches a loaded PEFT adapter (replacing any active one).
     pub fn set_adapter(&mut self, adapter: &LoraAdapter) {
         for (layer, la) in self.layers.iter_mut().zip(&adapter.layers) {
