@@ -621,8 +621,10 @@ fn normalise_tool_calls(v: &Json, field: &str) -> std::result::Result<Json, Stri
     Ok(Json::Array(out))
 }
 
-/// Parses OpenAI-style messages with weights.
-fn parse_messages(v: &Json, field: &str) -> std::result::Result<(Vec<Message>, Vec<Option<f32>>), String> {
+/// Parses OpenAI-style messages (validating roles and content, turning text-part lists into
+/// strings and JSON-string tool-call `arguments` into objects) with their per-message weights.
+/// `field` names the list in error messages.
+pub fn parse_messages(v: &Json, field: &str) -> std::result::Result<(Vec<Message>, Vec<Option<f32>>), String> {
     let Json::Array(list) = v else {
         return Err(format!("{field}: expected a list of messages, got {}", kind(v)));
     };

@@ -174,6 +174,8 @@ impl ChatTemplate {
         });
         env.add_filter("tojson", tojson_filter);
         env.add_filter("string", |v: Value| python_str(&v));
+        env.add_filter("int", jinja_int);
+        env.add_filter("float", jinja_float);
         env.add_function("raise_exception", |msg: Value| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISE_MARKER}{}", python_str(&msg))))
         });
@@ -534,6 +536,48 @@ fn rewrite_generation_tags(src: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Jinja2's `int` filter: numbers truncate, strings parse (also via float), anything else gives
+/// `default` (0) instead of failing.
+fn jinja_int(v: Value, default: Option<Value>) -> Value {
+    let fallback = || default.clone().unwrap_or(Value::from(0));
+    match v.kind() {
+        ValueKind::Number if v.is_integer() => v,
+        ValueKind::Number => f64::try_from(v).map(|f| Value::from(f.trunc() as i64)).unwrap_or_else(|_| fallback()),
+        ValueKind::Bool => Value::from(v.is_true() as i64),
+        ValueKind::String => {
+            let s = v.as_str().unwrap_or_default().trim().replace('_', "");
+            match s.parse::<i64>() {
+                Ok(i) => Value::from(i),
+                Err(_) => match s.parse::<f64>() {
+                    Ok(f) if f.is_finite() => Value::from(f.trunc() as i64),
+                    _ => fallback(),
+                },
+            }
+        }
+        _ => fallback(),
+    }
+}
+
+/// Jinja2's `float` filter: `default` (0.0) when the value does not parse.
+fn jinja_float(v: Value, default: Option<Value>) -> Value {
+    let fallback = || default.clone().unwrap_or(Value::from(0.0));
+    match v.kind() {
+        ValueKind::Number => f64::try_from(v).map(Value::from).unwrap_or_else(|_| fallback()),
+        ValueKind::Bool => Value::from(if v.is_true() { 1.0 } else { 0.0 }),
+        ValueKind::String => {
+            let s = v.as_str().unwrap_or_default().trim().to_ascii_lowercase();
+            let parsed = match s.as_str() {
+                "inf" | "+inf" | "infinity" => Some(f64::INFINITY),
+                "-inf" | "-infinity" => Some(f64::NEG_INFINITY),
+                "nan" => Some(f64::NAN),
+                _ => s.replace('_', "").parse::<f64>().ok(),
+            };
+            parsed.map(Value::from).unwrap_or_else(fallback)
+        }
+        _ => fallback(),
+    }
 }
 
 /// Python `str()` of a template value (`None`, `True`, `['a', 1]`, `{'k': 'v'}`).
@@ -930,6 +974,12 @@ mod tests {
         assert_eq!(t.name(), Some("tool_use"));
         let err = ChatTemplate::from_tokenizer_config(&cfg, Some("nope")).unwrap_err();
         assert!(err.to_string().contains("available: default, tool_use"), "{err}");
+    }
+
+    #[test]
+    fn int_and_float_filters_default_like_jinja2() {
+        let t = tmpl("{{ '22'|int }}|{{ 'x'|int }}|{{ '2.5'|int }}|{{ 'x'|float }}|{{ '2.5'|float }}|{{ 'x'|int(7) }}");
+        assert_eq!(t.render_text(&[], None, false, &Map::new()).unwrap(), "22|0|2|0.0|2.5|7");
     }
 
     #[test]

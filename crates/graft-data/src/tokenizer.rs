@@ -552,6 +552,24 @@ impl Tokenizer {
         Self::from_sentencepiece_vocab(fixed, scores, types, Some(1), Some(2))
     }
 
+    /// Loads a SentencePiece `.model` protobuf (BPE models such as Llama 2 / Mistral `tokenizer.model`).
+    /// Unigram models are refused with an error: their encoding is not a merge order.
+    pub fn from_sentencepiece_model(path: &Path) -> Result<Self> {
+        let bytes = read_file(path)?;
+        let place = path.display().to_string();
+        let model = parse_sentencepiece_model(&bytes).map_err(|r| Error::invalid(&place, r))?;
+        if model.model_type != 2 {
+            return Err(Error::invalid(
+                place,
+                format!("SentencePiece model type {} is not supported (only BPE, type 2)", model.model_type),
+            ));
+        }
+        let n = model.pieces.len();
+        let id = |v: i32| (v >= 0 && (v as usize) < n).then_some(v as u32);
+        let (bos, eos) = (id(model.bos_id), id(model.eos_id));
+        Self::from_sentencepiece_vocab(model.pieces, model.scores, model.types, bos, eos)
+    }
+
     /// Builds a GPT-2 style byte-level BPE from `vocab.json` and `merges.txt`.
     pub fn from_gpt2_files(vocab_json: &Path, merges_txt: &Path) -> Result<Self> {
         let vocab_bytes = read_file(vocab_json)?;
@@ -985,6 +1003,110 @@ pub fn read_tiktoken_ranks(path: &Path) -> Result<Vec<(Vec<u8>, u32)>> {
         out.push((bytes, rank));
     }
     Ok(out)
+}
+
+/// The parts of a SentencePiece `ModelProto` that encoding needs.
+struct SentencePieceModel {
+    pieces: Vec<String>,
+    scores: Vec<f32>,
+    types: Vec<i32>,
+    model_type: i32,
+    bos_id: i32,
+    eos_id: i32,
+}
+
+/// Minimal protobuf reader over `sentencepiece_model.proto`: pieces (field 1: piece, score, type)
+/// and trainer spec (field 2: model_type 3, bos_id 41, eos_id 42).
+fn parse_sentencepiece_model(bytes: &[u8]) -> std::result::Result<SentencePieceModel, String> {
+    fn varint(b: &[u8], pos: &mut usize) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*pos).ok_or("truncated varint")?;
+            *pos += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    /// Calls `f(field, wire_type, value_bytes_or_varint)` for each field of a message.
+    fn fields(
+        b: &[u8],
+        mut f: impl FnMut(u64, &[u8], u64) -> std::result::Result<(), String>,
+    ) -> std::result::Result<(), String> {
+        let mut pos = 0;
+        while pos < b.len() {
+            let key = varint(b, &mut pos)?;
+            let (field, wire) = (key >> 3, key & 7);
+            match wire {
+                0 => {
+                    let v = varint(b, &mut pos)?;
+                    f(field, &[], v)?;
+                }
+                1 => {
+                    let s = b.get(pos..pos + 8).ok_or("truncated fixed64")?;
+                    pos += 8;
+                    f(field, s, 0)?;
+                }
+                2 => {
+                    let len = varint(b, &mut pos)? as usize;
+                    let s = b.get(pos..pos.checked_add(len).ok_or("bad length")?).ok_or("truncated field")?;
+                    pos += len;
+                    f(field, s, 0)?;
+                }
+                5 => {
+                    let s = b.get(pos..pos + 4).ok_or("truncated fixed32")?;
+                    pos += 4;
+                    f(field, s, 0)?;
+                }
+                w => return Err(format!("unsupported protobuf wire type {w}: not a SentencePiece model")),
+            }
+        }
+        Ok(())
+    }
+    let mut m = SentencePieceModel {
+        pieces: vec![],
+        scores: vec![],
+        types: vec![],
+        model_type: 1,
+        bos_id: 1,
+        eos_id: 2,
+    };
+    fields(bytes, |field, data, _| {
+        match field {
+            1 => {
+                let (mut piece, mut score, mut ty) = (String::new(), 0f32, token_type::NORMAL);
+                fields(data, |f, d, v| {
+                    match f {
+                        1 => piece = String::from_utf8_lossy(d).into_owned(),
+                        2 if d.len() == 4 => score = f32::from_le_bytes([d[0], d[1], d[2], d[3]]),
+                        3 => ty = v as i32,
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                m.pieces.push(piece);
+                m.scores.push(score);
+                m.types.push(ty);
+            }
+            2 => fields(data, |f, _, v| {
+                match f {
+                    3 => m.model_type = v as i32,
+                    41 => m.bos_id = v as i64 as i32,
+                    42 => m.eos_id = v as i64 as i32,
+                    _ => {}
+                }
+                Ok(())
+            })?,
+            _ => {}
+        }
+        Ok(())
+    })?;
+    if m.pieces.is_empty() {
+        return Err("no pieces found: not a SentencePiece model".into());
+    }
+    Ok(m)
 }
 
 /// Parses a llama2.c tokenizer file into pieces (plain spaces) and scores.
