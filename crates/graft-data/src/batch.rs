@@ -74,7 +74,9 @@ pub fn best_fit_decreasing(lengths: &[usize], budget: usize) -> Result<Vec<Vec<u
     if let Some((i, &len)) = lengths.iter().enumerate().find(|(_, l)| **l > budget) {
         return Err(Error::invalid(
             "packing",
-            format!("sample {i} has {len} tokens, more than the budget of {budget}; truncate to max length first"),
+            format!(
+                "sample {i} has {len} tokens, more than the budget of {budget}; truncate to max length first"
+            ),
         ));
     }
     let mut order: Vec<usize> = (0..lengths.len()).collect();
@@ -122,8 +124,15 @@ pub struct PackStats {
 /// Packs samples into batches of at most `budget` tokens, in an order shuffled by `seed` and
 /// `epoch` (the same inputs give the same batches on every platform). Samples without any trained
 /// target are skipped and counted.
-pub fn pack(samples: &[TokenizedSample], budget: usize, seed: u64, epoch: u64) -> Result<(Vec<PackedBatch>, PackStats)> {
-    let useful: Vec<usize> = (0..samples.len()).filter(|&i| samples[i].trained_count() > 0).collect();
+pub fn pack(
+    samples: &[TokenizedSample],
+    budget: usize,
+    seed: u64,
+    epoch: u64,
+) -> Result<(Vec<PackedBatch>, PackStats)> {
+    let useful: Vec<usize> = (0..samples.len())
+        .filter(|&i| samples[i].trained_count() > 0)
+        .collect();
     let lengths: Vec<usize> = useful.iter().map(|&i| samples[i].input_ids.len()).collect();
     let mut bins = best_fit_decreasing(&lengths, budget)?;
     let mut rng = Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -163,7 +172,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Rng { s: [next(), next(), next(), next()] }
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// Next 64 random bits.

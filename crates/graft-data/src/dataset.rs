@@ -81,7 +81,10 @@ impl std::str::FromStr for DatasetFormat {
             "kto" => DatasetFormat::Kto,
             _ => {
                 let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
-                return Err(Error::invalid("--format", format!("unknown format {s:?}; expected one of {}", names.join(", "))));
+                return Err(Error::invalid(
+                    "--format",
+                    format!("unknown format {s:?}; expected one of {}", names.join(", ")),
+                ));
             }
         })
     }
@@ -215,7 +218,10 @@ pub fn dataset_files(path: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![path.to_path_buf()]);
     }
     if !path.is_dir() {
-        return Err(Error::invalid(path.display().to_string(), "no such file or folder"));
+        return Err(Error::invalid(
+            path.display().to_string(),
+            "no such file or folder",
+        ));
     }
     let mut out = Vec::new();
     let mut stack = vec![path.to_path_buf()];
@@ -231,7 +237,10 @@ pub fn dataset_files(path: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     if out.is_empty() {
-        return Err(Error::invalid(path.display().to_string(), "folder has no .jsonl, .json or .txt files"));
+        return Err(Error::invalid(
+            path.display().to_string(),
+            "folder has no .jsonl, .json or .txt files",
+        ));
     }
     Ok(out)
 }
@@ -277,7 +286,8 @@ enum RawRows {
 fn raw_rows(path: &Path) -> Result<RawRows> {
     let bytes = read_maybe_gz(path)?;
     let place = path.display().to_string();
-    let text = String::from_utf8(bytes).map_err(|e| Error::invalid(&place, format!("not valid UTF-8: {e}")))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| Error::invalid(&place, format!("not valid UTF-8: {e}")))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let name = name.strip_suffix(".gz").unwrap_or(name);
     if name.ends_with(".txt") {
@@ -288,7 +298,12 @@ fn raw_rows(path: &Path) -> Result<RawRows> {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (i + 1, serde_json::from_str::<Json>(l).map_err(|e| format!("invalid JSON: {e}"))))
+            .map(|(i, l)| {
+                (
+                    i + 1,
+                    serde_json::from_str::<Json>(l).map_err(|e| format!("invalid JSON: {e}")),
+                )
+            })
             .collect();
         return Ok(RawRows::Json(rows));
     }
@@ -296,35 +311,54 @@ fn raw_rows(path: &Path) -> Result<RawRows> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         let offset = text.len() - trimmed.len();
-        let elements = split_json_array(trimmed).map_err(|(pos, why)| {
-            Error::invalid(format!("{place}:{}", line_of(&text, offset + pos)), why)
-        })?;
+        let elements = split_json_array(trimmed)
+            .map_err(|(pos, why)| Error::invalid(format!("{place}:{}", line_of(&text, offset + pos)), why))?;
         let rows = elements
             .into_iter()
             .map(|(s, e)| {
                 let line = line_of(&text, offset + s);
-                (line, serde_json::from_str::<Json>(&trimmed[s..e]).map_err(|e| format!("invalid JSON: {e}")))
+                (
+                    line,
+                    serde_json::from_str::<Json>(&trimmed[s..e]).map_err(|e| format!("invalid JSON: {e}")),
+                )
             })
             .collect();
         return Ok(RawRows::Json(rows));
     }
     match serde_json::from_str::<Json>(&text) {
-        Ok(v) => Ok(RawRows::Json(vec![(line_of(&text, text.len() - trimmed.len()), Ok(v))])),
+        Ok(v) => Ok(RawRows::Json(vec![(
+            line_of(&text, text.len() - trimmed.len()),
+            Ok(v),
+        )])),
         Err(e) => {
             // Maybe JSON Lines with a .json name.
-            let lines: Vec<_> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+            let lines: Vec<_> = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .collect();
             if lines.len() > 1 && lines.iter().all(|(_, l)| serde_json::from_str::<Json>(l).is_ok()) {
                 return Ok(RawRows::Json(
-                    lines.into_iter().map(|(i, l)| (i + 1, Ok(serde_json::from_str(l).unwrap_or(Json::Null)))).collect(),
+                    lines
+                        .into_iter()
+                        .map(|(i, l)| (i + 1, Ok(serde_json::from_str(l).unwrap_or(Json::Null))))
+                        .collect(),
                 ));
             }
-            Err(Error::invalid(format!("{place}:{}", e.line()), format!("invalid JSON: {e}")))
+            Err(Error::invalid(
+                format!("{place}:{}", e.line()),
+                format!("invalid JSON: {e}"),
+            ))
         }
     }
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
-    text.as_bytes()[..byte.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..byte.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Splits plain text into documents at lines that are exactly `<|endoftext|>`; one document when
@@ -429,41 +463,53 @@ fn trim_ranges(s: &str, ranges: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
 pub fn detect_row_format(row: &Json) -> Option<DatasetFormat> {
     let obj = row.as_object()?;
     let has = |k: &str| obj.contains_key(k);
-    Some(if has("label") && (has("messages") || (has("prompt") && has("completion"))) {
-        DatasetFormat::Kto
-    } else if has("chosen_messages") && has("rejected_messages")
-        || has("chosen") && has("rejected")
-        || has("question") && has("response_j") && has("response_k")
-    {
-        DatasetFormat::Preference
-    } else if has("messages") {
-        DatasetFormat::OpenAiChat
-    } else if has("conversations") {
-        DatasetFormat::ShareGpt
-    } else if has("instruction") && has("output") {
-        DatasetFormat::Alpaca
-    } else if (has("prompt") && ["completion", "response", "answer", "canonical_solution", "output"].iter().any(|k| has(k)))
-        || (has("question") && has("answer"))
-        || (has("problem") && has("solution"))
-    {
-        DatasetFormat::PromptCompletion
-    } else if has("text") {
-        DatasetFormat::Text
-    } else {
-        return None;
-    })
+    Some(
+        if has("label") && (has("messages") || (has("prompt") && has("completion"))) {
+            DatasetFormat::Kto
+        } else if has("chosen_messages") && has("rejected_messages")
+            || has("chosen") && has("rejected")
+            || has("question") && has("response_j") && has("response_k")
+        {
+            DatasetFormat::Preference
+        } else if has("messages") {
+            DatasetFormat::OpenAiChat
+        } else if has("conversations") {
+            DatasetFormat::ShareGpt
+        } else if has("instruction") && has("output") {
+            DatasetFormat::Alpaca
+        } else if (has("prompt")
+            && ["completion", "response", "answer", "canonical_solution", "output"]
+                .iter()
+                .any(|k| has(k)))
+            || (has("question") && has("answer"))
+            || (has("problem") && has("solution"))
+        {
+            DatasetFormat::PromptCompletion
+        } else if has("text") {
+            DatasetFormat::Text
+        } else {
+            return None;
+        },
+    )
 }
 
 fn load_file_into(file: &Path, opts: &LoadOptions, ds: &mut Dataset) -> Result<()> {
     let arc: Arc<Path> = Arc::from(file);
     let raw = raw_rows(file)?;
     let fail = |ds: &mut Dataset, line: usize, reason: String| -> Result<()> {
-        let err = RowError { file: arc.clone(), line, reason };
+        let err = RowError {
+            file: arc.clone(),
+            line,
+            reason,
+        };
         if opts.skip_invalid {
             ds.invalid.push(err);
             Ok(())
         } else {
-            Err(Error::invalid(format!("{}:{}", err.file.display(), err.line), err.reason))
+            Err(Error::invalid(
+                format!("{}:{}", err.file.display(), err.line),
+                err.reason,
+            ))
         }
     };
     match raw {
@@ -471,18 +517,28 @@ fn load_file_into(file: &Path, opts: &LoadOptions, ds: &mut Dataset) -> Result<(
             if let Some(f) = opts.format
                 && f != DatasetFormat::Text
             {
-                return Err(Error::invalid(file.display().to_string(), format!("a .txt file can only be read as text, not {f}")));
+                return Err(Error::invalid(
+                    file.display().to_string(),
+                    format!("a .txt file can only be read as text, not {f}"),
+                ));
             }
             ds.formats.push((file.to_path_buf(), DatasetFormat::Text));
             for (line, text) in docs {
-                ds.rows.push(Row { file: arc.clone(), line, record: Record::Text(text), warnings: vec![] });
+                ds.rows.push(Row {
+                    file: arc.clone(),
+                    line,
+                    record: Record::Text(text),
+                    warnings: vec![],
+                });
             }
         }
         RawRows::Json(rows) => {
             let format = match opts.format {
                 Some(f) => f,
                 None => {
-                    let first = rows.iter().find_map(|(_, r)| r.as_ref().ok().and_then(detect_row_format));
+                    let first = rows
+                        .iter()
+                        .find_map(|(_, r)| r.as_ref().ok().and_then(detect_row_format));
                     match first {
                         Some(f) => f,
                         None if file.file_name().is_some_and(|n| n == "dataset_info.json") => {
@@ -518,7 +574,12 @@ fn load_file_into(file: &Path, opts: &LoadOptions, ds: &mut Dataset) -> Result<(
                     }
                 };
                 match parse_row(&value, format) {
-                    Ok(record) => ds.rows.push(Row { file: arc.clone(), line, record, warnings: vec![] }),
+                    Ok(record) => ds.rows.push(Row {
+                        file: arc.clone(),
+                        line,
+                        record,
+                        warnings: vec![],
+                    }),
                     Err(reason) => fail(ds, line, reason)?,
                 }
             }
@@ -540,7 +601,9 @@ fn add_chat_warnings(rows: &mut [Row]) {
         let Record::Chat(c) = &row.record else { continue };
         let mut warnings = Vec::new();
         if with_system > 0 && !has_system(row) {
-            warnings.push(format!("no system message ({with_system} other rows of this file have one)"));
+            warnings.push(format!(
+                "no system message ({with_system} other rows of this file have one)"
+            ));
         }
         if let Some(first_assistant) = c.messages.iter().position(|m| m.role == "assistant")
             && !c.messages[..first_assistant].iter().any(|m| m.role == "user")
@@ -551,7 +614,15 @@ fn add_chat_warnings(rows: &mut [Row]) {
     }
 }
 
-const ROLES: [&str; 7] = ["system", "developer", "user", "assistant", "tool", "function", "ipython"];
+const ROLES: [&str; 7] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+    "ipython",
+];
 
 /// Turns typed content parts into a string when they are all text.
 fn content_of(v: Option<&Json>, field: &str) -> std::result::Result<Json, String> {
@@ -566,11 +637,17 @@ fn content_of(v: Option<&Json>, field: &str) -> std::result::Result<Json, String
                     Json::Object(o) => {
                         let ty = o.get("type").and_then(|t| t.as_str()).unwrap_or("text");
                         if ty != "text" {
-                            return Err(format!("{field}[{i}]: only text content parts are supported, found type {ty:?}"));
+                            return Err(format!(
+                                "{field}[{i}]: only text content parts are supported, found type {ty:?}"
+                            ));
                         }
                         match o.get("text").or_else(|| o.get("value")) {
                             Some(Json::String(s)) => text.push_str(s),
-                            _ => return Err(format!("{field}[{i}]: expected a text part with a string \"text\"")),
+                            _ => {
+                                return Err(format!(
+                                    "{field}[{i}]: expected a text part with a string \"text\""
+                                ));
+                            }
                         }
                     }
                     _ => return Err(format!("{field}[{i}]: expected a content part object")),
@@ -578,7 +655,10 @@ fn content_of(v: Option<&Json>, field: &str) -> std::result::Result<Json, String
             }
             Ok(Json::String(text))
         }
-        Some(other) => Err(format!("{field}: expected a string, null or a list of text parts, got {}", kind(other))),
+        Some(other) => Err(format!(
+            "{field}: expected a string, null or a list of text parts, got {}",
+            kind(other)
+        )),
     }
 }
 
@@ -614,7 +694,9 @@ fn normalise_tool_calls(v: &Json, field: &str) -> std::result::Result<Json, Stri
                 f.insert("arguments".into(), parsed);
             }
         } else if !obj.contains_key("name") {
-            return Err(format!("{field}[{i}]: expected {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}"));
+            return Err(format!(
+                "{field}[{i}]: expected {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}"
+            ));
         }
         out.push(Json::Object(obj));
     }
@@ -624,7 +706,10 @@ fn normalise_tool_calls(v: &Json, field: &str) -> std::result::Result<Json, Stri
 /// Parses OpenAI-style messages (validating roles and content, turning text-part lists into
 /// strings and JSON-string tool-call `arguments` into objects) with their per-message weights.
 /// `field` names the list in error messages.
-pub fn parse_messages(v: &Json, field: &str) -> std::result::Result<(Vec<Message>, Vec<Option<f32>>), String> {
+pub fn parse_messages(
+    v: &Json,
+    field: &str,
+) -> std::result::Result<(Vec<Message>, Vec<Option<f32>>), String> {
     let Json::Array(list) = v else {
         return Err(format!("{field}: expected a list of messages, got {}", kind(v)));
     };
@@ -636,7 +721,10 @@ pub fn parse_messages(v: &Json, field: &str) -> std::result::Result<(Vec<Message
     for (i, m) in list.iter().enumerate() {
         let f = format!("{field}[{i}]");
         let Json::Object(obj) = m else {
-            return Err(format!("{f}: expected an object with \"role\" and \"content\", got {}", kind(m)));
+            return Err(format!(
+                "{f}: expected an object with \"role\" and \"content\", got {}",
+                kind(m)
+            ));
         };
         let role = match obj.get("role") {
             Some(Json::String(r)) => r.clone(),
@@ -644,7 +732,10 @@ pub fn parse_messages(v: &Json, field: &str) -> std::result::Result<(Vec<Message
             None => return Err(format!("{f}: missing \"role\"")),
         };
         if !ROLES.contains(&role.as_str()) {
-            return Err(format!("{f}.role: expected one of {}, got {role:?}", ROLES.join("/")));
+            return Err(format!(
+                "{f}.role: expected one of {}, got {role:?}",
+                ROLES.join("/")
+            ));
         }
         let has_tool_calls = obj.get("tool_calls").is_some_and(|t| !t.is_null());
         if !obj.contains_key("content") && !has_tool_calls {
@@ -670,7 +761,11 @@ pub fn parse_messages(v: &Json, field: &str) -> std::result::Result<(Vec<Message
                 },
                 "loss_weight" => match v.as_f64() {
                     Some(w) if w >= 0.0 => weight = Some(w as f32),
-                    _ => return Err(format!("{f}.loss_weight: expected a non-negative number, got {v}")),
+                    _ => {
+                        return Err(format!(
+                            "{f}.loss_weight: expected a non-negative number, got {v}"
+                        ));
+                    }
                 },
                 "tool_calls" if !v.is_null() => {
                     extra.insert(k.clone(), normalise_tool_calls(v, &format!("{f}.tool_calls"))?);
@@ -690,9 +785,8 @@ fn parse_tools(v: Option<&Json>, field: &str) -> std::result::Result<Option<Vec<
     let v = match v {
         None | Some(Json::Null) => return Ok(None),
         Some(Json::String(s)) if s.trim().is_empty() => return Ok(None),
-        Some(Json::String(s)) => {
-            serde_json::from_str::<Json>(s).map_err(|e| format!("{field}: expected a JSON list of tools: {e}"))?
-        }
+        Some(Json::String(s)) => serde_json::from_str::<Json>(s)
+            .map_err(|e| format!("{field}: expected a JSON list of tools: {e}"))?,
         Some(v) => v.clone(),
     };
     let Json::Array(list) = v else {
@@ -721,7 +815,10 @@ fn string_field(obj: &Map<String, Json>, key: &str) -> std::result::Result<Strin
 /// Parses ShareGPT turns into messages.
 fn parse_sharegpt(v: &Json, field: &str) -> std::result::Result<Vec<Message>, String> {
     let Json::Array(list) = v else {
-        return Err(format!("{field}: expected a list of {{\"from\", \"value\"}} turns, got {}", kind(v)));
+        return Err(format!(
+            "{field}: expected a list of {{\"from\", \"value\"}} turns, got {}",
+            kind(v)
+        ));
     };
     let mut out = Vec::with_capacity(list.len());
     for (i, t) in list.iter().enumerate() {
@@ -740,7 +837,10 @@ fn parse_sharegpt_turn(t: &Json, f: &str) -> std::result::Result<Message, String
         let (mut m, _) = parse_messages(&Json::Array(vec![t.clone()]), f)?;
         return Ok(m.remove(0));
     }
-    let from = obj.get("from").and_then(|v| v.as_str()).ok_or(format!("{f}: missing string \"from\""))?;
+    let from = obj
+        .get("from")
+        .and_then(|v| v.as_str())
+        .ok_or(format!("{f}: missing string \"from\""))?;
     let value = match obj.get("value") {
         Some(Json::String(s)) => s.clone(),
         Some(other) => return Err(format!("{f}.value: expected a string, got {}", kind(other))),
@@ -751,24 +851,34 @@ fn parse_sharegpt_turn(t: &Json, f: &str) -> std::result::Result<Message, String
         "gpt" | "assistant" | "model" | "chatgpt" | "bard" | "bing" => Message::new("assistant", value),
         "system" => Message::new("system", value),
         "function_call" => {
-            let call: Json = serde_json::from_str(&value)
-                .map_err(|e| format!("{f}.value: function_call must be JSON {{\"name\", \"arguments\"}}: {e}"))?;
+            let call: Json = serde_json::from_str(&value).map_err(|e| {
+                format!("{f}.value: function_call must be JSON {{\"name\", \"arguments\"}}: {e}")
+            })?;
             let calls = match call {
                 Json::Array(list) => list,
                 one => vec![one],
             };
             let mut tool_calls = Vec::new();
             for c in calls {
-                let name = c.get("name").and_then(|n| n.as_str()).ok_or(format!("{f}.value: function call has no \"name\""))?;
+                let name = c
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .ok_or(format!("{f}.value: function call has no \"name\""))?;
                 let mut args = c.get("arguments").cloned().unwrap_or(Json::Object(Map::new()));
                 if let Json::String(s) = &args
                     && let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(s)
                 {
                     args = parsed;
                 }
-                tool_calls.push(serde_json::json!({"type": "function", "function": {"name": name, "arguments": args}}));
+                tool_calls.push(
+                    serde_json::json!({"type": "function", "function": {"name": name, "arguments": args}}),
+                );
             }
-            let mut m = Message { role: "assistant".into(), content: Json::String(String::new()), extra: Map::new() };
+            let mut m = Message {
+                role: "assistant".into(),
+                content: Json::String(String::new()),
+                extra: Map::new(),
+            };
             m.extra.insert("tool_calls".into(), Json::Array(tool_calls));
             m
         }
@@ -785,7 +895,9 @@ fn require_assistant(messages: &[Message], field: &str) -> std::result::Result<(
     if messages.iter().any(|m| m.role == "assistant") {
         Ok(())
     } else {
-        Err(format!("{field}: expected at least one assistant message (nothing to train on)"))
+        Err(format!(
+            "{field}: expected at least one assistant message (nothing to train on)"
+        ))
     }
 }
 
@@ -795,8 +907,13 @@ fn turns_of(v: &Json, field: &str) -> std::result::Result<Turns, String> {
         Json::String(s) => Ok(Turns::Text(s.clone())),
         Json::Array(_) => Ok(Turns::Chat(parse_messages(v, field)?.0)),
         Json::Object(o) if o.contains_key("from") => Ok(Turns::Chat(vec![parse_sharegpt_turn(v, field)?])),
-        Json::Object(o) if o.contains_key("role") => Ok(Turns::Chat(parse_messages(&Json::Array(vec![v.clone()]), field)?.0)),
-        other => Err(format!("{field}: expected a string or a list of messages, got {}", kind(other))),
+        Json::Object(o) if o.contains_key("role") => Ok(Turns::Chat(
+            parse_messages(&Json::Array(vec![v.clone()]), field)?.0,
+        )),
+        other => Err(format!(
+            "{field}: expected a string or a list of messages, got {}",
+            kind(other)
+        )),
     }
 }
 
@@ -808,7 +925,11 @@ fn implicit_prompt(chosen: Turns, rejected: Turns) -> std::result::Result<(Turns
             if common == c.len() || common == r.len() {
                 return Err("chosen and rejected do not differ after their shared prompt".into());
             }
-            Ok((Turns::Chat(c[..common].to_vec()), Turns::Chat(c[common..].to_vec()), Turns::Chat(r[common..].to_vec())))
+            Ok((
+                Turns::Chat(c[..common].to_vec()),
+                Turns::Chat(c[common..].to_vec()),
+                Turns::Chat(r[common..].to_vec()),
+            ))
         }
         (Turns::Text(c), Turns::Text(r)) => {
             let mut common = c.bytes().zip(r.bytes()).take_while(|(a, b)| a == b).count();
@@ -824,9 +945,17 @@ fn implicit_prompt(chosen: Turns, rejected: Turns) -> std::result::Result<(Turns
             let cut = if let Some(p) = shared.rfind("\n\nAssistant:") {
                 p + "\n\nAssistant:".len()
             } else {
-                shared.rfind(char::is_whitespace).map(|p| p + 1).filter(|_| common < c.len().min(r.len())).unwrap_or(common)
+                shared
+                    .rfind(char::is_whitespace)
+                    .map(|p| p + 1)
+                    .filter(|_| common < c.len().min(r.len()))
+                    .unwrap_or(common)
             };
-            Ok((Turns::Text(c[..cut].to_string()), Turns::Text(c[cut..].to_string()), Turns::Text(r[cut..].to_string())))
+            Ok((
+                Turns::Text(c[..cut].to_string()),
+                Turns::Text(c[cut..].to_string()),
+                Turns::Text(r[cut..].to_string()),
+            ))
         }
         _ => Err("chosen and rejected must both be strings or both be message lists".into()),
     }
@@ -843,7 +972,11 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
             let (messages, weights) = parse_messages(get("messages")?, "messages")?;
             require_assistant(&messages, "messages")?;
             let tools = parse_tools(obj.get("tools").or(obj.get("functions")), "tools")?;
-            Ok(Record::Chat(Conversation { messages, weights, tools }))
+            Ok(Record::Chat(Conversation {
+                messages,
+                weights,
+                tools,
+            }))
         }
         DatasetFormat::ShareGpt => {
             let mut messages = parse_sharegpt(get("conversations")?, "conversations")?;
@@ -856,7 +989,11 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
             require_assistant(&messages, "conversations")?;
             let tools = parse_tools(obj.get("tools"), "tools")?;
             let weights = vec![None; messages.len()];
-            Ok(Record::Chat(Conversation { messages, weights, tools }))
+            Ok(Record::Chat(Conversation {
+                messages,
+                weights,
+                tools,
+            }))
         }
         DatasetFormat::Alpaca => {
             let instruction = string_field(obj, "instruction")?;
@@ -883,11 +1020,19 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
                     }
                 }
             }
-            let user = if input.is_empty() { instruction } else { format!("{instruction}\n{input}") };
+            let user = if input.is_empty() {
+                instruction
+            } else {
+                format!("{instruction}\n{input}")
+            };
             messages.push(Message::new("user", user));
             messages.push(Message::new("assistant", output));
             let weights = vec![None; messages.len()];
-            Ok(Record::Chat(Conversation { messages, weights, tools: None }))
+            Ok(Record::Chat(Conversation {
+                messages,
+                weights,
+                tools: None,
+            }))
         }
         DatasetFormat::PromptCompletion => {
             let (pk, ck) = if obj.contains_key("prompt") {
@@ -906,7 +1051,9 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
             let prompt = turns_of(get(pk)?, pk)?;
             let completion = turns_of(get(ck)?, ck)?;
             if prompt.is_chat() != completion.is_chat() {
-                return Err(format!("{pk} and {ck} must both be strings or both be message lists"));
+                return Err(format!(
+                    "{pk} and {ck} must both be strings or both be message lists"
+                ));
             }
             if let Turns::Chat(c) = &completion {
                 require_assistant(c, ck)?;
@@ -921,7 +1068,9 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
         DatasetFormat::Kto => {
             let label = match get("label")? {
                 Json::Bool(b) => *b,
-                Json::Number(n) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => n.as_f64() == Some(1.0),
+                Json::Number(n) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => {
+                    n.as_f64() == Some(1.0)
+                }
                 Json::String(s) if s == "true" || s == "false" => s == "true",
                 other => return Err(format!("label: expected true or false, got {other}")),
             };
@@ -929,7 +1078,9 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
                 let (messages, _) = parse_messages(messages, "messages")?;
                 let last = messages.len() - 1;
                 if messages[last].role != "assistant" {
-                    return Err(format!("messages[{last}]: expected the completion as a final assistant message"));
+                    return Err(format!(
+                        "messages[{last}]: expected the completion as a final assistant message"
+                    ));
                 }
                 return Ok(Record::Kto(KtoExample {
                     prompt: Turns::Chat(messages[..last].to_vec()),
@@ -942,7 +1093,11 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
             if prompt.is_chat() != completion.is_chat() {
                 return Err("prompt and completion must both be strings or both be message lists".into());
             }
-            Ok(Record::Kto(KtoExample { prompt, completion, label }))
+            Ok(Record::Kto(KtoExample {
+                prompt,
+                completion,
+                label,
+            }))
         }
     }
 }
@@ -961,7 +1116,12 @@ fn parse_preference(obj: &Map<String, Json>) -> std::result::Result<Record, Stri
         let c = Turns::Chat(parse_messages(c, "chosen_messages")?.0);
         let r = Turns::Chat(parse_messages(r, "rejected_messages")?.0);
         let (prompt, chosen, rejected) = implicit_prompt(c, r)?;
-        return Ok(Record::Preference(Preference { prompt, chosen, rejected, tools }));
+        return Ok(Record::Preference(Preference {
+            prompt,
+            chosen,
+            rejected,
+            tools,
+        }));
     }
     let chosen = turns_of(obj.get("chosen").ok_or("missing \"chosen\"")?, "chosen")?;
     let rejected = turns_of(obj.get("rejected").ok_or("missing \"rejected\"")?, "rejected")?;
@@ -984,7 +1144,12 @@ fn parse_preference(obj: &Map<String, Json>) -> std::result::Result<Record, Stri
             require_assistant(m, name)?;
         }
     }
-    Ok(Record::Preference(Preference { prompt, chosen, rejected, tools }))
+    Ok(Record::Preference(Preference {
+        prompt,
+        chosen,
+        rejected,
+        tools,
+    }))
 }
 
 #[cfg(test)]
@@ -1009,10 +1174,22 @@ mod tests {
             (json!({"messages": []}), DatasetFormat::OpenAiChat),
             (json!({"messages": [], "label": true}), DatasetFormat::Kto),
             (json!({"conversations": []}), DatasetFormat::ShareGpt),
-            (json!({"conversations": [], "chosen": {}, "rejected": {}}), DatasetFormat::Preference),
-            (json!({"instruction": "", "input": "", "output": ""}), DatasetFormat::Alpaca),
-            (json!({"prompt": "", "completion": ""}), DatasetFormat::PromptCompletion),
-            (json!({"question": "", "answer": ""}), DatasetFormat::PromptCompletion),
+            (
+                json!({"conversations": [], "chosen": {}, "rejected": {}}),
+                DatasetFormat::Preference,
+            ),
+            (
+                json!({"instruction": "", "input": "", "output": ""}),
+                DatasetFormat::Alpaca,
+            ),
+            (
+                json!({"prompt": "", "completion": ""}),
+                DatasetFormat::PromptCompletion,
+            ),
+            (
+                json!({"question": "", "answer": ""}),
+                DatasetFormat::PromptCompletion,
+            ),
             (json!({"text": ""}), DatasetFormat::Text),
             (json!({"chosen": "", "rejected": ""}), DatasetFormat::Preference),
         ];
@@ -1030,15 +1207,32 @@ mod tests {
                 "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
             {"role": "tool", "content": "1", "tool_call_id": "c1"},
             {"role": "assistant", "content": "done", "weight": 0}]});
-        let Record::Chat(c) = parse_row(&ok, DatasetFormat::OpenAiChat).unwrap() else { panic!() };
+        let Record::Chat(c) = parse_row(&ok, DatasetFormat::OpenAiChat).unwrap() else {
+            panic!()
+        };
         assert_eq!(c.weights[3], Some(0.0));
-        assert_eq!(c.messages[1].extra["tool_calls"][0]["function"]["arguments"], json!({"x": 1}));
+        assert_eq!(
+            c.messages[1].extra["tool_calls"][0]["function"]["arguments"],
+            json!({"x": 1})
+        );
         let bad_role = json!({"messages": [{"role": "bot", "content": "x"}]});
-        assert!(parse_row(&bad_role, DatasetFormat::OpenAiChat).unwrap_err().contains("messages[0].role"));
+        assert!(
+            parse_row(&bad_role, DatasetFormat::OpenAiChat)
+                .unwrap_err()
+                .contains("messages[0].role")
+        );
         let bad_weight = json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]});
-        assert!(parse_row(&bad_weight, DatasetFormat::OpenAiChat).unwrap_err().contains("expected 0 or 1"));
+        assert!(
+            parse_row(&bad_weight, DatasetFormat::OpenAiChat)
+                .unwrap_err()
+                .contains("expected 0 or 1")
+        );
         let no_assistant = json!({"messages": [{"role": "user", "content": "x"}]});
-        assert!(parse_row(&no_assistant, DatasetFormat::OpenAiChat).unwrap_err().contains("assistant"));
+        assert!(
+            parse_row(&no_assistant, DatasetFormat::OpenAiChat)
+                .unwrap_err()
+                .contains("assistant")
+        );
     }
 
     #[test]

@@ -35,12 +35,18 @@ pub enum Error {
 impl Error {
     /// Builds an [`Error::Invalid`] from anything printable.
     pub fn invalid(place: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Invalid { place: place.into(), reason: reason.into() }
+        Error::Invalid {
+            place: place.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -103,7 +103,13 @@ pub fn inspect(
     template: Option<&ChatTemplate>,
     opts: &InspectOptions,
 ) -> Result<InspectReport> {
-    let ds = dataset::load(path, &LoadOptions { format: opts.format, skip_invalid: true })?;
+    let ds = dataset::load(
+        path,
+        &LoadOptions {
+            format: opts.format,
+            skip_invalid: true,
+        },
+    )?;
     let topts = TokenizeOptions {
         loss: opts.loss,
         max_len: Some(opts.max_len),
@@ -122,17 +128,26 @@ pub fn inspect(
     let mut valid_index = 0usize;
     for row in &ds.rows {
         for w in &row.warnings {
-            report.warnings.push(RowWarning { file: row.file.to_path_buf(), line: row.line, message: w.clone() });
+            report.warnings.push(RowWarning {
+                file: row.file.to_path_buf(),
+                line: row.line,
+                message: w.clone(),
+            });
         }
         let built = match sample::build_record(&row.record, tok, template, &topts) {
             Ok(b) => b,
             Err(e) => {
-                report.invalid.push(RowError { file: row.file.clone(), line: row.line, reason: e.to_string() });
+                report.invalid.push(RowError {
+                    file: row.file.clone(),
+                    line: row.line,
+                    reason: e.to_string(),
+                });
                 continue;
             }
         };
         report.rows += 1;
-        if !shown && valid_index >= opts.sample_row
+        if !shown
+            && valid_index >= opts.sample_row
             && let Some(first) = built.first()
         {
             let mut text = sample::mark_trained(first, tok);
@@ -160,31 +175,51 @@ pub fn inspect(
             }
         }
         if truncated_here > 0 {
-            report.truncated.push(TruncatedRow { file: row.file.to_path_buf(), line: row.line, tokens: truncated_here });
+            report.truncated.push(TruncatedRow {
+                file: row.file.to_path_buf(),
+                line: row.line,
+                tokens: truncated_here,
+            });
         }
     }
-    report.invalid.sort_by(|a, b| (a.file.as_ref(), a.line).cmp(&(b.file.as_ref(), b.line)));
+    report
+        .invalid
+        .sort_by(|a, b| (a.file.as_ref(), a.line).cmp(&(b.file.as_ref(), b.line)));
     Ok(report)
 }
 
 impl InspectReport {
     /// `(low, high, count)` buckets of sequence lengths: ten equal-width buckets of a round width.
     pub fn histogram(&self) -> Vec<(usize, usize, usize)> {
-        let Some(&max) = self.lengths.iter().max() else { return vec![] };
+        let Some(&max) = self.lengths.iter().max() else {
+            return vec![];
+        };
         let raw = max.div_ceil(10).max(1);
         let magnitude = 10usize.pow((raw as f64).log10().floor() as u32);
-        let width = [1, 2, 5, 10].iter().map(|m| m * magnitude).find(|w| *w >= raw).unwrap_or(raw);
+        let width = [1, 2, 5, 10]
+            .iter()
+            .map(|m| m * magnitude)
+            .find(|w| *w >= raw)
+            .unwrap_or(raw);
         let buckets = max / width + 1;
         let mut counts = vec![0usize; buckets];
         for &l in &self.lengths {
             counts[l / width] += 1;
         }
-        counts.into_iter().enumerate().map(|(i, c)| (i * width, (i + 1) * width - 1, c)).collect()
+        counts
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (i * width, (i + 1) * width - 1, c))
+            .collect()
     }
 
     /// Fraction of tokens that are trained.
     pub fn trained_fraction(&self) -> f64 {
-        if self.total_tokens == 0 { 0.0 } else { self.trained_tokens as f64 / self.total_tokens as f64 }
+        if self.total_tokens == 0 {
+            0.0
+        } else {
+            self.trained_tokens as f64 / self.total_tokens as f64
+        }
     }
 }
 
@@ -193,7 +228,13 @@ impl fmt::Display for InspectReport {
         writeln!(f, "dataset:  {}", self.path.display())?;
         let mut formats: Vec<String> = self.formats.iter().map(|(_, fm)| fm.to_string()).collect();
         formats.dedup();
-        writeln!(f, "format:   {} ({} file{})", formats.join(", "), self.formats.len(), if self.formats.len() == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "format:   {} ({} file{})",
+            formats.join(", "),
+            self.formats.len(),
+            if self.formats.len() == 1 { "" } else { "s" }
+        )?;
         writeln!(f, "rows:     {} valid, {} invalid", self.rows, self.invalid.len())?;
         let mut sorted = self.lengths.clone();
         sorted.sort_unstable();
@@ -229,12 +270,28 @@ impl fmt::Display for InspectReport {
                 writeln!(f, "  {lo:>digits$}-{hi:<digits$} | {bar} {count}")?;
             }
         }
-        writeln!(f, "truncated: {} row(s) longer than max length {}", self.truncated.len(), self.max_len)?;
+        writeln!(
+            f,
+            "truncated: {} row(s) longer than max length {}",
+            self.truncated.len(),
+            self.max_len
+        )?;
         for t in &self.truncated {
-            writeln!(f, "  {}:{}: {} tokens > {}", t.file.display(), t.line, t.tokens, self.max_len)?;
+            writeln!(
+                f,
+                "  {}:{}: {} tokens > {}",
+                t.file.display(),
+                t.line,
+                t.tokens,
+                self.max_len
+            )?;
         }
         if self.bos_deduplicated > 0 {
-            writeln!(f, "note: doubled BOS (template + tokenizer) collapsed to one in {} sequence(s)", self.bos_deduplicated)?;
+            writeln!(
+                f,
+                "note: doubled BOS (template + tokenizer) collapsed to one in {} sequence(s)",
+                self.bos_deduplicated
+            )?;
         }
         if self.appended_eos > 0 {
             writeln!(
@@ -284,7 +341,10 @@ mod tests {
 
     #[test]
     fn histogram_uses_round_buckets() {
-        let r = InspectReport { lengths: vec![3, 15, 17, 99, 100], ..Default::default() };
+        let r = InspectReport {
+            lengths: vec![3, 15, 17, 99, 100],
+            ..Default::default()
+        };
         let h = r.histogram();
         assert_eq!(h[0], (0, 9, 1));
         assert_eq!(h[1], (10, 19, 2));

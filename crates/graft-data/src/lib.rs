@@ -1,5 +1,31 @@
 //! graft-data: tokenizers, chat templates, dataset formats, template-derived loss masks and
-//! isolated packing.
+//! isolated packing — everything between a dataset file and the token batches the engine trains on.
+//!
+//! * [`Tokenizer`] — one type over Hugging Face `tokenizer.json`, tiktoken rank files (Llama 3,
+//!   Qwen), SentencePiece vocabularies (llama2.c `tok512.bin`, GGUF arrays, `.model` protobufs) and
+//!   GPT-2 vocab/merges; byte offsets, special tokens, BOS/EOS from the model's configs, streaming
+//!   decode.
+//! * [`ChatTemplate`] — `chat_template` rendered with transformers' semantics; [`ChatTemplate::render`]
+//!   also returns the byte span each message produced, found by rendering conversation prefixes.
+//! * [`dataset`] — OpenAI messages, ShareGPT, Alpaca, prompt/completion, text, preference and KTO
+//!   files, auto-detected, with `file:line: reason` errors.
+//! * [`sample`] — records to token ids with per-token training flags derived from the rendering
+//!   (assistant-only by default, end-of-turn token trained, doubled BOS fixed).
+//! * [`batch`] — best-fit-decreasing packing into padding-free batches with per-token sequence ids
+//!   and restarted positions; a seeded RNG for reproducible shuffles.
+//! * [`tokenized`] — whole-dataset tokenization cached by content hash; [`inspect`] — the report
+//!   behind `graft data inspect`.
+//!
+//! ```no_run
+//! use graft_data::{load_tokenizer_and_template, load_tokenized, dataset::LoadOptions, sample::TokenizeOptions};
+//! let (tok, template) = load_tokenizer_and_template("model_dir".as_ref())?;
+//! let opts = TokenizeOptions { max_len: Some(2048), ..Default::default() };
+//! let data = load_tokenized("train.jsonl".as_ref(), &LoadOptions::default(), &tok, template.as_ref(), &opts, Some("cache".as_ref()))?;
+//! let (batches, _stats) = graft_data::pack(&data.singles(), 4096, 42, 0)?;
+//! # Ok::<(), graft_data::Error>(())
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod batch;
 pub mod dataset;
@@ -16,9 +42,9 @@ use std::path::Path;
 pub use batch::{PackedBatch, Rng, best_fit_decreasing, pack};
 pub use dataset::{DatasetFormat, Record, Row, RowError, Turns};
 pub use error::{Error, Result};
+pub use inspect::{InspectOptions, InspectReport};
 pub use sample::{LossMode, TokenizeOptions, TokenizedRecord, TokenizedSample, Truncation};
 pub use template::{ChatTemplate, Message, MessageSpan, Rendered};
-pub use inspect::{InspectOptions, InspectReport};
 pub use tokenized::{TokenizedDataset, load_tokenized};
 pub use tokenizer::{DecodeStream, Encoding, SpecialTokens, TiktokenSpec, Tokenizer, TokenizerKind};
 
@@ -35,7 +61,8 @@ pub fn load_tokenizer_and_template(model_path: &Path) -> Result<(Tokenizer, Opti
         let dir = model_path.parent().unwrap_or(Path::new("."));
         let is_tokenizer_file = |p: &Path| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name == "tokenizer.bin" || (name.starts_with("tok") && name[3..].trim_end_matches(".bin").parse::<u32>().is_ok())
+            name == "tokenizer.bin"
+                || (name.starts_with("tok") && name[3..].trim_end_matches(".bin").parse::<u32>().is_ok())
         };
         if is_tokenizer_file(model_path) {
             return Ok((Tokenizer::from_llama2c_file(model_path)?, None));
@@ -50,7 +77,10 @@ pub fn load_tokenizer_and_template(model_path: &Path) -> Result<(Tokenizer, Opti
             Some(p) => Ok((Tokenizer::from_llama2c_file(p)?, None)),
             None => Err(Error::invalid(
                 model_path.display().to_string(),
-                format!("no llama2.c tokenizer beside it: expected tokenizer.bin or tok<N>.bin in {}", dir.display()),
+                format!(
+                    "no llama2.c tokenizer beside it: expected tokenizer.bin or tok<N>.bin in {}",
+                    dir.display()
+                ),
             )),
         };
     }

@@ -48,7 +48,9 @@ impl std::str::FromStr for LossMode {
             "completion" | "completion-only" => Ok(LossMode::CompletionOnly),
             _ => Err(Error::invalid(
                 "--loss",
-                format!("unknown loss mode {s:?}; expected assistant-only, all-tokens, last-assistant or completion-only"),
+                format!(
+                    "unknown loss mode {s:?}; expected assistant-only, all-tokens, last-assistant or completion-only"
+                ),
             )),
         }
     }
@@ -158,7 +160,15 @@ impl TokenizedSample {
     /// Next-token targets: `targets[t]` is `input_ids[t+1]` when that token is trained, else -100.
     pub fn targets(&self) -> Vec<i32> {
         let n = self.input_ids.len();
-        (0..n).map(|t| if t + 1 < n && self.trained[t + 1] { self.input_ids[t + 1] as i32 } else { -100 }).collect()
+        (0..n)
+            .map(|t| {
+                if t + 1 < n && self.trained[t + 1] {
+                    self.input_ids[t + 1] as i32
+                } else {
+                    -100
+                }
+            })
+            .collect()
     }
 }
 
@@ -277,7 +287,12 @@ impl BuiltSequence {
                 Truncation::DropRow => return None,
             }
         }
-        Some(TokenizedSample { input_ids: ids, trained, original_len, notes })
+        Some(TokenizedSample {
+            input_ids: ids,
+            trained,
+            original_len,
+            notes,
+        })
     }
 }
 
@@ -301,7 +316,10 @@ pub fn build_chat(
         trained: vec![opts.loss == LossMode::AllTokens; enc.ids.len()],
         ids: enc.ids,
         offsets: enc.offsets,
-        notes: SampleNotes { template_not_prefix_stable: !rendered.prefix_stable, ..Default::default() },
+        notes: SampleNotes {
+            template_not_prefix_stable: !rendered.prefix_stable,
+            ..Default::default()
+        },
     };
     let all_tokens = opts.loss == LossMode::AllTokens;
     let mut inserts: Vec<usize> = Vec::new();
@@ -317,7 +335,11 @@ pub fn build_chat(
             })
             .collect();
         let Some(&last) = tokens.last() else { continue };
-        let end_marker = tokens.iter().rev().copied().find(|&t| is_end_of_turn(tok, seq.ids[t]));
+        let end_marker = tokens
+            .iter()
+            .rev()
+            .copied()
+            .find(|&t| is_end_of_turn(tok, seq.ids[t]));
         for &t in &tokens {
             let (s, e) = seq.offsets[t];
             let after_marker = end_marker.is_some_and(|m| t > m);
@@ -345,7 +367,7 @@ pub fn build_chat(
     Ok(seq)
 }
 
-fn need_template<'a>(template: Option<&'a ChatTemplate>) -> Result<&'a ChatTemplate> {
+fn need_template(template: Option<&ChatTemplate>) -> Result<&ChatTemplate> {
     template.ok_or_else(|| {
         Error::Template(
             "this record is a conversation but the model has no chat template; pass a template or use a text or prompt/completion dataset".into(),
@@ -383,10 +405,13 @@ fn build_prompt_response(
             let messages: Vec<Message> = p.iter().chain(c.iter()).cloned().collect();
             let first = p.len();
             let last_assistant = messages.iter().rposition(|m| m.role == "assistant");
-            let select = |i: usize| i >= first && (opts.loss != LossMode::LastAssistant || Some(i) == last_assistant);
+            let select =
+                |i: usize| i >= first && (opts.loss != LossMode::LastAssistant || Some(i) == last_assistant);
             build_chat(&messages, tools, tok, t, opts, &select)
         }
-        _ => Err(Error::Tokenizer("prompt and response must both be text or both be messages".into())),
+        _ => Err(Error::Tokenizer(
+            "prompt and response must both be text or both be messages".into(),
+        )),
     }
 }
 
@@ -407,22 +432,36 @@ pub fn build_record(
             seq.fix_bos(tok, false);
             vec![seq]
         }
-        Record::Chat(Conversation { messages, weights, tools }) => {
+        Record::Chat(Conversation {
+            messages,
+            weights,
+            tools,
+        }) => {
             let t = need_template(template)?;
             let last_assistant = messages.iter().rposition(|m| m.role == "assistant");
             let select = |i: usize| {
-                weight_selects(weights, i) && (opts.loss != LossMode::LastAssistant || Some(i) == last_assistant)
+                weight_selects(weights, i)
+                    && (opts.loss != LossMode::LastAssistant || Some(i) == last_assistant)
             };
             vec![build_chat(messages, tools.as_deref(), tok, t, opts, &select)?]
         }
         Record::PromptCompletion { prompt, completion } => {
-            vec![build_prompt_response(prompt, completion, None, tok, template, opts)?]
+            vec![build_prompt_response(
+                prompt, completion, None, tok, template, opts,
+            )?]
         }
         Record::Preference(p) => vec![
             build_prompt_response(&p.prompt, &p.chosen, p.tools.as_deref(), tok, template, opts)?,
             build_prompt_response(&p.prompt, &p.rejected, p.tools.as_deref(), tok, template, opts)?,
         ],
-        Record::Kto(k) => vec![build_prompt_response(&k.prompt, &k.completion, None, tok, template, opts)?],
+        Record::Kto(k) => vec![build_prompt_response(
+            &k.prompt,
+            &k.completion,
+            None,
+            tok,
+            template,
+            opts,
+        )?],
     })
 }
 
@@ -440,7 +479,10 @@ pub fn tokenize_record(
             (Some(chosen), Some(rejected)) => Some(TokenizedRecord::Pair { chosen, rejected }),
             _ => None,
         },
-        Record::Kto(k) => next().map(|sample| TokenizedRecord::Kto { sample, label: k.label }),
+        Record::Kto(k) => next().map(|sample| TokenizedRecord::Kto {
+            sample,
+            label: k.label,
+        }),
         _ => next().map(TokenizedRecord::Single),
     })
 }

@@ -53,19 +53,29 @@ pub struct Message {
 impl Message {
     /// A message with text content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: Json::String(content.into()), extra: Map::new() }
+        Message {
+            role: role.into(),
+            content: Json::String(content.into()),
+            extra: Map::new(),
+        }
     }
 
     /// Parses an OpenAI-style message object.
     pub fn from_json(v: &Json) -> std::result::Result<Self, String> {
-        let obj = v.as_object().ok_or("expected a message object with \"role\" and \"content\"")?;
+        let obj = v
+            .as_object()
+            .ok_or("expected a message object with \"role\" and \"content\"")?;
         let role = obj
             .get("role")
             .and_then(|r| r.as_str())
             .ok_or("message has no string \"role\"")?
             .to_string();
         let content = obj.get("content").cloned().unwrap_or(Json::Null);
-        let extra = obj.iter().filter(|(k, _)| *k != "role" && *k != "content").map(|(k, v)| (k.clone(), v.clone())).collect();
+        let extra = obj
+            .iter()
+            .filter(|(k, _)| *k != "role" && *k != "content")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         Ok(Message { role, content, extra })
     }
 
@@ -142,7 +152,10 @@ enum Clock {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("name", &self.name).field("len", &self.source.len()).finish()
+        f.debug_struct("ChatTemplate")
+            .field("name", &self.name)
+            .field("len", &self.source.len())
+            .finish()
     }
 }
 
@@ -170,15 +183,22 @@ impl ChatTemplate {
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_formatter(|out, _state, value| {
-            out.write_str(&python_str(value)).map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "write"))
+            out.write_str(&python_str(value))
+                .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "write"))
         });
         env.add_filter("tojson", tojson_filter);
         env.add_filter("string", |v: Value| python_str(&v));
         env.add_filter("int", jinja_int);
         env.add_filter("float", jinja_float);
-        env.add_function("raise_exception", |msg: Value| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISE_MARKER}{}", python_str(&msg))))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: Value| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("{RAISE_MARKER}{}", python_str(&msg)),
+                ))
+            },
+        );
         let clock = self.clock.clone();
         env.add_function("strftime_now", move |fmt: String| -> String {
             match &clock {
@@ -194,7 +214,8 @@ impl ChatTemplate {
             }
         });
         let source = rewrite_generation_tags(&self.source);
-        env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| Error::Template(describe(&e)))?;
+        env.add_template_owned(TEMPLATE_NAME, source)
+            .map_err(|e| Error::Template(describe(&e)))?;
         self.env = Arc::new(env);
         Ok(())
     }
@@ -229,7 +250,8 @@ impl ChatTemplate {
         let text = read_text(path)?;
         let place = path.display().to_string();
         if path.extension().is_some_and(|e| e == "json") {
-            let v: Json = serde_json::from_str(&text).map_err(|e| Error::invalid(&place, format!("invalid JSON: {e}")))?;
+            let v: Json = serde_json::from_str(&text)
+                .map_err(|e| Error::invalid(&place, format!("invalid JSON: {e}")))?;
             let (source, picked) = pick_template(v.get("chat_template"), None)
                 .map_err(|e| Error::invalid(&place, e.to_string()))?;
             let mut t = Self::new(&source, special)?;
@@ -254,10 +276,11 @@ impl ChatTemplate {
         if cfg.is_file() {
             let text = read_text(&cfg)?;
             let place = cfg.display().to_string();
-            let v: Json = serde_json::from_str(&text).map_err(|e| Error::invalid(&place, format!("invalid JSON: {e}")))?;
+            let v: Json = serde_json::from_str(&text)
+                .map_err(|e| Error::invalid(&place, format!("invalid JSON: {e}")))?;
             if v.get("chat_template").is_some_and(|t| !t.is_null()) {
-                let (source, picked) =
-                    pick_template(v.get("chat_template"), name).map_err(|e| Error::invalid(&place, e.to_string()))?;
+                let (source, picked) = pick_template(v.get("chat_template"), name)
+                    .map_err(|e| Error::invalid(&place, e.to_string()))?;
                 let mut t = Self::new(&source, special.clone())?;
                 t.name = picked;
                 return Ok(Some(t));
@@ -289,7 +312,10 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra_kwargs: &Map<String, Json>,
     ) -> Result<String> {
-        let msgs: Vec<Value> = messages.iter().map(|m| Value::from_serialize(m.to_json())).collect();
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| Value::from_serialize(m.to_json()))
+            .collect();
         self.render_values(&msgs, tools, add_generation_prompt, extra_kwargs)
     }
 
@@ -313,16 +339,25 @@ impl ChatTemplate {
             }
         }
         if !self.special.additional.is_empty() {
-            ctx.insert("additional_special_tokens".into(), Value::from_serialize(&self.special.additional));
+            ctx.insert(
+                "additional_special_tokens".into(),
+                Value::from_serialize(&self.special.additional),
+            );
         }
-        ctx.insert("tools".into(), tools.map(Value::from_serialize).unwrap_or(Value::from(())));
+        ctx.insert(
+            "tools".into(),
+            tools.map(Value::from_serialize).unwrap_or(Value::from(())),
+        );
         ctx.insert("documents".into(), Value::from(()));
         for (k, v) in extra_kwargs {
             ctx.insert(k.clone(), Value::from_serialize(v));
         }
         ctx.insert("messages".into(), Value::from(msgs.to_vec()));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
-        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| Error::Template(describe(&e)))?;
+        let tmpl = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| Error::Template(describe(&e)))?;
         tmpl.render(ctx).map_err(|e| {
             let d = describe(&e);
             match d.find(RAISE_MARKER) {
@@ -345,7 +380,10 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra_kwargs: &Map<String, Json>,
     ) -> Result<Rendered> {
-        let msgs: Vec<Value> = messages.iter().map(|m| Value::from_serialize(m.to_json())).collect();
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| Value::from_serialize(m.to_json()))
+            .collect();
         let text = self.render_values(&msgs, tools, add_generation_prompt, extra_kwargs)?;
         let n = msgs.len();
         let mut stable = true;
@@ -362,9 +400,13 @@ impl ChatTemplate {
         for i in 0..n {
             let is_assistant = messages[i].role == "assistant";
             if is_assistant {
-                let g = self.render_values(&msgs[..i], tools, true, extra_kwargs).map_err(|e| {
-                    Error::Template(format!("cannot locate assistant message {i}: rendering its generation prompt failed: {e}"))
-                })?;
+                let g = self
+                    .render_values(&msgs[..i], tools, true, extra_kwargs)
+                    .map_err(|e| {
+                        Error::Template(format!(
+                            "cannot locate assistant message {i}: rendering its generation prompt failed: {e}"
+                        ))
+                    })?;
                 generated[i] = Some(locate(&g));
             }
             let end = if i + 1 == n && !add_generation_prompt {
@@ -389,10 +431,19 @@ impl ChatTemplate {
                     let g = g.clamp(byte_range.start, byte_range.end);
                     g..byte_range.end
                 });
-                MessageSpan { message_index: i, role: messages[i].role.clone(), byte_range, generated_range }
+                MessageSpan {
+                    message_index: i,
+                    role: messages[i].role.clone(),
+                    byte_range,
+                    generated_range,
+                }
             })
             .collect();
-        Ok(Rendered { text, spans, prefix_stable: stable })
+        Ok(Rendered {
+            text,
+            spans,
+            prefix_stable: stable,
+        })
     }
 }
 
@@ -467,11 +518,21 @@ fn pick_template(value: Option<&Json>, name: Option<&str>) -> Result<(String, Op
             }
             Err(Error::invalid(
                 "chat_template",
-                format!("no template named {:?}; available: {}", name.unwrap_or("default"), names.join(", ")),
+                format!(
+                    "no template named {:?}; available: {}",
+                    name.unwrap_or("default"),
+                    names.join(", ")
+                ),
             ))
         }
-        Some(Json::Null) | None => Err(Error::invalid("chat_template", "missing: the model has no chat template")),
-        Some(_) => Err(Error::invalid("chat_template", "expected a string or a list of named templates")),
+        Some(Json::Null) | None => Err(Error::invalid(
+            "chat_template",
+            "missing: the model has no chat template",
+        )),
+        Some(_) => Err(Error::invalid(
+            "chat_template",
+            "expected a string or a list of named templates",
+        )),
     }
 }
 
@@ -544,7 +605,9 @@ fn jinja_int(v: Value, default: Option<Value>) -> Value {
     let fallback = || default.clone().unwrap_or(Value::from(0));
     match v.kind() {
         ValueKind::Number if v.is_integer() => v,
-        ValueKind::Number => f64::try_from(v).map(|f| Value::from(f.trunc() as i64)).unwrap_or_else(|_| fallback()),
+        ValueKind::Number => f64::try_from(v)
+            .map(|f| Value::from(f.trunc() as i64))
+            .unwrap_or_else(|_| fallback()),
         ValueKind::Bool => Value::from(v.is_true() as i64),
         ValueKind::String => {
             let s = v.as_str().unwrap_or_default().trim().replace('_', "");
@@ -596,7 +659,11 @@ fn python_repr(v: &Value) -> String {
         ValueKind::Number => number_repr(v),
         ValueKind::String => {
             let s = v.as_str().unwrap_or_default();
-            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let quote = if s.contains('\'') && !s.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
             let mut out = String::with_capacity(s.len() + 2);
             out.push(quote);
             for c in s.chars() {
@@ -609,7 +676,9 @@ fn python_repr(v: &Value) -> String {
                         out.push('\\');
                         out.push(c);
                     }
-                    c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                        out.push_str(&format!("\\x{:02x}", c as u32))
+                    }
                     c => out.push(c),
                 }
             }
@@ -630,8 +699,10 @@ fn python_repr(v: &Value) -> String {
             format!("{{{}}}", items.join(", "))
         }
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<String> =
-                v.try_iter().map(|it| it.map(|x| python_repr(&x)).collect()).unwrap_or_default();
+            let items: Vec<String> = v
+                .try_iter()
+                .map(|it| it.map(|x| python_repr(&x)).collect())
+                .unwrap_or_default();
             format!("[{}]", items.join(", "))
         }
         _ => v.to_string(),
@@ -654,10 +725,18 @@ pub(crate) fn python_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     let exp = f.abs().log10().floor() as i32;
     if (-4..16).contains(&exp) {
@@ -673,7 +752,11 @@ pub(crate) fn python_float(f: f64) -> String {
 }
 
 /// `json.dumps` of a template value with transformers' settings (`ensure_ascii=False`).
-fn tojson_filter(value: Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+fn tojson_filter(
+    value: Value,
+    indent: Option<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<Value> = match kwargs.get::<Option<Value>>("indent")? {
         Some(v) => Some(v),
         None => indent,
@@ -687,14 +770,26 @@ fn tojson_filter(value: Value, indent: Option<Value>, kwargs: Kwargs) -> std::re
     let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
     let (item_sep, key_sep) = match kwargs.get::<Option<Value>>("separators")? {
         Some(seps) => {
-            let a = seps.get_item(&Value::from(0)).ok().and_then(|v| v.as_str().map(str::to_string));
-            let b = seps.get_item(&Value::from(1)).ok().and_then(|v| v.as_str().map(str::to_string));
+            let a = seps
+                .get_item(&Value::from(0))
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string));
+            let b = seps
+                .get_item(&Value::from(1))
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string));
             (a.unwrap_or(", ".into()), b.unwrap_or(": ".into()))
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let opts = JsonOpts { indent, item_sep, key_sep, sort_keys, ensure_ascii };
+    let opts = JsonOpts {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+        ensure_ascii,
+    };
     let mut out = String::new();
     write_json(&mut out, &value, &opts, 0)?;
     Ok(Value::from_safe_string(out))
@@ -732,7 +827,12 @@ fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
 }
 
-fn write_json(out: &mut String, v: &Value, o: &JsonOpts, depth: usize) -> std::result::Result<(), minijinja::Error> {
+fn write_json(
+    out: &mut String,
+    v: &Value,
+    o: &JsonOpts,
+    depth: usize,
+) -> std::result::Result<(), minijinja::Error> {
     let newline = |out: &mut String, d: usize| {
         if let Some(ind) = &o.indent {
             out.push('\n');
@@ -812,7 +912,15 @@ pub fn strftime(fmt: &str, unix_seconds: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = unix_seconds.div_euclid(86400);
     let secs = unix_seconds.rem_euclid(86400);
     let (y, m, d) = civil_from_days(days);
@@ -889,20 +997,32 @@ mod tests {
     fn tmpl(src: &str) -> ChatTemplate {
         ChatTemplate::new(
             src,
-            SpecialTokens { bos_token: Some("<s>".into()), eos_token: Some("</s>".into()), ..Default::default() },
+            SpecialTokens {
+                bos_token: Some("<s>".into()),
+                eos_token: Some("</s>".into()),
+                ..Default::default()
+            },
         )
         .unwrap()
     }
 
     fn conv() -> Vec<Message> {
-        vec![Message::new("user", "Hi"), Message::new("assistant", "Hello!"), Message::new("user", "Bye")]
+        vec![
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+        ]
     }
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = tmpl(r#"{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ "é<>&'" | tojson }}|{{ 1.5 | tojson }}"#);
+        let t =
+            tmpl(r#"{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ "é<>&'" | tojson }}|{{ 1.5 | tojson }}"#);
         let mut kw = Map::new();
-        kw.insert("x".into(), serde_json::json!({"b": [1, 2.0, null, true], "a": {}}));
+        kw.insert(
+            "x".into(),
+            serde_json::json!({"b": [1, 2.0, null, true], "a": {}}),
+        );
         let out = t.render_text(&[], None, false, &kw).unwrap();
         assert_eq!(
             out,
@@ -913,12 +1033,16 @@ mod tests {
     #[test]
     fn python_str_of_values() {
         let t = tmpl(r#"{{ none }}|{{ true }}|{{ [1, 'a', none] }}|{{ {'k': "it's"} }}|{{ 3 | string }}"#);
-        assert_eq!(t.render_text(&[], None, false, &Map::new()).unwrap(), "None|True|[1, 'a', None]|{'k': \"it's\"}|3");
+        assert_eq!(
+            t.render_text(&[], None, false, &Map::new()).unwrap(),
+            "None|True|[1, 'a', None]|{'k': \"it's\"}|3"
+        );
     }
 
     #[test]
     fn raise_exception_is_reported() {
-        let t = tmpl("{% if messages[0].role != 'system' %}{{ raise_exception('System first!') }}{% endif %}");
+        let t =
+            tmpl("{% if messages[0].role != 'system' %}{{ raise_exception('System first!') }}{% endif %}");
         match t.render_text(&conv(), None, false, &Map::new()) {
             Err(Error::TemplateRaised(m)) => assert_eq!(m, "System first!"),
             other => panic!("{other:?}"),
@@ -930,23 +1054,42 @@ mod tests {
         let t = tmpl("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}[{{ m.content }}]{% endif %}\n{% endfor %}{{ strftime_now('%d %b %Y') }}")
             .with_fixed_time(1721952000)
             .unwrap();
-        assert_eq!(t.render_text(&conv(), None, false, &Map::new()).unwrap(), "[Hi]Hello![Bye]26 Jul 2024");
-        assert_eq!(rewrite_generation_tags("{%- generation -%}x{%- endgeneration %}"), "{%- if true -%}x{%- endif %}");
-        assert_eq!(strftime("%A %Y-%m-%d %H:%M:%S %j", 951782400 + 3661), "Tuesday 2000-02-29 01:01:01 060");
+        assert_eq!(
+            t.render_text(&conv(), None, false, &Map::new()).unwrap(),
+            "[Hi]Hello![Bye]26 Jul 2024"
+        );
+        assert_eq!(
+            rewrite_generation_tags("{%- generation -%}x{%- endgeneration %}"),
+            "{%- if true -%}x{%- endif %}"
+        );
+        assert_eq!(
+            strftime("%A %Y-%m-%d %H:%M:%S %j", 951782400 + 3661),
+            "Tuesday 2000-02-29 01:01:01 060"
+        );
     }
 
     #[test]
     fn python_methods_and_loop_controls() {
-        let t = tmpl("{% for m in messages %}{% if loop.index0 == 1 %}{% continue %}{% endif %}{{ m.content.strip().upper() }}{{ ','.join(['a','b']) if loop.first }}{% endfor %}");
-        assert_eq!(t.render_text(&conv(), None, false, &Map::new()).unwrap(), "HIa,bBYE");
+        let t = tmpl(
+            "{% for m in messages %}{% if loop.index0 == 1 %}{% continue %}{% endif %}{{ m.content.strip().upper() }}{{ ','.join(['a','b']) if loop.first }}{% endfor %}",
+        );
+        assert_eq!(
+            t.render_text(&conv(), None, false, &Map::new()).unwrap(),
+            "HIa,bBYE"
+        );
     }
 
     #[test]
     fn spans_of_a_prefix_stable_template() {
-        let t = tmpl("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}");
+        let t = tmpl(
+            "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        );
         let r = t.render(&conv(), None, false, &Map::new()).unwrap();
         assert!(r.prefix_stable);
-        assert_eq!(r.text, "<s><|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nBye</s>\n");
+        assert_eq!(
+            r.text,
+            "<s><|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nBye</s>\n"
+        );
         let a = &r.spans[1];
         assert_eq!(&r.text[a.byte_range.clone()], "<|assistant|>\nHello!</s>\n");
         assert_eq!(&r.text[a.generated_range.clone().unwrap()], "Hello!</s>\n");
@@ -957,10 +1100,15 @@ mod tests {
     #[test]
     fn spans_when_last_turn_renders_differently() {
         // Like Qwen3: only the final assistant turn gets a reasoning block.
-        let t = tmpl("{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' and loop.last %}<think></think>{% endif %}{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}");
+        let t = tmpl(
+            "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' and loop.last %}<think></think>{% endif %}{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+        );
         let r = t.render(&conv(), None, false, &Map::new()).unwrap();
         assert!(!r.prefix_stable);
-        assert_eq!(&r.text[r.spans[1].generated_range.clone().unwrap()], "Hello!<end>");
+        assert_eq!(
+            &r.text[r.spans[1].generated_range.clone().unwrap()],
+            "Hello!<end>"
+        );
         assert_eq!(&r.text[r.spans[2].byte_range.clone()], "<user>Bye<end>");
     }
 
@@ -978,8 +1126,13 @@ mod tests {
 
     #[test]
     fn int_and_float_filters_default_like_jinja2() {
-        let t = tmpl("{{ '22'|int }}|{{ 'x'|int }}|{{ '2.5'|int }}|{{ 'x'|float }}|{{ '2.5'|float }}|{{ 'x'|int(7) }}");
-        assert_eq!(t.render_text(&[], None, false, &Map::new()).unwrap(), "22|0|2|0.0|2.5|7");
+        let t = tmpl(
+            "{{ '22'|int }}|{{ 'x'|int }}|{{ '2.5'|int }}|{{ 'x'|float }}|{{ '2.5'|float }}|{{ 'x'|int(7) }}",
+        );
+        assert_eq!(
+            t.render_text(&[], None, false, &Map::new()).unwrap(),
+            "22|0|2|0.0|2.5|7"
+        );
     }
 
     #[test]

@@ -62,22 +62,40 @@ pub fn tokenize_dataset(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset> {
-    let mut out = TokenizedDataset { skipped: ds.invalid.clone(), ..Default::default() };
+    let mut out = TokenizedDataset {
+        skipped: ds.invalid.clone(),
+        ..Default::default()
+    };
     let mut file_index: Vec<(Arc<Path>, usize)> = Vec::new();
     for (path, _) in &ds.formats {
         file_index.push((Arc::from(path.as_path()), out.files.len()));
         out.files.push(path.clone());
     }
     for row in &ds.rows {
-        let file = file_index.iter().find(|(p, _)| **p == *row.file).map(|(_, i)| *i).unwrap_or(0);
+        let file = file_index
+            .iter()
+            .find(|(p, _)| **p == *row.file)
+            .map(|(_, i)| *i)
+            .unwrap_or(0);
         match tokenize_record(&row.record, tok, template, opts) {
-            Ok(Some(record)) => out.examples.push(TokenizedExample { file, line: row.line, record }),
+            Ok(Some(record)) => out.examples.push(TokenizedExample {
+                file,
+                line: row.line,
+                record,
+            }),
             Ok(None) => out.dropped_too_long.push((file, row.line)),
             Err(e) => {
                 if !skip_invalid {
-                    return Err(Error::invalid(format!("{}:{}", row.file.display(), row.line), e.to_string()));
+                    return Err(Error::invalid(
+                        format!("{}:{}", row.file.display(), row.line),
+                        e.to_string(),
+                    ));
                 }
-                out.skipped.push(RowError { file: row.file.clone(), line: row.line, reason: e.to_string() });
+                out.skipped.push(RowError {
+                    file: row.file.clone(),
+                    line: row.line,
+                    reason: e.to_string(),
+                });
             }
         }
     }
@@ -175,7 +193,9 @@ impl Writer {
         }
         self.u64(s.original_len as u64);
         let n = &s.notes;
-        self.u8(n.bos_deduplicated as u8 | (n.truncated as u8) << 1 | (n.template_not_prefix_stable as u8) << 2);
+        self.u8(n.bos_deduplicated as u8
+            | (n.truncated as u8) << 1
+            | (n.template_not_prefix_stable as u8) << 2);
         self.u32(n.appended_eos);
         self.u32(n.missing_end_of_turn);
     }
@@ -215,7 +235,9 @@ impl Reader<'_> {
             return None;
         }
         let ids = (0..n).map(|_| self.u32()).collect::<Option<Vec<u32>>>()?;
-        let trained = (0..n).map(|_| self.u8().map(|b| b != 0)).collect::<Option<Vec<bool>>>()?;
+        let trained = (0..n)
+            .map(|_| self.u8().map(|b| b != 0))
+            .collect::<Option<Vec<bool>>>()?;
         let original_len = self.u64()? as usize;
         let flags = self.u8()?;
         let notes = SampleNotes {
@@ -225,7 +247,12 @@ impl Reader<'_> {
             appended_eos: self.u32()?,
             missing_end_of_turn: self.u32()?,
         };
-        Some(TokenizedSample { input_ids: ids, trained, original_len, notes })
+        Some(TokenizedSample {
+            input_ids: ids,
+            trained,
+            original_len,
+            notes,
+        })
     }
 }
 
@@ -287,8 +314,14 @@ fn decode_cache(bytes: &[u8]) -> Option<TokenizedDataset> {
         let line = r.u64()? as usize;
         let record = match r.u8()? {
             0 => TokenizedRecord::Single(r.sample()?),
-            1 => TokenizedRecord::Pair { chosen: r.sample()?, rejected: r.sample()? },
-            k @ (2 | 3) => TokenizedRecord::Kto { sample: r.sample()?, label: k == 3 },
+            1 => TokenizedRecord::Pair {
+                chosen: r.sample()?,
+                rejected: r.sample()?,
+            },
+            k @ (2 | 3) => TokenizedRecord::Kto {
+                sample: r.sample()?,
+                label: k == 3,
+            },
             _ => return None,
         };
         ds.examples.push(TokenizedExample { file, line, record });
@@ -296,7 +329,11 @@ fn decode_cache(bytes: &[u8]) -> Option<TokenizedDataset> {
     let n = r.u64()? as usize;
     for _ in 0..n.min(bytes.len()) {
         let file: Arc<Path> = Arc::from(PathBuf::from(r.str()?).as_path());
-        ds.skipped.push(RowError { file, line: r.u64()? as usize, reason: r.str()? });
+        ds.skipped.push(RowError {
+            file,
+            line: r.u64()? as usize,
+            reason: r.str()?,
+        });
     }
     let n = r.u64()? as usize;
     for _ in 0..n.min(bytes.len()) {
@@ -315,16 +352,42 @@ mod tests {
             input_ids: vec![1, 2, 3],
             trained: vec![false, true, true],
             original_len: 5,
-            notes: SampleNotes { truncated: true, appended_eos: 1, ..Default::default() },
+            notes: SampleNotes {
+                truncated: true,
+                appended_eos: 1,
+                ..Default::default()
+            },
         };
         let ds = TokenizedDataset {
             files: vec![PathBuf::from("a.jsonl")],
             examples: vec![
-                TokenizedExample { file: 0, line: 3, record: TokenizedRecord::Single(s.clone()) },
-                TokenizedExample { file: 0, line: 4, record: TokenizedRecord::Pair { chosen: s.clone(), rejected: s.clone() } },
-                TokenizedExample { file: 0, line: 5, record: TokenizedRecord::Kto { sample: s, label: true } },
+                TokenizedExample {
+                    file: 0,
+                    line: 3,
+                    record: TokenizedRecord::Single(s.clone()),
+                },
+                TokenizedExample {
+                    file: 0,
+                    line: 4,
+                    record: TokenizedRecord::Pair {
+                        chosen: s.clone(),
+                        rejected: s.clone(),
+                    },
+                },
+                TokenizedExample {
+                    file: 0,
+                    line: 5,
+                    record: TokenizedRecord::Kto {
+                        sample: s,
+                        label: true,
+                    },
+                },
             ],
-            skipped: vec![RowError { file: Arc::from(Path::new("a.jsonl")), line: 9, reason: "bad".into() }],
+            skipped: vec![RowError {
+                file: Arc::from(Path::new("a.jsonl")),
+                line: 9,
+                reason: "bad".into(),
+            }],
             dropped_too_long: vec![(0, 7)],
             from_cache: false,
         };

@@ -282,8 +282,10 @@ fn added_token_json(id: u32, content: &str, special: bool) -> Value {
 }
 
 fn byte_level_pipeline() -> (Value, Value) {
-    let post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
-    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    let post =
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    let decoder =
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
     (post, decoder)
 }
 
@@ -317,8 +319,13 @@ impl Tokenizer {
     }
 
     fn refresh_special_ids(&mut self) {
-        self.special_ids =
-            self.inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
+        self.special_ids = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
     }
 
     /// Loads a Hugging Face `tokenizer.json` (no config: BOS/EOS as its post-processor says).
@@ -334,7 +341,15 @@ impl Tokenizer {
         let mut h = ContentHasher::new();
         h.field(b"hf");
         h.field(bytes);
-        let mut t = Self::build(value, TokenizerKind::HuggingFace, h.hex(), None, vec![], None, None)?;
+        let mut t = Self::build(
+            value,
+            TokenizerKind::HuggingFace,
+            h.hex(),
+            None,
+            vec![],
+            None,
+            None,
+        )?;
         // Without a config, guess BOS/EOS from common names.
         for name in ["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>"] {
             if let Some(id) = t.token_to_id(name) {
@@ -372,16 +387,29 @@ impl Tokenizer {
             for split in 1..bytes.len() {
                 let (l, r) = bytes.split_at(split);
                 if let (Some(&lr), Some(&rr)) = (by_bytes.get(l), by_bytes.get(r)) {
-                    merges.push((*rank, lr, rr, byte_level_string(l, &table), byte_level_string(r, &table)));
+                    merges.push((
+                        *rank,
+                        lr,
+                        rr,
+                        byte_level_string(l, &table),
+                        byte_level_string(r, &table),
+                    ));
                 }
             }
         }
         merges.sort_by_key(|m| (m.0, m.1, m.2));
         let merges: Vec<Value> = merges.into_iter().map(|m| json!([m.3, m.4])).collect();
-        let added: Vec<Value> =
-            spec.special_tokens.iter().map(|(s, id, special)| added_token_json(*id, s, *special)).collect();
+        let added: Vec<Value> = spec
+            .special_tokens
+            .iter()
+            .map(|(s, id, special)| added_token_json(*id, s, *special))
+            .collect();
         let (post, decoder) = byte_level_pipeline();
-        let normalizer = if spec.nfc { json!({"type": "NFC"}) } else { Value::Null };
+        let normalizer = if spec.nfc {
+            json!({"type": "NFC"})
+        } else {
+            Value::Null
+        };
         let inner = json!({
             "version": "1.0", "truncation": null, "padding": null,
             "added_tokens": added,
@@ -487,7 +515,12 @@ impl Tokenizer {
                 }
             }
         }
-        merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+        merges.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(a.1.cmp(&b.1))
+                .then(a.2.cmp(&b.2))
+                .then(a.3.cmp(&b.3))
+        });
         let merges_json: Vec<Value> = merges.iter().map(|m| json!([m.4, m.5])).collect();
         let inner = json!({
             "version": "1.0", "truncation": null, "padding": null,
@@ -561,7 +594,10 @@ impl Tokenizer {
         if model.model_type != 2 {
             return Err(Error::invalid(
                 place,
-                format!("SentencePiece model type {} is not supported (only BPE, type 2)", model.model_type),
+                format!(
+                    "SentencePiece model type {} is not supported (only BPE, type 2)",
+                    model.model_type
+                ),
             ));
         }
         let n = model.pieces.len();
@@ -573,8 +609,12 @@ impl Tokenizer {
     /// Builds a GPT-2 style byte-level BPE from `vocab.json` and `merges.txt`.
     pub fn from_gpt2_files(vocab_json: &Path, merges_txt: &Path) -> Result<Self> {
         let vocab_bytes = read_file(vocab_json)?;
-        let vocab: Map<String, Value> = serde_json::from_slice(&vocab_bytes)
-            .map_err(|e| Error::invalid(vocab_json.display().to_string(), format!("expected a JSON object: {e}")))?;
+        let vocab: Map<String, Value> = serde_json::from_slice(&vocab_bytes).map_err(|e| {
+            Error::invalid(
+                vocab_json.display().to_string(),
+                format!("expected a JSON object: {e}"),
+            )
+        })?;
         let merges_text = read_text(merges_txt)?;
         let mut merges = Vec::new();
         for (ln, line) in merges_text.lines().enumerate() {
@@ -589,8 +629,14 @@ impl Tokenizer {
             };
             merges.push(json!([a, b]));
         }
-        let eot = vocab.get("<|endoftext|>").and_then(|v| v.as_u64()).map(|v| v as u32);
-        let added: Vec<Value> = eot.iter().map(|&id| added_token_json(id, "<|endoftext|>", true)).collect();
+        let eot = vocab
+            .get("<|endoftext|>")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32);
+        let added: Vec<Value> = eot
+            .iter()
+            .map(|&id| added_token_json(id, "<|endoftext|>", true))
+            .collect();
         let (post, decoder) = byte_level_pipeline();
         let inner = json!({
             "version": "1.0", "truncation": null, "padding": null,
@@ -605,7 +651,15 @@ impl Tokenizer {
         h.field(b"gpt2");
         h.field(&vocab_bytes);
         h.field(merges_text.as_bytes());
-        Self::build(inner, TokenizerKind::Gpt2, h.hex(), eot, eot.into_iter().collect(), None, Some((false, false)))
+        Self::build(
+            inner,
+            TokenizerKind::Gpt2,
+            h.hex(),
+            eot,
+            eot.into_iter().collect(),
+            None,
+            Some((false, false)),
+        )
     }
 
     /// Loads a model folder: `tokenizer.json` (or a tiktoken `tokenizer.model` / `*.tiktoken`), then
@@ -629,7 +683,10 @@ impl Tokenizer {
                 eos: vec![],
                 pad: None,
             });
-            if let Some(added) = config.as_ref().and_then(|c| c.get("added_tokens_decoder")).and_then(|v| v.as_object())
+            if let Some(added) = config
+                .as_ref()
+                .and_then(|c| c.get("added_tokens_decoder"))
+                .and_then(|v| v.as_object())
             {
                 let mut from_config = Vec::new();
                 for (id, entry) in added {
@@ -644,24 +701,36 @@ impl Tokenizer {
                 }
             }
             Self::from_tiktoken_ranks(ranks, &spec)?
+        } else if dir.join("tokenizer.model").is_file() {
+            Self::from_sentencepiece_model(&dir.join("tokenizer.model"))?
+        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            Self::from_gpt2_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?
         } else {
             return Err(Error::invalid(
                 dir.display().to_string(),
-                "no tokenizer found: expected tokenizer.json, tokenizer.model (tiktoken ranks) or *.tiktoken",
+                "no tokenizer found: expected tokenizer.json, tokenizer.model (tiktoken ranks or SentencePiece), *.tiktoken, or vocab.json + merges.txt",
             ));
         };
         if let Some(cfg) = &config {
             tok.apply_config(cfg, dir)?;
         }
         if let Some(map) = &special_map {
-            for (key, slot) in [("bos_token", 0), ("eos_token", 1), ("unk_token", 2), ("pad_token", 3)] {
+            for (key, slot) in [
+                ("bos_token", 0),
+                ("eos_token", 1),
+                ("unk_token", 2),
+                ("pad_token", 3),
+            ] {
                 let current = match slot {
                     0 => &tok.special_tokens.bos_token,
                     1 => &tok.special_tokens.eos_token,
                     2 => &tok.special_tokens.unk_token,
                     _ => &tok.special_tokens.pad_token,
                 };
-                let in_config = config.as_ref().map(|c| c.get(key).is_some_and(|v| !v.is_null())).unwrap_or(false);
+                let in_config = config
+                    .as_ref()
+                    .map(|c| c.get(key).is_some_and(|v| !v.is_null()))
+                    .unwrap_or(false);
                 if current.is_some() && in_config {
                     continue;
                 }
@@ -694,7 +763,11 @@ impl Tokenizer {
         }
         let mut h = ContentHasher::new();
         h.field(tok.fingerprint.as_bytes());
-        for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        for name in [
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
             if let Ok(b) = std::fs::read(dir.join(name)) {
                 h.field(&b);
             }
@@ -766,12 +839,11 @@ impl Tokenizer {
         }
         for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
             match obj.get(key) {
-                Some(Value::Null) => {
-                    if key == "bos_token" {
-                        self.bos = None;
-                        self.special_tokens.bos_token = None;
-                    }
+                Some(Value::Null) if key == "bos_token" => {
+                    self.bos = None;
+                    self.special_tokens.bos_token = None;
                 }
+                Some(Value::Null) => {}
                 Some(v) => {
                     if let Some(s) = token_string(Some(v)) {
                         self.set_special(key, s);
@@ -794,8 +866,16 @@ impl Tokenizer {
 
     /// What the inner post-processor adds around a single sequence: (adds BOS, adds EOS).
     fn inner_adds(&self) -> (bool, bool) {
-        let with = self.inner.encode("a", true).map(|e| e.get_ids().to_vec()).unwrap_or_default();
-        let without = self.inner.encode("a", false).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+        let with = self
+            .inner
+            .encode("a", true)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default();
+        let without = self
+            .inner
+            .encode("a", false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default();
         let adds_bos = with.len() > without.len() && self.bos.is_some() && with.first() == self.bos.as_ref();
         let adds_eos = with.len() > without.len() && with.last().is_some_and(|l| self.eos.contains(l));
         (adds_bos, adds_eos)
@@ -806,7 +886,10 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoding> {
         let inner_specials = add_special_tokens && self.explicit_specials.is_none();
         let enc = self.inner.encode(text, inner_specials).map_err(tok_err)?;
-        let mut out = Encoding { ids: enc.get_ids().to_vec(), offsets: enc.get_offsets().to_vec() };
+        let mut out = Encoding {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        };
         if add_special_tokens && let Some((add_bos, add_eos)) = self.explicit_specials {
             if add_bos && let Some(b) = self.bos {
                 out.ids.insert(0, b);
@@ -839,13 +922,23 @@ impl Tokenizer {
     /// Decodes ids to text; unknown ids are dropped.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
         let n = self.inner.get_vocab_size(true) as u32;
-        let known: Vec<u32> = ids.iter().copied().filter(|&i| i < n || self.inner.id_to_token(i).is_some()).collect();
+        let known: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&i| i < n || self.inner.id_to_token(i).is_some())
+            .collect();
         self.inner.decode(&known, skip_special_tokens).unwrap_or_default()
     }
 
     /// A streaming decoder for server streaming (see [`DecodeStream`]).
     pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
-        DecodeStream { tokenizer: self, skip_special_tokens, ids: vec![], prefix: String::new(), prefix_index: 0 }
+        DecodeStream {
+            tokenizer: self,
+            skip_special_tokens,
+            ids: vec![],
+            prefix: String::new(),
+            prefix_index: 0,
+        }
     }
 
     /// Id of a token string (vocabulary or added token).
@@ -861,7 +954,13 @@ impl Tokenizer {
     /// Vocabulary size including added tokens (the largest id + 1 in practice).
     pub fn vocab_size(&self) -> usize {
         let base = self.inner.get_vocab_size(true);
-        let max_added = self.inner.get_added_tokens_decoder().keys().max().map(|&m| m as usize + 1).unwrap_or(0);
+        let max_added = self
+            .inner
+            .get_added_tokens_decoder()
+            .keys()
+            .max()
+            .map(|&m| m as usize + 1)
+            .unwrap_or(0);
         base.max(max_added)
     }
 
@@ -948,7 +1047,11 @@ impl DecodeStream<'_> {
         self.ids.clear();
         let prefix = std::mem::take(&mut self.prefix);
         self.prefix_index = 0;
-        if text.len() > prefix.len() && text.starts_with(&prefix) { Some(text[prefix.len()..].to_string()) } else { None }
+        if text.len() > prefix.len() && text.starts_with(&prefix) {
+            Some(text[prefix.len()..].to_string())
+        } else {
+            None
+        }
     }
 }
 
@@ -977,10 +1080,16 @@ fn find_tiktoken_file(dir: &Path) -> Option<std::path::PathBuf> {
 }
 
 fn looks_like_tiktoken(path: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(path) else { return false };
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
     let head = &bytes[..bytes.len().min(256)];
-    let Some(line) = head.split(|&b| b == b'\n').next() else { return false };
-    let Ok(line) = std::str::from_utf8(line) else { return false };
+    let Some(line) = head.split(|&b| b == b'\n').next() else {
+        return false;
+    };
+    let Ok(line) = std::str::from_utf8(line) else {
+        return false;
+    };
     let mut parts = line.split(' ');
     matches!((parts.next(), parts.next().map(|r| r.trim().parse::<u32>())), (Some(t), Some(Ok(_))) if decode_base64(t).is_some())
 }
@@ -999,7 +1108,9 @@ pub fn read_tiktoken_ranks(path: &Path) -> Result<Vec<(Vec<u8>, u32)>> {
             return Err(Error::invalid(place(), "expected `<base64 token> <rank>`"));
         };
         let bytes = decode_base64(tok).ok_or_else(|| Error::invalid(place(), "token is not valid base64"))?;
-        let rank: u32 = rank.parse().map_err(|_| Error::invalid(place(), "rank is not a non-negative integer"))?;
+        let rank: u32 = rank
+            .parse()
+            .map_err(|_| Error::invalid(place(), "rank is not a non-negative integer"))?;
         out.push((bytes, rank));
     }
     Ok(out)
@@ -1051,7 +1162,9 @@ fn parse_sentencepiece_model(bytes: &[u8]) -> std::result::Result<SentencePieceM
                 }
                 2 => {
                     let len = varint(b, &mut pos)? as usize;
-                    let s = b.get(pos..pos.checked_add(len).ok_or("bad length")?).ok_or("truncated field")?;
+                    let s = b
+                        .get(pos..pos.checked_add(len).ok_or("bad length")?)
+                        .ok_or("truncated field")?;
                     pos += len;
                     f(field, s, 0)?;
                 }
@@ -1060,7 +1173,11 @@ fn parse_sentencepiece_model(bytes: &[u8]) -> std::result::Result<SentencePieceM
                     pos += 4;
                     f(field, s, 0)?;
                 }
-                w => return Err(format!("unsupported protobuf wire type {w}: not a SentencePiece model")),
+                w => {
+                    return Err(format!(
+                        "unsupported protobuf wire type {w}: not a SentencePiece model"
+                    ));
+                }
             }
         }
         Ok(())
@@ -1113,14 +1230,18 @@ fn parse_sentencepiece_model(bytes: &[u8]) -> std::result::Result<SentencePieceM
 fn parse_llama2c_vocab(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<f32>), String> {
     let mut pos = 0usize;
     let take = |pos: &mut usize, n: usize| -> std::result::Result<&[u8], String> {
-        let s = bytes.get(*pos..*pos + n).ok_or_else(|| format!("truncated at byte {pos}"))?;
+        let s = bytes
+            .get(*pos..*pos + n)
+            .ok_or_else(|| format!("truncated at byte {pos}"))?;
         *pos += n;
         Ok(s)
     };
     let word = |s: &[u8]| -> [u8; 4] { [s[0], s[1], s[2], s[3]] };
     let max_len = i32::from_le_bytes(word(take(&mut pos, 4)?));
     if !(1..=1 << 16).contains(&max_len) {
-        return Err(format!("max_token_length {max_len} is not plausible: not a llama2.c tokenizer file"));
+        return Err(format!(
+            "max_token_length {max_len} is not plausible: not a llama2.c tokenizer file"
+        ));
     }
     let mut pieces = Vec::new();
     let mut scores = Vec::new();
@@ -1169,7 +1290,14 @@ mod tests {
             types.push(token_type::BYTE);
             scores.push(0.0);
         }
-        for (p, s) in [("▁", -1.0), ("a", -2.0), ("b", -3.0), ("ab", -4.0), ("▁ab", -5.0), ("▁a", -6.0)] {
+        for (p, s) in [
+            ("▁", -1.0),
+            ("a", -2.0),
+            ("b", -3.0),
+            ("ab", -4.0),
+            ("▁ab", -5.0),
+            ("▁a", -6.0),
+        ] {
             pieces.push(p.to_string());
             types.push(token_type::NORMAL);
             scores.push(s);
@@ -1196,7 +1324,8 @@ mod tests {
 
     #[test]
     fn sentencepiece_rejects_mismatched_lengths() {
-        let err = Tokenizer::from_sentencepiece_vocab(vec!["a".into()], vec![], vec![], None, None).unwrap_err();
+        let err =
+            Tokenizer::from_sentencepiece_vocab(vec!["a".into()], vec![], vec![], None, None).unwrap_err();
         assert!(err.to_string().contains("1 pieces but 0 scores"), "{err}");
     }
 
@@ -1242,7 +1371,10 @@ mod tests {
         assert_eq!(ids.len(), 4);
         let mut s = t.decode_stream(false);
         let out: Vec<Option<String>> = ids.iter().map(|&i| s.step(i)).collect();
-        assert_eq!(out, vec![Some("h".into()), None, Some("é".into()), Some("!".into())]);
+        assert_eq!(
+            out,
+            vec![Some("h".into()), None, Some("é".into()), Some("!".into())]
+        );
         assert_eq!(s.finish(), None);
     }
 

@@ -20,7 +20,11 @@ fn every_shared_dataset_parses() {
         ("v1_dpo_demo.jsonl", DatasetFormat::Preference, 10),
         ("hh_rlhf_tiny.json", DatasetFormat::Preference, 1),
         ("stack_exchange_paired_tiny.json", DatasetFormat::Preference, 25),
-        ("dolly_151_alpaca_prompt.jsonl", DatasetFormat::PromptCompletion, 151),
+        (
+            "dolly_151_alpaca_prompt.jsonl",
+            DatasetFormat::PromptCompletion,
+            151,
+        ),
         ("alpaca_en_demo.json", DatasetFormat::Alpaca, 999),
         ("glaive_toolcall_en_demo.json", DatasetFormat::ShareGpt, 300),
         ("identity.json", DatasetFormat::Alpaca, 91),
@@ -60,20 +64,33 @@ fn typed_records_keep_tools_weights_and_prompts() {
         .rows
         .iter()
         .find_map(|r| match &r.record {
-            Record::Chat(c) if c.messages.iter().any(|m| m.extra.contains_key("tool_calls")) => Some(c.clone()),
+            Record::Chat(c) if c.messages.iter().any(|m| m.extra.contains_key("tool_calls")) => {
+                Some(c.clone())
+            }
             _ => None,
         })
         .expect("a conversation with a tool call");
-    assert!(with_call.tools.as_ref().is_some_and(|t| t[0]["type"] == "function"));
+    assert!(
+        with_call
+            .tools
+            .as_ref()
+            .is_some_and(|t| t[0]["type"] == "function")
+    );
     assert!(with_call.messages.iter().any(|m| m.role == "tool"));
     let v1 = ds("sft/llamafactory/v1_sft_demo.jsonl");
-    let Record::Chat(c) = &v1.rows[0].record else { panic!() };
+    let Record::Chat(c) = &v1.rows[0].record else {
+        panic!()
+    };
     assert_eq!(c.weights, vec![Some(0.0), Some(1.0)]);
     assert_eq!(c.messages[0].content, serde_json::json!("hi"));
     let hh = ds("preference/hh-rlhf/harmless-base-test.jsonl.gz");
     for row in &hh.rows {
-        let Record::Preference(p) = &row.record else { panic!() };
-        let graft_data::Turns::Text(prompt) = &p.prompt else { panic!() };
+        let Record::Preference(p) = &row.record else {
+            panic!()
+        };
+        let graft_data::Turns::Text(prompt) = &p.prompt else {
+            panic!()
+        };
         assert!(prompt.ends_with("Assistant:"), "line {}: {prompt:?}", row.line);
     }
 }
@@ -83,10 +100,23 @@ fn openai_toy_file_reports_faulty_rows_with_lines() {
     let Some(d) = data_dir() else { return };
     let path = d.join("datasets/sft/openai-cookbook/toy_chat_fine_tuning.jsonl");
     let ds = dataset::load(&path, &LoadOptions::default()).unwrap();
-    let warned: Vec<(usize, String)> =
-        ds.rows.iter().flat_map(|r| r.warnings.iter().map(move |w| (r.line, w.clone()))).collect();
-    assert!(warned.iter().any(|(l, w)| *l == 3 && w.contains("no system message")), "{warned:?}");
-    assert!(warned.iter().any(|(l, w)| *l == 4 && w.contains("no user message")), "{warned:?}");
+    let warned: Vec<(usize, String)> = ds
+        .rows
+        .iter()
+        .flat_map(|r| r.warnings.iter().map(move |w| (r.line, w.clone())))
+        .collect();
+    assert!(
+        warned
+            .iter()
+            .any(|(l, w)| *l == 3 && w.contains("no system message")),
+        "{warned:?}"
+    );
+    assert!(
+        warned
+            .iter()
+            .any(|(l, w)| *l == 4 && w.contains("no user message")),
+        "{warned:?}"
+    );
     assert!(!warned.iter().any(|(l, _)| *l == 1 || *l == 2), "{warned:?}");
 }
 
@@ -103,18 +133,49 @@ fn invalid_rows_error_by_default_and_skip_on_request() {
          {\"messages\": \"oops\"}\n",
     )
     .unwrap();
-    let err = dataset::load(&path, &LoadOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("bad.jsonl:2: messages[1].role: expected one of"), "{err}");
-    let ds = dataset::load(&path, &LoadOptions { skip_invalid: true, ..Default::default() }).unwrap();
+    let err = dataset::load(&path, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.jsonl:2: messages[1].role: expected one of"),
+        "{err}"
+    );
+    let ds = dataset::load(
+        &path,
+        &LoadOptions {
+            skip_invalid: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(ds.rows.len(), 1);
     let lines: Vec<usize> = ds.invalid.iter().map(|e| e.line).collect();
     assert_eq!(lines, vec![2, 3, 4]);
-    assert!(ds.invalid[1].to_string().contains("bad.jsonl:3: invalid JSON"), "{}", ds.invalid[1]);
-    assert!(ds.invalid[2].reason.contains("messages: expected a list of messages"), "{}", ds.invalid[2]);
+    assert!(
+        ds.invalid[1].to_string().contains("bad.jsonl:3: invalid JSON"),
+        "{}",
+        ds.invalid[1]
+    );
+    assert!(
+        ds.invalid[2]
+            .reason
+            .contains("messages: expected a list of messages"),
+        "{}",
+        ds.invalid[2]
+    );
     // A .json array names the line where the bad element starts.
     let arr = dir.join("bad.json");
-    std::fs::write(&arr, "[\n {\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\": 3, \"output\": \"b\"}\n]").unwrap();
-    let err = dataset::load(&arr, &LoadOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("bad.json:3: instruction: expected a string"), "{err}");
+    std::fs::write(
+        &arr,
+        "[\n {\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\": 3, \"output\": \"b\"}\n]",
+    )
+    .unwrap();
+    let err = dataset::load(&arr, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.json:3: instruction: expected a string"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -5,7 +5,9 @@ mod common;
 use common::data_dir;
 use graft_data::dataset::{Conversation, Record};
 use graft_data::sample::{self, LossMode, MissingEndOfTurn, TokenizeOptions};
-use graft_data::{ChatTemplate, Message, SpecialTokens, TiktokenSpec, Tokenizer, TokenizedRecord, TokenizedSample};
+use graft_data::{
+    ChatTemplate, Message, SpecialTokens, TiktokenSpec, TokenizedRecord, TokenizedSample, Tokenizer,
+};
 
 fn conversation(weights: Vec<Option<f32>>) -> Record {
     Record::Chat(Conversation {
@@ -51,10 +53,21 @@ fn qwen25_trains_assistant_content_and_im_end_only() {
     let Some(d) = data_dir() else { return };
     let (tok, template) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
     let template = template.expect("qwen2.5 has a chat template");
-    let s = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &TokenizeOptions::default()).unwrap());
+    let s = single(
+        sample::tokenize_record(
+            &conversation(vec![]),
+            &tok,
+            Some(&template),
+            &TokenizeOptions::default(),
+        )
+        .unwrap(),
+    );
     assert_eq!(
         trained_runs(&tok, &s),
-        vec!["I'm doing great. How can I help you today?<|im_end|>", "Why did the chicken cross the road?<|im_end|>"]
+        vec![
+            "I'm doing great. How can I help you today?<|im_end|>",
+            "Why did the chicken cross the road?<|im_end|>"
+        ]
     );
     assert_eq!(s.notes, Default::default());
     // Nothing before the first assistant content is trained, and the newline after <|im_end|> is not.
@@ -66,14 +79,28 @@ fn qwen25_trains_assistant_content_and_im_end_only() {
     }
     // Weight 0 on the first assistant turn; last-assistant mode; all tokens.
     let w = single(
-        sample::tokenize_record(&conversation(vec![None, None, Some(0.0), None, None]), &tok, Some(&template), &TokenizeOptions::default())
-            .unwrap(),
+        sample::tokenize_record(
+            &conversation(vec![None, None, Some(0.0), None, None]),
+            &tok,
+            Some(&template),
+            &TokenizeOptions::default(),
+        )
+        .unwrap(),
     );
-    assert_eq!(trained_runs(&tok, &w), vec!["Why did the chicken cross the road?<|im_end|>"]);
-    let opts = TokenizeOptions { loss: LossMode::LastAssistant, ..Default::default() };
+    assert_eq!(
+        trained_runs(&tok, &w),
+        vec!["Why did the chicken cross the road?<|im_end|>"]
+    );
+    let opts = TokenizeOptions {
+        loss: LossMode::LastAssistant,
+        ..Default::default()
+    };
     let l = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &opts).unwrap());
     assert_eq!(l.trained, w.trained);
-    let opts = TokenizeOptions { loss: LossMode::AllTokens, ..Default::default() };
+    let opts = TokenizeOptions {
+        loss: LossMode::AllTokens,
+        ..Default::default()
+    };
     let a = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &opts).unwrap());
     let untrained: Vec<usize> = (0..a.trained.len()).filter(|&i| !a.trained[i]).collect();
     assert_eq!(untrained, vec![0]);
@@ -82,33 +109,51 @@ fn qwen25_trains_assistant_content_and_im_end_only() {
 #[test]
 fn llama3_single_bos_and_eot_trained() {
     let Some(d) = data_dir() else { return };
-    let tok = Tokenizer::from_tiktoken_file(&d.join("tokenizers/llama3/tokenizer.model"), &TiktokenSpec::llama3()).unwrap();
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("chat_templates/mistral.rs/llama3.json")).unwrap()).unwrap();
+    let tok = Tokenizer::from_tiktoken_file(
+        &d.join("tokenizers/llama3/tokenizer.model"),
+        &TiktokenSpec::llama3(),
+    )
+    .unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("chat_templates/mistral.rs/llama3.json")).unwrap(),
+    )
+    .unwrap();
     let special = SpecialTokens {
         bos_token: Some("<|begin_of_text|>".into()),
         eos_token: Some("<|eot_id|>".into()),
         ..Default::default()
     };
     let template = ChatTemplate::new(cfg["chat_template"].as_str().unwrap(), special).unwrap();
-    let s = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &TokenizeOptions::default()).unwrap());
+    let s = single(
+        sample::tokenize_record(
+            &conversation(vec![]),
+            &tok,
+            Some(&template),
+            &TokenizeOptions::default(),
+        )
+        .unwrap(),
+    );
     assert_eq!(s.input_ids[0], 128000);
     assert_ne!(s.input_ids[1], 128000);
     assert_eq!(
         trained_runs(&tok, &s),
-        vec!["I'm doing great. How can I help you today?<|eot_id|>", "Why did the chicken cross the road?<|eot_id|>"]
+        vec![
+            "I'm doing great. How can I help you today?<|eot_id|>",
+            "Why did the chicken cross the road?<|eot_id|>"
+        ]
     );
     // The rendered text equals a fresh encode of the template output.
-    let text = template.render_text(
-        match &conversation(vec![]) {
-            Record::Chat(c) => &c.messages,
-            _ => unreachable!(),
-        },
-        None,
-        false,
-        &Default::default(),
-    )
-    .unwrap();
+    let text = template
+        .render_text(
+            match &conversation(vec![]) {
+                Record::Chat(c) => &c.messages,
+                _ => unreachable!(),
+            },
+            None,
+            false,
+            &Default::default(),
+        )
+        .unwrap();
     assert_eq!(tok.encode(&text, false).unwrap().ids, s.input_ids);
 }
 
@@ -117,13 +162,25 @@ fn phi3_end_token_trained_and_no_bos_added() {
     let Some(d) = data_dir() else { return };
     let (tok, template) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/phi-3-mini")).unwrap();
     let template = template.unwrap();
-    let s = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &TokenizeOptions::default()).unwrap());
+    let s = single(
+        sample::tokenize_record(
+            &conversation(vec![]),
+            &tok,
+            Some(&template),
+            &TokenizeOptions::default(),
+        )
+        .unwrap(),
+    );
     let runs = trained_runs(&tok, &s);
     assert_eq!(runs.len(), 2, "{runs:?}");
     assert!(runs[0].ends_with("today?<|end|>"), "{runs:?}");
     // The template closes the conversation with eos_token right after the last turn.
     assert!(runs[1].ends_with("road?<|end|><|endoftext|>"), "{runs:?}");
-    assert!(!runs.iter().any(|r| r.contains("<|user|>") || r.contains("<|assistant|>")));
+    assert!(
+        !runs
+            .iter()
+            .any(|r| r.contains("<|user|>") || r.contains("<|assistant|>"))
+    );
 }
 
 #[test]
@@ -135,13 +192,24 @@ fn template_without_end_of_turn_gets_eos_and_report() {
         tok.special_tokens().clone(),
     )
     .unwrap();
-    let s = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &TokenizeOptions::default()).unwrap());
+    let s = single(
+        sample::tokenize_record(
+            &conversation(vec![]),
+            &tok,
+            Some(&template),
+            &TokenizeOptions::default(),
+        )
+        .unwrap(),
+    );
     assert_eq!(s.notes.appended_eos, 2);
     assert_eq!(s.input_ids[0], 1);
     let eos_positions: Vec<usize> = (0..s.input_ids.len()).filter(|&i| s.input_ids[i] == 2).collect();
     assert_eq!(eos_positions.len(), 2);
     assert!(eos_positions.iter().all(|&i| s.trained[i]));
-    let opts = TokenizeOptions { missing_end_of_turn: MissingEndOfTurn::Report, ..Default::default() };
+    let opts = TokenizeOptions {
+        missing_end_of_turn: MissingEndOfTurn::Report,
+        ..Default::default()
+    };
     let r = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &opts).unwrap());
     assert_eq!(r.notes.missing_end_of_turn, 2);
     assert!(!r.input_ids.contains(&2));
@@ -151,7 +219,15 @@ fn template_without_end_of_turn_gets_eos_and_report() {
 fn doubled_bos_is_collapsed_and_prompt_not_trained() {
     let Some(d) = data_dir() else { return };
     let tok = Tokenizer::from_llama2c_file(&d.join("models/stories260K/tok512.bin")).unwrap();
-    let s = single(sample::tokenize_record(&Record::Text("<s>Once upon a time".into()), &tok, None, &TokenizeOptions::default()).unwrap());
+    let s = single(
+        sample::tokenize_record(
+            &Record::Text("<s>Once upon a time".into()),
+            &tok,
+            None,
+            &TokenizeOptions::default(),
+        )
+        .unwrap(),
+    );
     assert!(s.notes.bos_deduplicated);
     assert_eq!(s.input_ids.iter().filter(|&&i| i == 1).count(), 1);
     assert_eq!(*s.input_ids.last().unwrap(), 2);
@@ -165,10 +241,17 @@ fn doubled_bos_is_collapsed_and_prompt_not_trained() {
     assert!(s.trained[prompt_len..].iter().all(|&t| t));
     assert_eq!(*s.input_ids.last().unwrap(), 2);
     // Truncation keeps the start by default and records it.
-    let opts = TokenizeOptions { max_len: Some(3), ..Default::default() };
+    let opts = TokenizeOptions {
+        max_len: Some(3),
+        ..Default::default()
+    };
     let t = single(sample::tokenize_record(&pc, &tok, None, &opts).unwrap());
     assert_eq!(t.input_ids.len(), 3);
     assert!(t.notes.truncated);
-    let opts = TokenizeOptions { max_len: Some(3), truncation: graft_data::Truncation::DropRow, ..Default::default() };
+    let opts = TokenizeOptions {
+        max_len: Some(3),
+        truncation: graft_data::Truncation::DropRow,
+        ..Default::default()
+    };
     assert!(sample::tokenize_record(&pc, &tok, None, &opts).unwrap().is_none());
 }

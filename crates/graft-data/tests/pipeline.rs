@@ -14,7 +14,10 @@ fn tokenization_is_cached_by_content_and_options() {
     let (tok, template) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
     let cache = std::env::temp_dir().join(format!("graft-data-cache-{}", std::process::id()));
     let path = d.join("datasets/sft/torchtune/alpaca_tiny.json");
-    let opts = TokenizeOptions { max_len: Some(256), ..Default::default() };
+    let opts = TokenizeOptions {
+        max_len: Some(256),
+        ..Default::default()
+    };
     let load = LoadOptions::default();
     let first = load_tokenized(&path, &load, &tok, template.as_ref(), &opts, Some(&cache)).unwrap();
     assert!(!first.from_cache);
@@ -22,7 +25,10 @@ fn tokenization_is_cached_by_content_and_options() {
     let second = load_tokenized(&path, &load, &tok, template.as_ref(), &opts, Some(&cache)).unwrap();
     assert!(second.from_cache);
     assert_eq!(first.examples, second.examples);
-    let other = TokenizeOptions { max_len: Some(128), ..Default::default() };
+    let other = TokenizeOptions {
+        max_len: Some(128),
+        ..Default::default()
+    };
     let third = load_tokenized(&path, &load, &tok, template.as_ref(), &other, Some(&cache)).unwrap();
     assert!(!third.from_cache);
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
@@ -32,9 +38,18 @@ fn tokenization_is_cached_by_content_and_options() {
 #[test]
 fn packed_tinystories_batches_keep_sequences_isolated() {
     let Some(d) = data_dir() else { return };
-    let (tok, _) = graft_data::load_tokenizer_and_template(&d.join("models/stories260K/stories260K.bin")).unwrap();
+    let (tok, _) =
+        graft_data::load_tokenizer_and_template(&d.join("models/stories260K/stories260K.bin")).unwrap();
     let path = d.join("datasets/text/tinystories/tinystories_sample_cs336.txt");
-    let ds = load_tokenized(&path, &LoadOptions::default(), &tok, None, &TokenizeOptions::default(), None).unwrap();
+    let ds = load_tokenized(
+        &path,
+        &LoadOptions::default(),
+        &tok,
+        None,
+        &TokenizeOptions::default(),
+        None,
+    )
+    .unwrap();
     let samples = ds.singles();
     assert_eq!(samples.len(), 5);
     for s in &samples {
@@ -76,18 +91,56 @@ fn preference_and_kto_rows_tokenize_with_shared_prompts() {
     let Some(d) = data_dir() else { return };
     let (tok, template) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
     let opts = TokenizeOptions::default();
-    let dpo = load_tokenized(&d.join("datasets/preference/llamafactory/dpo_en_demo.json"), &LoadOptions::default(), &tok, template.as_ref(), &opts, None).unwrap();
+    let dpo = load_tokenized(
+        &d.join("datasets/preference/llamafactory/dpo_en_demo.json"),
+        &LoadOptions::default(),
+        &tok,
+        template.as_ref(),
+        &opts,
+        None,
+    )
+    .unwrap();
     assert_eq!(dpo.examples.len(), 300);
     for e in &dpo.examples {
-        let TokenizedRecord::Pair { chosen, rejected } = &e.record else { panic!() };
+        let TokenizedRecord::Pair { chosen, rejected } = &e.record else {
+            panic!()
+        };
         let prompt_c = chosen.trained.iter().position(|&t| t).unwrap();
         let prompt_r = rejected.trained.iter().position(|&t| t).unwrap();
-        assert_eq!(chosen.input_ids[..prompt_c.min(prompt_r)], rejected.input_ids[..prompt_c.min(prompt_r)], "line {}", e.line);
-        assert_eq!(*chosen.input_ids.last().unwrap(), tok.token_to_id("\n").unwrap_or(198));
+        assert_eq!(
+            chosen.input_ids[..prompt_c.min(prompt_r)],
+            rejected.input_ids[..prompt_c.min(prompt_r)],
+            "line {}",
+            e.line
+        );
+        assert_eq!(
+            *chosen.input_ids.last().unwrap(),
+            tok.token_to_id("\n").unwrap_or(198)
+        );
     }
-    let kto = load_tokenized(&d.join("datasets/sft/llamafactory/kto_en_demo.json"), &LoadOptions::default(), &tok, template.as_ref(), &opts, None).unwrap();
+    let kto = load_tokenized(
+        &d.join("datasets/sft/llamafactory/kto_en_demo.json"),
+        &LoadOptions::default(),
+        &tok,
+        template.as_ref(),
+        &opts,
+        None,
+    )
+    .unwrap();
     assert_eq!(kto.examples.len(), 300);
-    assert!(kto.examples.iter().any(|e| matches!(e.record, TokenizedRecord::Kto { label: false, .. })));
-    let hh = load_tokenized(&d.join("datasets/preference/hh-rlhf/harmless-base-test.jsonl.gz"), &LoadOptions::default(), &tok, None, &opts, None).unwrap();
+    assert!(
+        kto.examples
+            .iter()
+            .any(|e| matches!(e.record, TokenizedRecord::Kto { label: false, .. }))
+    );
+    let hh = load_tokenized(
+        &d.join("datasets/preference/hh-rlhf/harmless-base-test.jsonl.gz"),
+        &LoadOptions::default(),
+        &tok,
+        None,
+        &opts,
+        None,
+    )
+    .unwrap();
     assert_eq!(hh.examples.len(), 2312);
 }

@@ -48,7 +48,11 @@ fn template_source(data: &Path, source: &str) -> String {
 }
 
 fn messages(v: &Value) -> Vec<Message> {
-    v.as_array().unwrap().iter().map(|m| Message::from_json(m).unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Message::from_json(m).unwrap())
+        .collect()
 }
 
 #[test]
@@ -82,7 +86,11 @@ fn rendered_goldens_byte_for_byte() {
         for (span, m) in r.spans.iter().zip(&conv) {
             if m.role == "assistant" {
                 let g = span.generated_range.clone().unwrap();
-                assert!(r.text[g].contains(m.text().trim()), "{what}: span of message {}", span.message_index);
+                assert!(
+                    r.text[g].contains(m.text().trim()),
+                    "{what}: span of message {}",
+                    span.message_index
+                );
             }
         }
         rendered += 1;
@@ -105,7 +113,10 @@ fn ollama_testdata_renderings() {
     let system = Message::new("system", "You are a helpful assistant.");
     let convs = [
         ("user", vec![user.clone()]),
-        ("user-assistant-user", vec![user.clone(), assistant.clone(), user2.clone()]),
+        (
+            "user-assistant-user",
+            vec![user.clone(), assistant.clone(), user2.clone()],
+        ),
         ("system-user-assistant-user", vec![system, user, assistant, user2]),
     ];
     let mut matched = std::collections::BTreeSet::new();
@@ -121,7 +132,9 @@ fn ollama_testdata_renderings() {
             eos_token: Some("</s>".into()),
             ..Default::default()
         };
-        let Ok(t) = ChatTemplate::new(entry["template"].as_str().unwrap(), special) else { continue };
+        let Ok(t) = ChatTemplate::new(entry["template"].as_str().unwrap(), special) else {
+            continue;
+        };
         let mut all = true;
         for (file, conv) in &convs {
             let expected = std::fs::read_to_string(dir.join(file)).unwrap();
@@ -143,7 +156,19 @@ fn ollama_testdata_renderings() {
     }
     // ollama's Go templates differ from the HF ones in whitespace for many families; these seven
     // are the same text, and each has at least one HF template in the index that renders it.
-    for name in ["alfred", "chatml", "granite-instruct", "llama3-instruct", "openchat", "phi-3", "zephyr"] {
-        assert!(matched.contains(name), "{name} does not match ollama's rendering:\n{}", report.join("\n"));
+    for name in [
+        "alfred",
+        "chatml",
+        "granite-instruct",
+        "llama3-instruct",
+        "openchat",
+        "phi-3",
+        "zephyr",
+    ] {
+        assert!(
+            matched.contains(name),
+            "{name} does not match ollama's rendering:\n{}",
+            report.join("\n")
+        );
     }
 }

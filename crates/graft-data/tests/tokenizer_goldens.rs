@@ -23,8 +23,11 @@ fn check_cases(tok: &Tokenizer, cases: &serde_json::Value, prepend_bos: Option<u
 #[test]
 fn llama3_tiktoken_matches_swift_transformers() {
     let Some(d) = data_dir() else { return };
-    let tok = Tokenizer::from_tiktoken_file(&d.join("tokenizers/llama3/tokenizer.model"), &TiktokenSpec::llama3())
-        .unwrap();
+    let tok = Tokenizer::from_tiktoken_file(
+        &d.join("tokenizers/llama3/tokenizer.model"),
+        &TiktokenSpec::llama3(),
+    )
+    .unwrap();
     let g = d.join("tokenizers/goldens/swift-transformers");
     let tests = read_json(&g.join("tokenizer_tests.json"));
     let n = check_cases(&tok, &tests["pcuenq/Llama-3.2-1B-Instruct-tokenizer"], None);
@@ -61,8 +64,11 @@ fn gpt2_vocab_merges_match_distilgpt2() {
 #[test]
 fn qwen25_tiktoken_nfc_matches_multilingual() {
     let Some(d) = data_dir() else { return };
-    let tok =
-        Tokenizer::from_tiktoken_file(&d.join("tokenizers/qwen2.5/qwen.tiktoken"), &TiktokenSpec::qwen2()).unwrap();
+    let tok = Tokenizer::from_tiktoken_file(
+        &d.join("tokenizers/qwen2.5/qwen.tiktoken"),
+        &TiktokenSpec::qwen2(),
+    )
+    .unwrap();
     let g = d.join("tokenizers/goldens/swift-transformers/multilingual");
     let inputs = read_json(&g.join("inputs.json"));
     let golden = read_json(&g.join("Qwen__Qwen2.5-0.5B.json"));
@@ -71,8 +77,15 @@ fn qwen25_tiktoken_nfc_matches_multilingual() {
         let id = input["id"].as_str().unwrap();
         let text = input["text"].as_str().unwrap();
         let entry = &golden["entries"][id];
-        assert_eq!(tok.encode(text, true).unwrap().ids, ids(&entry["input_ids"]), "case {id}");
-        assert_eq!(tok.decode(&ids(&entry["input_ids"]), true), entry["decoded_skip_special"].as_str().unwrap());
+        assert_eq!(
+            tok.encode(text, true).unwrap().ids,
+            ids(&entry["input_ids"]),
+            "case {id}"
+        );
+        assert_eq!(
+            tok.decode(&ids(&entry["input_ids"]), true),
+            entry["decoded_skip_special"].as_str().unwrap()
+        );
         n += 1;
     }
     assert_eq!(n, 30);
@@ -88,7 +101,10 @@ fn phi3_tokenizer_json_is_llama2() {
     let tests = read_json(&g.join("tokenizer_tests.json"));
     // phi-3's config says add_bos_token=false; the Llama-2 goldens have BOS 1.
     assert!(!tok.adds_bos());
-    assert_eq!(check_cases(&tok, &tests["coreml-projects/Llama-2-7b-chat-coreml"], Some(1)), 18);
+    assert_eq!(
+        check_cases(&tok, &tests["coreml-projects/Llama-2-7b-chat-coreml"], Some(1)),
+        18
+    );
     let long = read_json(&g.join("llama_encoded.json"));
     let mut got = tok.encode(long["text"].as_str().unwrap(), true).unwrap().ids;
     got.insert(0, 1);
@@ -105,12 +121,22 @@ fn stories260k_all_three_sources_agree() {
     let hf = Tokenizer::from_model_dir(&m.join("hf")).unwrap();
     let (bundled, _) = graft_data::load_tokenizer_and_template(&m.join("stories260K.bin")).unwrap();
     for tok in [&bin, &hf, &bundled] {
-        assert_eq!(tok.encode("Once upon a time", true).unwrap().ids, vec![1, 403, 407, 261, 378]);
+        assert_eq!(
+            tok.encode("Once upon a time", true).unwrap().ids,
+            vec![1, 403, 407, 261, 378]
+        );
         assert_eq!(tok.bos_id(), Some(1));
         assert_eq!(tok.eos_ids()[0], 2);
     }
-    let stories = std::fs::read_to_string(d.join("datasets/text/tinystories/tinystories_sample_cs336.txt")).unwrap();
-    let samples = ["", "  two  spaces", "tabs\tand\nnewlines", "naïve café ✓ 🙂", "Lily said, \"Hi!\""];
+    let stories =
+        std::fs::read_to_string(d.join("datasets/text/tinystories/tinystories_sample_cs336.txt")).unwrap();
+    let samples = [
+        "",
+        "  two  spaces",
+        "tabs\tand\nnewlines",
+        "naïve café ✓ 🙂",
+        "Lily said, \"Hi!\"",
+    ];
     for text in stories.lines().chain(samples) {
         let a = bin.encode(text, true).unwrap();
         let b = hf.encode(text, true).unwrap();
@@ -138,9 +164,14 @@ fn gguf_style_vocab_with_u2581_pieces() {
             _ => 1,
         })
         .collect();
-    let scores: Vec<f32> = (0..n).map(|i| if i >= 259 { -((i - 259) as f32) } else { 0.0 }).collect();
+    let scores: Vec<f32> = (0..n)
+        .map(|i| if i >= 259 { -((i - 259) as f32) } else { 0.0 })
+        .collect();
     let tok = Tokenizer::from_sentencepiece_vocab(pieces, scores, types, Some(1), Some(2)).unwrap();
-    assert_eq!(tok.encode("Once upon a time", true).unwrap().ids, vec![1, 403, 407, 261, 378]);
+    assert_eq!(
+        tok.encode("Once upon a time", true).unwrap().ids,
+        vec![1, 403, 407, 261, 378]
+    );
 }
 
 /// Mistral v1/v3 SentencePiece models + mistral-common's jinja templates reproduce the golden chat
@@ -150,16 +181,23 @@ fn mistral_common_samples_token_ids() {
     let Some(d) = data_dir() else { return };
     let samples = d.join("chat_templates/mistral-common/samples");
     let mut matched = Vec::new();
-    for (version, model) in [("v1", "tokenizer.model.v1"), ("v3", "mistral_instruct_tokenizer_240323.model.v3")] {
+    for (version, model) in [
+        ("v1", "tokenizer.model.v1"),
+        ("v3", "mistral_instruct_tokenizer_240323.model.v3"),
+    ] {
         let tok = Tokenizer::from_sentencepiece_model(&d.join("tokenizers/mistral").join(model)).unwrap();
-        let src = std::fs::read_to_string(d.join(format!("chat_templates/mistral-common/{version}.jinja"))).unwrap();
+        let src = std::fs::read_to_string(d.join(format!("chat_templates/mistral-common/{version}.jinja")))
+            .unwrap();
         let special = graft_data::SpecialTokens {
             bos_token: Some("<s>".into()),
             eos_token: Some("</s>".into()),
             ..Default::default()
         };
         let template = graft_data::ChatTemplate::new(&src, special).unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(&samples).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(&samples)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         names.sort();
         for dir in names {
             let tokens = dir.join(format!("tokens_{version}.json"));
@@ -168,7 +206,8 @@ fn mistral_common_samples_token_ids() {
             }
             let sample = read_json(&dir.join("sample.json"));
             let (messages, _) = graft_data::dataset::parse_messages(&sample["messages"], "messages").unwrap();
-            let tools: Option<Vec<serde_json::Value>> = sample.get("tools").and_then(|t| t.as_array()).cloned();
+            let tools: Option<Vec<serde_json::Value>> =
+                sample.get("tools").and_then(|t| t.as_array()).cloned();
             let text = match template.render_text(&messages, tools.as_deref(), false, &Default::default()) {
                 Ok(t) => t,
                 Err(e) => {
@@ -181,7 +220,12 @@ fn mistral_common_samples_token_ids() {
             let got = tok.encode(&text, false).unwrap().ids;
             let want = ids(&read_json(&tokens)["tokens"]);
             if std::env::var("DEBUG_MISTRAL").is_ok() && got != want {
-                let show = |v: &[u32]| v.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect::<Vec<_>>().join(" ");
+                let show = |v: &[u32]| {
+                    v.iter()
+                        .map(|&i| tok.id_to_token(i).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
                 let first = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
                 let lo = first.saturating_sub(8);
                 eprintln!(
@@ -191,7 +235,10 @@ fn mistral_common_samples_token_ids() {
                 );
             }
             if got == want {
-                matched.push(format!("{}/{version}", dir.file_name().unwrap().to_string_lossy()));
+                matched.push(format!(
+                    "{}/{version}",
+                    dir.file_name().unwrap().to_string_lossy()
+                ));
             }
         }
     }
@@ -199,7 +246,9 @@ fn mistral_common_samples_token_ids() {
     // jinja template (no space after [/INST]) cannot reproduce as text. The get_weather samples have
     // a JSON object as tool output, which mistral-common re-serialises but the jinja template
     // passes through as a string; up to that tool result they agree token for token.
-    let expected: Vec<String> =
-        ["no_tools", "parallel_calls", "several_calls"].iter().map(|s| format!("{s}/v3")).collect();
+    let expected: Vec<String> = ["no_tools", "parallel_calls", "several_calls"]
+        .iter()
+        .map(|s| format!("{s}/v3"))
+        .collect();
     assert_eq!(matched, expected);
 }

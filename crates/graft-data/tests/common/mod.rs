@@ -22,5 +22,9 @@ pub fn read_json(path: &std::path::Path) -> serde_json::Value {
 
 /// A JSON array of integers as ids.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
