@@ -6,6 +6,7 @@
 mod bench;
 mod generate;
 mod model_io;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a model (SFT with LoRA or full fine-tuning) from a TOML config.
+    Train(train_cmd::TrainArgs),
+    /// Export a finished run (merged model directory).
+    #[command(subcommand)]
+    Export(train_cmd::ExportCommand),
     /// Generate a completion for a prompt.
     Generate(generate::GenerateArgs),
     /// Benchmarks (training step throughput and memory vs PyTorch).
@@ -39,6 +45,8 @@ fn main() {
         eprintln!("warning: could not set threads: {e}");
     }
     let result = match cli.command {
+        Command::Train(args) => train_cmd::run(&args),
+        Command::Export(cmd) => train_cmd::export(&cmd),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(cmd) => bench::run(cmd),
     };

@@ -1,0 +1,156 @@
+//! The memory planner: predicts a training run's peak resident memory from the model shape and
+//! the run's settings, by counting the buffers the engine allocates (weights in their storage
+//! type, trainable parameters with gradient and two AdamW moments, the activations each layer
+//! keeps for backward — or only layer inputs with checkpointing — the largest backward transient,
+//! and the LM-head logits chunk). `graft bench train` prints it next to the measured peak.
+
+use crate::config::{MicroBatch, Precision as CfgPrecision, TrainConfig};
+use graft_model::ModelSpec;
+use graft_model::lora::LoraSpec;
+use std::fmt;
+
+/// What the planner needs to know about a run.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// Tokens per micro-batch.
+    pub tokens: usize,
+    /// LoRA spec, or `None` for full fine-tuning.
+    pub lora: Option<LoraSpec>,
+    /// Frozen weights stored as bf16 (fast-mode LoRA).
+    pub bf16_weights: bool,
+    /// Activation checkpointing.
+    pub checkpointing: bool,
+}
+
+/// Predicted peak memory, by part (bytes).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryPlan {
+    /// Base weights in their storage type.
+    pub weights: u64,
+    /// Trainable values + gradients + AdamW moments (LoRA: the adapters; full: every weight).
+    pub trainable: u64,
+    /// Activations kept for backward across all layers.
+    pub activations: u64,
+    /// Largest transient of one layer's forward/backward (incl. recomputation).
+    pub layer_workspace: u64,
+    /// LM head logits chunk and its gradient.
+    pub logits_chunk: u64,
+    /// Process baseline (code, allocator, thread stacks, tokenized data).
+    pub baseline: u64,
+}
+
+impl MemoryPlan {
+    /// Sum of the parts.
+    pub fn total(&self) -> u64 {
+        self.weights
+            + self.trainable
+            + self.activations
+            + self.layer_workspace
+            + self.logits_chunk
+            + self.baseline
+    }
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+impl fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "predicted peak memory: {:.0} MB", mb(self.total()))?;
+        for (name, v) in [
+            ("weights", self.weights),
+            ("trainable (+grads, AdamW)", self.trainable),
+            ("activations", self.activations),
+            ("layer workspace", self.layer_workspace),
+            ("logits chunk", self.logits_chunk),
+            ("baseline", self.baseline),
+        ] {
+            writeln!(f, "  {name:<27} {:>8.0} MB", mb(v))?;
+        }
+        Ok(())
+    }
+}
+
+/// Predicts the peak memory of training `spec` with `input`.
+pub fn estimate(spec: &ModelSpec, input: &PlanInput) -> MemoryPlan {
+    let t = input.tokens as u64;
+    let (h, i) = (spec.hidden_size as u64, spec.intermediate_size as u64);
+    let (qd, kd) = (spec.q_dim() as u64, spec.kv_dim() as u64);
+    let (nh, layers, v) = (
+        spec.num_heads as u64,
+        spec.num_layers as u64,
+        spec.vocab_size as u64,
+    );
+    let params = spec.num_parameters() as u64;
+    let weight_bytes = if input.bf16_weights { 2 } else { 4 };
+    let dims: [(u64, u64); 7] = [(qd, h), (kd, h), (kd, h), (h, qd), (i, h), (i, h), (h, i)];
+    let (trainable_params, lora_rank_sum) = match &input.lora {
+        Some(l) => {
+            let per_layer: u64 = dims
+                .iter()
+                .zip(l.targets)
+                .filter(|(_, on)| *on)
+                .map(|((o, n), _)| l.r as u64 * (o + n))
+                .sum();
+            let ranks = l.targets.iter().filter(|&&on| on).count() as u64 * l.r as u64;
+            (per_layer * layers, ranks)
+        }
+        None => (params, 0),
+    };
+    // Full fine-tuning: the f32 weights are the trainable values (counted in `weights`).
+    let trainable = match input.lora {
+        Some(_) => trainable_params * 16,
+        None => trainable_params * 12,
+    };
+    let qk = if spec.qk_norm {
+        qd + kd + nh + spec.num_kv_heads as u64
+    } else {
+        0
+    };
+    let kept_per_token = h + 1 + qd + 2 * kd + qd + nh + h + 1 + 2 * i + lora_rank_sum + qk;
+    let activations = if input.checkpointing {
+        layers * t * h * 4 + t * kept_per_token * 4
+    } else {
+        layers * t * kept_per_token * 4
+    };
+    // Backward of one layer: act, dact, dg, du (4·I), hn, dhn, dh, xn, dxn (5·h), dattn, dq (2·qd),
+    // dk, dv (2·kd), plus the final norm's x, xf, dxf.
+    let layer_workspace = t * (4 * i + 5 * h + 2 * qd + 2 * kd) * 4 + 3 * t * h * 4;
+    let chunk = graft_kernels::cpu::cross_entropy::default_chunk_rows(spec.vocab_size) as u64;
+    let logits_chunk = 2 * chunk.min(t) * v * 4 + chunk.min(t) * h * 8;
+    MemoryPlan {
+        weights: params * weight_bytes,
+        trainable,
+        activations,
+        layer_workspace,
+        logits_chunk,
+        baseline: 40 << 20,
+    }
+}
+
+/// The plan of a config: reads the model's `config.json` (or GGUF/llama2.c header).
+pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
+    let loaded = graft_model::weights::load_model(std::path::Path::new(&cfg.model.path))
+        .map_err(|e| crate::sft::TrainError(format!("model.path: {e}")))?;
+    let lora = if cfg.uses_lora() {
+        Some(crate::sft::lora_spec(cfg)?)
+    } else {
+        None
+    };
+    let fast = cfg.model.precision == CfgPrecision::Fast
+        && graft_kernels::Precision::Fast.effective() == graft_kernels::Precision::Fast;
+    let tokens = match cfg.micro_batch() {
+        MicroBatch::Tokens(n) => n,
+        MicroBatch::Rows(r) => r * cfg.data.max_length,
+    };
+    Ok(estimate(
+        &loaded.spec,
+        &PlanInput {
+            tokens,
+            bf16_weights: fast && lora.is_some(),
+            lora,
+            checkpointing: cfg.train.activation_checkpointing,
+        },
+    ))
+}

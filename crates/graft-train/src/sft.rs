@@ -1,0 +1,775 @@
+//! The supervised fine-tuning loop: config → model + tokenizer → tokenized, packed data →
+//! forward/backward per micro-batch → token-normalised gradients → clip → AdamW → checkpoints,
+//! metrics, eval → PEFT adapter (or full model) and run report.
+//!
+//! Exact resume: everything a step depends on is a function of the checkpoint — trainable
+//! weights, optimizer moments, step, data position (epoch + batch index of a packing that is a
+//! pure function of the seed and epoch) and the dropout seed (a function of the step) — so a
+//! resumed run continues bit for bit.
+
+use crate::checkpoint::{
+    self, ADAPTER_FILE, CheckpointWriter, MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, TrainerState,
+};
+use crate::config::{DataFormat, MaskPolicy, MicroBatch, Precision as CfgPrecision, TrainConfig, Truncation};
+use crate::metrics::{MetricsRecord, MetricsWriter, read_metrics, truncate_after};
+use crate::optim::{
+    AdamW, AdamWHyper, Param, clip_grad_norm, decays_by_default, find_non_finite, scale_grads,
+};
+use crate::report::{RunFacts, write_report};
+use crate::rng::Rng;
+use crate::schedule::LrSchedule;
+use crate::signal::StopFlag;
+use crate::tensors::{TensorRef, read_f32_file, write_f32_file};
+use graft_data::batch::{PackedBatch, pack};
+use graft_data::dataset::{DatasetFormat, LoadOptions};
+use graft_data::sample::{LossMode, TokenizeOptions, TokenizedSample};
+use graft_data::{ChatTemplate, Tokenizer};
+use graft_kernels::{Cpu, Precision};
+use graft_model::lora::LoraSpec;
+use graft_model::model::{Model, WeightStorage};
+use graft_model::peft::{LoraAdapterConfig, LoraModule, save_peft_adapter};
+use graft_model::train::{Batch, Grads, TrainMode, TrainOptions};
+use graft_model::weights::{LoadedModel, TokenizerSource, load_model};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// An error of a training run, with a message that says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TrainError(pub String);
+
+fn err(msg: impl std::fmt::Display) -> TrainError {
+    TrainError(msg.to_string())
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Optimizer steps completed.
+    pub steps: u64,
+    /// Optimizer steps planned.
+    pub total_steps: u64,
+    /// Training loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Last evaluation loss.
+    pub eval_loss: Option<f64>,
+    /// Set when the run stopped early on a signal (a checkpoint was saved).
+    pub interrupted: bool,
+}
+
+/// Loads the tokenizer and chat template belonging to a loaded model (or `override_path`).
+pub fn load_tokenizer(
+    loaded: &LoadedModel,
+    override_path: Option<&Path>,
+) -> Result<(Tokenizer, Option<ChatTemplate>), TrainError> {
+    if let Some(p) = override_path {
+        return graft_data::load_tokenizer_and_template(p).map_err(err);
+    }
+    match &loaded.tokenizer {
+        TokenizerSource::HfDir(dir) => graft_data::load_tokenizer_and_template(dir).map_err(err),
+        TokenizerSource::Llama2cFile(file) => Ok((Tokenizer::from_llama2c_file(file).map_err(err)?, None)),
+        TokenizerSource::Gguf {
+            pieces,
+            scores,
+            token_types,
+            bos,
+            eos,
+            model,
+            chat_template,
+            ..
+        } => {
+            if model != "llama" {
+                return Err(err(format!(
+                    "{}: GGUF tokenizer model `{model}` is not supported (only SentencePiece `llama`); \
+                     set model.tokenizer to a tokenizer.json directory",
+                    loaded.path.display()
+                )));
+            }
+            let tok = Tokenizer::from_sentencepiece_vocab(
+                pieces.clone(),
+                scores.clone(),
+                token_types.clone(),
+                *bos,
+                *eos,
+            )
+            .map_err(err)?;
+            let template = match chat_template {
+                Some(t) => Some(ChatTemplate::new(t, tok.special_tokens().clone()).map_err(err)?),
+                None => None,
+            };
+            Ok((tok, template))
+        }
+        TokenizerSource::Missing => Err(err(format!(
+            "{}: no tokenizer beside the model; set model.tokenizer",
+            loaded.path.display()
+        ))),
+    }
+}
+
+/// The LoRA spec a config asks for.
+pub fn lora_spec(cfg: &TrainConfig) -> Result<LoraSpec, TrainError> {
+    let names: Vec<String> = match &cfg.lora.targets {
+        crate::config::LoraTargets::AllLinear => vec!["all-linear".into()],
+        crate::config::LoraTargets::Modules(m) => m.clone(),
+    };
+    let targets = LoraSpec::targets_from_names(&names).map_err(|e| err(format!("lora.targets: {e}")))?;
+    Ok(LoraSpec {
+        r: cfg.lora.r,
+        alpha: cfg.lora.alpha as f32,
+        rslora: cfg.lora.rslora,
+        dropout: cfg.lora.dropout as f32,
+        targets,
+    })
+}
+
+/// The PEFT config describing a LoRA spec.
+pub fn peft_config(spec: &LoraSpec, base: &str) -> LoraAdapterConfig {
+    let modules: Vec<LoraModule> = LoraModule::ALL
+        .iter()
+        .zip(spec.targets)
+        .filter(|(_, on)| *on)
+        .map(|(m, _)| *m)
+        .collect();
+    let mut c = LoraAdapterConfig::new(spec.r, spec.alpha, &modules);
+    c.use_rslora = spec.rslora;
+    c.lora_dropout = spec.dropout;
+    c.base_model_name_or_path = Some(base.to_string());
+    c
+}
+
+fn data_format(f: DataFormat) -> Option<DatasetFormat> {
+    match f {
+        DataFormat::Auto => None,
+        DataFormat::Openai => Some(DatasetFormat::OpenAiChat),
+        DataFormat::Sharegpt => Some(DatasetFormat::ShareGpt),
+        DataFormat::Alpaca => Some(DatasetFormat::Alpaca),
+        DataFormat::PromptCompletion => Some(DatasetFormat::PromptCompletion),
+        DataFormat::Text => Some(DatasetFormat::Text),
+    }
+}
+
+fn tokenize_options(cfg: &TrainConfig) -> TokenizeOptions {
+    TokenizeOptions {
+        loss: match cfg.data.mask {
+            MaskPolicy::Assistant => LossMode::AssistantOnly,
+            MaskPolicy::All => LossMode::AllTokens,
+            MaskPolicy::LastAssistant => LossMode::LastAssistant,
+            MaskPolicy::Completion => LossMode::CompletionOnly,
+        },
+        max_len: Some(cfg.data.max_length),
+        truncation: match cfg.data.truncation {
+            Truncation::Right => graft_data::sample::Truncation::KeepStart,
+            Truncation::Left => graft_data::sample::Truncation::KeepEnd,
+            Truncation::Drop => graft_data::sample::Truncation::DropRow,
+        },
+        ..Default::default()
+    }
+}
+
+/// Tokenized train and eval samples of a config, plus a hash over the training data files.
+pub struct PreparedData {
+    /// Training samples.
+    pub train: Vec<TokenizedSample>,
+    /// Evaluation samples (from `data.eval` or split off by `data.eval_fraction`).
+    pub eval: Vec<TokenizedSample>,
+    /// SHA-256 over the training data files.
+    pub data_hash: String,
+    /// Rows skipped as invalid.
+    pub skipped_rows: usize,
+}
+
+/// Loads, tokenizes (through the content-hash cache) and splits the data of `cfg`.
+pub fn prepare_data(
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    cache_dir: &Path,
+) -> Result<PreparedData, TrainError> {
+    let load = LoadOptions {
+        format: data_format(cfg.data.format),
+        skip_invalid: cfg.data.skip_invalid,
+    };
+    let opts = tokenize_options(cfg);
+    let mut hasher = sha2_hex_builder();
+    let mut read = |paths: &[String], key: &str| -> Result<(Vec<TokenizedSample>, usize), TrainError> {
+        let mut out = Vec::new();
+        let mut skipped = 0;
+        for p in paths {
+            let path = Path::new(p);
+            if !path.exists() {
+                return Err(err(format!("data.{key}: `{p}` does not exist")));
+            }
+            for f in graft_data::dataset::dataset_files(path).map_err(err)? {
+                hasher.update(&std::fs::read(&f).map_err(|e| err(format!("{}: {e}", f.display())))?);
+            }
+            let ds =
+                graft_data::tokenized::load_tokenized(path, &load, tok, template, &opts, Some(cache_dir))
+                    .map_err(|e| err(format!("data.{key}: {e}")))?;
+            skipped += ds.skipped.len();
+            out.extend(ds.singles());
+        }
+        Ok((out, skipped))
+    };
+    let (mut train, skipped) = read(&cfg.data.train, "train")?;
+    let (mut eval, _) = read(&cfg.data.eval, "eval")?;
+    let data_hash = hasher.finish();
+    if train.is_empty() {
+        return Err(err(
+            "data.train: no usable rows (every row empty, invalid or without trained tokens)",
+        ));
+    }
+    if eval.is_empty() && cfg.data.eval_fraction > 0.0 {
+        let n = ((train.len() as f64) * cfg.data.eval_fraction).round().max(1.0) as usize;
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        Rng::for_stream(cfg.train.seed, u64::MAX).shuffle(&mut order);
+        let eval_idx: std::collections::HashSet<usize> =
+            order[..n.min(train.len() - 1)].iter().copied().collect();
+        let mut kept = Vec::new();
+        for (i, s) in train.into_iter().enumerate() {
+            if eval_idx.contains(&i) {
+                eval.push(s)
+            } else {
+                kept.push(s)
+            }
+        }
+        train = kept;
+    }
+    Ok(PreparedData {
+        train,
+        eval,
+        data_hash,
+        skipped_rows: skipped,
+    })
+}
+
+struct Sha(sha2::Sha256);
+fn sha2_hex_builder() -> Sha {
+    use sha2::Digest;
+    Sha(sha2::Sha256::new())
+}
+impl Sha {
+    fn update(&mut self, b: &[u8]) {
+        use sha2::Digest;
+        self.0.update(b);
+    }
+    fn finish(self) -> String {
+        use sha2::Digest;
+        self.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The micro-batches of one epoch: a pure function of the samples, config, seed and epoch.
+pub fn epoch_batches(
+    samples: &[TokenizedSample],
+    cfg: &TrainConfig,
+    epoch: u64,
+) -> Result<Vec<Batch>, TrainError> {
+    let packed: Vec<PackedBatch> = match cfg.micro_batch() {
+        MicroBatch::Tokens(budget) => {
+            let budget = budget.max(cfg.data.max_length);
+            pack(samples, budget, cfg.train.seed, epoch).map_err(err)?.0
+        }
+        MicroBatch::Rows(rows) => {
+            let mut order: Vec<usize> = (0..samples.len())
+                .filter(|&i| samples[i].trained_count() > 0)
+                .collect();
+            Rng::for_stream(cfg.train.seed, epoch).shuffle(&mut order);
+            order
+                .chunks(rows.max(1))
+                .map(|c| PackedBatch::from_samples(&c.iter().map(|&i| &samples[i]).collect::<Vec<_>>()))
+                .collect()
+        }
+    };
+    Ok(packed
+        .into_iter()
+        .map(|p| Batch {
+            input_ids: p.input_ids,
+            positions: p.positions,
+            seq_ids: p.seq_ids,
+            targets: p.targets,
+        })
+        .collect())
+}
+
+fn progress(line: &str, tty: bool) {
+    let mut e = std::io::stderr().lock();
+    if tty {
+        let _ = write!(e, "\r\x1b[2K{line}");
+    } else {
+        let _ = writeln!(e, "{line}");
+    }
+    let _ = e.flush();
+}
+
+fn fmt_eta(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// Mean loss over `batches` (forward only).
+pub fn evaluate(model: &Model<Cpu>, batches: &[Batch], precision: Precision) -> Option<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for b in batches {
+        let out = model.forward_logprobs(b, precision);
+        sum += out.loss_sum;
+        n += out.num_trained;
+    }
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Runs (or, with `resume`, continues) a fine-tuning run.
+pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummary, TrainError> {
+    let run_dir = cfg.output_dir();
+    let started = Instant::now();
+    std::fs::create_dir_all(&run_dir).map_err(|e| err(format!("{}: {e}", run_dir.display())))?;
+    if !resume
+        && checkpoint::list_checkpoints(&run_dir)
+            .map(|v| !v.is_empty())
+            .unwrap_or(false)
+    {
+        return Err(err(format!(
+            "{} already holds checkpoints; continue it with --resume {0}, or set output.dir to a new directory",
+            run_dir.display()
+        )));
+    }
+    if cfg.train.threads > 0 {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.train.threads)
+            .build_global();
+    }
+    // Model, tokenizer, data.
+    let loaded = load_model(Path::new(&cfg.model.path)).map_err(|e| err(format!("model.path: {e}")))?;
+    let (tok, template) = load_tokenizer(&loaded, cfg.model.tokenizer.as_deref().map(Path::new))?;
+    let precision = match cfg.model.precision {
+        CfgPrecision::Exact => Precision::Exact,
+        CfgPrecision::Fast => Precision::Fast.effective(),
+    };
+    let mode = if cfg.uses_lora() {
+        TrainMode::Lora
+    } else {
+        TrainMode::Full
+    };
+    let storage = if mode == TrainMode::Lora && precision == Precision::Fast {
+        WeightStorage::Bf16
+    } else {
+        WeightStorage::F32
+    };
+    let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage).map_err(err)?;
+    drop(loaded.weights);
+    model.ensure_positions(cfg.data.max_length + 1);
+    let lora = if mode == TrainMode::Lora {
+        let spec = lora_spec(cfg)?;
+        model.init_lora(&spec, cfg.train.seed);
+        Some(spec)
+    } else {
+        None
+    };
+    let cache_dir = run_dir.join("cache");
+    let data = prepare_data(cfg, &tok, template.as_ref(), &cache_dir)?;
+    if let MicroBatch::Tokens(budget) = cfg.micro_batch()
+        && budget < cfg.data.max_length
+    {
+        return Err(err(format!(
+            "batch.micro_batch_tokens ({budget}) must be at least data.max_length ({})",
+            cfg.data.max_length
+        )));
+    }
+    let mut epoch_cache: Option<(u64, Vec<Batch>)> = None;
+    let batches_per_epoch = epoch_batches(&data.train, cfg, 0)?.len();
+    let accum = cfg.batch.grad_accum.max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(accum) as u64;
+    let total_steps = cfg
+        .train
+        .max_steps
+        .unwrap_or(cfg.train.epochs * steps_per_epoch)
+        .max(1);
+    let eval_batches = if data.eval.is_empty() {
+        Vec::new()
+    } else {
+        let mut c = cfg.clone();
+        c.batch.micro_batch_rows = None;
+        epoch_batches(&data.eval, &c, 0)?
+    };
+    let schedule = LrSchedule::from_config(&cfg.schedule, cfg.optimizer.lr, total_steps);
+    let hyper = AdamWHyper::from(&cfg.optimizer);
+    let mut grads: Grads<Cpu> = model.new_grads(mode);
+
+    // Fresh start or resume.
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let (mut state, mut opt) = if resume {
+        let latest = checkpoint::latest_checkpoint(&run_dir).map_err(err)?;
+        for (dir, why) in &latest.skipped {
+            eprintln!("warning: skipping damaged checkpoint {}: {why}", dir.display());
+        }
+        let Some(good) = latest.good else {
+            return Err(err(format!(
+                "--resume: {} has no usable checkpoint",
+                run_dir.display()
+            )));
+        };
+        let state = TrainerState::read(&good.dir).map_err(err)?;
+        if state.data_hash != data.data_hash {
+            eprintln!("warning: the training data changed since this run started; continuing anyway");
+        }
+        let file = if mode == TrainMode::Lora {
+            ADAPTER_FILE
+        } else {
+            MODEL_FILE
+        };
+        let tensors = read_f32_file(&good.dir.join(file)).map_err(err)?;
+        let mut missing = None;
+        model.visit_params_mut(mode, |name, p| match tensors.tensors.get(&name) {
+            Some(t) if t.data.len() == p.len() => p.copy_from_slice(&t.data),
+            _ => missing = Some(name),
+        });
+        if let Some(name) = missing {
+            return Err(err(format!(
+                "{}: checkpoint lacks tensor `{name}` (or its shape differs)",
+                good.dir.display()
+            )));
+        }
+        let opt = AdamW::read_state_file(hyper, &good.dir.join(OPTIMIZER_FILE)).map_err(err)?;
+        truncate_after(&metrics_path, state.step).map_err(err)?;
+        eprintln!(
+            "resuming {} from step {} of {}",
+            run_dir.display(),
+            state.step,
+            state.total_steps
+        );
+        (state, opt)
+    } else {
+        cfg.save(&run_dir).map_err(err)?;
+        let _ = std::fs::remove_file(&metrics_path);
+        let state = TrainerState::new(
+            total_steps,
+            Rng::new(cfg.train.seed).state(),
+            cfg.hash(),
+            data.data_hash.clone(),
+        );
+        (state, AdamW::new(hyper))
+    };
+    let mut metrics = MetricsWriter::open(&metrics_path).map_err(err)?;
+    let trainable: usize = {
+        let mut n = 0;
+        model.visit_params_mut(mode, |_, p| n += p.len());
+        n
+    };
+    eprintln!(
+        "training {} ({:.1}M params, {} trainable) on {} samples ({} micro-batches/epoch, grad_accum {accum}), {} steps, {:?} precision",
+        cfg.model.path,
+        model.spec.num_parameters() as f64 / 1e6,
+        trainable,
+        data.train.len(),
+        batches_per_epoch,
+        total_steps,
+        precision
+    );
+    if data.skipped_rows > 0 {
+        eprintln!("skipped {} invalid rows (data.skip_invalid)", data.skipped_rows);
+    }
+
+    let tty = std::io::stderr().is_terminal();
+    let mut interrupted = false;
+    let mut last_eval = None;
+    let (mut window_loss, mut window_tokens, mut window_time) = (0.0f64, 0usize, 0.0f64);
+    let session_start_tokens = state.tokens_seen;
+    let session_start = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    while state.step < total_steps {
+        let t0 = Instant::now();
+        grads.zero(&model.backend);
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for micro in 0..accum {
+            let pos = &mut state.data_position;
+            if pos.index as usize >= batches_per_epoch {
+                pos.epoch += 1;
+                pos.index = 0;
+            }
+            if epoch_cache.as_ref().is_none_or(|(e, _)| *e != pos.epoch) {
+                epoch_cache = Some((pos.epoch, epoch_batches(&data.train, cfg, pos.epoch)?));
+            }
+            let batch = &epoch_cache.as_ref().expect("filled above").1[pos.index as usize];
+            pos.index += 1;
+            state.epoch = pos.epoch;
+            let opts = TrainOptions {
+                precision,
+                checkpointing: cfg.train.activation_checkpointing,
+                dropout_seed: cfg.train.seed
+                    ^ (state.step << 16 | micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                lora_dropout: lora.as_ref().map_or(0.0, |l| l.dropout),
+            };
+            let out = model.forward_backward(batch, &mut grads, 1.0, opts);
+            loss_sum += out.loss_sum;
+            tokens += out.num_trained;
+        }
+        let loss = loss_sum / tokens.max(1) as f64;
+        let mut gl: Vec<(String, &mut Vec<f32>)> = Vec::new();
+        grads.for_each_mut(|n, g| gl.push((n, g)));
+        {
+            let mut slices: Vec<&mut [f32]> = gl.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
+            scale_grads(&mut slices, 1.0 / tokens.max(1) as f32);
+        }
+        if !loss.is_finite() || find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice()))).is_some()
+        {
+            let what = find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice())))
+                .map(|nf| format!("{nf:?}"))
+                .unwrap_or_else(|| format!("loss = {loss}"));
+            return Err(err(format!(
+                "step {}: non-finite value ({what}); stopping. The last good checkpoint is kept in {}; \
+                 lower optimizer.lr or check the data",
+                state.step + 1,
+                checkpoint::checkpoints_dir(&run_dir).display()
+            )));
+        }
+        let grad_norm = {
+            let mut slices: Vec<&mut [f32]> = gl.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
+            if cfg.batch.max_grad_norm > 0.0 {
+                clip_grad_norm(&mut slices, cfg.batch.max_grad_norm)
+            } else {
+                crate::optim::global_grad_norm(&slices.iter().map(|s| &**s).collect::<Vec<_>>())
+            }
+        };
+        let lr = schedule.lr_at(state.step);
+        let mut values: Vec<(String, &mut [f32])> = Vec::new();
+        model.visit_params_mut(mode, |name, value| values.push((name, value)));
+        let mut params: Vec<Param<'_>> = values
+            .iter_mut()
+            .zip(&gl)
+            .map(|((name, value), (gname, g))| {
+                debug_assert_eq!(name, gname);
+                Param {
+                    name: name.as_str(),
+                    value: &mut **value,
+                    grad: g.as_slice(),
+                    decay: decays_by_default(name),
+                }
+            })
+            .collect();
+        opt.step(&mut params, lr).map_err(err)?;
+        drop(params);
+        drop(values);
+        state.step += 1;
+        state.tokens_seen += tokens as u64;
+        state.last_loss = Some(loss);
+        let dt = t0.elapsed().as_secs_f64();
+        window_loss += loss_sum;
+        window_tokens += tokens;
+        window_time += dt;
+        state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
+        let session_tokens = (state.tokens_seen - session_start_tokens) as f64;
+        let tps = session_tokens / session_start.elapsed().as_secs_f64().max(1e-9);
+        let eta = (total_steps - state.step) as f64 * session_start.elapsed().as_secs_f64()
+            / (state.step as f64).max(1.0);
+        progress(
+            &format!(
+                "step {}/{} | loss {loss:.4} | lr {lr:.2e} | {tps:.0} tok/s | ETA {}",
+                state.step,
+                total_steps,
+                fmt_eta(eta.min(1e7))
+            ),
+            tty,
+        );
+        let do_eval = !eval_batches.is_empty()
+            && (state.step == total_steps
+                || (cfg.train.eval_every > 0 && state.step.is_multiple_of(cfg.train.eval_every)));
+        let eval_loss = if do_eval {
+            evaluate(&model, &eval_batches, precision)
+        } else {
+            None
+        };
+        if let Some(e) = eval_loss {
+            last_eval = Some(e);
+            if state.best_eval.is_none_or(|b| e < b) {
+                state.best_eval = Some(e);
+                state.best_eval_step = Some(state.step);
+            }
+            progress(
+                &format!("step {}/{} | eval loss {e:.4}", state.step, total_steps),
+                tty,
+            );
+            if tty {
+                eprintln!();
+            }
+        }
+        if state.step.is_multiple_of(cfg.train.log_every.max(1))
+            || eval_loss.is_some()
+            || state.step == total_steps
+        {
+            metrics
+                .append(&MetricsRecord {
+                    step: state.step,
+                    loss: Some(window_loss / window_tokens.max(1) as f64),
+                    lr: Some(lr),
+                    grad_norm: Some(grad_norm),
+                    tokens_per_s: Some(window_tokens as f64 / window_time.max(1e-9)),
+                    eval_loss,
+                    tokens_seen: Some(state.tokens_seen),
+                    epoch: Some(
+                        state.data_position.epoch as f64
+                            + state.data_position.index as f64 / batches_per_epoch as f64,
+                    ),
+                    elapsed_s: state.elapsed_s,
+                })
+                .map_err(err)?;
+            (window_loss, window_tokens, window_time) = (0.0, 0, 0.0);
+        }
+        let stop_now = stop.is_set();
+        if stop_now
+            || state.step == total_steps
+            || (cfg.train.save_every > 0 && state.step.is_multiple_of(cfg.train.save_every))
+        {
+            save_checkpoint(&run_dir, &mut model, mode, &opt, &state, cfg)?;
+        }
+        if stop_now {
+            interrupted = true;
+            if tty {
+                eprintln!();
+            }
+            eprintln!(
+                "stopped by {} at step {}; checkpoint saved — continue with: graft train --resume {}",
+                stop.signal_name().unwrap_or("request"),
+                state.step,
+                run_dir.display()
+            );
+            break;
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    // Final outputs.
+    if !interrupted {
+        if let Some(spec) = &lora {
+            let adapter = model.adapter(peft_config(spec, &cfg.model.path));
+            save_peft_adapter(&run_dir.join("adapter"), &adapter, Some(&cfg.model.path)).map_err(err)?;
+        } else {
+            export_full_model(&model, Path::new(&cfg.model.path), &run_dir.join("model"))?;
+        }
+    }
+    let records = read_metrics(&metrics_path).map_err(err)?;
+    let mut facts = RunFacts::from_config(cfg);
+    facts.status = if interrupted {
+        format!("stopped at step {} of {}", state.step, total_steps)
+    } else {
+        "completed".to_string()
+    };
+    facts.data_hash = state.data_hash.clone();
+    facts.trainable_params = Some(trainable as u64);
+    facts.steps = state.step;
+    facts.total_steps = total_steps;
+    facts.tokens_seen = state.tokens_seen;
+    facts.wall_time_s = state.elapsed_s;
+    write_report(&run_dir, &facts, &records).map_err(err)?;
+    let _ = started;
+    Ok(RunSummary {
+        run_dir,
+        steps: state.step,
+        total_steps,
+        final_loss: state.last_loss,
+        eval_loss: last_eval,
+        interrupted,
+    })
+}
+
+fn save_checkpoint(
+    run_dir: &Path,
+    model: &mut Model<Cpu>,
+    mode: TrainMode,
+    opt: &AdamW,
+    state: &TrainerState,
+    cfg: &TrainConfig,
+) -> Result<(), TrainError> {
+    let mut w = CheckpointWriter::begin(run_dir, state.step).map_err(err)?;
+    let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    model.visit_params_mut(mode, |name, p| named.push((name, vec![p.len()], p.to_vec())));
+    let refs: Vec<TensorRef<'_>> = named
+        .iter()
+        .map(|(n, s, d)| TensorRef {
+            name: n,
+            shape: s,
+            data: d,
+        })
+        .collect();
+    let file = if mode == TrainMode::Lora {
+        ADAPTER_FILE
+    } else {
+        MODEL_FILE
+    };
+    write_f32_file(&w.path(file).map_err(err)?, &refs, &BTreeMap::new()).map_err(err)?;
+    opt.write_state_file(&w.path(OPTIMIZER_FILE).map_err(err)?)
+        .map_err(err)?;
+    w.write_json(TRAINER_STATE_FILE, state).map_err(err)?;
+    w.commit(&cfg.hash()).map_err(err)?;
+    checkpoint::prune_checkpoints(run_dir, cfg.train.keep_checkpoints).map_err(err)?;
+    Ok(())
+}
+
+/// Tokenizer and config files copied next to exported weights so the directory loads on its own.
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Writes `model` as a Hugging Face directory (config, safetensors, tokenizer files of `base`).
+pub fn export_full_model(model: &Model<Cpu>, base: &Path, out: &Path) -> Result<(), TrainError> {
+    let tensors = model.named_tensors();
+    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice()))
+        .collect();
+    graft_model::weights::save_hf_model_dir(out, &model.spec, &refs).map_err(err)?;
+    if base.is_dir() {
+        for f in TOKENIZER_FILES {
+            let src = base.join(f);
+            if src.exists() {
+                std::fs::copy(&src, out.join(f)).map_err(|e| err(format!("{}: {e}", src.display())))?;
+            }
+        }
+    } else if let Some(dir) = base.parent() {
+        // llama2.c checkpoints: carry the tokenizer file along.
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name == "tokenizer.bin" || (name.starts_with("tok") && name.ends_with(".bin")) {
+                let _ = std::fs::copy(entry.path(), out.join(&name));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `graft export merge`: the run's adapter folded into its base model, written as an HF directory.
+pub fn export_merged(run_dir: &Path, out: &Path) -> Result<(), TrainError> {
+    let cfg_path = run_dir.join("config.toml");
+    let cfg = TrainConfig::load(&cfg_path, &[]).map_err(err)?;
+    let base = Path::new(&cfg.model.path);
+    let loaded = load_model(base).map_err(|e| err(format!("model.path: {e}")))?;
+    let mut model =
+        Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::F32).map_err(err)?;
+    let adapter_dir = run_dir.join("adapter");
+    if adapter_dir.join("adapter_config.json").exists() {
+        let a = graft_model::peft::load_peft_adapter(&adapter_dir, &loaded.spec).map_err(err)?;
+        model.set_adapter(&a);
+        model.merge_adapter();
+    } else if run_dir.join("model").join("config.json").exists() {
+        let full = load_model(&run_dir.join("model")).map_err(err)?;
+        model = Model::from_weights(Cpu, &full.spec, &full.weights, WeightStorage::F32).map_err(err)?;
+    } else {
+        return Err(err(format!(
+            "{}: no adapter/ or model/ output (did the run finish?)",
+            run_dir.display()
+        )));
+    }
+    export_full_model(&model, base, out)
+}
