@@ -932,13 +932,7 @@ impl Tokenizer {
 
     /// A streaming decoder for server streaming (see [`DecodeStream`]).
     pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
-        DecodeStream {
-            tokenizer: self,
-            skip_special_tokens,
-            ids: vec![],
-            prefix: String::new(),
-            prefix_index: 0,
-        }
+        DecodeStream { tokenizer: self, state: IncrementalDecoder::new(skip_special_tokens) }
     }
 
     /// Id of a token string (vocabulary or added token).
@@ -1006,52 +1000,74 @@ impl Tokenizer {
     }
 }
 
-/// Incremental decoder: feed ids as they are generated, get text as soon as it is valid UTF-8 and
-/// stable (a token that completes a multi-byte character, or a space a later token would strip, is
-/// held back until it is).
-pub struct DecodeStream<'a> {
-    tokenizer: &'a Tokenizer,
+/// Incremental decoder state that does not borrow the tokenizer (for a server task that owns an
+/// `Arc<Tokenizer>`): feed ids as they are generated and get text as soon as it is valid UTF-8 and
+/// stable. A token that only starts a multi-byte character, or a piece a later token would change
+/// when decoded together, is held back until it is complete.
+#[derive(Clone, Debug, Default)]
+pub struct IncrementalDecoder {
     skip_special_tokens: bool,
     ids: Vec<u32>,
     prefix: String,
     prefix_index: usize,
 }
 
-impl DecodeStream<'_> {
+impl IncrementalDecoder {
+    /// A fresh decoder.
+    pub fn new(skip_special_tokens: bool) -> Self {
+        IncrementalDecoder { skip_special_tokens, ..Default::default() }
+    }
+
     /// Adds one id; returns the new text, if any is ready.
-    pub fn step(&mut self, id: u32) -> Option<String> {
+    pub fn step(&mut self, tokenizer: &Tokenizer, id: u32) -> Option<String> {
+        let skip = self.skip_special_tokens;
         if self.prefix.is_empty() && !self.ids.is_empty() {
-            let p = self.tokenizer.decode(&self.ids, self.skip_special_tokens);
+            let p = tokenizer.decode(&self.ids, skip);
             if !p.ends_with('\u{FFFD}') {
                 self.prefix = p;
                 self.prefix_index = self.ids.len();
             }
         }
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, self.skip_special_tokens);
+        let text = tokenizer.decode(&self.ids, skip);
         if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&self.prefix) {
             return None;
         }
         let new_text = text[self.prefix.len()..].to_string();
         let keep = self.ids.len() - self.prefix_index;
         self.ids.drain(..self.prefix_index);
-        self.prefix = self.tokenizer.decode(&self.ids, self.skip_special_tokens);
+        self.prefix = tokenizer.decode(&self.ids, skip);
         self.prefix_index = keep;
         Some(new_text)
     }
 
-    /// Flushes text held back at the end of generation (an incomplete UTF-8 sequence decodes
-    /// to U+FFFD here, as a full decode would).
-    pub fn finish(&mut self) -> Option<String> {
-        let text = self.tokenizer.decode(&self.ids, self.skip_special_tokens);
+    /// Flushes text held back at the end of generation (an incomplete UTF-8 sequence decodes to
+    /// U+FFFD here, as a full decode would).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Option<String> {
+        let text = tokenizer.decode(&self.ids, self.skip_special_tokens);
         self.ids.clear();
         let prefix = std::mem::take(&mut self.prefix);
         self.prefix_index = 0;
-        if text.len() > prefix.len() && text.starts_with(&prefix) {
-            Some(text[prefix.len()..].to_string())
-        } else {
-            None
-        }
+        if text.len() > prefix.len() && text.starts_with(&prefix) { Some(text[prefix.len()..].to_string()) } else { None }
+    }
+}
+
+/// [`IncrementalDecoder`] bound to a tokenizer: `step(id)` yields text as ids arrive, without ever
+/// splitting a UTF-8 character.
+pub struct DecodeStream<'a> {
+    tokenizer: &'a Tokenizer,
+    state: IncrementalDecoder,
+}
+
+impl DecodeStream<'_> {
+    /// Adds one id; returns the new text, if any is ready.
+    pub fn step(&mut self, id: u32) -> Option<String> {
+        self.state.step(self.tokenizer, id)
+    }
+
+    /// Flushes text held back at the end of generation.
+    pub fn finish(&mut self) -> Option<String> {
+        self.state.finish(self.tokenizer)
     }
 }
 
@@ -1261,6 +1277,14 @@ fn parse_llama2c_vocab(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokenizer_and_decoder_are_thread_safe() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+        assert_send_sync::<IncrementalDecoder>();
+        assert_send_sync::<crate::ChatTemplate>();
+    }
 
     #[test]
     fn base64_decodes_padding_variants() {
