@@ -20,6 +20,10 @@
 //!   own (C is read and written once per k-block, so KC is large: the B micro-panel streams from
 //!   L1/L2); rows in blocks of [`MC`] (the packed A block stays in L2 while B panels pass).
 //!
+//! A `B` used for many products (a frozen weight, the LM head multiplied chunk after chunk) can be
+//! packed once with [`PackedB::new`] and passed to [`gemm_bf16_packed`]; when the other operand has
+//! few rows, packing B otherwise costs as much as a good part of the product.
+//!
 //! Threads split the larger of the two output dimensions into contiguous ranges. The operand that
 //! every worker needs (all of A when splitting columns, all of B when splitting rows) is packed
 //! once per k-block, in parallel, and shared; each worker packs its own part of the other operand
@@ -172,7 +176,29 @@ pub fn has_avx512_bf16() -> bool {
 /// `C[m×n] = alpha · A[m×k] · B[k×n] + beta · C`, with bf16-rounded inputs and f32 accumulation.
 ///
 /// `C` is row-major with row stride `c_row_stride` (≥ n). `threads` is how many rayon workers to use
-/// (0 or 1: the current thread only). With `beta == 0`, `C` is not read (it may hold garbage or NaN).
+/// (0 or 1: the current thread only). With `beta == 0`, `C` is not read (it may hold garbage or NaN);
+/// with `alpha == 0`, A and B are not read (C is only scaled by `beta`).
+///
+/// # Example: the three layouts of a linear layer's training step, without copies
+/// ```
+/// use graft_kernels::cpu::gemm_bf16::{MatRef, gemm_bf16};
+/// let (t, k, n) = (4, 6, 5);
+/// let x = vec![0.5f32; t * k]; // activations [t×k]
+/// let w = vec![0.25f32; n * k]; // weight [n×k]
+/// let (xv, wv) = (MatRef::f32_row_major(&x, t, k), MatRef::f32_row_major(&w, n, k));
+/// // Forward NT: Y[t×n] = X · Wᵀ.
+/// let mut y = vec![0.0f32; t * n];
+/// gemm_bf16(&mut y, n, xv, wv.t(), 1.0, 0.0, 1);
+/// assert!(y.iter().all(|&v| v == 0.75));
+/// let dy = MatRef::f32_row_major(&y, t, n);
+/// // Backward NN: dX[t×k] = dY · W.
+/// let mut dx = vec![f32::NAN; t * k]; // beta = 0: never read
+/// gemm_bf16(&mut dx, k, dy, wv, 1.0, 0.0, 2);
+/// // Backward TN: dW[n×k] += dYᵀ · X.
+/// let mut dw = vec![1.0f32; n * k];
+/// gemm_bf16(&mut dw, k, dy.t(), xv, 1.0, 1.0, 2);
+/// assert!(dw.iter().all(|&v| v == 1.0 + 4.0 * 0.75 * 0.5));
+/// ```
 ///
 /// # Panics
 /// If `a.cols != b.rows`, or a view or `C` is too short for its shape and strides.
@@ -314,7 +340,8 @@ fn gemm_bf16_impl(
     assert!(ldc >= n, "gemm_bf16: c_row_stride {ldc} < n {n}");
     assert!(c.len() >= (m - 1) * ldc + n, "gemm_bf16: C too short");
     let threads = threads.max(1);
-    if k == 0 {
+    if k == 0 || alpha == 0.0 {
+        // Nothing to multiply (BLAS convention: alpha = 0 does not read A or B).
         scale_c(c, ldc, m, n, beta);
         return;
     }
@@ -1478,6 +1505,15 @@ mod tests {
             }
         }
         check(300, 200, 600, Layout::Tn, false, 1.0, 1.0, 2, true, false);
+    }
+
+    #[test]
+    fn gemm_bf16_alpha_zero_reads_neither_operand() {
+        let a = vec![f32::NAN; 6];
+        let mut c = vec![2.0f32; 4];
+        let (va, vb) = (MatRef::f32_row_major(&a, 2, 3), MatRef::f32_row_major(&a, 3, 2));
+        gemm_bf16(&mut c, 2, va, vb, 0.0, 0.5, 2);
+        assert!(c.iter().all(|&x| x == 1.0));
     }
 
     #[test]
