@@ -1500,11 +1500,11 @@ mod tests {
         // Crosses the KC, MC, NC and per-worker chunk boundaries, both split directions.
         for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
             for threads in [1, 2] {
-                check(300, 1100, 600, layout, false, 1.0, 0.0, threads, false, false);
-                check(600, 130, 515, layout, true, 1.0, 1.0, threads, false, false);
+                check(100, 1100, 131, layout, false, 1.0, 0.0, threads, false, false);
+                check(600, 130, 97, layout, true, 1.0, 1.0, threads, false, false);
             }
         }
-        check(300, 200, 600, Layout::Tn, false, 1.0, 1.0, 2, true, false);
+        check(300, 200, 130, Layout::Tn, false, 1.0, 1.0, 2, true, false);
     }
 
     #[test]
@@ -1625,7 +1625,9 @@ mod tests {
                 fallback,
                 true,
             );
-            check(300, 40, KC + 3, Layout::Nn, true, 1.0, 0.0, 2, fallback, true);
+            check(600, 40, KC + 3, Layout::Nn, true, 1.0, 0.0, 2, fallback, true);
+            // Column chunks of the packed panels.
+            check(30, 1100, 64, Layout::Nt, false, 1.0, 0.0, 2, fallback, true);
         }
     }
 
