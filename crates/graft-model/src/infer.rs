@@ -49,6 +49,21 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Grows `cache` to hold `capacity` positions, keeping what it holds (a server starts caches
+    /// small and grows them as sequences get longer).
+    pub fn grow_cache(&self, cache: &mut KvCache<B>, capacity: usize) {
+        if capacity <= cache.capacity {
+            return;
+        }
+        let kd = self.spec.kv_dim();
+        for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            let mut grown = self.backend.zeros(capacity * kd);
+            self.backend.copy_rows(&mut grown, 0, buf, 0, cache.len, kd);
+            *buf = grown;
+        }
+        cache.capacity = capacity;
+    }
+
     /// Runs one step for every sequence in `seqs`, appending to their caches; returns the
     /// next-token logits (`[vocab]`) after each sequence's last new token.
     ///

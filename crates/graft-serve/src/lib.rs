@@ -1,1 +1,216 @@
-//! graft-serve
+//! graft-serve: an OpenAI-compatible server for one base model and many LoRA adapters.
+//!
+//! * [`engine`] — the scheduler: continuous batching over [`graft_model::model::Model::forward_batch`],
+//!   rows of different adapters in one step, bounded queue, cancellation.
+//! * [`registry`] — adapters by name, loaded at startup or while serving, unloaded safely.
+//! * [`http`] — axum handlers for `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//!   `/v1/adapters`, `/health`, `/metrics`; [`api`] parses and validates request bodies and
+//!   [`error::ApiError`] turns every failure into an OpenAI error object.
+//! * [`metrics`] — Prometheus text metrics; [`text`] — incremental detokenization, stop strings.
+//!
+//! ```no_run
+//! # fn demo(model: graft_model::model::Model<graft_kernels::Cpu>, tok: graft_data::Tokenizer) {
+//! let options = graft_serve::ServeOptions::new("my-model");
+//! let state = graft_serve::build_state(model, tok, None, &options).unwrap();
+//! let server = graft_serve::spawn(state, "127.0.0.1:0").unwrap();
+//! println!("listening on {}", server.addr);
+//! # }
+//! ```
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod registry;
+pub mod text;
+
+use engine::{Engine, EngineConfig};
+use graft_data::{ChatTemplate, Tokenizer};
+use graft_kernels::{Cpu, Precision};
+use graft_model::model::Model;
+use http::AppState;
+use metrics::Metrics;
+use registry::Registry;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+pub use error::ApiError;
+
+/// How to run a server.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The name requests use for the base model.
+    pub base_name: String,
+    /// Other accepted names for the base model.
+    pub base_aliases: Vec<String>,
+    /// Accepted API keys (empty: none required).
+    pub api_keys: Vec<String>,
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Sequences allowed to wait; beyond, 429.
+    pub max_queue: usize,
+    /// Prompt tokens prefilled per engine step at most.
+    pub prefill_chunk: usize,
+    /// Matrix-product precision.
+    pub precision: Precision,
+    /// Context length (`None`: the model's `max_position_embeddings`).
+    pub max_context: Option<usize>,
+    /// Load every adapter under this directory at startup (also an adapter root).
+    pub adapters_dir: Option<PathBuf>,
+    /// Directories adapters may be loaded from while serving.
+    pub adapter_roots: Vec<PathBuf>,
+}
+
+impl ServeOptions {
+    /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys.
+    pub fn new(base_name: impl Into<String>) -> ServeOptions {
+        ServeOptions {
+            base_name: base_name.into(),
+            base_aliases: Vec::new(),
+            api_keys: Vec::new(),
+            max_batch: 32,
+            max_queue: 256,
+            prefill_chunk: 512,
+            precision: Precision::Fast,
+            max_context: None,
+            adapters_dir: None,
+            adapter_roots: Vec::new(),
+        }
+    }
+}
+
+/// Builds the shared state: starts the engine and loads the startup adapters.
+pub fn build_state(
+    model: Model<Cpu>,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    options: &ServeOptions,
+) -> Result<Arc<AppState>, String> {
+    let mut model = model;
+    let max_context = options
+        .max_context
+        .unwrap_or(model.spec.max_position_embeddings)
+        .max(2);
+    model.ensure_positions(max_context);
+    let mut eos: Vec<u32> = tokenizer.eos_ids().to_vec();
+    for &e in &model.spec.eos_token_ids {
+        if !eos.contains(&e) {
+            eos.push(e);
+        }
+    }
+    let vocab = model.spec.vocab_size;
+    let model = Arc::new(model);
+    let mut roots = options.adapter_roots.clone();
+    if let Some(d) = &options.adapters_dir {
+        roots.push(d.clone());
+    }
+    let mut reserved = vec![options.base_name.clone()];
+    reserved.extend(options.base_aliases.iter().cloned());
+    let registry = Arc::new(Registry::new(model.clone(), &roots, reserved));
+    if let Some(d) = &options.adapters_dir {
+        registry.load_all(d).map_err(|e| e.to_string())?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    metrics
+        .adapters_loaded
+        .store(registry.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let engine = Engine::start(
+        model,
+        EngineConfig {
+            max_batch: options.max_batch.max(1),
+            max_queue: options.max_queue,
+            prefill_chunk: options.prefill_chunk.max(1),
+            precision: options.precision,
+            max_context,
+        },
+        metrics.clone(),
+    );
+    Ok(Arc::new(AppState {
+        engine,
+        registry,
+        tokenizer: Arc::new(tokenizer),
+        template,
+        base_name: options.base_name.clone(),
+        base_aliases: options.base_aliases.clone(),
+        api_keys: options.api_keys.clone(),
+        metrics,
+        eos,
+        vocab,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        next_id: AtomicU64::new(0),
+    }))
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A server running on its own thread (tests, benchmarks, `graft chat`-style embedding).
+pub struct RunningServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The shared state (registry, metrics, engine).
+    pub state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting connections and waits for the server thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Binds `addr` (e.g. `127.0.0.1:0`) and serves on a background thread with its own runtime.
+pub fn spawn(state: Arc<AppState>, addr: &str) -> std::io::Result<RunningServer> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
+    let local = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    let thread = std::thread::Builder::new()
+        .name("graft-http".into())
+        .spawn(move || {
+            let _ = rt.block_on(serve(listener, st, async {
+                let _ = rx.await;
+            }));
+            rt.shutdown_background();
+        })?;
+    Ok(RunningServer {
+        addr: local,
+        state,
+        stop: Some(tx),
+        thread: Some(thread),
+    })
+}

@@ -1,0 +1,257 @@
+//! The adapter registry: name → resident LoRA adapter, loaded from PEFT directories at startup or
+//! while serving, and unloaded without disturbing requests that already use it.
+//!
+//! Requests hold an `Arc` of the entry they resolved, so removing a name only stops new
+//! requests from finding it; the tensors are freed when the last in-flight sequence ends.
+
+use graft_kernels::Cpu;
+use graft_model::lora::Adapter;
+use graft_model::model::Model;
+use graft_model::peft::{LoraAdapterConfig, load_peft_adapter};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One resident adapter.
+pub struct AdapterEntry {
+    /// The name requests use in `model`.
+    pub name: String,
+    /// The directory it was loaded from (canonical).
+    pub path: PathBuf,
+    /// The device-side tensors.
+    pub adapter: Adapter<Cpu>,
+    /// Its PEFT config (rank, alpha, targets).
+    pub config: LoraAdapterConfig,
+    /// Unix seconds when it was loaded.
+    pub created: u64,
+}
+
+/// Why an adapter could not be loaded or found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The name does not match `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$` or collides with the base.
+    #[error("{0}")]
+    InvalidName(String),
+    /// The path is not a directory inside a configured adapter root.
+    #[error("{0}")]
+    Forbidden(String),
+    /// An adapter with this name is already loaded.
+    #[error("an adapter named `{0}` is already loaded; unload it first")]
+    Exists(String),
+    /// No adapter with this name.
+    #[error("no adapter named `{0}` is loaded")]
+    NotFound(String),
+    /// The directory is not a loadable PEFT adapter for this model.
+    #[error("{0}")]
+    Load(String),
+}
+
+/// Loaded adapters and where they may be loaded from.
+pub struct Registry {
+    model: Arc<Model<Cpu>>,
+    roots: Vec<PathBuf>,
+    reserved: Vec<String>,
+    adapters: RwLock<BTreeMap<String, Arc<AdapterEntry>>>,
+}
+
+/// Checks an adapter name: 1–64 characters of `A-Z a-z 0-9 . _ -`, starting alphanumeric.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid adapter name `{}`: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+            name.escape_debug()
+        ))
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Registry {
+    /// An empty registry for `model`; adapters may only be loaded from inside `roots` (which
+    /// are canonicalised; roots that do not exist are dropped). `reserved` names (the base
+    /// model's) cannot be used for adapters.
+    pub fn new(model: Arc<Model<Cpu>>, roots: &[PathBuf], reserved: Vec<String>) -> Registry {
+        let roots = roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
+        Registry {
+            model,
+            roots,
+            reserved,
+            adapters: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// The canonical adapter roots.
+    pub fn roots(&self) -> &[PathBuf] {
+        &self.roots
+    }
+
+    /// Resolves a requested path: relative paths are tried inside each root first, then as
+    /// given; the result must be a directory inside a root.
+    pub fn resolve_path(&self, path: &str) -> Result<PathBuf, RegistryError> {
+        if self.roots.is_empty() {
+            return Err(RegistryError::Forbidden(
+                "loading adapters is disabled: start the server with --adapters DIR or --adapter-root DIR"
+                    .into(),
+            ));
+        }
+        let p = Path::new(path);
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if p.is_relative() {
+            candidates.extend(self.roots.iter().map(|r| r.join(p)));
+        }
+        candidates.push(p.to_path_buf());
+        for c in candidates {
+            if let Ok(canon) = c.canonicalize() {
+                if !self.roots.iter().any(|r| canon.starts_with(r)) {
+                    return Err(RegistryError::Forbidden(format!(
+                        "adapter path `{path}` is outside the allowed adapter roots"
+                    )));
+                }
+                if !canon.is_dir() {
+                    return Err(RegistryError::Load(format!(
+                        "adapter path `{path}` is not a directory"
+                    )));
+                }
+                return Ok(canon);
+            }
+        }
+        Err(RegistryError::Load(format!(
+            "adapter path `{path}` does not exist"
+        )))
+    }
+
+    /// Loads the PEFT adapter at `path` (resolved by [`Registry::resolve_path`]) as `name`.
+    pub fn load(&self, name: &str, path: &str) -> Result<Arc<AdapterEntry>, RegistryError> {
+        validate_name(name).map_err(RegistryError::InvalidName)?;
+        if self.reserved.iter().any(|r| r == name) {
+            return Err(RegistryError::InvalidName(format!(
+                "`{name}` is the base model's name"
+            )));
+        }
+        if self.get(name).is_some() {
+            return Err(RegistryError::Exists(name.into()));
+        }
+        let dir = self.resolve_path(path)?;
+        self.load_dir(name, &dir)
+    }
+
+    /// Loads `dir` as `name` without the root check (startup adapters from `--adapters`).
+    pub fn load_dir(&self, name: &str, dir: &Path) -> Result<Arc<AdapterEntry>, RegistryError> {
+        validate_name(name).map_err(RegistryError::InvalidName)?;
+        let lora = load_peft_adapter(dir, &self.model.spec)
+            .map_err(|e| RegistryError::Load(format!("cannot load adapter `{name}`: {e}")))?;
+        let entry = Arc::new(AdapterEntry {
+            name: name.to_string(),
+            path: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
+            adapter: self.model.upload_adapter(&lora),
+            config: lora.config,
+            created: now_secs(),
+        });
+        let mut map = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(name) {
+            return Err(RegistryError::Exists(name.into()));
+        }
+        map.insert(name.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Loads every subdirectory of `dir` that holds an `adapter_config.json`, named after the
+    /// subdirectory; returns how many were loaded.
+    pub fn load_all(&self, dir: &Path) -> Result<usize, RegistryError> {
+        let rd = std::fs::read_dir(dir)
+            .map_err(|e| RegistryError::Load(format!("cannot read {}: {e}", dir.display())))?;
+        let mut subdirs: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("adapter_config.json").is_file())
+            .collect();
+        subdirs.sort();
+        for sub in &subdirs {
+            let name = sub
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            self.load_dir(&name, sub)?;
+        }
+        Ok(subdirs.len())
+    }
+
+    /// Inserts an adapter built in memory (benchmarks, tests).
+    pub fn insert(&self, entry: AdapterEntry) -> Result<Arc<AdapterEntry>, RegistryError> {
+        validate_name(&entry.name).map_err(RegistryError::InvalidName)?;
+        let mut map = self.adapters.write().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(&entry.name) {
+            return Err(RegistryError::Exists(entry.name));
+        }
+        let entry = Arc::new(entry);
+        map.insert(entry.name.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    /// The adapter named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<AdapterEntry>> {
+        self.adapters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Removes `name`; sequences already using it keep it until they finish.
+    pub fn remove(&self, name: &str) -> Result<Arc<AdapterEntry>, RegistryError> {
+        self.adapters
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))
+    }
+
+    /// Every loaded adapter, by name.
+    pub fn list(&self) -> Vec<Arc<AdapterEntry>> {
+        self.adapters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Number of loaded adapters.
+    pub fn len(&self) -> usize {
+        self.adapters.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no adapter is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("my-adapter_1.v2").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name("..").is_err());
+        assert!(validate_name(&"a".repeat(65)).is_err());
+        assert!(validate_name(&"a".repeat(64)).is_ok());
+    }
+}
