@@ -46,7 +46,9 @@ pub use inspect::{InspectOptions, InspectReport};
 pub use sample::{LossMode, TokenizeOptions, TokenizedRecord, TokenizedSample, Truncation};
 pub use template::{ChatTemplate, Message, MessageSpan, Rendered};
 pub use tokenized::{TokenizedDataset, load_tokenized};
-pub use tokenizer::{DecodeStream, IncrementalDecoder, Encoding, SpecialTokens, TiktokenSpec, Tokenizer, TokenizerKind};
+pub use tokenizer::{
+    DecodeStream, Encoding, IncrementalDecoder, SpecialTokens, TiktokenSpec, Tokenizer, TokenizerKind,
+};
 
 /// Loads the tokenizer and chat template for a model path: a Hugging Face folder (tokenizer.json
 /// or tiktoken ranks + configs), or a llama2.c checkpoint `.bin` whose tokenizer sits beside it

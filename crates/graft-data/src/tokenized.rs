@@ -74,10 +74,17 @@ pub fn tokenize_dataset(
     // Rows are independent: tokenize them in parallel, then collect in file order.
     let results: Vec<Result<Option<TokenizedRecord>>> = {
         use rayon::prelude::*;
-        ds.rows.par_iter().map(|row| tokenize_record(&row.record, tok, template, opts)).collect()
+        ds.rows
+            .par_iter()
+            .map(|row| tokenize_record(&row.record, tok, template, opts))
+            .collect()
     };
     for (row, result) in ds.rows.iter().zip(results) {
-        let file = file_index.iter().find(|(p, _)| **p == *row.file).map(|(_, i)| *i).unwrap_or(0);
+        let file = file_index
+            .iter()
+            .find(|(p, _)| **p == *row.file)
+            .map(|(_, i)| *i)
+            .unwrap_or(0);
         match result {
             Ok(Some(record)) => out.examples.push(TokenizedExample {
                 file,

@@ -932,7 +932,10 @@ impl Tokenizer {
 
     /// A streaming decoder for server streaming (see [`DecodeStream`]).
     pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
-        DecodeStream { tokenizer: self, state: IncrementalDecoder::new(skip_special_tokens) }
+        DecodeStream {
+            tokenizer: self,
+            state: IncrementalDecoder::new(skip_special_tokens),
+        }
     }
 
     /// Id of a token string (vocabulary or added token).
@@ -1015,7 +1018,10 @@ pub struct IncrementalDecoder {
 impl IncrementalDecoder {
     /// A fresh decoder.
     pub fn new(skip_special_tokens: bool) -> Self {
-        IncrementalDecoder { skip_special_tokens, ..Default::default() }
+        IncrementalDecoder {
+            skip_special_tokens,
+            ..Default::default()
+        }
     }
 
     /// Adds one id; returns the new text, if any is ready.
@@ -1048,7 +1054,11 @@ impl IncrementalDecoder {
         self.ids.clear();
         let prefix = std::mem::take(&mut self.prefix);
         self.prefix_index = 0;
-        if text.len() > prefix.len() && text.starts_with(&prefix) { Some(text[prefix.len()..].to_string()) } else { None }
+        if text.len() > prefix.len() && text.starts_with(&prefix) {
+            Some(text[prefix.len()..].to_string())
+        } else {
+            None
+        }
     }
 }
 

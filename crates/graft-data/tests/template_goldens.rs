@@ -179,8 +179,14 @@ fn ollama_testdata_renderings() {
 fn every_shared_template_renders() {
     let Some(d) = data_dir() else { return };
     let mut sources: Vec<(String, String)> = Vec::new();
-    for entry in read_json(&d.join("chat_templates/ollama/index.json")).as_array().unwrap() {
-        sources.push((format!("ollama:{}", entry["name"]), entry["template"].as_str().unwrap().to_string()));
+    for entry in read_json(&d.join("chat_templates/ollama/index.json"))
+        .as_array()
+        .unwrap()
+    {
+        sources.push((
+            format!("ollama:{}", entry["name"]),
+            entry["template"].as_str().unwrap().to_string(),
+        ));
     }
     let mut files: Vec<std::path::PathBuf> = Vec::new();
     for dir in ["chat_templates/mistral.rs", "chat_templates/mistral-common"] {
@@ -196,7 +202,11 @@ fn every_shared_template_renders() {
         if !dir.is_dir() {
             continue;
         }
-        for name in ["tokenizer_config.json", "chat_template.jinja", "chat_template.json"] {
+        for name in [
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "chat_template.json",
+        ] {
             if dir.join(name).is_file() {
                 files.push(dir.join(name));
             }
@@ -214,7 +224,10 @@ fn every_shared_template_renders() {
                 Value::String(s) => sources.push((name, s.clone())),
                 Value::Array(list) => {
                     for t in list {
-                        sources.push((format!("{name}:{}", t["name"]), t["template"].as_str().unwrap().to_string()));
+                        sources.push((
+                            format!("{name}:{}", t["name"]),
+                            t["template"].as_str().unwrap().to_string(),
+                        ));
                     }
                 }
                 _ => {}
@@ -232,9 +245,22 @@ fn every_shared_template_renders() {
     tool_reply.extra.insert("tool_call_id".into(), "call12345".into());
     tool_reply.extra.insert("name".into(), "get_weather".into());
     let convs = [
-        vec![Message::new("user", "Hi"), Message::new("assistant", "Hello!"), Message::new("user", "Bye")],
-        vec![Message::new("system", "Be brief."), Message::new("user", "Hi"), Message::new("assistant", "Hello!")],
-        vec![Message::new("user", "Weather in Paris?"), assistant_call, tool_reply, Message::new("assistant", "22C.")],
+        vec![
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+        ],
+        vec![
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+        ],
+        vec![
+            Message::new("user", "Weather in Paris?"),
+            assistant_call,
+            tool_reply,
+            Message::new("assistant", "22C."),
+        ],
     ];
     let special = SpecialTokens {
         bos_token: Some("<s>".into()),

@@ -252,3 +252,122 @@ fn mistral_common_samples_token_ids() {
         .collect();
     assert_eq!(matched, expected);
 }
+
+/// GGUF `tokenizer.ggml.*`: tokens, scores, token types, BOS, EOS.
+type GgufVocab = (Vec<String>, Vec<f32>, Vec<i32>, Option<u32>, Option<u32>);
+
+/// Reads the `tokenizer.ggml.*` arrays of a GGUF file the way the GGUF loader hands them over.
+fn gguf_vocab(path: &std::path::Path) -> GgufVocab {
+    let b = std::fs::read(path).unwrap();
+    let mut pos = 0usize;
+    let mut take = |n: usize| {
+        let s = &b[pos..pos + n];
+        pos += n;
+        s
+    };
+    assert_eq!(take(4), b"GGUF");
+    let _version = u32::from_le_bytes(take(4).try_into().unwrap());
+    let _tensors = u64::from_le_bytes(take(8).try_into().unwrap());
+    let kvs = u64::from_le_bytes(take(8).try_into().unwrap());
+    #[derive(Debug)]
+    enum V {
+        U(u64),
+        I(i64),
+        F(f64),
+        S(String),
+        A(Vec<V>),
+    }
+    fn read(take: &mut dyn FnMut(usize) -> Vec<u8>, ty: u32) -> V {
+        let mut n = |k: usize| take(k);
+        match ty {
+            0 | 7 => V::U(n(1)[0] as u64),
+            1 => V::I(n(1)[0] as i8 as i64),
+            2 => V::U(u16::from_le_bytes(n(2).try_into().unwrap()) as u64),
+            3 => V::I(i16::from_le_bytes(n(2).try_into().unwrap()) as i64),
+            4 => V::U(u32::from_le_bytes(n(4).try_into().unwrap()) as u64),
+            5 => V::I(i32::from_le_bytes(n(4).try_into().unwrap()) as i64),
+            6 => V::F(f32::from_le_bytes(n(4).try_into().unwrap()) as f64),
+            8 => {
+                let len = u64::from_le_bytes(n(8).try_into().unwrap()) as usize;
+                V::S(String::from_utf8(n(len)).unwrap())
+            }
+            9 => {
+                let inner = u32::from_le_bytes(n(4).try_into().unwrap());
+                let len = u64::from_le_bytes(n(8).try_into().unwrap()) as usize;
+                V::A((0..len).map(|_| read(take, inner)).collect())
+            }
+            10 => V::U(u64::from_le_bytes(n(8).try_into().unwrap())),
+            11 => V::I(i64::from_le_bytes(n(8).try_into().unwrap())),
+            12 => V::F(f64::from_le_bytes(n(8).try_into().unwrap())),
+            t => panic!("gguf type {t}"),
+        }
+    }
+    let mut take_vec = |n: usize| take(n).to_vec();
+    let mut kv = std::collections::HashMap::new();
+    for _ in 0..kvs {
+        let len = u64::from_le_bytes(take_vec(8).try_into().unwrap()) as usize;
+        let key = String::from_utf8(take_vec(len)).unwrap();
+        let ty = u32::from_le_bytes(take_vec(4).try_into().unwrap());
+        kv.insert(key, read(&mut take_vec, ty));
+    }
+    let mut arr = |k: &str| match kv.remove(k) {
+        Some(V::A(a)) => a,
+        other => panic!("{k}: {other:?}"),
+    };
+    let pieces = arr("tokenizer.ggml.tokens")
+        .into_iter()
+        .map(|v| if let V::S(s) = v { s } else { panic!() })
+        .collect();
+    let scores = arr("tokenizer.ggml.scores")
+        .into_iter()
+        .map(|v| if let V::F(f) = v { f as f32 } else { panic!() })
+        .collect();
+    let types = arr("tokenizer.ggml.token_type")
+        .into_iter()
+        .map(|v| match v {
+            V::I(i) => i as i32,
+            V::U(u) => u as i32,
+            _ => panic!(),
+        })
+        .collect();
+    let id = |k: &str| match kv.get(k) {
+        Some(V::U(u)) => Some(*u as u32),
+        Some(V::I(i)) => Some(*i as u32),
+        _ => None,
+    };
+    (
+        pieces,
+        scores,
+        types,
+        id("tokenizer.ggml.bos_token_id"),
+        id("tokenizer.ggml.eos_token_id"),
+    )
+}
+
+/// The full Llama-2 SentencePiece vocabulary from a GGUF file reproduces transformers' Llama-2 ids.
+#[test]
+fn gguf_llama2_vocab_matches_llama2_goldens() {
+    let Some(d) = data_dir() else { return };
+    let (pieces, scores, types, bos, eos) =
+        gguf_vocab(&d.join("models/llama-2-tiny-random/llama-2-tiny-random.gguf"));
+    assert_eq!(pieces.len(), 32000);
+    let tok = Tokenizer::from_sentencepiece_vocab(pieces, scores, types, bos, eos).unwrap();
+    let g = d.join("tokenizers/goldens/swift-transformers");
+    let tests = read_json(&g.join("tokenizer_tests.json"));
+    assert_eq!(
+        check_cases(&tok, &tests["coreml-projects/Llama-2-7b-chat-coreml"], None),
+        18
+    );
+    let long = read_json(&g.join("llama_encoded.json"));
+    assert_eq!(
+        tok.encode(long["text"].as_str().unwrap(), true).unwrap().ids,
+        ids(&long["token_ids"])
+    );
+    // The stories260K GGUF, too.
+    let (pieces, scores, types, bos, eos) = gguf_vocab(&d.join("models/stories260K/stories260K.gguf"));
+    let tok = Tokenizer::from_sentencepiece_vocab(pieces, scores, types, bos, eos).unwrap();
+    assert_eq!(
+        tok.encode("Once upon a time", true).unwrap().ids,
+        vec![1, 403, 407, 261, 378]
+    );
+}
