@@ -6,6 +6,7 @@
 mod bench;
 mod generate;
 mod model_io;
+mod quickstart;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Offline demo: build a small model, fine-tune it on a task, report accuracy before/after.
+    Quickstart(quickstart::QuickstartArgs),
     /// Fine-tune a model (SFT with LoRA or full fine-tuning) from a TOML config.
     Train(train_cmd::TrainArgs),
     /// Export a finished run (merged model directory).
@@ -45,6 +48,7 @@ fn main() {
         eprintln!("warning: could not set threads: {e}");
     }
     let result = match cli.command {
+        Command::Quickstart(args) => quickstart::run(&args),
         Command::Train(args) => train_cmd::run(&args),
         Command::Export(cmd) => train_cmd::export(&cmd),
         Command::Generate(args) => generate::run(&args),
