@@ -12,15 +12,11 @@ pub type Object = Map<String, Value>;
 /// Parses a request body as a JSON object.
 pub fn parse_body(bytes: &[u8]) -> Result<Object, ApiError> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::bad_request(format!(
-            "We could not parse the JSON body of your request: {e}"
-        ))
+        ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}"))
     })?;
     match v {
         Value::Object(o) => Ok(o),
-        _ => Err(ApiError::bad_request(
-            "The request body must be a JSON object.",
-        )),
+        _ => Err(ApiError::bad_request("The request body must be a JSON object.")),
     }
 }
 
@@ -171,9 +167,7 @@ pub fn parse_gen_params(obj: &Object, chat: bool) -> Result<GenParams, ApiError>
                 v.as_u64()
                     .filter(|&x| x <= u64::from(u32::MAX))
                     .map(|x| x as u32)
-                    .ok_or_else(|| {
-                        ApiError::invalid("stop_token_ids", "`stop_token_ids` must be token ids")
-                    })
+                    .ok_or_else(|| ApiError::invalid("stop_token_ids", "`stop_token_ids` must be token ids"))
             })
             .collect::<Result<_, _>>()?,
         Some(_) => {
@@ -185,15 +179,12 @@ pub fn parse_gen_params(obj: &Object, chat: bool) -> Result<GenParams, ApiError>
     };
     let mut logit_bias = Vec::new();
     if let Some(v) = field(obj, "logit_bias") {
-        let m = v.as_object().ok_or_else(|| {
-            ApiError::invalid("logit_bias", "`logit_bias` must map token ids to numbers")
-        })?;
+        let m = v
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("logit_bias", "`logit_bias` must map token ids to numbers"))?;
         for (k, b) in m {
             let id: u32 = k.parse().map_err(|_| {
-                ApiError::invalid(
-                    "logit_bias",
-                    format!("`logit_bias` key `{k}` is not a token id"),
-                )
+                ApiError::invalid("logit_bias", format!("`logit_bias` key `{k}` is not a token id"))
             })?;
             let b = b
                 .as_f64()
@@ -298,9 +289,7 @@ pub fn parse_messages(obj: &Object) -> Result<Vec<graft_data::Message>, ApiError
                         _ => {
                             return Err(ApiError::invalid(
                                 format!("messages[{i}].content[{j}]"),
-                                format!(
-                                    "content part type `{kind}` is not supported; only text parts are"
-                                ),
+                                format!("content part type `{kind}` is not supported; only text parts are"),
                             ));
                         }
                     }
@@ -346,8 +335,7 @@ mod tests {
 
     #[test]
     fn defaults_and_parts() {
-        let p = parse_gen_params(&obj(json!({"max_completion_tokens": 5, "max_tokens": 9})), true)
-            .unwrap();
+        let p = parse_gen_params(&obj(json!({"max_completion_tokens": 5, "max_tokens": 9})), true).unwrap();
         assert_eq!(p.max_tokens, Some(5));
         assert_eq!(p.sampling.temperature, 1.0);
         assert_eq!(p.n, 1);

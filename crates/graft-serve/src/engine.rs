@@ -230,12 +230,7 @@ fn adapter_key(a: &Option<Arc<AdapterEntry>>) -> usize {
 /// Log-softmax of the chosen token and the `k` best tokens.
 fn logprobs_of(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| ((l - max) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32;
+    let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     if k > 0 {
         for (i, &l) in logits.iter().enumerate() {
@@ -247,7 +242,9 @@ fn logprobs_of(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
         }
     }
     TokenLogprobs {
-        logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |&l| l - lse),
+        logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - lse),
         top: top.into_iter().map(|(i, l)| (i, l - lse)).collect(),
     }
 }
@@ -426,9 +423,7 @@ impl Worker {
             };
             if a.fed < a.req.prompt.len() {
                 a.fed += n;
-                self.metrics
-                    .prompt_tokens
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
             }
             if !samples {
                 continue;
@@ -455,7 +450,11 @@ impl Worker {
             for (&t, &c) in &a.seen {
                 if let Some(l) = row.get_mut(t as usize) {
                     if p.repetition != 1.0 && p.repetition > 0.0 {
-                        *l = if *l > 0.0 { *l / p.repetition } else { *l * p.repetition };
+                        *l = if *l > 0.0 {
+                            *l / p.repetition
+                        } else {
+                            *l * p.repetition
+                        };
                     }
                     if c > 0 {
                         *l -= p.presence + p.frequency * c as f32;

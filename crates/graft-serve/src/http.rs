@@ -161,11 +161,7 @@ async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
     finish(&st, r)
 }
 
-async fn get_model(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
+async fn get_model(State(st): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let r = check_auth(&st, &headers).and_then(|()| {
         let (name, adapter) = resolve_model(&st, Some(&id))?;
         Ok(axum::Json(model_object(&st, &name, adapter.as_deref())).into_response())
@@ -173,10 +169,7 @@ async fn get_model(
     finish(&st, r)
 }
 
-fn resolve_model(
-    st: &AppState,
-    name: Option<&str>,
-) -> Result<(String, Option<Arc<AdapterEntry>>), ApiError> {
+fn resolve_model(st: &AppState, name: Option<&str>) -> Result<(String, Option<Arc<AdapterEntry>>), ApiError> {
     let Some(name) = name else {
         return Ok((st.base_name.clone(), None));
     };
@@ -239,11 +232,7 @@ async fn do_load(
     Ok((StatusCode::OK, axum::Json(obj)).into_response())
 }
 
-async fn load_adapter(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn load_adapter(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     let r = match check_auth(&st, &headers) {
         Ok(()) => do_load(st.clone(), body, "name", "path").await,
         Err(e) => Err(e),
@@ -380,11 +369,7 @@ fn submit(
     echo: Vec<String>,
 ) -> Result<Job, ApiError> {
     let max_context = st.engine.config().max_context;
-    let param = if kind == Kind::Chat {
-        "messages"
-    } else {
-        "prompt"
-    };
+    let param = if kind == Kind::Chat { "messages" } else { "prompt" };
     for p in &prompts {
         if p.is_empty() {
             return Err(ApiError::invalid(param, "the prompt encodes to no tokens"));
@@ -467,11 +452,7 @@ fn submit(
         Err(SubmitError::Stopped) => return Err(ApiError::internal("the engine has stopped")),
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let prefix = if kind == Kind::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    };
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     Ok(Job {
         st: st.clone(),
         kind,
@@ -509,11 +490,7 @@ impl Job {
         let tok = &self.st.tokenizer;
         let mut out = Vec::new();
         match ev {
-            SeqEvent::Token {
-                index,
-                id,
-                logprobs,
-            } => {
+            SeqEvent::Token { index, id, logprobs } => {
                 let Some(c) = self.choices.get_mut(index) else {
                     return out;
                 };
@@ -521,8 +498,7 @@ impl Job {
                     return out;
                 }
                 c.tokens += 1;
-                let lps: Vec<(u32, TokenLogprobs)> =
-                    logprobs.map(|l| vec![(id, l)]).unwrap_or_default();
+                let lps: Vec<(u32, TokenLogprobs)> = logprobs.map(|l| vec![(id, l)]).unwrap_or_default();
                 let piece = c.decoder.step(tok, id).unwrap_or_default();
                 let (text, stopped) = c.stop.push(&piece);
                 c.text.push_str(&text);
@@ -590,8 +566,7 @@ impl Job {
             .iter()
             .map(|(id, l)| {
                 let mut e = entry(*id, l.logprob);
-                e["top_logprobs"] =
-                    Value::Array(l.top.iter().map(|&(t, lp)| entry(t, lp)).collect());
+                e["top_logprobs"] = Value::Array(l.top.iter().map(|&(t, lp)| entry(t, lp)).collect());
                 e
             })
             .collect();
@@ -758,9 +733,7 @@ impl Job {
         let body = futures_util::stream::unfold(stream, |mut s| async move {
             s.next().await.map(|e| (Ok::<Event, Infallible>(e), s))
         });
-        Sse::new(body)
-            .keep_alive(KeepAlive::default())
-            .into_response()
+        Sse::new(body).keep_alive(KeepAlive::default()).into_response()
     }
 }
 
@@ -799,9 +772,8 @@ impl SseStream {
                         self.pending.push_back(self.job.chunk(vec![c], None));
                     }
                     Out::Error(m) => {
-                        self.pending.push_back(
-                            Event::default().data(ApiError::internal(m).body().to_string()),
-                        );
+                        self.pending
+                            .push_back(Event::default().data(ApiError::internal(m).body().to_string()));
                         self.pending.push_back(Event::default().data("[DONE]"));
                         self.done = true;
                         return self.pending.pop_front();
@@ -827,11 +799,7 @@ fn encode_text(st: &AppState, text: &str, special: bool, param: &str) -> Result<
         .map_err(|e| ApiError::invalid(param, format!("cannot tokenize the {param}: {e}")))
 }
 
-async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     st.metrics.chat_requests.fetch_add(1, Ordering::Relaxed);
     let r = chat_inner(&st, &headers, &body).await;
     finish(&st, r)
@@ -865,8 +833,7 @@ async fn chat_inner(st: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> Res
         }
     };
     let continue_final = api::opt_bool(&obj, "continue_final_message")?.unwrap_or(false);
-    let add_generation_prompt =
-        api::opt_bool(&obj, "add_generation_prompt")?.unwrap_or(!continue_final);
+    let add_generation_prompt = api::opt_bool(&obj, "add_generation_prompt")?.unwrap_or(!continue_final);
     kwargs.remove("add_generation_prompt");
     let mut text = template
         .render_text(&messages, tools.as_deref(), add_generation_prompt, &kwargs)
@@ -891,11 +858,7 @@ async fn chat_inner(st: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> Res
     }
 }
 
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     st.metrics.completion_requests.fetch_add(1, Ordering::Relaxed);
     let r = completions_inner(&st, &headers, &body).await;
     finish(&st, r)
@@ -961,7 +924,10 @@ async fn completions_inner(
         && b as usize != params.n
         && b != 1
     {
-        return Err(ApiError::invalid("best_of", "`best_of` other than `n` is not supported"));
+        return Err(ApiError::invalid(
+            "best_of",
+            "`best_of` other than `n` is not supported",
+        ));
     }
     let echo = if api::opt_bool(&obj, "echo")?.unwrap_or(false) {
         prompts

@@ -41,10 +41,7 @@ impl IncrementalDecoder {
         }
         self.ids.push(id);
         let text = tok.decode(&self.ids, self.skip_special_tokens);
-        if text.len() <= self.prefix.len()
-            || text.ends_with('\u{FFFD}')
-            || !text.starts_with(&self.prefix)
-        {
+        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&self.prefix) {
             return None;
         }
         let new_text = text[self.prefix.len()..].to_string();

@@ -61,11 +61,7 @@ pub struct ServeArgs {
 /// The name a model path is served under by default.
 pub fn default_model_name(path: &std::path::Path) -> String {
     let p = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let name = if p.is_dir() {
-        p.file_name()
-    } else {
-        p.file_stem()
-    };
+    let name = if p.is_dir() { p.file_name() } else { p.file_stem() };
     name.and_then(|n| n.to_str())
         .filter(|n| !n.is_empty())
         .unwrap_or("graft-model")
