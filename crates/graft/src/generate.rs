@@ -128,3 +128,63 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     writeln!(out)?;
     Ok(())
 }
+
+/// Arguments of `graft logits`.
+#[derive(clap::Args)]
+pub struct LogitsArgs {
+    /// Model (as for `generate`).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Comma-separated token ids (one sequence).
+    #[arg(long)]
+    ids: String,
+    /// Output JSON file (`-` for stdout): `[T][V]` logits.
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
+}
+
+/// Runs `graft logits`: the full logits of a token sequence, for comparisons with other stacks.
+pub fn logits(args: &LogitsArgs) -> Result<()> {
+    let ids: Vec<u32> = args
+        .ids
+        .split(',')
+        .map(|s| s.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--ids: expected comma-separated token ids: {e}"))?;
+    let loaded = graft_model::weights::load_model(&args.model)?;
+    let mut model = graft_model::model::Model::from_weights(
+        graft_kernels::Cpu,
+        &loaded.spec,
+        &loaded.weights,
+        WeightStorage::F32,
+    )?;
+    if let Some(dir) = &args.adapter {
+        model.set_adapter(&graft_model::peft::load_peft_adapter(dir, &loaded.spec)?);
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= model.spec.vocab_size) {
+        bail!(
+            "--ids: {bad} is outside the vocabulary ({})",
+            model.spec.vocab_size
+        );
+    }
+    let n = ids.len();
+    model.ensure_positions(n);
+    let batch = graft_model::train::Batch {
+        input_ids: ids,
+        positions: (0..n as u32).collect(),
+        seq_ids: vec![0; n],
+        targets: vec![-100; n],
+    };
+    let logits = model.logits(&batch, Precision::Exact);
+    let rows: Vec<&[f32]> = logits.chunks(model.spec.vocab_size).collect();
+    let json = serde_json::to_string(&rows)?;
+    if args.out.as_os_str() == "-" {
+        println!("{json}");
+    } else {
+        std::fs::write(&args.out, json)?;
+    }
+    Ok(())
+}

@@ -33,6 +33,8 @@ enum Command {
     Export(train_cmd::ExportCommand),
     /// Generate a completion for a prompt.
     Generate(generate::GenerateArgs),
+    /// Print the logits of a token sequence as JSON (for comparisons with other stacks).
+    Logits(generate::LogitsArgs),
     /// Benchmarks (training step throughput and memory vs PyTorch).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -52,6 +54,7 @@ fn main() {
         Command::Train(args) => train_cmd::run(&args),
         Command::Export(cmd) => train_cmd::export(&cmd),
         Command::Generate(args) => generate::run(&args),
+        Command::Logits(args) => generate::logits(&args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {
