@@ -775,6 +775,13 @@ pub fn parse_messages(
                 }
             }
         }
+        // OpenAI's `developer` role is the system prompt of newer models, and legacy `function`
+        // messages are tool results; chat templates know `system` and `tool`.
+        let role = match role.as_str() {
+            "developer" => "system".to_string(),
+            "function" => "tool".to_string(),
+            _ => role,
+        };
         messages.push(Message { role, content, extra });
         weights.push(weight);
     }

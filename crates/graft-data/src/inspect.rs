@@ -75,6 +75,8 @@ pub struct InspectReport {
     pub loss: LossMode,
     /// Rows over the maximum length.
     pub truncated: Vec<TruncatedRow>,
+    /// Plain-text rows over the maximum length, split into chunks instead of truncated.
+    pub split_rows: usize,
     /// Tokens after truncation.
     pub total_tokens: usize,
     /// Trained (target) tokens after truncation.
@@ -159,9 +161,20 @@ pub fn inspect(
         }
         valid_index += 1;
         let mut truncated_here = 0usize;
+        let splits = matches!(row.record, Record::Text(_)) && opts.truncation != Truncation::DropRow;
         for b in built {
             report.lengths.push(b.ids.len());
             if b.ids.len() > opts.max_len {
+                if splits {
+                    report.split_rows += 1;
+                    report.total_tokens += b.ids.len();
+                    report.trained_tokens += b
+                        .split_chunks(opts.max_len)
+                        .iter()
+                        .map(|c| c.trained_count())
+                        .sum::<usize>();
+                    continue;
+                }
                 truncated_here = truncated_here.max(b.ids.len());
             }
             let n = &b.notes;

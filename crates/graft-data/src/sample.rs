@@ -56,7 +56,8 @@ impl std::str::FromStr for LossMode {
     }
 }
 
-/// What to do with sequences longer than the maximum length.
+/// What to do with sequences longer than the maximum length. Plain-text rows (language modelling)
+/// are never cut: they are split into consecutive `max_len` chunks unless the policy is `DropRow`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Truncation {
     /// Keep the first `max_len` tokens (drop the end). The default.
@@ -136,6 +137,8 @@ pub struct SampleNotes {
     pub truncated: bool,
     /// The template rendered the final turn differently from prefixes (spans were aligned).
     pub template_not_prefix_stable: bool,
+    /// A long text row was split into consecutive `max_len` chunks (this is one of them).
+    pub chunked: bool,
 }
 
 /// A tokenized sequence and, per token, whether it is a training target.
@@ -184,6 +187,8 @@ pub enum TokenizedRecord {
         /// Prompt + rejected.
         rejected: TokenizedSample,
     },
+    /// A long plain-text row split into consecutive chunks of at most `max_len` tokens.
+    Chunks(Vec<TokenizedSample>),
     /// KTO: prompt + completion with its label.
     Kto {
         /// Prompt + completion, completion trained.
@@ -199,6 +204,7 @@ impl TokenizedRecord {
         match self {
             TokenizedRecord::Single(s) | TokenizedRecord::Kto { sample: s, .. } => vec![s],
             TokenizedRecord::Pair { chosen, rejected } => vec![chosen, rejected],
+            TokenizedRecord::Chunks(chunks) => chunks.iter().collect(),
         }
     }
 }
@@ -263,6 +269,31 @@ impl BuiltSequence {
         if let Some(t) = self.trained.first_mut() {
             *t = false;
         }
+    }
+
+    /// Splits into consecutive chunks of at most `max` tokens (plain text); every token but the
+    /// first of each chunk is trained, as each chunk is trained as its own sequence.
+    pub fn split_chunks(self, max: usize) -> Vec<TokenizedSample> {
+        let original_len = self.ids.len();
+        let max = max.max(2);
+        self.ids
+            .chunks(max)
+            .zip(self.trained.chunks(max))
+            .map(|(ids, trained)| {
+                let mut trained = trained.to_vec();
+                trained[0] = false;
+                TokenizedSample {
+                    input_ids: ids.to_vec(),
+                    trained,
+                    original_len,
+                    notes: SampleNotes {
+                        chunked: true,
+                        bos_deduplicated: self.notes.bos_deduplicated,
+                        ..Default::default()
+                    },
+                }
+            })
+            .collect()
     }
 
     /// Truncates per policy; `None` when the policy drops the row.
@@ -473,6 +504,15 @@ pub fn tokenize_record(
     opts: &TokenizeOptions,
 ) -> Result<Option<TokenizedRecord>> {
     let mut built = build_record(record, tok, template, opts)?.into_iter();
+    if let (Record::Text(_), Some(max)) = (record, opts.max_len)
+        && opts.truncation != Truncation::DropRow
+    {
+        let Some(seq) = built.next() else { return Ok(None) };
+        if seq.ids.len() > max {
+            return Ok(Some(TokenizedRecord::Chunks(seq.split_chunks(max))));
+        }
+        return Ok(seq.finish(opts).map(TokenizedRecord::Single));
+    }
     let mut next = || built.next().and_then(|b| b.finish(opts));
     Ok(match record {
         Record::Preference(_) => match (next(), next()) {

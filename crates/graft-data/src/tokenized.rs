@@ -41,13 +41,14 @@ pub struct TokenizedDataset {
 }
 
 impl TokenizedDataset {
-    /// All single sequences (SFT/LM rows and KTO rows), for packing.
+    /// All single sequences (SFT/LM rows, text chunks and KTO rows), for packing.
     pub fn singles(&self) -> Vec<TokenizedSample> {
         self.examples
             .iter()
-            .filter_map(|e| match &e.record {
-                TokenizedRecord::Single(s) | TokenizedRecord::Kto { sample: s, .. } => Some(s.clone()),
-                TokenizedRecord::Pair { .. } => None,
+            .flat_map(|e| match &e.record {
+                TokenizedRecord::Single(s) | TokenizedRecord::Kto { sample: s, .. } => vec![s.clone()],
+                TokenizedRecord::Chunks(chunks) => chunks.clone(),
+                TokenizedRecord::Pair { .. } => vec![],
             })
             .collect()
     }
@@ -111,7 +112,7 @@ pub fn tokenize_dataset(
 }
 
 const CACHE_MAGIC: &[u8; 8] = b"GRAFTTOK";
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 
 /// The cache key of a dataset path under a tokenizer, template and options.
 pub fn cache_key(
@@ -203,7 +204,8 @@ impl Writer {
         let n = &s.notes;
         self.u8(n.bos_deduplicated as u8
             | (n.truncated as u8) << 1
-            | (n.template_not_prefix_stable as u8) << 2);
+            | (n.template_not_prefix_stable as u8) << 2
+            | (n.chunked as u8) << 3);
         self.u32(n.appended_eos);
         self.u32(n.missing_end_of_turn);
     }
@@ -252,6 +254,7 @@ impl Reader<'_> {
             bos_deduplicated: flags & 1 != 0,
             truncated: flags & 2 != 0,
             template_not_prefix_stable: flags & 4 != 0,
+            chunked: flags & 8 != 0,
             appended_eos: self.u32()?,
             missing_end_of_turn: self.u32()?,
         };
@@ -289,6 +292,13 @@ fn encode_cache(ds: &TokenizedDataset) -> Vec<u8> {
             TokenizedRecord::Kto { sample, label } => {
                 w.u8(2 + *label as u8);
                 w.sample(sample);
+            }
+            TokenizedRecord::Chunks(chunks) => {
+                w.u8(4);
+                w.u64(chunks.len() as u64);
+                for c in chunks {
+                    w.sample(c);
+                }
             }
         }
     }
@@ -330,6 +340,13 @@ fn decode_cache(bytes: &[u8]) -> Option<TokenizedDataset> {
                 sample: r.sample()?,
                 label: k == 3,
             },
+            4 => {
+                let n = r.u64()? as usize;
+                if n > bytes.len() {
+                    return None;
+                }
+                TokenizedRecord::Chunks((0..n).map(|_| r.sample()).collect::<Option<Vec<_>>>()?)
+            }
             _ => return None,
         };
         ds.examples.push(TokenizedExample { file, line, record });
@@ -386,9 +403,14 @@ mod tests {
                     file: 0,
                     line: 5,
                     record: TokenizedRecord::Kto {
-                        sample: s,
+                        sample: s.clone(),
                         label: true,
                     },
+                },
+                TokenizedExample {
+                    file: 0,
+                    line: 6,
+                    record: TokenizedRecord::Chunks(vec![s.clone(), s]),
                 },
             ],
             skipped: vec![RowError {

@@ -144,3 +144,38 @@ fn preference_and_kto_rows_tokenize_with_shared_prompts() {
     .unwrap();
     assert_eq!(hh.examples.len(), 2312);
 }
+
+#[test]
+fn long_text_rows_are_split_into_chunks_not_truncated() {
+    let Some(d) = data_dir() else { return };
+    let (tok, _) = graft_data::load_tokenizer_and_template(&d.join("models/stories260K/hf")).unwrap();
+    let path = d.join("datasets/text/tinyshakespeare/input.txt");
+    let opts = TokenizeOptions {
+        max_len: Some(512),
+        ..Default::default()
+    };
+    let ds = load_tokenized(&path, &LoadOptions::default(), &tok, None, &opts, None).unwrap();
+    assert_eq!(ds.examples.len(), 1);
+    let TokenizedRecord::Chunks(chunks) = &ds.examples[0].record else {
+        panic!("expected chunks")
+    };
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut full = tok.encode(&text, true).unwrap().ids;
+    full.push(2);
+    let joined: Vec<u32> = chunks.iter().flat_map(|c| c.input_ids.iter().copied()).collect();
+    assert_eq!(joined, full);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.input_ids.len() <= 512 && !c.trained[0] && c.trained[1..].iter().all(|&t| t))
+    );
+    assert_eq!(ds.singles().len(), chunks.len());
+    // Dropping instead of splitting is still available.
+    let drop = TokenizeOptions {
+        truncation: graft_data::Truncation::DropRow,
+        ..opts
+    };
+    let ds = load_tokenized(&path, &LoadOptions::default(), &tok, None, &drop, None).unwrap();
+    assert!(ds.examples.is_empty());
+    assert_eq!(ds.dropped_too_long, vec![(0, 1)]);
+}
