@@ -34,7 +34,8 @@
 //! 3.5–4.5× the `gemm` crate's f32 (see `examples/bench_gemm_bf16.rs`). The blocking can be
 //! overridden for tuning with `GRAFT_GEMM_BF16_BLOCKING=kc,mc,nc,chunk` (read once).
 //!
-//! Numerics: products of bf16 values are exact in f32; each `vdpbf16ps` adds its two products to the
+//! Numerics: results do not depend on the thread count (each element is summed over the same
+//! k-blocks in the same order). Products of bf16 values are exact in f32; each `vdpbf16ps` adds its two products to the
 //! f32 accumulator. Like the instruction, the f32→bf16 conversion while packing flushes denormal
 //! inputs to zero (`half`'s conversion keeps them), and denormal accumulations flush to zero.
 //!
@@ -1628,6 +1629,33 @@ mod tests {
             check(600, 40, KC + 3, Layout::Nn, true, 1.0, 0.0, 2, fallback, true);
             // Column chunks of the packed panels.
             check(30, 1100, 64, Layout::Nt, false, 1.0, 0.0, 2, fallback, true);
+        }
+    }
+
+    #[test]
+    fn gemm_bf16_same_bits_for_any_thread_count() {
+        // Every C element is summed over the same k-blocks in the same order whatever the split
+        // (a property of the vdpbf16ps path; the fallback leaves the order to the gemm crate).
+        if !has_avx512_bf16() {
+            return;
+        }
+        for (m, n, k) in [(300, 100, 77), (60, 700, 2 * KC + 5)] {
+            let a = rand_vec(m * k, 1);
+            let b = rand_vec(k * n, 2);
+            let (va, vb) = (MatRef::f32_row_major(&a, m, k), MatRef::f32_row_major(&b, k, n));
+            let run = |threads| {
+                let mut c = vec![0.0f32; m * n];
+                gemm_bf16(&mut c, n, va, vb, 1.0, 0.0, threads);
+                c
+            };
+            let one = run(1);
+            for threads in [2, 3] {
+                assert!(
+                    one.iter()
+                        .zip(run(threads))
+                        .all(|(x, y)| x.to_bits() == y.to_bits())
+                );
+            }
         }
     }
 
