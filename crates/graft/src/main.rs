@@ -4,6 +4,7 @@
 //! crates (`graft-model`, `graft-data`, `graft-train`, `graft-serve`).
 
 mod bench;
+mod data_cmd;
 mod generate;
 mod model_io;
 mod quickstart;
@@ -31,6 +32,9 @@ enum Command {
     /// Export a finished run (merged model directory).
     #[command(subcommand)]
     Export(train_cmd::ExportCommand),
+    /// Dataset tools.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Generate a completion for a prompt.
     Generate(generate::GenerateArgs),
     /// Print the logits of a token sequence as JSON (for comparisons with other stacks).
@@ -38,6 +42,12 @@ enum Command {
     /// Benchmarks (training step throughput and memory vs PyTorch).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Show what a dataset will train on: formats, lengths, masks, invalid rows.
+    Inspect(data_cmd::DataInspectArgs),
 }
 
 fn main() {
@@ -53,6 +63,7 @@ fn main() {
         Command::Quickstart(args) => quickstart::run(&args),
         Command::Train(args) => train_cmd::run(&args),
         Command::Export(cmd) => train_cmd::export(&cmd),
+        Command::Data(DataCommand::Inspect(args)) => data_inspect(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Logits(args) => generate::logits(&args),
         Command::Bench(cmd) => bench::run(cmd),
@@ -61,4 +72,10 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn data_inspect(args: &data_cmd::DataInspectArgs) -> anyhow::Result<()> {
+    let loaded = graft_model::weights::load_model(&args.model)?;
+    let (tok, template) = model_io::load_tokenizer(&loaded, None)?;
+    data_cmd::run_inspect(args, tok, template)
 }

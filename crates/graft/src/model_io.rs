@@ -1,11 +1,11 @@
 //! Opening a model path for the commands: weights (HF directory, llama2.c `.bin`, GGUF), its
 //! tokenizer and chat template, and an optional PEFT adapter.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use graft_data::{ChatTemplate, Tokenizer};
 use graft_kernels::Cpu;
 use graft_model::model::{Model, WeightStorage};
-use graft_model::weights::{LoadedModel, TokenizerSource, load_model};
+use graft_model::weights::{LoadedModel, load_model};
 use std::path::Path;
 
 /// A model ready to run, with what is needed to talk to it in text.
@@ -20,49 +20,7 @@ pub fn load_tokenizer(
     loaded: &LoadedModel,
     override_path: Option<&Path>,
 ) -> Result<(Tokenizer, Option<ChatTemplate>)> {
-    if let Some(p) = override_path {
-        return graft_data::load_tokenizer_and_template(p)
-            .with_context(|| format!("loading tokenizer from {}", p.display()));
-    }
-    match &loaded.tokenizer {
-        TokenizerSource::HfDir(dir) => graft_data::load_tokenizer_and_template(dir)
-            .with_context(|| format!("loading tokenizer from {}", dir.display())),
-        TokenizerSource::Llama2cFile(file) => Ok((Tokenizer::from_llama2c_file(file)?, None)),
-        TokenizerSource::Gguf {
-            pieces,
-            scores,
-            token_types,
-            bos,
-            eos,
-            model,
-            chat_template,
-            ..
-        } => {
-            if model != "llama" {
-                bail!(
-                    "{}: GGUF tokenizer model `{model}` is not supported yet (only SentencePiece `llama`); \
-                     pass --tokenizer with a tokenizer.json directory",
-                    loaded.path.display()
-                );
-            }
-            let tok = Tokenizer::from_sentencepiece_vocab(
-                pieces.clone(),
-                scores.clone(),
-                token_types.clone(),
-                *bos,
-                *eos,
-            )?;
-            let template = match chat_template {
-                Some(t) => Some(ChatTemplate::new(t, tok.special_tokens().clone())?),
-                None => None,
-            };
-            Ok((tok, template))
-        }
-        TokenizerSource::Missing => bail!(
-            "{}: no tokenizer found beside the model; pass --tokenizer PATH",
-            loaded.path.display()
-        ),
-    }
+    Ok(graft_train::sft::load_tokenizer(loaded, override_path)?)
 }
 
 /// Opens `path` (and `adapter`, a PEFT adapter directory) for inference.
