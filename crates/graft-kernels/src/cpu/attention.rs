@@ -167,59 +167,81 @@ unsafe fn attend_one_kv_head(
 ) {
     let d = shape.head_dim;
     let g = shape.group();
-    for h in kv_head * g..(kv_head + 1) * g {
-        let mut qs = 0;
-        while qs < nq {
-            let nb = QUERY_BLOCK.min(nq - qs);
-            let pos0 = q_pos0 + qs;
-            let k0 = shape.first_key(pos0);
-            let k1 = pos0 + nb; // exclusive
-            let nk = k1 - k0;
-            scratch.resize(nb * nk, 0.0);
-            // SAFETY: rows qs..qs+nb of q and keys k0..k1 exist by the caller's contract.
-            unsafe {
-                gemm_raw(
-                    nb,
-                    nk,
-                    d,
-                    scratch.as_mut_ptr(),
-                    nk,
-                    1,
-                    q.add(qs * q_rs + h * d),
-                    q_rs,
-                    1,
-                    k.add(k0 * kv_rs + kv_head * d),
-                    1,
-                    kv_rs,
-                    shape.scale(),
-                    false,
-                );
-            }
-            let l = softmax_rows(scratch, nk, nb, pos0, k0, shape);
-            // SAFETY: as above; out rows qs..qs+nb, head h are this task's.
-            unsafe {
-                for (r, &val) in l.iter().enumerate() {
-                    *lse.add((qs + r) * lse_rs + h) = val;
+    let h0 = kv_head * g;
+    // The query heads sharing this K/V head are stacked into one tall block, so each product
+    // packs K (or V) once for all of them: rows `j*nb .. (j+1)*nb` belong to head `h0 + j`.
+    let (mut qb, mut ob) = (Vec::new(), Vec::new());
+    let mut qs = 0;
+    while qs < nq {
+        let nb = QUERY_BLOCK.min(nq - qs);
+        let pos0 = q_pos0 + qs;
+        let k0 = shape.first_key(pos0);
+        let nk = pos0 + nb - k0;
+        qb.resize(g * nb * d, 0.0);
+        ob.resize(g * nb * d, 0.0);
+        scratch.resize(g * nb * nk, 0.0);
+        // SAFETY: rows qs..qs+nb of q (heads of this group) and keys k0..k0+nk exist by the
+        // caller's contract; out/lse rows of these heads belong to this task.
+        unsafe {
+            for j in 0..g {
+                for r in 0..nb {
+                    let src = std::slice::from_raw_parts(q.add((qs + r) * q_rs + (h0 + j) * d), d);
+                    qb[(j * nb + r) * d..(j * nb + r + 1) * d].copy_from_slice(src);
                 }
-                gemm_raw(
-                    nb,
-                    d,
-                    nk,
-                    out.add(qs * out_rs + h * d),
-                    out_rs,
-                    1,
-                    scratch.as_ptr(),
-                    nk,
-                    1,
-                    v.add(k0 * kv_rs + kv_head * d),
-                    kv_rs,
-                    1,
-                    1.0,
-                    false,
-                );
             }
-            qs += nb;
+            gemm_raw(
+                g * nb,
+                nk,
+                d,
+                scratch.as_mut_ptr(),
+                nk,
+                1,
+                qb.as_ptr(),
+                d,
+                1,
+                k.add(k0 * kv_rs + kv_head * d),
+                1,
+                kv_rs,
+                shape.scale(),
+                false,
+            );
+            for j in 0..g {
+                let l = softmax_rows(
+                    &mut scratch[j * nb * nk..(j + 1) * nb * nk],
+                    nk,
+                    nb,
+                    pos0,
+                    k0,
+                    shape,
+                );
+                for (r, &val) in l.iter().enumerate() {
+                    *lse.add((qs + r) * lse_rs + h0 + j) = val;
+                }
+            }
+            gemm_raw(
+                g * nb,
+                d,
+                nk,
+                ob.as_mut_ptr(),
+                d,
+                1,
+                scratch.as_ptr(),
+                nk,
+                1,
+                v.add(k0 * kv_rs + kv_head * d),
+                kv_rs,
+                1,
+                1.0,
+                false,
+            );
+            for j in 0..g {
+                for r in 0..nb {
+                    let dst = std::slice::from_raw_parts_mut(out.add((qs + r) * out_rs + (h0 + j) * d), d);
+                    dst.copy_from_slice(&ob[(j * nb + r) * d..(j * nb + r + 1) * d]);
+                }
+            }
         }
+        qs += nb;
     }
 }
 
@@ -351,129 +373,153 @@ pub fn attention_backward(
         .collect();
     let scale = shape.scale();
     tasks.par_iter().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(p, dp), &(start, len, kvh)| {
+        || [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()],
+        |[p, dp, qb, gb, tmp], &(start, len, kvh)| {
             let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
-            let qb = q[start * qw..].as_ptr();
+            let g = shape.group();
+            let h0 = kvh * g;
             let kb = k[start * kw..].as_ptr();
             let vb = v[start * kw..].as_ptr();
-            let gb = dout[start * qw..].as_ptr();
-            for h in kvh * shape.group()..(kvh + 1) * shape.group() {
-                let mut qs = 0;
-                while qs < len {
-                    let nb = QUERY_BLOCK.min(len - qs);
-                    let k0 = shape.first_key(qs);
-                    let nk = qs + nb - k0;
-                    p.resize(nb * nk, 0.0);
-                    dp.resize(nb * nk, 0.0);
-                    // SAFETY: all reads are inside this segment; writes go to dq rows of head h
-                    // (owned by this task) and dk/dv rows of kv head kvh (owned by this task).
-                    unsafe {
-                        gemm_raw(
-                            nb,
-                            nk,
-                            d,
-                            p.as_mut_ptr(),
-                            nk,
-                            1,
-                            qb.add(qs * qw + h * d),
-                            qw,
-                            1,
-                            kb.add(k0 * kw + kvh * d),
-                            1,
-                            kw,
-                            scale,
-                            false,
-                        );
+            let mut qs = 0;
+            while qs < len {
+                let nb = QUERY_BLOCK.min(len - qs);
+                let k0 = shape.first_key(qs);
+                let nk = qs + nb - k0;
+                let rows = g * nb;
+                p.resize(rows * nk, 0.0);
+                dp.resize(rows * nk, 0.0);
+                qb.resize(rows * d, 0.0);
+                gb.resize(rows * d, 0.0);
+                tmp.resize(rows * d, 0.0);
+                // Stack this group's heads: row j*nb + r is query qs + r of head h0 + j.
+                for j in 0..g {
+                    for r in 0..nb {
+                        let src = (start + qs + r) * qw + (h0 + j) * d;
+                        let dst = (j * nb + r) * d;
+                        qb[dst..dst + d].copy_from_slice(&q[src..src + d]);
+                        gb[dst..dst + d].copy_from_slice(&dout[src..src + d]);
+                    }
+                }
+                // SAFETY: reads stay inside this segment; writes go to dq rows of this group's
+                // heads and dk/dv rows of kv head kvh, all owned by this task.
+                unsafe {
+                    gemm_raw(
+                        rows,
+                        nk,
+                        d,
+                        p.as_mut_ptr(),
+                        nk,
+                        1,
+                        qb.as_ptr(),
+                        d,
+                        1,
+                        kb.add(k0 * kw + kvh * d),
+                        1,
+                        kw,
+                        scale,
+                        false,
+                    );
+                    for j in 0..g {
                         for r in 0..nb {
                             let pos = qs + r;
-                            let l = lse[(start + pos) * nh + h];
+                            let l = lse[(start + pos) * nh + h0 + j];
                             let lo = shape.first_key(pos) - k0;
                             let hi = pos + 1 - k0;
-                            let row = &mut p[r * nk..(r + 1) * nk];
+                            let row = &mut p[(j * nb + r) * nk..(j * nb + r + 1) * nk];
                             row[..lo].fill(0.0);
                             exp_sub_sum(&mut row[lo..hi], l);
                             row[hi..].fill(0.0);
                         }
-                        // dV[k0..] += Pᵀ · dO
-                        gemm_raw(
-                            nk,
-                            d,
-                            nb,
-                            dv_p.0.add((start + k0) * kw + kvh * d),
-                            kw,
-                            1,
-                            p.as_ptr(),
-                            1,
-                            nk,
-                            gb.add(qs * qw + h * d),
-                            qw,
-                            1,
-                            1.0,
-                            true,
-                        );
-                        // dP = dO · Vᵀ
-                        gemm_raw(
-                            nb,
-                            nk,
-                            d,
-                            dp.as_mut_ptr(),
-                            nk,
-                            1,
-                            gb.add(qs * qw + h * d),
-                            qw,
-                            1,
-                            vb.add(k0 * kw + kvh * d),
-                            1,
-                            kw,
-                            1.0,
-                            false,
-                        );
-                        // dS = P ∘ (dP − delta)
+                    }
+                    // dV[k0..] += Pᵀ · dO
+                    gemm_raw(
+                        nk,
+                        d,
+                        rows,
+                        dv_p.0.add((start + k0) * kw + kvh * d),
+                        kw,
+                        1,
+                        p.as_ptr(),
+                        1,
+                        nk,
+                        gb.as_ptr(),
+                        d,
+                        1,
+                        1.0,
+                        true,
+                    );
+                    // dP = dO · Vᵀ
+                    gemm_raw(
+                        rows,
+                        nk,
+                        d,
+                        dp.as_mut_ptr(),
+                        nk,
+                        1,
+                        gb.as_ptr(),
+                        d,
+                        1,
+                        vb.add(k0 * kw + kvh * d),
+                        1,
+                        kw,
+                        1.0,
+                        false,
+                    );
+                    // dS = P ∘ (dP − delta)
+                    for j in 0..g {
                         for r in 0..nb {
-                            let dl = delta[(start + qs + r) * nh + h];
-                            for (x, &pp) in dp[r * nk..(r + 1) * nk].iter_mut().zip(&p[r * nk..(r + 1) * nk])
-                            {
+                            let dl = delta[(start + qs + r) * nh + h0 + j];
+                            let o = (j * nb + r) * nk;
+                            for (x, &pp) in dp[o..o + nk].iter_mut().zip(&p[o..o + nk]) {
                                 *x = pp * (*x - dl);
                             }
                         }
-                        // dQ = dS · K · scale
-                        gemm_raw(
-                            nb,
-                            d,
-                            nk,
-                            dq_p.0.add((start + qs) * qw + h * d),
-                            qw,
-                            1,
-                            dp.as_ptr(),
-                            nk,
-                            1,
-                            kb.add(k0 * kw + kvh * d),
-                            kw,
-                            1,
-                            scale,
-                            false,
-                        );
-                        // dK[k0..] += dSᵀ · Q · scale
-                        gemm_raw(
-                            nk,
-                            d,
-                            nb,
-                            dk_p.0.add((start + k0) * kw + kvh * d),
-                            kw,
-                            1,
-                            dp.as_ptr(),
-                            1,
-                            nk,
-                            qb.add(qs * qw + h * d),
-                            qw,
-                            1,
-                            scale,
-                            true,
-                        );
                     }
-                    qs += nb;
+                    // dQ = dS · K · scale
+                    gemm_raw(
+                        rows,
+                        d,
+                        nk,
+                        tmp.as_mut_ptr(),
+                        d,
+                        1,
+                        dp.as_ptr(),
+                        nk,
+                        1,
+                        kb.add(k0 * kw + kvh * d),
+                        kw,
+                        1,
+                        scale,
+                        false,
+                    );
+                    for j in 0..g {
+                        for r in 0..nb {
+                            let dst = std::slice::from_raw_parts_mut(
+                                dq_p.0.add((start + qs + r) * qw + (h0 + j) * d),
+                                d,
+                            );
+                            dst.copy_from_slice(&tmp[(j * nb + r) * d..(j * nb + r + 1) * d]);
+                        }
+                    }
+                    // dK[k0..] += dSᵀ · Q · scale
+                    gemm_raw(
+                        nk,
+                        d,
+                        rows,
+                        dk_p.0.add((start + k0) * kw + kvh * d),
+                        kw,
+                        1,
+                        dp.as_ptr(),
+                        1,
+                        nk,
+                        qb.as_ptr(),
+                        d,
+                        1,
+                        scale,
+                        true,
+                    );
                 }
+                qs += nb;
             }
         },
     );
