@@ -201,6 +201,8 @@ pub struct Tokenizer {
     special_ids: HashSet<u32>,
     special_tokens: SpecialTokens,
     fingerprint: String,
+    /// What the inner post-processor adds (BOS, EOS), measured once the ids are known.
+    inner_adds_cache: Option<(bool, bool)>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -310,6 +312,7 @@ impl Tokenizer {
             special_ids: HashSet::new(),
             special_tokens: SpecialTokens::default(),
             fingerprint,
+            inner_adds_cache: None,
         };
         t.refresh_special_ids();
         t.special_tokens.bos_token = bos.and_then(|i| t.id_to_token(i));
@@ -337,7 +340,12 @@ impl Tokenizer {
 
     /// Loads a `tokenizer.json` from memory.
     pub fn from_tokenizer_json_bytes(bytes: &[u8]) -> Result<Self> {
-        let value: Value = serde_json::from_slice(bytes).map_err(tok_err)?;
+        let mut value: Value = serde_json::from_slice(bytes).map_err(tok_err)?;
+        // Offsets must cover every byte of a token (loss masks map byte spans to tokens), so
+        // ByteLevel/Roberta post-processors must not trim whitespace off them; ids are unaffected.
+        if let Some(pp) = value.get_mut("post_processor") {
+            untrim_offsets(pp);
+        }
         let mut h = ContentHasher::new();
         h.field(b"hf");
         h.field(bytes);
@@ -365,7 +373,7 @@ impl Tokenizer {
                 break;
             }
         }
-        Ok(t)
+        Ok(t.finalize())
     }
 
     /// Builds a byte-level BPE tokenizer from tiktoken ranks (`(token bytes, rank)`).
@@ -773,7 +781,7 @@ impl Tokenizer {
             }
         }
         tok.fingerprint = h.hex();
-        Ok(tok)
+        Ok(tok.finalize())
     }
 
     fn set_special(&mut self, key: &str, s: String) {
@@ -866,6 +874,15 @@ impl Tokenizer {
 
     /// What the inner post-processor adds around a single sequence: (adds BOS, adds EOS).
     fn inner_adds(&self) -> (bool, bool) {
+        self.inner_adds_cache.unwrap_or_else(|| self.measure_inner_adds())
+    }
+
+    fn finalize(mut self) -> Self {
+        self.inner_adds_cache = Some(self.measure_inner_adds());
+        self
+    }
+
+    fn measure_inner_adds(&self) -> (bool, bool) {
         let with = self
             .inner
             .encode("a", true)
@@ -1078,6 +1095,21 @@ impl DecodeStream<'_> {
     /// Flushes text held back at the end of generation.
     pub fn finish(&mut self) -> Option<String> {
         self.state.finish(self.tokenizer)
+    }
+}
+
+fn untrim_offsets(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if m.contains_key("trim_offsets") {
+                m.insert("trim_offsets".into(), Value::Bool(false));
+            }
+            for child in m.values_mut() {
+                untrim_offsets(child);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(untrim_offsets),
+        _ => {}
     }
 }
 

@@ -371,3 +371,24 @@ fn gguf_llama2_vocab_matches_llama2_goldens() {
         vec![1, 403, 407, 261, 378]
     );
 }
+
+/// A tokenizer.json whose ByteLevel post-processor trims offsets still reports every byte of each
+/// token, so whitespace tokens inside assistant turns can be trained.
+#[test]
+fn byte_level_offsets_are_not_trimmed() {
+    let Some(d) = data_dir() else { return };
+    let t = d.join("tokenizers/gpt2");
+    let gpt2 = Tokenizer::from_gpt2_files(&t.join("vocab.json"), &t.join("merges.txt")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&gpt2.inner().to_string(false).unwrap()).unwrap();
+    json["post_processor"] = serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    let tok = Tokenizer::from_tokenizer_json_bytes(json.to_string().as_bytes()).unwrap();
+    let text = "Hello world\n\nBye";
+    let enc = tok.encode(text, false).unwrap();
+    let mut pos = 0;
+    for &(s, e) in &enc.offsets {
+        assert_eq!(s, pos, "{:?}", enc.offsets);
+        assert!(e > s);
+        pos = e;
+    }
+    assert_eq!(pos, text.len());
+}
