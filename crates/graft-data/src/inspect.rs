@@ -226,6 +226,25 @@ impl InspectReport {
             .collect()
     }
 
+    /// What the loss covers, in words, for this dataset's formats and loss mode.
+    pub fn loss_description(&self) -> &'static str {
+        let all_text =
+            !self.formats.is_empty() && self.formats.iter().all(|(_, f)| *f == DatasetFormat::Text);
+        let all_chat = self.formats.iter().all(|(_, f)| {
+            matches!(
+                f,
+                DatasetFormat::OpenAiChat | DatasetFormat::ShareGpt | DatasetFormat::Alpaca
+            )
+        });
+        match self.loss {
+            _ if all_text => "all tokens (plain text)",
+            LossMode::AllTokens => "all tokens",
+            LossMode::LastAssistant => "the last assistant turn",
+            LossMode::AssistantOnly if all_chat => "assistant turns",
+            LossMode::AssistantOnly | LossMode::CompletionOnly => "completions / responses",
+        }
+    }
+
     /// Fraction of tokens that are trained.
     pub fn trained_fraction(&self) -> f64 {
         if self.total_tokens == 0 {
@@ -266,12 +285,7 @@ impl fmt::Display for InspectReport {
             self.trained_tokens,
             self.total_tokens,
             100.0 * self.trained_fraction(),
-            match self.loss {
-                LossMode::AssistantOnly => "assistant turns",
-                LossMode::AllTokens => "all tokens",
-                LossMode::LastAssistant => "the last assistant turn",
-                LossMode::CompletionOnly => "completions",
-            }
+            self.loss_description()
         )?;
         let hist = self.histogram();
         if !hist.is_empty() {
@@ -289,7 +303,8 @@ impl fmt::Display for InspectReport {
             self.truncated.len(),
             self.max_len
         )?;
-        for t in &self.truncated {
+        const LISTED: usize = 20;
+        for t in self.truncated.iter().take(LISTED) {
             writeln!(
                 f,
                 "  {}:{}: {} tokens > {}",
@@ -297,6 +312,16 @@ impl fmt::Display for InspectReport {
                 t.line,
                 t.tokens,
                 self.max_len
+            )?;
+        }
+        if self.truncated.len() > LISTED {
+            writeln!(f, "  … and {} more", self.truncated.len() - LISTED)?;
+        }
+        if self.split_rows > 0 {
+            writeln!(
+                f,
+                "split:    {} long text row(s) split into chunks of at most {} tokens (not truncated)",
+                self.split_rows, self.max_len
             )?;
         }
         if self.bos_deduplicated > 0 {

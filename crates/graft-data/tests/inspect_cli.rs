@@ -94,3 +94,23 @@ fn cli_args_parse_and_invalid_rows_fail_unless_skipped() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn inspect_text_reports_splits_and_plain_text_loss() {
+    let Some(d) = data_dir() else { return };
+    let (tok, template) =
+        graft_data::load_tokenizer_and_template(&d.join("models/stories260K/stories260K.bin")).unwrap();
+    let file = d.join("datasets/text/tinystories/tinystories_sample_cs336.txt");
+    let opts = InspectOptions {
+        max_len: 64,
+        ..Default::default()
+    };
+    let report = inspect(&file, &tok, template.as_ref(), &opts).unwrap();
+    let text = report.to_string();
+    assert_eq!(report.rows, 5);
+    assert!(report.truncated.is_empty());
+    assert_eq!(report.split_rows, 5);
+    assert!(text.contains("loss on all tokens (plain text)"), "{text}");
+    assert!(text.contains("split:    5 long text row(s)"), "{text}");
+    assert!(text.contains("<s>[[Once upon a time"), "{text}");
+}
