@@ -392,3 +392,27 @@ fn byte_level_offsets_are_not_trimmed() {
     }
     assert_eq!(pos, text.len());
 }
+
+/// Mistral v1 the way mistral-common builds it: BOS, then each `[INST] user [/INST]` chunk and each
+/// assistant reply encoded on its own (each gets SentencePiece's dummy prefix), EOS after replies.
+#[test]
+fn mistral_v1_chunked_encoding_matches_mistral_common() {
+    let Some(d) = data_dir() else { return };
+    let tok = Tokenizer::from_sentencepiece_model(&d.join("tokenizers/mistral/tokenizer.model.v1")).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_ids()), (Some(1), &[2u32][..]));
+    let sample = read_json(&d.join("chat_templates/mistral-common/samples/no_tools/sample.json"));
+    let mut ids_out = vec![1u32];
+    for m in sample["messages"].as_array().unwrap() {
+        let content = m["content"].as_str().unwrap();
+        match m["role"].as_str().unwrap() {
+            "user" => ids_out.extend(tok.encode(&format!("[INST] {content} [/INST]"), false).unwrap().ids),
+            "assistant" => {
+                ids_out.extend(tok.encode(content, false).unwrap().ids);
+                ids_out.push(2);
+            }
+            other => panic!("{other}"),
+        }
+    }
+    let want = ids(&read_json(&d.join("chat_templates/mistral-common/samples/no_tools/tokens_v1.json"))["tokens"]);
+    assert_eq!(ids_out, want);
+}
