@@ -327,7 +327,7 @@ fn chat_stream_and_non_stream_agree() {
     let usage = &v["usage"];
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
     let ct = usage["completion_tokens"].as_u64().unwrap();
-    assert!(ct >= 1 && ct <= 20);
+    assert!((1..=20).contains(&ct));
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + ct

@@ -1,0 +1,153 @@
+"""`graft serve` driven by the official `openai` Python SDK (run by scripts/test_serve.sh, which
+starts the server and sets GRAFT_SERVE_URL, GRAFT_API_KEY, GRAFT_BIN, GRAFT_FIXTURE)."""
+
+import concurrent.futures
+import os
+import subprocess
+
+import json
+import urllib.error
+import urllib.request
+import openai
+import pytest
+
+URL = os.environ["GRAFT_SERVE_URL"]
+KEY = os.environ["GRAFT_API_KEY"]
+BIN = os.environ["GRAFT_BIN"]
+FIXTURE = os.environ["GRAFT_FIXTURE"]
+BASE = "stories260k"
+PROMPT = "Once upon a time, there was a little"
+
+
+@pytest.fixture(scope="module")
+def client():
+    return openai.OpenAI(base_url=URL + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def http(method, path, body=None):
+    """(status, parsed JSON body) of a raw request with the API key."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(URL + path, data=data, method=method, headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def complete(client, model, prompt=PROMPT, max_tokens=24):
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].text
+
+
+def test_models_list(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == BASE
+    assert {"a", "b"} <= set(ids)
+
+
+def test_chat_non_stream_and_stream(client):
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    r = client.chat.completions.create(model=BASE, messages=messages, max_tokens=20, temperature=0)
+    assert r.object == "chat.completion"
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant"
+    assert text
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 20
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    stream = client.chat.completions.create(
+        model=BASE, messages=messages, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                pieces.append(c.delta.content)
+            if c.finish_reason:
+                finish = c.finish_reason
+    assert "".join(pieces) == text
+    assert finish == r.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completions_non_stream_and_stream(client):
+    text = complete(client, "a")
+    stream = client.completions.create(model="a", prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == text
+
+
+def test_two_adapters_and_base_concurrently(client):
+    models = [BASE, "a", "b"]
+    expected = {m: complete(client, m) for m in models}
+    assert len(set(expected.values())) == 3, "adapters change the output"
+    jobs = models * 3
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda m: (m, complete(client, m)), jobs))
+    for m, text in results:
+        assert text == expected[m], m
+
+
+def generate(*args):
+    out = subprocess.run([BIN, "generate", "--model", os.path.join(FIXTURE, "model"), "--fast", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return out[:-1] if out.endswith("\n") else out
+
+
+@pytest.mark.parametrize("adapter", [None, "a", "b"])
+def test_greedy_equals_graft_generate(client, adapter):
+    args = ["--prompt", PROMPT, "--max-tokens", "24"]
+    if adapter:
+        args += ["--adapter", os.path.join(FIXTURE, "adapters", adapter)]
+    assert complete(client, adapter or BASE) == generate(*args)
+
+
+def test_chat_equals_graft_generate_chat(client):
+    msg = "Where did the dog go?"
+    r = client.chat.completions.create(model="b", messages=[{"role": "user", "content": msg}],
+                                       max_tokens=24, temperature=0)
+    want = generate("--chat", "--prompt", msg, "--max-tokens", "24",
+                    "--adapter", os.path.join(FIXTURE, "adapters", "b"))
+    assert r.choices[0].message.content == want
+
+
+def test_sampling_n_seed_stop(client):
+    kw = dict(model="a", prompt="Lily", max_tokens=12, temperature=1.0, seed=3, n=2)
+    r1 = client.completions.create(**kw)
+    r2 = client.completions.create(**kw)
+    assert len(r1.choices) == 2
+    assert [c.text for c in r1.choices] == [c.text for c in r2.choices]
+    full = complete(client, BASE, max_tokens=20)
+    word = full.split()[2]
+    r = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=20, temperature=0, stop=[word])
+    assert r.choices[0].text == full[: full.index(word)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "no-such-adapter")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.body["param"] == "temperature"
+    bad = openai.OpenAI(base_url=URL + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_hot_load_and_unload(client):
+    status, body = http("POST", "/v1/adapters", {"name": "c", "path": os.path.join(FIXTURE, "spare", "c")})
+    assert status == 200, body
+    assert "c" in [m.id for m in client.models.list().data]
+    assert complete(client, "c") != complete(client, BASE)
+    status, body = http("POST", "/v1/adapters", {"name": "x", "path": "/etc"})
+    assert status == 403, body
+    assert http("DELETE", "/v1/adapters/c")[0] == 200
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "c")
