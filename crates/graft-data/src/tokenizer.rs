@@ -80,6 +80,8 @@ pub struct TiktokenSpec {
     pub eos: Vec<u32>,
     /// Padding id, if any.
     pub pad: Option<u32>,
+    /// `clean_up_tokenization_spaces` for [`Tokenizer::decode`] (`" ."` → `"."`, …).
+    pub clean_up_tokenization_spaces: bool,
 }
 
 /// The Llama 3 pre-tokenizer regex.
@@ -117,6 +119,7 @@ impl TiktokenSpec {
             add_bos: true,
             eos: vec![128001, 128008, 128009],
             pad: Some(128004),
+            clean_up_tokenization_spaces: true,
         }
     }
 
@@ -159,6 +162,7 @@ impl TiktokenSpec {
             add_bos: false,
             eos: vec![151645, 151643],
             pad: Some(151643),
+            clean_up_tokenization_spaces: false,
         }
     }
 
@@ -198,6 +202,7 @@ pub struct Tokenizer {
     pad: Option<u32>,
     /// `Some` when BOS/EOS addition is decided here rather than by the inner post-processor.
     explicit_specials: Option<(bool, bool)>,
+    clean_up_tokenization_spaces: bool,
     special_ids: HashSet<u32>,
     special_tokens: SpecialTokens,
     fingerprint: String,
@@ -309,6 +314,7 @@ impl Tokenizer {
             eos,
             pad,
             explicit_specials,
+            clean_up_tokenization_spaces: false,
             special_ids: HashSet::new(),
             special_tokens: SpecialTokens::default(),
             fingerprint,
@@ -445,7 +451,7 @@ impl Tokenizer {
             h.update(&[*sp as u8]);
         }
         h.update(&[spec.nfc as u8, spec.add_bos as u8]);
-        Self::build(
+        let mut t = Self::build(
             inner,
             TokenizerKind::Tiktoken,
             h.hex(),
@@ -453,7 +459,9 @@ impl Tokenizer {
             spec.eos.clone(),
             spec.pad,
             Some((spec.add_bos && spec.bos.is_some(), false)),
-        )
+        )?;
+        t.clean_up_tokenization_spaces = spec.clean_up_tokenization_spaces;
+        Ok(t)
     }
 
     /// Reads a tiktoken rank file (`base64-token rank` per line) and builds it with `spec`.
@@ -659,7 +667,7 @@ impl Tokenizer {
         h.field(b"gpt2");
         h.field(&vocab_bytes);
         h.field(merges_text.as_bytes());
-        Self::build(
+        let mut t = Self::build(
             inner,
             TokenizerKind::Gpt2,
             h.hex(),
@@ -667,7 +675,10 @@ impl Tokenizer {
             eot.into_iter().collect(),
             None,
             Some((false, false)),
-        )
+        )?;
+        // GPT2Tokenizer's default in transformers.
+        t.clean_up_tokenization_spaces = true;
+        Ok(t)
     }
 
     /// Loads a model folder: `tokenizer.json` (or a tiktoken `tokenizer.model` / `*.tiktoken`), then
@@ -690,6 +701,7 @@ impl Tokenizer {
                 add_bos: false,
                 eos: vec![],
                 pad: None,
+                clean_up_tokenization_spaces: false,
             });
             if let Some(added) = config
                 .as_ref()
@@ -863,6 +875,9 @@ impl Tokenizer {
         if let Some(list) = obj.get("additional_special_tokens").and_then(|v| v.as_array()) {
             self.special_tokens.additional = list.iter().filter_map(|v| token_string(Some(v))).collect();
         }
+        if let Some(c) = obj.get("clean_up_tokenization_spaces").and_then(|v| v.as_bool()) {
+            self.clean_up_tokenization_spaces = c;
+        }
         let add_bos = obj.get("add_bos_token").and_then(|v| v.as_bool());
         let add_eos = obj.get("add_eos_token").and_then(|v| v.as_bool());
         if add_bos.is_some() || add_eos.is_some() {
@@ -944,7 +959,29 @@ impl Tokenizer {
             .copied()
             .filter(|&i| i < n || self.inner.id_to_token(i).is_some())
             .collect();
+        let text = self.inner.decode(&known, skip_special_tokens).unwrap_or_default();
+        if self.clean_up_tokenization_spaces {
+            clean_up_tokenization(&text)
+        } else {
+            text
+        }
+    }
+
+    /// Decodes without `clean_up_tokenization_spaces` (what streaming needs: the text of a prefix
+    /// of the ids is always a prefix of the text of all of them).
+    pub fn decode_raw(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        let n = self.inner.get_vocab_size(true) as u32;
+        let known: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&i| i < n || self.inner.id_to_token(i).is_some())
+            .collect();
         self.inner.decode(&known, skip_special_tokens).unwrap_or_default()
+    }
+
+    /// Whether `decode` applies transformers' `clean_up_tokenization_spaces`.
+    pub fn cleans_up_tokenization_spaces(&self) -> bool {
+        self.clean_up_tokenization_spaces
     }
 
     /// A streaming decoder for server streaming (see [`DecodeStream`]).
@@ -1045,21 +1082,21 @@ impl IncrementalDecoder {
     pub fn step(&mut self, tokenizer: &Tokenizer, id: u32) -> Option<String> {
         let skip = self.skip_special_tokens;
         if self.prefix.is_empty() && !self.ids.is_empty() {
-            let p = tokenizer.decode(&self.ids, skip);
+            let p = tokenizer.decode_raw(&self.ids, skip);
             if !p.ends_with('\u{FFFD}') {
                 self.prefix = p;
                 self.prefix_index = self.ids.len();
             }
         }
         self.ids.push(id);
-        let text = tokenizer.decode(&self.ids, skip);
+        let text = tokenizer.decode_raw(&self.ids, skip);
         if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&self.prefix) {
             return None;
         }
         let new_text = text[self.prefix.len()..].to_string();
         let keep = self.ids.len() - self.prefix_index;
         self.ids.drain(..self.prefix_index);
-        self.prefix = tokenizer.decode(&self.ids, skip);
+        self.prefix = tokenizer.decode_raw(&self.ids, skip);
         self.prefix_index = keep;
         Some(new_text)
     }
@@ -1067,7 +1104,7 @@ impl IncrementalDecoder {
     /// Flushes text held back at the end of generation (an incomplete UTF-8 sequence decodes to
     /// U+FFFD here, as a full decode would).
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> Option<String> {
-        let text = tokenizer.decode(&self.ids, self.skip_special_tokens);
+        let text = tokenizer.decode_raw(&self.ids, self.skip_special_tokens);
         self.ids.clear();
         let prefix = std::mem::take(&mut self.prefix);
         self.prefix_index = 0;
@@ -1096,6 +1133,21 @@ impl DecodeStream<'_> {
     pub fn finish(&mut self) -> Option<String> {
         self.state.finish(self.tokenizer)
     }
+}
+
+/// transformers' `clean_up_tokenization`: drops the space before punctuation and English
+/// contractions that word-level detokenization leaves.
+pub fn clean_up_tokenization(text: &str) -> String {
+    text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
 }
 
 fn untrim_offsets(v: &mut Value) {
@@ -1409,6 +1461,7 @@ mod tests {
             add_bos: false,
             eos: vec![259],
             pad: None,
+            clean_up_tokenization_spaces: false,
         };
         let t = Tokenizer::from_tiktoken_ranks(ranks, &spec).unwrap();
         assert_eq!(t.encode("abc", true).unwrap().ids, vec![258]);
@@ -1431,6 +1484,7 @@ mod tests {
             add_bos: false,
             eos: vec![],
             pad: None,
+            clean_up_tokenization_spaces: false,
         };
         let t = Tokenizer::from_tiktoken_ranks(ranks, &spec).unwrap();
         let ids = t.encode("hé!", false).unwrap().ids;

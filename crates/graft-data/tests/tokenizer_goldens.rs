@@ -15,6 +15,11 @@ fn check_cases(tok: &Tokenizer, cases: &serde_json::Value, prepend_bos: Option<u
             got.insert(0, b);
         }
         assert_eq!(got, expected, "input {input:?}");
+        assert_eq!(
+            tok.decode(&expected, true),
+            case["decoded_without_special"].as_str().unwrap(),
+            "input {input:?}"
+        );
         n += 1;
     }
     n
@@ -405,7 +410,11 @@ fn mistral_v1_chunked_encoding_matches_mistral_common() {
     for m in sample["messages"].as_array().unwrap() {
         let content = m["content"].as_str().unwrap();
         match m["role"].as_str().unwrap() {
-            "user" => ids_out.extend(tok.encode(&format!("[INST] {content} [/INST]"), false).unwrap().ids),
+            "user" => ids_out.extend(
+                tok.encode(&format!("[INST] {content} [/INST]"), false)
+                    .unwrap()
+                    .ids,
+            ),
             "assistant" => {
                 ids_out.extend(tok.encode(content, false).unwrap().ids);
                 ids_out.push(2);
@@ -413,6 +422,7 @@ fn mistral_v1_chunked_encoding_matches_mistral_common() {
             other => panic!("{other}"),
         }
     }
-    let want = ids(&read_json(&d.join("chat_templates/mistral-common/samples/no_tools/tokens_v1.json"))["tokens"]);
+    let want =
+        ids(&read_json(&d.join("chat_templates/mistral-common/samples/no_tools/tokens_v1.json"))["tokens"]);
     assert_eq!(ids_out, want);
 }
