@@ -4,10 +4,12 @@
 //! crates (`graft-model`, `graft-data`, `graft-train`, `graft-serve`).
 
 mod bench;
+mod chat_cmd;
 mod data_cmd;
 mod generate;
 mod model_io;
 mod quickstart;
+mod serve_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +27,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model and its LoRA adapters over an OpenAI-compatible HTTP API.
+    Serve(serve_cmd::ServeArgs),
+    /// Chat with the model in the terminal (its chat template, history kept).
+    Chat(chat_cmd::ChatArgs),
     /// Offline demo: build a small model, fine-tune it on a task, report accuracy before/after.
     Quickstart(quickstart::QuickstartArgs),
     /// Fine-tune a model (SFT with LoRA or full fine-tuning) from a TOML config.
@@ -60,6 +66,8 @@ fn main() {
         eprintln!("warning: could not set threads: {e}");
     }
     let result = match cli.command {
+        Command::Serve(args) => serve_cmd::run(&args),
+        Command::Chat(args) => chat_cmd::run(&args),
         Command::Quickstart(args) => quickstart::run(&args),
         Command::Train(args) => train_cmd::run(&args),
         Command::Export(cmd) => train_cmd::export(&cmd),
