@@ -6,10 +6,19 @@ use std::time::Instant;
 
 fn main() {
     let (segs, len) = (4, 512);
-    let shape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, window: None };
+    let shape = AttentionShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        window: None,
+    };
     let t = segs * len;
     let segments: Vec<(usize, usize)> = (0..segs).map(|s| (s * len, len)).collect();
-    let r = |n: usize, k: u64| (0..n).map(|i| (((i as u64 * 2654435761 + k) % 1000) as f32 / 1000.0) - 0.5).collect::<Vec<f32>>();
+    let r = |n: usize, k: u64| {
+        (0..n)
+            .map(|i| (((i as u64 * 2654435761 + k) % 1000) as f32 / 1000.0) - 0.5)
+            .collect::<Vec<f32>>()
+    };
     let (q, k, v) = (r(t * 576, 1), r(t * 192, 2), r(t * 192, 3));
     let dout = r(t * 576, 4);
     let mut out = vec![0.0; t * 576];
@@ -21,7 +30,9 @@ fn main() {
         attention_forward(&mut out, &mut lse, &q, &k, &v, &segments, &shape);
         let f = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, &segments, &shape);
+        attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, &segments, &shape,
+        );
         let b = t0.elapsed().as_secs_f64();
         println!(
             "forward {:.1} ms ({:.0} GFLOP/s), backward {:.1} ms ({:.0} GFLOP/s)",

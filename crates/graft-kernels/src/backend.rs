@@ -12,6 +12,11 @@ use crate::cpu::matmul::{self, Precision, Weight};
 use crate::cpu::rope::RopeTable;
 use crate::cpu::{elementwise, norm, rope};
 
+/// Gradient request of [`Backend::lm_head_cross_entropy`]: `(grad_scale, d_hidden, d_head)` —
+/// the multiplier of the summed loss, the hidden-state gradient (overwritten) and, when the head
+/// is trained, its gradient (accumulated).
+pub type HeadGrads<'a, Buf> = (f32, &'a mut Buf, Option<&'a mut Buf>);
+
 /// The numeric op set of the decoder, forward and backward.
 ///
 /// Shapes are passed explicitly; matrices are row-major. "Accumulate" means `+=`, otherwise the
@@ -201,7 +206,7 @@ pub trait Backend: Send + Sync {
         hidden: &Self::Buf,
         head: &Self::Weight,
         targets: &[i32],
-        grads: Option<(f32, &mut Self::Buf, Option<&mut Self::Buf>)>,
+        grads: Option<HeadGrads<'_, Self::Buf>>,
         p: Precision,
     ) -> CrossEntropyOutput;
 }
@@ -471,7 +476,7 @@ impl Backend for Cpu {
         hidden: &Vec<f32>,
         head: &Weight,
         targets: &[i32],
-        grads: Option<(f32, &mut Vec<f32>, Option<&mut Vec<f32>>)>,
+        grads: Option<HeadGrads<'_, Vec<f32>>>,
         p: Precision,
     ) -> CrossEntropyOutput {
         let _p = crate::profile::scope("lm_head_cross_entropy");

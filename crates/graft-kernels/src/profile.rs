@@ -22,7 +22,7 @@ pub fn reset() {
 /// `(op, total time, calls)` sorted by time, largest first.
 pub fn totals() -> Vec<(&'static str, Duration, u64)> {
     let mut v = TOTALS.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }
 

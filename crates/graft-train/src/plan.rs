@@ -125,13 +125,13 @@ pub fn estimate(spec: &ModelSpec, input: &PlanInput) -> MemoryPlan {
         activations,
         layer_workspace,
         logits_chunk,
-        baseline: 40 << 20,
+        baseline: 8 << 20,
     }
 }
 
 /// The plan of a config: reads the model's `config.json` (or GGUF/llama2.c header).
 pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
-    let loaded = graft_model::weights::load_model(std::path::Path::new(&cfg.model.path))
+    let loaded = graft_model::hub::load_model_or_download(&cfg.model.path)
         .map_err(|e| crate::sft::TrainError(format!("model.path: {e}")))?;
     let lora = if cfg.uses_lora() {
         Some(crate::sft::lora_spec(cfg)?)

@@ -346,7 +346,8 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             .build_global();
     }
     // Model, tokenizer, data.
-    let loaded = load_model(Path::new(&cfg.model.path)).map_err(|e| err(format!("model.path: {e}")))?;
+    let loaded = graft_model::hub::load_model_or_download(&cfg.model.path)
+        .map_err(|e| err(format!("model.path: {e}")))?;
     let (tok, template) = load_tokenizer(&loaded, cfg.model.tokenizer.as_deref().map(Path::new))?;
     let precision = match cfg.model.precision {
         CfgPrecision::Exact => Precision::Exact,
@@ -547,7 +548,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
                 debug_assert_eq!(name, gname);
                 Param {
                     name: name.as_str(),
-                    value: &mut **value,
+                    value,
                     grad: g.as_slice(),
                     decay: decays_by_default(name),
                 }

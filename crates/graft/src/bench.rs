@@ -235,6 +235,26 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
             "f32"
         },
     );
+    let plan = graft_train::plan::estimate(
+        &spec,
+        &graft_train::plan::PlanInput {
+            tokens: args.batch * args.seq,
+            lora: (mode == TrainMode::Lora).then_some(LoraSpec {
+                r: args.lora_rank,
+                alpha: 2.0 * args.lora_rank as f32,
+                rslora: false,
+                dropout: 0.0,
+                targets: [true; 7],
+            }),
+            bf16_weights: storage == WeightStorage::Bf16,
+            checkpointing: args.checkpointing,
+        },
+    );
+    let predicted = plan.total() as f64 / (1 << 20) as f64;
+    println!(
+        "memory planner: predicted {predicted:.0} MB vs measured {rss:.0} MB ({:+.1}%)",
+        100.0 * (predicted - rss) / rss
+    );
     println!("per-op time over {} timed steps:", times.len());
     let totals = profile::totals();
     let all: f64 = totals.iter().map(|t| t.1.as_secs_f64()).sum();

@@ -200,8 +200,7 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
     let data = out.join("data");
     std::fs::create_dir_all(&data)?;
     eprintln!(
-        "1. building a {} model with a character tokenizer in {}",
-        "0.8M-parameter Llama",
+        "1. building a 0.8M-parameter Llama model with a character tokenizer in {}",
         base.display()
     );
     build_model(&base)?;

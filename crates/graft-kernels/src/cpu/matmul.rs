@@ -299,6 +299,7 @@ pub fn linear_backward_input(
 }
 
 /// `dw[out×in] (+)= dy[t×out]ᵀ · x[t×in]`.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_backward_weight(
     dw: &mut [f32],
     dy: &[f32],

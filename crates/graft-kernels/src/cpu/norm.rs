@@ -43,6 +43,7 @@ pub fn rmsnorm_apply(y: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32], dim: usi
 /// Backward of [`rmsnorm_forward`]: `dx (+)= …`, and `dw += Σ_rows dy · x · rstd` when `dw` is given.
 ///
 /// `dx = rstd · (w·dy) − x · rstd³ · mean(w·dy·x)`.
+#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     dx: &mut [f32],
     dw: Option<&mut [f32]>,
