@@ -690,3 +690,17 @@ fn adapters_hot_load_and_unload() {
     let models = call(addr, "GET", "/v1/models", None).json();
     assert_eq!(models["data"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn closing_a_non_streamed_request_cancels_it() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| o.max_context = Some(8192));
+    let addr = srv.addr;
+    let body = json!({"model": "b", "prompt": "Once", "max_tokens": 8000, "ignore_eos": true, "temperature": 0});
+    let s = send_request(addr, "POST", "/v1/completions", Some(&body), None);
+    wait_for(|| metric(addr, "graft_active_sequences") == 1.0, "the request to run");
+    drop(s);
+    wait_for(|| metric(addr, "graft_active_sequences") == 0.0, "the request to be cancelled");
+    assert!(metric(addr, "graft_sequences_cancelled_total") >= 1.0);
+    assert!(metric(addr, "graft_generation_tokens_total") < 8000.0);
+}
