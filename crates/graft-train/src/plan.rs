@@ -114,11 +114,14 @@ pub fn estimate(spec: &ModelSpec, input: &PlanInput) -> MemoryPlan {
     } else {
         layers * t * kept_per_token * 4
     };
-    // Backward of one layer: act, dact, dg, du (4·I), hn, dhn, dh, xn, dxn (5·h), dattn, dq (2·qd),
-    // dk, dv (2·kd), plus the final norm's x, xf, dxf.
-    let layer_workspace = t * (4 * i + 5 * h + 2 * qd + 2 * kd) * 4 + 3 * t * h * 4;
+    // Backward of one layer, at its widest: the MLP part holds dact, dg, du (3·I) and hn, dhn,
+    // dh (3·h); the attention part dattn, dq (2·qd), dk, dv (2·kd), xn, dxn, dh (3·h). The final
+    // norm adds x, xf, dxf (3·h).
+    let widest = (3 * i + 3 * h).max(2 * qd + 2 * kd + 3 * h);
+    let layer_workspace = t * (widest + 3 * h) * 4;
+    // One chunk of logits (its gradient is computed in place) plus the gathered hidden rows.
     let chunk = graft_kernels::cpu::cross_entropy::default_chunk_rows(spec.vocab_size) as u64;
-    let logits_chunk = 2 * chunk.min(t) * v * 4 + chunk.min(t) * h * 8;
+    let logits_chunk = chunk.min(t) * v * 4 + chunk.min(t) * h * 8;
     MemoryPlan {
         weights: params * weight_bytes,
         trainable,
