@@ -30,7 +30,7 @@ pub fn open(
     adapter: Option<&Path>,
     storage: WeightStorage,
 ) -> Result<OpenModel> {
-    let loaded = load_model(path)?;
+    let loaded = load_model(&graft_model::hub::resolve_model_path(&path.to_string_lossy())?)?;
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage)?;
     if let Some(dir) = adapter {
         let a = graft_model::peft::load_peft_adapter(dir, &loaded.spec)?;
