@@ -953,8 +953,9 @@ fn implicit_prompt(chosen: Turns, rejected: Turns) -> std::result::Result<(Turns
                 p + "\n\nAssistant:".len()
             } else {
                 shared
-                    .rfind(char::is_whitespace)
-                    .map(|p| p + 1)
+                    .char_indices()
+                    .rfind(|(_, ch)| ch.is_whitespace())
+                    .map(|(p, ch)| p + ch.len_utf8())
                     .filter(|_| common < c.len().min(r.len()))
                     .unwrap_or(common)
             };
@@ -1254,6 +1255,14 @@ mod tests {
         assert_eq!(r, Turns::Text(" Sure not".into()));
         let (p, _, _) = implicit_prompt(Turns::Text("Q: a b".into()), Turns::Text("Q: a c".into())).unwrap();
         assert_eq!(p, Turns::Text("Q: a ".into()));
+        // A multi-byte space (U+3000) before the divergence must not split a character.
+        let (p, c, _) = implicit_prompt(
+            Turns::Text("問\u{3000}はい".into()),
+            Turns::Text("問\u{3000}いいえ".into()),
+        )
+        .unwrap();
+        assert_eq!(p, Turns::Text("問\u{3000}".into()));
+        assert_eq!(c, Turns::Text("はい".into()));
     }
 
     #[test]

@@ -374,7 +374,8 @@ pub fn build_chat(
         for &t in &tokens {
             let (s, e) = seq.offsets[t];
             let after_marker = end_marker.is_some_and(|m| t > m);
-            seq.trained[t] = all_tokens || !(after_marker && seq.text[s..e].trim().is_empty());
+            seq.trained[t] =
+                all_tokens || !(after_marker && seq.text.get(s..e).is_some_and(|t| t.trim().is_empty()));
         }
         if end_marker.is_none() {
             match opts.missing_end_of_turn {
@@ -563,7 +564,7 @@ pub fn mark_trained(seq: &BuiltSequence, tok: &Tokenizer) -> String {
                 out.push_str("]]");
                 open = false;
             }
-            out.push_str(&seq.text[pos..s]);
+            out.push_str(seq.text.get(pos..s).unwrap_or_default());
             pos = s;
         }
         if trained && !open {
@@ -576,7 +577,7 @@ pub fn mark_trained(seq: &BuiltSequence, tok: &Tokenizer) -> String {
         if e > s {
             let start = s.max(pos);
             if e > start {
-                out.push_str(&seq.text[start..e]);
+                out.push_str(seq.text.get(start..e).unwrap_or_default());
                 pos = e;
             }
         } else if trained || s == 0 && i == 0 {
@@ -587,7 +588,7 @@ pub fn mark_trained(seq: &BuiltSequence, tok: &Tokenizer) -> String {
         out.push_str("]]");
     }
     if pos < seq.text.len() {
-        out.push_str(&seq.text[pos..]);
+        out.push_str(seq.text.get(pos..).unwrap_or_default());
     }
     out
 }
