@@ -56,6 +56,10 @@ pub struct ServeBenchArgs {
     /// Skip the single-adapter comparison run.
     #[arg(long)]
     no_baseline: bool,
+    /// Alternating rounds of the K-adapter and 1-adapter runs; each reports its best round
+    /// (a shared machine's noise hits both alike).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
 }
 
 fn xorshift(state: &mut u64) -> u64 {
@@ -123,13 +127,16 @@ impl RunStats {
     }
 }
 
-/// Issues one request and waits for it; returns (tokens, ttft, inter-token gaps).
+/// One request's outcome: tokens generated, time to first token, inter-token gaps (seconds).
+type RequestTiming = (usize, f64, Vec<f64>);
+
+/// Issues one request and waits for it.
 fn one_request(
     engine: &Engine,
     prompt: Vec<u32>,
     adapter: Option<Arc<AdapterEntry>>,
     max_tokens: usize,
-) -> Result<(usize, f64, Vec<f64>)> {
+) -> Result<RequestTiming> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let arrived = Instant::now();
     let req = SeqRequest {
@@ -184,7 +191,7 @@ fn run_clients(
     seed: u64,
 ) -> Result<RunStats> {
     let t0 = Instant::now();
-    let results: Vec<Result<Vec<(usize, f64, Vec<f64>)>>> = std::thread::scope(|scope| {
+    let results: Vec<Result<Vec<RequestTiming>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|c| {
                 scope.spawn(move || {
@@ -293,22 +300,45 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     // Warm-up: touch the code paths once.
     one_request(&engine, vec![1, 2, 3], Some(adapters[0].clone()), 2)?;
 
-    let mut multi = run_clients(&engine, &adapters, args, args.clients, args.requests, vocab, 1)?;
+    let mut multi: Option<RunStats> = None;
+    let mut single: Option<RunStats> = None;
+    let best = |slot: &mut Option<RunStats>, run: RunStats| {
+        if slot
+            .as_ref()
+            .is_none_or(|b| run.tokens_per_s() > b.tokens_per_s())
+        {
+            *slot = Some(run);
+        }
+    };
+    for round in 0..args.rounds.max(1) {
+        let seed = round as u64 + 1;
+        best(
+            &mut multi,
+            run_clients(&engine, &adapters, args, args.clients, args.requests, vocab, seed)?,
+        );
+        if !args.no_baseline {
+            best(
+                &mut single,
+                run_clients(
+                    &engine,
+                    &adapters[..1],
+                    args,
+                    args.clients,
+                    args.requests,
+                    vocab,
+                    seed,
+                )?,
+            );
+        }
+    }
+    let mut multi = multi.ok_or_else(|| anyhow::anyhow!("no run"))?;
     multi.print(&format!("{k} adapters:"));
-    if !args.no_baseline {
-        let mut single = run_clients(
-            &engine,
-            &adapters[..1],
-            args,
-            args.clients,
-            args.requests,
-            vocab,
-            1,
-        )?;
+    if let Some(mut single) = single {
         single.print("1 adapter:");
         println!(
-            "ratio {k} adapters / 1 adapter: {:.2}x (target >= 0.80)",
-            multi.tokens_per_s() / single.tokens_per_s()
+            "ratio {k} adapters / 1 adapter: {:.2}x (target >= 0.80; best of {} rounds each)",
+            multi.tokens_per_s() / single.tokens_per_s(),
+            args.rounds.max(1)
         );
     }
     let (tokens, ttft, gaps) = one_request(
