@@ -190,6 +190,7 @@ impl ChatTemplate {
         env.add_filter("string", |v: Value| python_str(&v));
         env.add_filter("int", jinja_int);
         env.add_filter("float", jinja_float);
+        env.add_filter("round", jinja_round);
         env.add_function(
             "raise_exception",
             |msg: Value| -> std::result::Result<Value, minijinja::Error> {
@@ -621,6 +622,31 @@ fn jinja_int(v: Value, default: Option<Value>) -> Value {
         }
         _ => fallback(),
     }
+}
+
+/// Jinja2's `round(value, precision=0, method='common')`: `common` is Python's `round` (ties to
+/// even), `ceil`/`floor` round up/down; the result is a float.
+fn jinja_round(
+    v: Value,
+    precision: Option<i32>,
+    method: Option<String>,
+) -> std::result::Result<Value, minijinja::Error> {
+    let x = f64::try_from(v)?;
+    let p = precision.unwrap_or(0);
+    let scale = 10f64.powi(p);
+    let scaled = x * scale;
+    let r = match method.as_deref().unwrap_or("common") {
+        "common" => scaled.round_ties_even(),
+        "ceil" => scaled.ceil(),
+        "floor" => scaled.floor(),
+        other => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("round: method must be 'common', 'ceil' or 'floor', got {other:?}"),
+            ));
+        }
+    };
+    Ok(Value::from(r / scale))
 }
 
 /// Jinja2's `float` filter: `default` (0.0) when the value does not parse.
@@ -1132,6 +1158,11 @@ mod tests {
         assert_eq!(
             t.render_text(&[], None, false, &Map::new()).unwrap(),
             "22|0|2|0.0|2.5|7"
+        );
+        let t = tmpl("{{ 2.5|round }}|{{ 3.5|round }}|{{ 2.25|round(1) }}|{{ 2.1|round(0, 'ceil') }}");
+        assert_eq!(
+            t.render_text(&[], None, false, &Map::new()).unwrap(),
+            "2.0|4.0|2.2|3.0"
         );
     }
 
