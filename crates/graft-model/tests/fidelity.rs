@@ -229,3 +229,34 @@ fn lora_checkpointing_and_dropout_consistency() {
     assert!(a.1 == b.1, "checkpointed LoRA gradients differ");
     assert!(a.1.iter().any(|&g| g != 0.0));
 }
+
+#[test]
+fn gradient_accumulation_is_a_token_level_mean() {
+    // Two micro-batches accumulated with grad_scale 1 and divided by their total trained tokens
+    // give the gradient of the one batch holding both (attention is isolated per sequence).
+    let case = "llama_tied_gqa";
+    let model = load(case, WeightStorage::F32);
+    let batch = read_batch(&fixtures().join(case));
+    let cut = batch.seq_ids.iter().position(|&s| s == 1).unwrap();
+    let part = |r: std::ops::Range<usize>| Batch {
+        input_ids: batch.input_ids[r.clone()].to_vec(),
+        positions: batch.positions[r.clone()].to_vec(),
+        seq_ids: batch.seq_ids[r.clone()].to_vec(),
+        targets: batch.targets[r].to_vec(),
+    };
+    let (a, b) = (part(0..cut), part(cut..batch.len()));
+    let n = batch.num_trained() as f32;
+    let mut whole = model.new_grads(TrainMode::Full);
+    model.forward_backward(&batch, &mut whole, 1.0 / n, TrainOptions::default());
+    let mut acc = model.new_grads(TrainMode::Full);
+    model.forward_backward(&a, &mut acc, 1.0 / n, TrainOptions::default());
+    model.forward_backward(&b, &mut acc, 1.0 / n, TrainOptions::default());
+    let mut w = Vec::new();
+    whole.for_each_mut(|_, g| w.push(g.clone()));
+    let mut i = 0;
+    acc.for_each_mut(|name, g| {
+        let err = rel_norm_err(g, &w[i]);
+        assert!(err < 1e-5, "{name}: {err}");
+        i += 1;
+    });
+}
