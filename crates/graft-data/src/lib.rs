@@ -56,7 +56,7 @@ pub use tokenizer::{
 pub fn load_tokenizer_and_template(model_path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     if model_path.is_dir() {
         let tok = Tokenizer::from_model_dir(model_path)?;
-        let template = ChatTemplate::from_model_dir(model_path, tok.special_tokens(), None)?;
+        let template = tok.chat_template().cloned();
         return Ok((tok, template));
     }
     if model_path.extension().is_some_and(|e| e == "bin") {

@@ -208,6 +208,8 @@ pub struct Tokenizer {
     fingerprint: String,
     /// What the inner post-processor adds (BOS, EOS), measured once the ids are known.
     inner_adds_cache: Option<(bool, bool)>,
+    /// The model folder's chat template, when loaded with [`Tokenizer::from_model_dir`].
+    chat_template: Option<crate::template::ChatTemplate>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -319,6 +321,7 @@ impl Tokenizer {
             special_tokens: SpecialTokens::default(),
             fingerprint,
             inner_adds_cache: None,
+            chat_template: None,
         };
         t.refresh_special_ids();
         t.special_tokens.bos_token = bos.and_then(|i| t.id_to_token(i));
@@ -681,9 +684,11 @@ impl Tokenizer {
         Ok(t)
     }
 
-    /// Loads a model folder: `tokenizer.json` (or a tiktoken `tokenizer.model` / `*.tiktoken`), then
-    /// applies `tokenizer_config.json` (special tokens, `add_bos_token`/`add_eos_token`, added
-    /// tokens), `special_tokens_map.json` and `generation_config.json` (`eos_token_id`).
+    /// Loads a model folder: `tokenizer.json` (or a tiktoken `tokenizer.model` / `*.tiktoken`, a
+    /// SentencePiece `tokenizer.model`, or `vocab.json` + `merges.txt`), then applies
+    /// `tokenizer_config.json` (special tokens, `add_bos_token`/`add_eos_token`, added tokens,
+    /// `clean_up_tokenization_spaces`), `special_tokens_map.json` and `generation_config.json`
+    /// (`eos_token_id`), and loads the chat template (see [`Tokenizer::chat_template`]).
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
         let special_map = read_json_if_exists(&dir.join("special_tokens_map.json"))?;
@@ -793,6 +798,7 @@ impl Tokenizer {
             }
         }
         tok.fingerprint = h.hex();
+        tok.chat_template = crate::template::ChatTemplate::from_model_dir(dir, &tok.special_tokens, None)?;
         Ok(tok.finalize())
     }
 
@@ -1039,6 +1045,12 @@ impl Tokenizer {
     /// Special-token strings for chat templates.
     pub fn special_tokens(&self) -> &SpecialTokens {
         &self.special_tokens
+    }
+
+    /// The chat template found by [`Tokenizer::from_model_dir`] (`chat_template.jinja`,
+    /// `chat_template.json` or `tokenizer_config.json`), if any.
+    pub fn chat_template(&self) -> Option<&crate::template::ChatTemplate> {
+        self.chat_template.as_ref()
     }
 
     /// Which format this tokenizer was built from.
