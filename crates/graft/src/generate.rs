@@ -154,7 +154,9 @@ pub fn logits(args: &LogitsArgs) -> Result<()> {
         .map(|s| s.trim().parse::<u32>())
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("--ids: expected comma-separated token ids: {e}"))?;
-    let loaded = graft_model::weights::load_model(&args.model)?;
+    let loaded = graft_model::weights::load_model(&graft_model::hub::resolve_model_path(
+        &args.model.to_string_lossy(),
+    )?)?;
     let mut model = graft_model::model::Model::from_weights(
         graft_kernels::Cpu,
         &loaded.spec,
