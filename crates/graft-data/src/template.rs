@@ -23,8 +23,15 @@
 //! "Where `P` ends inside `T`" is `len(P)` when `P` is a prefix of `T` (true for most templates).
 //! When it is not (the template renders the last turn differently), the longest common prefix of
 //! `P` and `T` is extended by the longest tail of `P` that `T` continues with — the part of the
-//! prefix rendering that is shared with the full one. [`Rendered::prefix_stable`] says whether this
-//! fallback was needed.
+//! prefix rendering that is shared with the full one; when no tail continues, it backs up over
+//! the punctuation both happened to share (`<|end|>\n<|` of `<|user|>` vs `<|endoftext|>`).
+//! [`Rendered::prefix_stable`] says whether this fallback was needed.
+//!
+//! Cost: `2n + 1` renderings for `n` messages (templates render in microseconds).
+//!
+//! Known difference from Python jinja2: `str + (x|safe)` does not HTML-escape `str` (jinja2's
+//! `Markup` does, which garbles e.g. Mistral's v3/v7 templates when tool-call arguments are objects),
+//! `'%s' % x` string formatting is not supported (use `'%s'|format(x)`), and tuples print as lists.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
