@@ -255,3 +255,76 @@ fn doubled_bos_is_collapsed_and_prompt_not_trained() {
     };
     assert!(sample::tokenize_record(&pc, &tok, None, &opts).unwrap().is_none());
 }
+
+/// Across every template of the rendered goldens: trained bytes are exactly assistant text (plus
+/// end-of-turn markers), never system or user text.
+#[test]
+fn no_prompt_text_is_trained_for_any_golden_template() {
+    let Some(d) = data_dir() else { return };
+    let (tok, _) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
+    let goldens: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("chat_templates/rendered_goldens.json")).unwrap(),
+    )
+    .unwrap();
+    let record = Record::Chat(Conversation {
+        messages: vec![
+            Message::new("user", "Alpha question?"),
+            Message::new("assistant", "Bravo answer."),
+            Message::new("user", "Charlie question?"),
+            Message::new("assistant", "Delta answer."),
+        ],
+        weights: vec![],
+        tools: None,
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let mut checked = 0;
+    for case in goldens["cases"].as_array().unwrap() {
+        let name = case["template"].as_str().unwrap();
+        let source = case["template_source"].as_str().unwrap();
+        if !seen.insert(name.to_string()) || source.contains("ollama") {
+            continue;
+        }
+        let text = std::fs::read_to_string(d.join(source)).unwrap();
+        let src = if source.ends_with(".json") {
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["chat_template"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        } else {
+            text
+        };
+        let st = &case["special_tokens"];
+        let special = SpecialTokens {
+            bos_token: st["bos_token"].as_str().map(String::from),
+            eos_token: st["eos_token"].as_str().map(String::from),
+            ..Default::default()
+        };
+        let template = ChatTemplate::new(&src, special)
+            .unwrap()
+            .with_fixed_date_text("26 Jul 2024")
+            .unwrap();
+        let built =
+            sample::build_record(&record, &tok, Some(&template), &TokenizeOptions::default()).unwrap();
+        let seq = &built[0];
+        let mut trained_text = String::new();
+        for (i, &(s, e)) in seq.offsets.iter().enumerate() {
+            if seq.trained[i] && e > s {
+                trained_text.push_str(&seq.text[s..e]);
+            }
+        }
+        for prompt in ["Alpha", "question", "Charlie", "user", "<|im_start|>"] {
+            assert!(
+                !trained_text.contains(prompt),
+                "{name}: {prompt:?} trained in {trained_text:?}"
+            );
+        }
+        for answer in ["Bravo answer.", "Delta answer."] {
+            assert!(
+                trained_text.contains(answer),
+                "{name}: {answer:?} not trained in {trained_text:?}"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 11);
+}
