@@ -51,8 +51,8 @@ fn trained_runs(tok: &Tokenizer, s: &TokenizedSample) -> Vec<String> {
 #[test]
 fn qwen25_trains_assistant_content_and_im_end_only() {
     let Some(d) = data_dir() else { return };
-    let (tok, template) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
-    let template = template.expect("qwen2.5 has a chat template");
+    let (tok, template) = common::qwen(&d);
+    let template = template.as_ref().expect("qwen2.5 has a chat template");
     let s = single(
         sample::tokenize_record(
             &conversation(vec![]),
@@ -261,7 +261,7 @@ fn doubled_bos_is_collapsed_and_prompt_not_trained() {
 #[test]
 fn no_prompt_text_is_trained_for_any_golden_template() {
     let Some(d) = data_dir() else { return };
-    let (tok, _) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
+    let (tok, _) = common::qwen(&d);
     let goldens: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.join("chat_templates/rendered_goldens.json")).unwrap(),
     )

@@ -11,7 +11,7 @@ use graft_data::{TokenizedRecord, load_tokenized};
 #[test]
 fn tokenization_is_cached_by_content_and_options() {
     let Some(d) = data_dir() else { return };
-    let (tok, template) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
+    let (tok, template) = common::qwen(&d);
     let cache = std::env::temp_dir().join(format!("graft-data-cache-{}", std::process::id()));
     let path = d.join("datasets/sft/torchtune/alpaca_tiny.json");
     let opts = TokenizeOptions {
@@ -89,7 +89,7 @@ fn packed_tinystories_batches_keep_sequences_isolated() {
 #[test]
 fn preference_and_kto_rows_tokenize_with_shared_prompts() {
     let Some(d) = data_dir() else { return };
-    let (tok, template) = graft_data::load_tokenizer_and_template(&d.join("tokenizers/qwen2.5")).unwrap();
+    let (tok, template) = common::qwen(&d);
     let opts = TokenizeOptions::default();
     let dpo = load_tokenized(
         &d.join("datasets/preference/llamafactory/dpo_en_demo.json"),

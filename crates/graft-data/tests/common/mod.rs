@@ -28,3 +28,11 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// The Qwen2.5 tokenizer and chat template, loaded once per test binary (building the BPE merges
+/// from 151k ranks takes a moment).
+pub fn qwen(data: &std::path::Path) -> &'static (graft_data::Tokenizer, Option<graft_data::ChatTemplate>) {
+    static QWEN: std::sync::OnceLock<(graft_data::Tokenizer, Option<graft_data::ChatTemplate>)> =
+        std::sync::OnceLock::new();
+    QWEN.get_or_init(|| graft_data::load_tokenizer_and_template(&data.join("tokenizers/qwen2.5")).unwrap())
+}
