@@ -56,14 +56,14 @@ fn qwen25_trains_assistant_content_and_im_end_only() {
     let s = single(
         sample::tokenize_record(
             &conversation(vec![]),
-            &tok,
-            Some(&template),
+            tok,
+            Some(template),
             &TokenizeOptions::default(),
         )
         .unwrap(),
     );
     assert_eq!(
-        trained_runs(&tok, &s),
+        trained_runs(tok, &s),
         vec![
             "I'm doing great. How can I help you today?<|im_end|>",
             "Why did the chicken cross the road?<|im_end|>"
@@ -81,27 +81,27 @@ fn qwen25_trains_assistant_content_and_im_end_only() {
     let w = single(
         sample::tokenize_record(
             &conversation(vec![None, None, Some(0.0), None, None]),
-            &tok,
-            Some(&template),
+            tok,
+            Some(template),
             &TokenizeOptions::default(),
         )
         .unwrap(),
     );
     assert_eq!(
-        trained_runs(&tok, &w),
+        trained_runs(tok, &w),
         vec!["Why did the chicken cross the road?<|im_end|>"]
     );
     let opts = TokenizeOptions {
         loss: LossMode::LastAssistant,
         ..Default::default()
     };
-    let l = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &opts).unwrap());
+    let l = single(sample::tokenize_record(&conversation(vec![]), tok, Some(template), &opts).unwrap());
     assert_eq!(l.trained, w.trained);
     let opts = TokenizeOptions {
         loss: LossMode::AllTokens,
         ..Default::default()
     };
-    let a = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&template), &opts).unwrap());
+    let a = single(sample::tokenize_record(&conversation(vec![]), tok, Some(template), &opts).unwrap());
     let untrained: Vec<usize> = (0..a.trained.len()).filter(|&i| !a.trained[i]).collect();
     assert_eq!(untrained, vec![0]);
 }
@@ -303,8 +303,7 @@ fn no_prompt_text_is_trained_for_any_golden_template() {
             .unwrap()
             .with_fixed_date_text("26 Jul 2024")
             .unwrap();
-        let built =
-            sample::build_record(&record, &tok, Some(&template), &TokenizeOptions::default()).unwrap();
+        let built = sample::build_record(&record, tok, Some(&template), &TokenizeOptions::default()).unwrap();
         let seq = &built[0];
         let mut trained_text = String::new();
         for (i, &(s, e)) in seq.offsets.iter().enumerate() {

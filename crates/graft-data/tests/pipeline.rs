@@ -19,17 +19,17 @@ fn tokenization_is_cached_by_content_and_options() {
         ..Default::default()
     };
     let load = LoadOptions::default();
-    let first = load_tokenized(&path, &load, &tok, template.as_ref(), &opts, Some(&cache)).unwrap();
+    let first = load_tokenized(&path, &load, tok, template.as_ref(), &opts, Some(&cache)).unwrap();
     assert!(!first.from_cache);
     assert_eq!(first.examples.len(), 100);
-    let second = load_tokenized(&path, &load, &tok, template.as_ref(), &opts, Some(&cache)).unwrap();
+    let second = load_tokenized(&path, &load, tok, template.as_ref(), &opts, Some(&cache)).unwrap();
     assert!(second.from_cache);
     assert_eq!(first.examples, second.examples);
     let other = TokenizeOptions {
         max_len: Some(128),
         ..Default::default()
     };
-    let third = load_tokenized(&path, &load, &tok, template.as_ref(), &other, Some(&cache)).unwrap();
+    let third = load_tokenized(&path, &load, tok, template.as_ref(), &other, Some(&cache)).unwrap();
     assert!(!third.from_cache);
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
     std::fs::remove_dir_all(&cache).ok();
@@ -94,7 +94,7 @@ fn preference_and_kto_rows_tokenize_with_shared_prompts() {
     let dpo = load_tokenized(
         &d.join("datasets/preference/llamafactory/dpo_en_demo.json"),
         &LoadOptions::default(),
-        &tok,
+        tok,
         template.as_ref(),
         &opts,
         None,
@@ -121,7 +121,7 @@ fn preference_and_kto_rows_tokenize_with_shared_prompts() {
     let kto = load_tokenized(
         &d.join("datasets/sft/llamafactory/kto_en_demo.json"),
         &LoadOptions::default(),
-        &tok,
+        tok,
         template.as_ref(),
         &opts,
         None,
@@ -136,7 +136,7 @@ fn preference_and_kto_rows_tokenize_with_shared_prompts() {
     let hh = load_tokenized(
         &d.join("datasets/preference/hh-rlhf/harmless-base-test.jsonl.gz"),
         &LoadOptions::default(),
-        &tok,
+        tok,
         None,
         &opts,
         None,
