@@ -60,6 +60,9 @@ pub struct ServeBenchArgs {
     /// (a shared machine's noise hits both alike).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Print a per-op time profile of the single-stream decode.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn xorshift(state: &mut u64) -> u64 {
@@ -341,12 +344,23 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             args.rounds.max(1)
         );
     }
+    if args.profile {
+        graft_kernels::profile::reset();
+        graft_kernels::profile::set_enabled(true);
+    }
     let (tokens, ttft, gaps) = one_request(
         &engine,
         (0..args.prompt_tokens as u32).map(|i| i % vocab as u32).collect(),
         None,
         128,
     )?;
+    if args.profile {
+        graft_kernels::profile::set_enabled(false);
+        println!("single-stream op profile:");
+        for (op, time, calls) in graft_kernels::profile::totals() {
+            println!("  {op:<24} {:>9.1} ms  {calls:>8} calls", time.as_secs_f64() * 1e3);
+        }
+    }
     let decode: f64 = gaps.iter().sum();
     println!(
         "single stream (base, {}): {:.1} decode tok/s ({} tokens, ttft {:.1} ms)",
