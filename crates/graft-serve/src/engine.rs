@@ -140,6 +140,7 @@ pub enum SubmitError {
 pub struct Engine {
     tx: Mutex<mpsc::Sender<Vec<SeqRequest>>>,
     queued: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
     config: EngineConfig,
     metrics: Arc<Metrics>,
 }
@@ -149,11 +150,13 @@ impl Engine {
     pub fn start(model: Arc<Model<Cpu>>, config: EngineConfig, metrics: Arc<Metrics>) -> Engine {
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(0));
         let mut worker = Worker {
             model,
             config,
             rx,
             queued: queued.clone(),
+            running: running.clone(),
             metrics: metrics.clone(),
             waiting: VecDeque::new(),
             active: Vec::new(),
@@ -165,6 +168,7 @@ impl Engine {
         Engine {
             tx: Mutex::new(tx),
             queued,
+            running,
             config,
             metrics,
         }
@@ -175,11 +179,17 @@ impl Engine {
         &self.config
     }
 
-    /// Queues the sequences of one request (all or none).
+    /// Queues the sequences of one request (all or none). Sequences that will find a free
+    /// batch slot do not count against `max_queue`.
     pub fn submit(&self, seqs: Vec<SeqRequest>) -> Result<(), SubmitError> {
         let n = seqs.len();
         let before = self.queued.fetch_add(n, Ordering::SeqCst);
-        if before + n > self.config.max_queue {
+        let free = self
+            .config
+            .max_batch
+            .max(1)
+            .saturating_sub(self.running.load(Ordering::SeqCst));
+        if before + n > self.config.max_queue + free {
             self.queued.fetch_sub(n, Ordering::SeqCst);
             self.metrics.rejected_requests.fetch_add(1, Ordering::Relaxed);
             return Err(SubmitError::QueueFull);
@@ -218,6 +228,7 @@ struct Worker {
     config: EngineConfig,
     rx: mpsc::Receiver<Vec<SeqRequest>>,
     queued: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     waiting: VecDeque<SeqRequest>,
     active: Vec<Active>,
@@ -336,6 +347,7 @@ impl Worker {
         self.metrics
             .queue_depth
             .store(self.queued.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
+        self.running.store(self.active.len(), Ordering::SeqCst);
         self.metrics
             .active_sequences
             .store(self.active.len() as u64, Ordering::Relaxed);
@@ -409,6 +421,8 @@ impl Worker {
                         message: format!("engine failure: {what}"),
                     });
                 }
+                self.running.store(0, Ordering::SeqCst);
+                self.metrics.active_sequences.store(0, Ordering::Relaxed);
                 return;
             }
         };
@@ -435,6 +449,7 @@ impl Worker {
             i += 1;
             !finished[i - 1]
         });
+        self.running.store(self.active.len(), Ordering::SeqCst);
         self.metrics
             .active_sequences
             .store(self.active.len() as u64, Ordering::Relaxed);

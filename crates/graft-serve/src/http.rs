@@ -63,6 +63,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/version", get(version))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/chat/completions", post(chat_completions))
@@ -81,6 +82,10 @@ async fn fallback() -> Response {
 
 async fn health() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn version() -> Response {
+    axum::Json(json!({"version": env!("CARGO_PKG_VERSION"), "server": "graft"})).into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {

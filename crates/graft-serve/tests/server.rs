@@ -696,11 +696,41 @@ fn closing_a_non_streamed_request_cancels_it() {
     let Some(fx) = fixture() else { return };
     let srv = start(&fx, |o| o.max_context = Some(8192));
     let addr = srv.addr;
-    let body = json!({"model": "b", "prompt": "Once", "max_tokens": 8000, "ignore_eos": true, "temperature": 0});
+    let body =
+        json!({"model": "b", "prompt": "Once", "max_tokens": 8000, "ignore_eos": true, "temperature": 0});
     let s = send_request(addr, "POST", "/v1/completions", Some(&body), None);
-    wait_for(|| metric(addr, "graft_active_sequences") == 1.0, "the request to run");
+    wait_for(
+        || metric(addr, "graft_active_sequences") == 1.0,
+        "the request to run",
+    );
     drop(s);
-    wait_for(|| metric(addr, "graft_active_sequences") == 0.0, "the request to be cancelled");
+    wait_for(
+        || metric(addr, "graft_active_sequences") == 0.0,
+        "the request to be cancelled",
+    );
     assert!(metric(addr, "graft_sequences_cancelled_total") >= 1.0);
     assert!(metric(addr, "graft_generation_tokens_total") < 8000.0);
+}
+
+#[test]
+fn zero_queue_still_admits_into_free_batch_slots() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.max_batch = 1;
+        o.max_queue = 0;
+        o.max_context = Some(8192);
+    });
+    let addr = srv.addr;
+    let long = json!({"prompt": "Once", "max_tokens": 8000, "ignore_eos": true, "stream": true});
+    let mut a = send_request(addr, "POST", "/v1/completions", Some(&long), None);
+    read_until_first_token(&mut a);
+    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(r.status, 429);
+    drop(a);
+    wait_for(
+        || metric(addr, "graft_active_sequences") == 0.0,
+        "A to be cancelled",
+    );
+    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(r.status, 200, "{}", r.body);
 }

@@ -156,5 +156,9 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await;
-    eprintln!("graft serve: shutting down");
+    eprintln!("graft serve: shutting down (waiting up to 10 s for open requests)");
+    std::thread::spawn(|| {
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        std::process::exit(0);
+    });
 }
