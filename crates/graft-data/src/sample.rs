@@ -12,10 +12,11 @@
 //! stops at the marker and never generates it. A span without such a token is reported and, by
 //! default, gets the tokenizer's EOS appended (trained) so the model learns to stop.
 //!
-//! BOS: rendered text is tokenized without special tokens (the template writes BOS itself, as in
-//! `apply_chat_template`); if the tokenizer is configured to add BOS and the text does not start
-//! with it, it is prepended; a doubled BOS (template and tokenizer, or text that starts with the
-//! BOS string) is collapsed to one and reported.
+//! BOS: rendered chat text is tokenized without special tokens, exactly as `apply_chat_template`
+//! and graft's server do (the template writes BOS itself when the model wants one), so training and
+//! serving see the same ids. Text and prompt/completion rows get BOS as the tokenizer's config says.
+//! A doubled BOS (tokenizer BOS plus text or template that starts with the BOS string) is collapsed
+//! to one and reported.
 
 use serde_json::Map;
 
@@ -247,14 +248,9 @@ impl BuiltSequence {
         }
     }
 
-    fn fix_bos(&mut self, tok: &Tokenizer, prepend: bool) {
+    fn fix_bos(&mut self, tok: &Tokenizer) {
         self.untrain_first();
         let Some(bos) = tok.bos_id() else { return };
-        if prepend && tok.adds_bos() && self.ids.first() != Some(&bos) {
-            self.ids.insert(0, bos);
-            self.offsets.insert(0, (0, 0));
-            self.trained.insert(0, false);
-        }
         if self.ids.len() >= 2 && self.ids[0] == bos && self.ids[1] == bos {
             self.ids.remove(0);
             self.offsets.remove(0);
@@ -395,7 +391,7 @@ pub fn build_chat(
             seq.trained.insert(at, true);
         }
     }
-    seq.fix_bos(tok, true);
+    seq.fix_bos(tok);
     Ok(seq)
 }
 
@@ -429,7 +425,7 @@ fn build_prompt_response(
             if opts.append_eos {
                 seq.push_eos(tok, true);
             }
-            seq.fix_bos(tok, false);
+            seq.fix_bos(tok);
             Ok(seq)
         }
         (Turns::Chat(p), Turns::Chat(c)) => {
@@ -461,7 +457,7 @@ pub fn build_record(
             if opts.append_eos {
                 seq.push_eos(tok, true);
             }
-            seq.fix_bos(tok, false);
+            seq.fix_bos(tok);
             vec![seq]
         }
         Record::Chat(Conversation {
@@ -540,12 +536,12 @@ pub fn encode_prompt(
     match prompt {
         Turns::Text(p) => {
             seq.push_text(tok, p, true, false)?;
-            seq.fix_bos(tok, false);
+            seq.fix_bos(tok);
         }
         Turns::Chat(messages) => {
             let text = need_template(template)?.render_text(messages, None, true, template_kwargs)?;
             seq.push_text(tok, &text, false, false)?;
-            seq.fix_bos(tok, true);
+            seq.fix_bos(tok);
         }
     }
     Ok(seq.ids)

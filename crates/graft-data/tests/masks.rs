@@ -188,7 +188,7 @@ fn template_without_end_of_turn_gets_eos_and_report() {
     let Some(d) = data_dir() else { return };
     let tok = Tokenizer::from_model_dir(&d.join("models/stories260K/hf")).unwrap();
     let template = ChatTemplate::new(
-        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
+        "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
         tok.special_tokens().clone(),
     )
     .unwrap();
@@ -206,6 +206,30 @@ fn template_without_end_of_turn_gets_eos_and_report() {
     let eos_positions: Vec<usize> = (0..s.input_ids.len()).filter(|&i| s.input_ids[i] == 2).collect();
     assert_eq!(eos_positions.len(), 2);
     assert!(eos_positions.iter().all(|&i| s.trained[i]));
+    // Training ids are the serving ids: exactly the rendered text encoded without special tokens.
+    let no_bos = ChatTemplate::new(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
+        tok.special_tokens().clone(),
+    )
+    .unwrap();
+    let opts = TokenizeOptions {
+        missing_end_of_turn: MissingEndOfTurn::Report,
+        ..Default::default()
+    };
+    let s2 = single(sample::tokenize_record(&conversation(vec![]), &tok, Some(&no_bos), &opts).unwrap());
+    let Record::Chat(c) = conversation(vec![]) else {
+        unreachable!()
+    };
+    let served = tok
+        .encode(
+            &no_bos
+                .render_text(&c.messages, None, false, &Default::default())
+                .unwrap(),
+            false,
+        )
+        .unwrap();
+    assert_eq!(s2.input_ids, served.ids);
+    assert_ne!(s2.input_ids[0], 1);
     let opts = TokenizeOptions {
         missing_end_of_turn: MissingEndOfTurn::Report,
         ..Default::default()
