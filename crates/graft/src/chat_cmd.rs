@@ -85,6 +85,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     }
     let mut stop: Vec<u32> = m.tokenizer.eos_ids().to_vec();
     stop.extend(m.model.spec.eos_token_ids.iter().copied());
+    stop.extend(crate::serve_cmd::generation_eos_ids(&args.model));
     let context = m.model.spec.max_position_embeddings;
     let mut history: Vec<Message> = Vec::new();
     if let Some(s) = &args.system {

@@ -68,6 +68,24 @@ pub fn default_model_name(path: &std::path::Path) -> String {
         .to_string()
 }
 
+/// End-of-sequence ids from a model directory's `generation_config.json` (`eos_token_id`, a
+/// number or a list), which instruct models use to stop at their end-of-turn token.
+pub fn generation_eos_ids(model: &std::path::Path) -> Vec<u32> {
+    let dir = graft_model::hub::resolve_model_path(&model.to_string_lossy())
+        .unwrap_or_else(|_| model.to_path_buf());
+    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    match v.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Runs `graft serve` until interrupted.
 pub fn run(args: &ServeArgs) -> Result<()> {
     let (storage, precision) = if args.exact {
@@ -76,6 +94,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         (WeightStorage::Bf16, Precision::Fast)
     };
     let mut m = model_io::open(&args.model, args.tokenizer.as_deref(), None, storage)?;
+    for id in generation_eos_ids(&args.model) {
+        if !m.model.spec.eos_token_ids.contains(&id) {
+            m.model.spec.eos_token_ids.push(id);
+        }
+    }
     if let Some(path) = &args.chat_template {
         let t = graft_data::ChatTemplate::from_file(path, m.tokenizer.special_tokens().clone())
             .with_context(|| format!("loading chat template {}", path.display()))?;
