@@ -151,3 +151,25 @@ def test_hot_load_and_unload(client):
     assert http("DELETE", "/v1/adapters/c")[0] == 200
     with pytest.raises(openai.NotFoundError):
         complete(client, "c")
+
+
+def test_n_streaming_logprobs_and_retrieve(client):
+    stream = client.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+        temperature=0.8, seed=1, n=2, stream=True)
+    texts, finished = {0: "", 1: ""}, set()
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1}
+    r = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in lp)
+    r = client.completions.create(model="b", prompt=["Tom", "Sue"], max_tokens=4, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert client.models.retrieve("b").id == "b"
