@@ -34,6 +34,9 @@ pub struct EngineConfig {
     pub precision: Precision,
     /// Longest sequence (prompt + completion) the model runs.
     pub max_context: usize,
+    /// KV-cache positions the running batch may reserve in total (each sequence reserves its
+    /// prompt + `max_tokens`); a sequence that does not fit waits until others finish.
+    pub kv_budget_tokens: usize,
 }
 
 /// Logit adjustments applied before sampling (OpenAI / vLLM request fields).
@@ -301,10 +304,23 @@ impl Worker {
     }
 
     fn admit(&mut self) {
+        let mut reserved: usize = self
+            .active
+            .iter()
+            .map(|a| a.req.prompt.len() + a.req.max_tokens)
+            .sum();
         while self.active.len() < self.config.max_batch.max(1) {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need = (front.prompt.len() + front.max_tokens).min(self.config.max_context);
+            if !self.active.is_empty() && reserved + need > self.config.kv_budget_tokens {
+                break;
+            }
             let Some(mut req) = self.waiting.pop_front() else {
                 break;
             };
+            reserved += need;
             self.queued.fetch_sub(1, Ordering::SeqCst);
             let room = self.config.max_context.saturating_sub(req.prompt.len());
             if req.prompt.is_empty() || room == 0 {

@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub precision: Precision,
     /// Context length (`None`: the model's `max_position_embeddings`).
     pub max_context: Option<usize>,
+    /// KV-cache positions the running batch may reserve in total (`None`: half the memory
+    /// available at startup).
+    pub kv_cache_tokens: Option<usize>,
     /// Load every adapter under this directory at startup (also an adapter root).
     pub adapters_dir: Option<PathBuf>,
     /// Directories adapters may be loaded from while serving.
@@ -76,6 +79,7 @@ impl ServeOptions {
             prefill_chunk: 512,
             precision: Precision::Fast,
             max_context: None,
+            kv_cache_tokens: None,
             adapters_dir: None,
             adapter_roots: Vec::new(),
         }
@@ -102,6 +106,10 @@ pub fn build_state(
         }
     }
     let vocab = model.spec.vocab_size;
+    let bytes_per_token = (2 * model.spec.num_layers * model.spec.kv_dim() * 4).max(1);
+    let kv_budget_tokens = options.kv_cache_tokens.unwrap_or_else(|| {
+        available_memory_bytes().map_or(usize::MAX, |m| (m / 2 / bytes_per_token).max(max_context))
+    });
     let model = Arc::new(model);
     let mut roots = options.adapter_roots.clone();
     if let Some(d) = &options.adapters_dir {
@@ -125,6 +133,7 @@ pub fn build_state(
             prefill_chunk: options.prefill_chunk.max(1),
             precision: options.precision,
             max_context,
+            kv_budget_tokens,
         },
         metrics.clone(),
     );
@@ -144,6 +153,14 @@ pub fn build_state(
             .map_or(0, |d| d.as_secs()),
         next_id: AtomicU64::new(0),
     }))
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (Linux).
+fn available_memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves.

@@ -734,3 +734,39 @@ fn zero_queue_still_admits_into_free_batch_slots() {
     let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 2}));
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[test]
+fn kv_budget_makes_sequences_wait_instead_of_overcommitting() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.max_batch = 8;
+        o.kv_cache_tokens = Some(300);
+    });
+    let addr = srv.addr;
+    // Each reserves ~2 + 200 positions: only one fits at a time, yet all complete.
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/completions",
+                    json!({"prompt": "Once", "max_tokens": 200, "ignore_eos": true, "temperature": 0}),
+                )
+            })
+        })
+        .collect();
+    let mut seen_active = 0.0f64;
+    while !handles.iter().all(|h| h.is_finished()) {
+        seen_active = seen_active.max(metric(addr, "graft_active_sequences"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["usage"]["completion_tokens"], 200);
+    }
+    assert!(
+        seen_active <= 1.0,
+        "at most one sequence fits the budget, saw {seen_active}"
+    );
+}

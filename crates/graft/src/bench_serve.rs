@@ -297,6 +297,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             prefill_chunk: 512,
             precision,
             max_context: context,
+            kv_budget_tokens: usize::MAX,
         },
         metrics,
     );
@@ -358,7 +359,10 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         graft_kernels::profile::set_enabled(false);
         println!("single-stream op profile:");
         for (op, time, calls) in graft_kernels::profile::totals() {
-            println!("  {op:<24} {:>9.1} ms  {calls:>8} calls", time.as_secs_f64() * 1e3);
+            println!(
+                "  {op:<24} {:>9.1} ms  {calls:>8} calls",
+                time.as_secs_f64() * 1e3
+            );
         }
     }
     let decode: f64 = gaps.iter().sum();

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Context length (default: the model's max_position_embeddings).
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// KV-cache positions the running batch may reserve in total (each request reserves its
+    /// prompt + max_tokens; others wait). Default: half the memory available at startup.
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
     /// Exact f32 weights and matrix products (greedy output equals `graft generate`);
     /// default is bf16 weights and products (equal to `graft generate --fast`).
     #[arg(long)]
@@ -124,6 +128,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     options.prefill_chunk = args.prefill_chunk;
     options.precision = precision;
     options.max_context = args.max_model_len;
+    options.kv_cache_tokens = args.kv_cache_tokens;
     options.adapters_dir = args.adapters.clone();
     options.adapter_roots = args.adapter_roots.clone();
     if let Some(d) = &args.adapters
