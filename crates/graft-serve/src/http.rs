@@ -64,6 +64,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/version", get(version))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/chat/completions", post(chat_completions))
@@ -802,6 +804,63 @@ fn encode_text(st: &AppState, text: &str, special: bool, param: &str) -> Result<
         .encode(text, special)
         .map(|e| e.ids)
         .map_err(|e| ApiError::invalid(param, format!("cannot tokenize the {param}: {e}")))
+}
+
+/// vLLM's `/tokenize`: `prompt` (with `add_special_tokens`, default true) or chat `messages`
+/// (rendered with the template) to token ids.
+async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let r = (|| {
+        check_auth(&st, &headers)?;
+        let obj = api::parse_body(&body)?;
+        resolve_model(&st, api::opt_str(&obj, "model")?)?;
+        let ids = if api::field(&obj, "messages").is_some() {
+            let messages = api::parse_messages(&obj)?;
+            let template = st
+                .template
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
+            let add = api::opt_bool(&obj, "add_generation_prompt")?.unwrap_or(true);
+            let text = template
+                .render_text(&messages, None, add, &serde_json::Map::new())
+                .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
+            encode_text(&st, &text, false, "messages")?
+        } else {
+            let prompt = api::opt_str(&obj, "prompt")?
+                .ok_or_else(|| ApiError::invalid("prompt", "`prompt` or `messages` is required"))?;
+            let special = api::opt_bool(&obj, "add_special_tokens")?.unwrap_or(true);
+            encode_text(&st, prompt, special, "prompt")?
+        };
+        Ok(axum::Json(json!({
+            "count": ids.len(),
+            "max_model_len": st.engine.config().max_context,
+            "tokens": ids,
+        }))
+        .into_response())
+    })();
+    finish(&st, r)
+}
+
+/// vLLM's `/detokenize`: token ids to text.
+async fn detokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let r = (|| {
+        check_auth(&st, &headers)?;
+        let obj = api::parse_body(&body)?;
+        resolve_model(&st, api::opt_str(&obj, "model")?)?;
+        let bad = || ApiError::invalid("tokens", "`tokens` must be an array of token ids");
+        let ids: Vec<u32> = api::field(&obj, "tokens")
+            .and_then(Value::as_array)
+            .ok_or_else(bad)?
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&x| (x as usize) < st.vocab)
+                    .map(|x| x as u32)
+                    .ok_or_else(bad)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(axum::Json(json!({"prompt": st.tokenizer.decode(&ids, false)})).into_response())
+    })();
+    finish(&st, r)
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {

@@ -300,6 +300,18 @@ fn health_models_and_metrics() {
             .contains("# TYPE graft_time_to_first_token_seconds histogram")
     );
     assert!(metrics.body.contains("graft_adapters_loaded 2"));
+    let t = post(srv.addr, "/tokenize", json!({"prompt": "Once upon a time"}));
+    assert_eq!(t.status, 200, "{}", t.body);
+    let ids = t.json()["tokens"].clone();
+    assert_eq!(t.json()["count"], ids.as_array().unwrap().len());
+    let d = post(srv.addr, "/detokenize", json!({"tokens": ids}));
+    assert!(d.json()["prompt"].as_str().unwrap().contains("Once upon a time"));
+    let t = post(
+        srv.addr,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert!(t.json()["count"].as_u64().unwrap() > 2);
     let nf = call(srv.addr, "GET", "/v1/nothing", None);
     assert_eq!(nf.status, 404);
     assert!(nf.json()["error"]["message"].is_string());
