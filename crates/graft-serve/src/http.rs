@@ -329,6 +329,72 @@ struct Choice {
     cancel: Arc<AtomicBool>,
     logprobs: Vec<(u32, TokenLogprobs)>,
     started: bool,
+    /// Bytes of `text` already sent as content (tool-call requests hold text back).
+    emitted: usize,
+    /// Where a `<tool_call>` block starts in `text`.
+    tool_start: Option<usize>,
+    /// Parsed tool calls (OpenAI `tool_calls` objects).
+    tool_calls: Vec<Value>,
+}
+
+const TOOL_OPEN: &str = "<tool_call>";
+const TOOL_CLOSE: &str = "</tool_call>";
+
+impl Choice {
+    /// Content that can be sent now when the reply may contain tool calls: text before a
+    /// `<tool_call>` block, holding back a possible start of one (all of it `at_end`).
+    fn tool_filtered(&mut self, at_end: bool) -> String {
+        if self.tool_start.is_some() {
+            return String::new();
+        }
+        let t = &self.text;
+        let upto = if let Some(p) = t[self.emitted..].find(TOOL_OPEN) {
+            self.tool_start = Some(self.emitted + p);
+            self.emitted + p
+        } else if at_end {
+            t.len()
+        } else {
+            let hold = (1..TOOL_OPEN.len())
+                .rev()
+                .find(|&k| t.ends_with(&TOOL_OPEN[..k]))
+                .unwrap_or(0);
+            (t.len() - hold).max(self.emitted)
+        };
+        let out = t[self.emitted..upto].to_string();
+        self.emitted = upto;
+        out
+    }
+}
+
+/// Parses Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` blocks.
+fn parse_tool_calls(text: &str, id_base: &str) -> Vec<Value> {
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(p) = rest.find(TOOL_OPEN) {
+        let body = &rest[p + TOOL_OPEN.len()..];
+        let (json_text, next) = match body.find(TOOL_CLOSE) {
+            Some(e) => (&body[..e], &body[e + TOOL_CLOSE.len()..]),
+            None => (body, ""),
+        };
+        let Ok(v) = serde_json::from_str::<Value>(json_text.trim()) else {
+            return Vec::new();
+        };
+        let Some(name) = v.get("name").and_then(Value::as_str) else {
+            return Vec::new();
+        };
+        let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
+            Some(Value::String(s)) => s.clone(),
+            Some(a) => a.to_string(),
+            None => "{}".into(),
+        };
+        calls.push(json!({
+            "id": format!("call_{id_base}_{}", calls.len()),
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }));
+        rest = next;
+    }
+    calls
 }
 
 /// What one engine event means for the response.
@@ -341,6 +407,10 @@ enum Out {
     Finish {
         index: usize,
         reason: &'static str,
+    },
+    ToolCalls {
+        index: usize,
+        calls: Vec<Value>,
     },
     Error(String),
 }
@@ -357,6 +427,8 @@ struct Job {
     choices: Vec<Choice>,
     rx: UnboundedReceiver<SeqEvent>,
     echo: Vec<String>,
+    /// Parse Hermes-style tool calls out of the replies (chat with `tools`).
+    tools: bool,
 }
 
 fn reason_str(r: FinishReason) -> &'static str {
@@ -448,6 +520,9 @@ fn submit(
                 cancel,
                 logprobs: Vec::new(),
                 started: false,
+                emitted: 0,
+                tool_start: None,
+                tool_calls: Vec::new(),
             });
         }
     }
@@ -471,6 +546,7 @@ fn submit(
         choices,
         rx,
         echo,
+        tools: false,
     })
 }
 
@@ -507,8 +583,11 @@ impl Job {
                 c.tokens += 1;
                 let lps: Vec<(u32, TokenLogprobs)> = logprobs.map(|l| vec![(id, l)]).unwrap_or_default();
                 let piece = c.decoder.step(tok, id).unwrap_or_default();
-                let (text, stopped) = c.stop.push(&piece);
+                let (mut text, stopped) = c.stop.push(&piece);
                 c.text.push_str(&text);
+                if self.tools {
+                    text = c.tool_filtered(false);
+                }
                 c.logprobs.extend(lps.iter().cloned());
                 if !text.is_empty() || !lps.is_empty() {
                     out.push(Out::Delta {
@@ -519,11 +598,7 @@ impl Job {
                 }
                 if stopped {
                     c.cancel.store(true, Ordering::Relaxed);
-                    c.finish = Some("stop");
-                    out.push(Out::Finish {
-                        index,
-                        reason: "stop",
-                    });
+                    out.extend(self.end_choice(index, "stop"));
                 }
             }
             SeqEvent::Finished { index, reason } => {
@@ -539,8 +614,10 @@ impl Job {
                     text.push_str(&c.stop.flush());
                 }
                 c.text.push_str(&text);
+                if self.tools {
+                    text = c.tool_filtered(false);
+                }
                 let reason = if stopped { "stop" } else { reason_str(reason) };
-                c.finish = Some(reason);
                 if !text.is_empty() {
                     out.push(Out::Delta {
                         index,
@@ -548,7 +625,7 @@ impl Job {
                         logprobs: Vec::new(),
                     });
                 }
-                out.push(Out::Finish { index, reason });
+                out.extend(self.end_choice(index, reason));
             }
             SeqEvent::Failed { index, message } => {
                 if let Some(c) = self.choices.get_mut(index) {
@@ -557,6 +634,48 @@ impl Job {
                 out.push(Out::Error(message));
             }
         }
+        out
+    }
+
+    /// Ends choice `index`: tool calls (if the reply holds them) or the held-back text, then
+    /// the finish reason.
+    fn end_choice(&mut self, index: usize, reason: &'static str) -> Vec<Out> {
+        let mut out = Vec::new();
+        let id_base = self.id.clone();
+        let Some(c) = self.choices.get_mut(index) else {
+            return out;
+        };
+        let mut reason = reason;
+        if self.tools {
+            let rest = c.tool_filtered(true);
+            if !rest.is_empty() {
+                out.push(Out::Delta {
+                    index,
+                    text: rest,
+                    logprobs: Vec::new(),
+                });
+            }
+            if let Some(p) = c.tool_start {
+                let calls = parse_tool_calls(&c.text[p..], &format!("{id_base}_{index}"));
+                if calls.is_empty() {
+                    // Not a well-formed call: send the text as it is.
+                    let raw = c.text[p..].to_string();
+                    c.tool_start = None;
+                    c.emitted = c.text.len();
+                    out.push(Out::Delta {
+                        index,
+                        text: raw,
+                        logprobs: Vec::new(),
+                    });
+                } else {
+                    c.tool_calls = calls.clone();
+                    reason = "tool_calls";
+                    out.push(Out::ToolCalls { index, calls });
+                }
+            }
+        }
+        c.finish = Some(reason);
+        out.push(Out::Finish { index, reason });
         out
     }
 
@@ -623,7 +742,18 @@ impl Job {
                 match self.kind {
                     Kind::Chat => json!({
                         "index": i,
-                        "message": {"role": "assistant", "content": c.text, "refusal": null, "tool_calls": []},
+                        "message": {
+                            "role": "assistant",
+                            "content": match c.tool_start {
+                                Some(p) if !c.tool_calls.is_empty() => {
+                                    let t = c.text[..p].trim();
+                                    if t.is_empty() { Value::Null } else { json!(t) }
+                                }
+                                _ => json!(c.text),
+                            },
+                            "refusal": null,
+                            "tool_calls": c.tool_calls,
+                        },
                         "logprobs": if self.params.logprobs.is_some() { self.chat_logprobs(&c.logprobs) } else { Value::Null },
                         "finish_reason": finish,
                     }),
@@ -778,6 +908,18 @@ impl SseStream {
                         let c = self.job.finish_choice(index, reason);
                         self.pending.push_back(self.job.chunk(vec![c], None));
                     }
+                    Out::ToolCalls { index, calls } => {
+                        let calls: Vec<Value> = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, mut c)| {
+                                c["index"] = json!(i);
+                                c
+                            })
+                            .collect();
+                        let c = json!({"index": index, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null});
+                        self.pending.push_back(self.job.chunk(vec![c], None));
+                    }
                     Out::Error(m) => {
                         self.pending
                             .push_back(Event::default().data(ApiError::internal(m).body().to_string()));
@@ -914,7 +1056,9 @@ async fn chat_inner(st: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> Res
     // The template writes special tokens such as BOS itself.
     let ids = encode_text(st, &text, false, "messages")?;
     let stream = params.stream;
-    let job = submit(st, Kind::Chat, model, adapter, vec![ids], params, vec![])?;
+    let tool_choice_none = matches!(api::field(&obj, "tool_choice"), Some(Value::String(s)) if s == "none");
+    let mut job = submit(st, Kind::Chat, model, adapter, vec![ids], params, vec![])?;
+    job.tools = tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none;
     if stream {
         Ok(job.into_sse())
     } else {
@@ -1007,5 +1151,54 @@ async fn completions_inner(
         Ok(job.into_sse())
     } else {
         job.collect().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choice() -> Choice {
+        Choice {
+            prompt: 0,
+            decoder: IncrementalDecoder::new(true),
+            stop: StopMatcher::new(&[], false),
+            text: String::new(),
+            tokens: 0,
+            finish: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            logprobs: Vec::new(),
+            started: false,
+            emitted: 0,
+            tool_start: None,
+            tool_calls: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn tool_calls_are_held_back_and_parsed() {
+        let mut c = choice();
+        let mut sent = String::new();
+        for piece in [
+            "Let me check. <tool",
+            "_call>{\"name\": \"get_weather\", ",
+            "\"arguments\": {\"city\": \"Paris\"}}</tool_call>",
+        ] {
+            c.text.push_str(piece);
+            sent.push_str(&c.tool_filtered(false));
+        }
+        sent.push_str(&c.tool_filtered(true));
+        assert_eq!(sent, "Let me check. ");
+        let p = c.tool_start.unwrap();
+        let calls = parse_tool_calls(&c.text[p..], "x");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0]["function"]["arguments"], "{\"city\":\"Paris\"}");
+        assert!(parse_tool_calls("<tool_call>not json</tool_call>", "x").is_empty());
+
+        let mut c = choice();
+        c.text.push_str("plain <tool");
+        assert_eq!(c.tool_filtered(false), "plain ");
+        assert_eq!(c.tool_filtered(true), "<tool");
     }
 }

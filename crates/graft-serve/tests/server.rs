@@ -382,6 +382,24 @@ fn chat_stream_and_non_stream_agree() {
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"].as_array().unwrap().len(), 0);
     assert_eq!(last["usage"]["completion_tokens"].as_u64().unwrap(), ct);
+
+    // With tools (this template ignores them) the reply is the same text, streamed or not.
+    let mut treq = req.clone();
+    treq["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let t = post(srv.addr, "/v1/chat/completions", treq.clone()).json();
+    assert_eq!(t["choices"][0]["message"]["content"].as_str().unwrap(), text);
+    assert_eq!(t["choices"][0]["message"]["tool_calls"], json!([]));
+    treq["stream"] = json!(true);
+    let s = post(srv.addr, "/v1/chat/completions", treq);
+    let streamed: String = sse_events(&s.body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            let v: Value = serde_json::from_str(e).unwrap();
+            v["choices"][0]["delta"]["content"].as_str().map(str::to_string)
+        })
+        .collect();
+    assert_eq!(streamed, text);
 }
 
 #[test]
