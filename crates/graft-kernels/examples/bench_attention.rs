@@ -5,12 +5,20 @@ use graft_kernels::cpu::attention::{AttentionShape, attention_backward, attentio
 use std::time::Instant;
 
 fn main() {
+    for bf16 in [false, true] {
+        println!("bf16 products: {bf16}");
+        run(bf16);
+    }
+}
+
+fn run(bf16: bool) {
     let (segs, len) = (4, 512);
     let shape = AttentionShape {
         n_heads: 9,
         n_kv_heads: 3,
         head_dim: 64,
         window: None,
+        bf16,
     };
     let t = segs * len;
     let segments: Vec<(usize, usize)> = (0..segs).map(|s| (s * len, len)).collect();

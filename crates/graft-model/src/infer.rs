@@ -222,7 +222,7 @@ impl<B: Backend> Model<B> {
         }
         b.rope_forward(&mut q, pos, s.num_heads, &self.rope);
         b.rope_forward(&mut k, pos, s.num_kv_heads, &self.rope);
-        let shape = self.attention_shape();
+        let shape = self.attention_shape(p);
         let mut attn = b.zeros(t * qd);
         let mut row = 0;
         for sq in seqs.iter_mut() {

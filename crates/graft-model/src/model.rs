@@ -222,13 +222,14 @@ impl<B: Backend> Model<B> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Attention geometry of this model.
-    pub fn attention_shape(&self) -> AttentionShape {
+    /// Attention geometry of this model (`bf16`: fast-mode products).
+    pub fn attention_shape(&self, precision: graft_kernels::Precision) -> AttentionShape {
         AttentionShape {
             n_heads: self.spec.num_heads,
             n_kv_heads: self.spec.num_kv_heads,
             head_dim: self.spec.head_dim,
             window: self.spec.sliding_window,
+            bf16: precision.effective() == graft_kernels::Precision::Fast,
         }
     }
 

@@ -321,7 +321,7 @@ impl<B: Backend> Model<B> {
             t,
             pos: &pos,
             segments: &segments,
-            shape: self.attention_shape(),
+            shape: self.attention_shape(opts.precision),
             opts,
         };
         let mut x = b.zeros(t * self.spec.hidden_size);
@@ -398,7 +398,7 @@ impl<B: Backend> Model<B> {
             t,
             pos: &pos,
             segments: &segments,
-            shape: self.attention_shape(),
+            shape: self.attention_shape(opts.precision),
             opts,
         };
         let need_input_grad_at_bottom = grads.embed.is_some();
@@ -867,7 +867,10 @@ impl Model<graft_kernels::Cpu> {
             let p = format!("model.layers.{l}");
             if full {
                 f(format!("{p}.input_layernorm.weight"), &mut layer.attn_norm);
-                f(format!("{p}.post_attention_layernorm.weight"), &mut layer.mlp_norm);
+                f(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    &mut layer.mlp_norm,
+                );
                 if let Some(n) = &mut layer.q_norm {
                     f(format!("{p}.self_attn.q_norm.weight"), n);
                 }

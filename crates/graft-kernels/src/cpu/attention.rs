@@ -20,6 +20,9 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Each query sees at most this many most recent keys, itself included.
     pub window: Option<usize>,
+    /// Round the inputs of the two products (QKᵀ, PV and their backward) to bf16 with f32
+    /// accumulation (fast mode); softmax and its statistics stay f32.
+    pub bf16: bool,
 }
 
 impl AttentionShape {
@@ -86,8 +89,37 @@ unsafe fn gemm_raw(
     b_cs: usize,
     scale: f32,
     accumulate: bool,
+    bf16: bool,
 ) {
     if m == 0 || n == 0 {
+        return;
+    }
+    if bf16 && k > 0 && c_cs == 1 && super::gemm_bf16::has_avx512_bf16() {
+        use super::gemm_bf16::{MatData, MatRef, gemm_bf16};
+        let extent = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+        // SAFETY: the caller guarantees these extents are valid and that `c` is exclusively ours.
+        let (a_s, b_s, c_s) = unsafe {
+            (
+                std::slice::from_raw_parts(a, extent(m, k, a_rs, a_cs)),
+                std::slice::from_raw_parts(b, extent(k, n, b_rs, b_cs)),
+                std::slice::from_raw_parts_mut(c, extent(m, n, c_rs, 1)),
+            )
+        };
+        let am = MatRef {
+            data: MatData::F32(a_s),
+            rows: m,
+            cols: k,
+            row_stride: a_rs,
+            col_stride: a_cs,
+        };
+        let bm = MatRef {
+            data: MatData::F32(b_s),
+            rows: k,
+            cols: n,
+            row_stride: b_rs,
+            col_stride: b_cs,
+        };
+        gemm_bf16(c_s, c_rs, am, bm, scale, if accumulate { 1.0 } else { 0.0 }, 1);
         return;
     }
     // SAFETY: forwarded from the caller's contract.
@@ -204,6 +236,7 @@ unsafe fn attend_one_kv_head(
                 kv_rs,
                 shape.scale(),
                 false,
+                shape.bf16,
             );
             for j in 0..g {
                 let l = softmax_rows(
@@ -233,6 +266,7 @@ unsafe fn attend_one_kv_head(
                 1,
                 1.0,
                 false,
+                shape.bf16,
             );
             for j in 0..g {
                 for r in 0..nb {
@@ -418,6 +452,7 @@ pub fn attention_backward(
                         kw,
                         scale,
                         false,
+                        shape.bf16,
                     );
                     for j in 0..g {
                         for r in 0..nb {
@@ -447,6 +482,7 @@ pub fn attention_backward(
                         1,
                         1.0,
                         true,
+                        shape.bf16,
                     );
                     // dP = dO · Vᵀ
                     gemm_raw(
@@ -464,6 +500,7 @@ pub fn attention_backward(
                         kw,
                         1.0,
                         false,
+                        shape.bf16,
                     );
                     // dS = P ∘ (dP − delta)
                     for j in 0..g {
@@ -491,6 +528,7 @@ pub fn attention_backward(
                         1,
                         scale,
                         false,
+                        shape.bf16,
                     );
                     for j in 0..g {
                         for r in 0..nb {
@@ -517,6 +555,7 @@ pub fn attention_backward(
                         1,
                         scale,
                         true,
+                        shape.bf16,
                     );
                 }
                 qs += nb;
@@ -602,6 +641,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 4,
             window: Some(4),
+            bf16: false,
         };
         let segs = vec![(0, 6), (6, 3)];
         let t = 9;
@@ -647,6 +687,7 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 8,
             window: Some(5),
+            bf16: false,
         };
         let t = 11;
         let (q, k, v) = (rand(t * 32, 8), rand(t * 16, 9), rand(t * 16, 10));
