@@ -11,7 +11,8 @@ use std::path::PathBuf;
 /// Arguments of `graft serve`.
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Model: a Hugging Face directory, a llama2.c `.bin` (tokenizer beside it) or a `.gguf`.
+    /// Model: a Hugging Face directory or hub id (`org/name`), a llama2.c `.bin` (tokenizer
+    /// beside it) or a `.gguf`.
     #[arg(long)]
     model: PathBuf,
     /// Directory of PEFT adapters: every subdirectory with an adapter_config.json is loaded at
