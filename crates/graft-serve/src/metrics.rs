@@ -130,6 +130,57 @@ impl Metrics {
         }
     }
 
+    /// The same numbers under vLLM's metric names, so existing vLLM dashboards work.
+    fn render_vllm_aliases(&self, out: &mut String) {
+        for (name, kind, help, v) in [
+            (
+                "vllm:num_requests_running",
+                "gauge",
+                "Sequences in the running batch.",
+                &self.active_sequences,
+            ),
+            (
+                "vllm:num_requests_waiting",
+                "gauge",
+                "Sequences waiting for a batch slot.",
+                &self.queue_depth,
+            ),
+            (
+                "vllm:prompt_tokens_total",
+                "counter",
+                "Prompt tokens processed.",
+                &self.prompt_tokens,
+            ),
+            (
+                "vllm:generation_tokens_total",
+                "counter",
+                "Tokens generated.",
+                &self.generation_tokens,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        self.time_to_first_token.render(
+            out,
+            "vllm:time_to_first_token_seconds",
+            "Time to first token (alias of graft_time_to_first_token_seconds).",
+        );
+        self.inter_token_latency.render(
+            out,
+            "vllm:time_per_output_token_seconds",
+            "Inter-token latency (alias of graft_inter_token_latency_seconds).",
+        );
+        self.request_duration.render(
+            out,
+            "vllm:e2e_request_latency_seconds",
+            "Request latency (alias of graft_request_duration_seconds).",
+        );
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -226,6 +277,7 @@ impl Metrics {
             "graft_time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
         );
+        self.render_vllm_aliases(&mut out);
         self.inter_token_latency.render(
             &mut out,
             "graft_inter_token_latency_seconds",

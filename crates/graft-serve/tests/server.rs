@@ -385,7 +385,8 @@ fn chat_stream_and_non_stream_agree() {
 
     // With tools (this template ignores them) the reply is the same text, streamed or not.
     let mut treq = req.clone();
-    treq["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    treq["tools"] =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
     let t = post(srv.addr, "/v1/chat/completions", treq.clone()).json();
     assert_eq!(t["choices"][0]["message"]["content"].as_str().unwrap(), text);
     assert_eq!(t["choices"][0]["message"]["tool_calls"], json!([]));
