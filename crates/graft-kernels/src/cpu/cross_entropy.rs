@@ -4,8 +4,11 @@
 //! GRPO) and, when asked, the gradients of `grad_scale · Σ loss` w.r.t. the hidden states and the
 //! head weight.
 
+use super::gemm_bf16::{MatData, MatRef, PackedB, gemm_bf16_packed};
 use super::math::{exp_sub_sum, row_max, scale_row};
-use super::matmul::{Precision, Weight, linear_backward_input, linear_backward_weight, linear_forward};
+use super::matmul::{
+    Precision, Weight, WeightData, linear_backward_input, linear_backward_weight, linear_forward,
+};
 use rayon::prelude::*;
 
 /// Target value meaning "no loss at this position".
@@ -56,6 +59,32 @@ pub fn lm_head_cross_entropy(
         g.d_hidden.fill(0.0);
     }
     let chunk_rows = chunk_rows.max(1);
+    // Fast mode: pack the head once for all chunks (forward: Wᵀ; input gradient: W) instead of
+    // re-packing the whole vocabulary for every chunk.
+    let packed = (precision.effective() == Precision::Fast && !rows.is_empty()).then(|| {
+        let threads = rayon::current_num_threads();
+        let view = |transposed: bool| {
+            let (r, c, rs, cs) = if transposed {
+                (dim, vocab, 1, dim)
+            } else {
+                (vocab, dim, dim, 1)
+            };
+            let data = match &head.data {
+                WeightData::F32(v) => MatData::F32(v),
+                WeightData::Bf16(v) => MatData::Bf16(v),
+            };
+            MatRef {
+                data,
+                rows: r,
+                cols: c,
+                row_stride: rs,
+                col_stride: cs,
+            }
+        };
+        let fwd = PackedB::new(view(true), threads);
+        let bwd = grads.is_some().then(|| PackedB::new(view(false), threads));
+        (fwd, bwd)
+    });
     let mut h = vec![0.0f32; chunk_rows.min(rows.len().max(1)) * dim];
     let mut logits = vec![0.0f32; chunk_rows.min(rows.len().max(1)) * vocab];
     let mut dh = Vec::new();
@@ -65,7 +94,18 @@ pub fn lm_head_cross_entropy(
             h[r * dim..(r + 1) * dim].copy_from_slice(&hidden[i * dim..(i + 1) * dim]);
         }
         let (h, logits) = (&h[..c * dim], &mut logits[..c * vocab]);
-        linear_forward(logits, h, head, c, false, precision);
+        match &packed {
+            Some((fwd, _)) => gemm_bf16_packed(
+                logits,
+                vocab,
+                MatRef::f32_row_major(h, c, dim),
+                fwd,
+                1.0,
+                0.0,
+                rayon::current_num_threads(),
+            ),
+            None => linear_forward(logits, h, head, c, false, precision),
+        }
         let scale = grads.as_ref().map(|g| g.grad_scale);
         let lp: Vec<f32> = logits
             .par_chunks_mut(vocab)
@@ -89,7 +129,18 @@ pub fn lm_head_cross_entropy(
         }
         if let Some(g) = grads.as_mut() {
             dh.resize(c * dim, 0.0);
-            linear_backward_input(&mut dh, logits, head, c, false, precision);
+            match packed.as_ref().and_then(|p| p.1.as_ref()) {
+                Some(bwd) => gemm_bf16_packed(
+                    &mut dh,
+                    dim,
+                    MatRef::f32_row_major(logits, c, vocab),
+                    bwd,
+                    1.0,
+                    0.0,
+                    rayon::current_num_threads(),
+                ),
+                None => linear_backward_input(&mut dh, logits, head, c, false, precision),
+            }
             for (r, &i) in chunk.iter().enumerate() {
                 g.d_hidden[i * dim..(i + 1) * dim].copy_from_slice(&dh[r * dim..(r + 1) * dim]);
             }
@@ -153,5 +204,44 @@ mod tests {
             let num = (run(&hidden, &p, 3) - run(&hidden, &m, 3)) / (2.0 * e as f64);
             assert!((num - dw[i] as f64).abs() < 1e-3, "dw {i}");
         }
+    }
+
+    #[test]
+    fn fast_mode_matches_exact_mode() {
+        let (t, dim, vocab) = (300, 40, 700);
+        let hidden: Vec<f32> = (0..t * dim)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.05)
+            .collect();
+        let w: Vec<f32> = (0..vocab * dim)
+            .map(|i| ((i * 13 % 19) as f32 - 9.0) * 0.03)
+            .collect();
+        let targets: Vec<i32> = (0..t)
+            .map(|i| if i % 5 == 0 { -100 } else { (i * 7 % vocab) as i32 })
+            .collect();
+        let head = Weight::f32(w, vocab, dim);
+        let run = |p: Precision| {
+            let mut dh = vec![0.0; t * dim];
+            let mut dw = vec![0.0; vocab * dim];
+            let g = CrossEntropyGrads {
+                grad_scale: 0.01,
+                d_hidden: &mut dh,
+                d_head: Some(&mut dw),
+            };
+            let out = lm_head_cross_entropy(&hidden, &head, &targets, Some(g), 64, p);
+            (out.loss_sum, dh, dw)
+        };
+        let (le, dhe, dwe) = run(Precision::Exact);
+        let (lf, dhf, dwf) = run(Precision::Fast);
+        let rel = |a: &[f32], b: &[f32]| {
+            let n: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            n / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt()
+        };
+        assert!(((lf - le) / le).abs() < 1e-2, "{lf} vs {le}");
+        assert!(rel(&dhf, &dhe) < 2e-2 && rel(&dwf, &dwe) < 2e-2);
     }
 }
