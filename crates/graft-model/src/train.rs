@@ -451,12 +451,12 @@ impl<B: Backend> Model<B> {
                     ctx.opts.lora_dropout,
                     dropout_seed(ctx.opts.dropout_seed, l, i),
                 );
-                b.linear_forward(&mut xa, &xd, &m.a, t, false, Precision::Exact);
+                b.linear_forward(&mut xa, &xd, &m.a, t, false, ctx.opts.precision);
             } else {
-                b.linear_forward(&mut xa, x, &m.a, t, false, Precision::Exact);
+                b.linear_forward(&mut xa, x, &m.a, t, false, ctx.opts.precision);
             }
             b.scale(&mut xa, m.scale);
-            b.linear_forward(&mut y, &xa, &m.b, t, true, Precision::Exact);
+            b.linear_forward(&mut y, &xa, &m.b, t, true, ctx.opts.precision);
             xa
         });
         (y, xa)
@@ -520,7 +520,7 @@ impl<B: Backend> Model<B> {
         let t = ctx.t;
         // dxa = scale · dy · B   [t, r]
         let mut dxa = b.zeros(t * m.r);
-        b.linear_backward_input(&mut dxa, dy, &m.b, t, false, Precision::Exact);
+        b.linear_backward_input(&mut dxa, dy, &m.b, t, false, ctx.opts.precision);
         b.scale(&mut dxa, m.scale);
         let xd = if ctx.opts.lora_dropout > 0.0 {
             let mut xd = b.zeros(t * lin_inp);
@@ -536,7 +536,7 @@ impl<B: Backend> Model<B> {
         };
         if let Some(g) = g {
             // dB += dyᵀ · (scale · xa)
-            b.linear_backward_weight(&mut g.b, dy, xa, t, lin_out, m.r, true, Precision::Exact);
+            b.linear_backward_weight(&mut g.b, dy, xa, t, lin_out, m.r, true, ctx.opts.precision);
             // dA += dxaᵀ · dropout(x)
             b.linear_backward_weight(
                 &mut g.a,
@@ -546,13 +546,13 @@ impl<B: Backend> Model<B> {
                 m.r,
                 lin_inp,
                 true,
-                Precision::Exact,
+                ctx.opts.precision,
             );
         }
         if let Some(dx) = dx {
             if ctx.opts.lora_dropout > 0.0 {
                 let mut dxd = b.zeros(t * lin_inp);
-                b.linear_backward_input(&mut dxd, &dxa, &m.a, t, false, Precision::Exact);
+                b.linear_backward_input(&mut dxd, &dxa, &m.a, t, false, ctx.opts.precision);
                 let mut masked = b.zeros(t * lin_inp);
                 b.dropout(
                     &mut masked,
@@ -562,7 +562,7 @@ impl<B: Backend> Model<B> {
                 );
                 b.axpy(dx, 1.0, &masked);
             } else {
-                b.linear_backward_input(dx, &dxa, &m.a, t, true, Precision::Exact);
+                b.linear_backward_input(dx, &dxa, &m.a, t, true, ctx.opts.precision);
             }
         }
     }

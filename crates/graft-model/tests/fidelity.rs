@@ -260,3 +260,32 @@ fn gradient_accumulation_is_a_token_level_mean() {
         i += 1;
     });
 }
+
+#[test]
+fn fast_mode_lora_gradients_track_peft() {
+    use graft_model::peft::load_peft_adapter;
+    for case in CASES {
+        let dir = fixtures().join(case);
+        let mut model = load(case, WeightStorage::Bf16);
+        model.set_adapter(&load_peft_adapter(&dir.join("lora/adapter"), &model.spec).unwrap());
+        let batch = read_batch(&dir);
+        let reference = open_safetensors(&dir.join("lora/reference.safetensors")).unwrap();
+        let mut grads = model.new_grads(TrainMode::Lora);
+        let n = batch.num_trained();
+        let opts = TrainOptions {
+            precision: Precision::Fast,
+            ..Default::default()
+        };
+        let out = model.forward_backward(&batch, &mut grads, 1.0 / n as f32, opts);
+        let want = tensor(&reference, "loss")[0] as f64;
+        let loss = out.loss_sum / n as f64;
+        assert!(
+            ((loss - want) / want).abs() < 1e-2,
+            "{case}: fast LoRA loss {loss} vs {want}"
+        );
+        grads.for_each_mut(|name, g| {
+            let err = rel_norm_err(g, &tensor(&reference, &format!("grad.{name}")));
+            assert!(err < 5e-2, "{case}: fast grad {name} rel err {err}");
+        });
+    }
+}
