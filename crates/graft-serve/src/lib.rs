@@ -17,6 +17,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod engine;
 pub mod error;
