@@ -211,13 +211,23 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let child = graft()
         .arg("train")
         .arg(&cfg)
-        .args(["--set", "train.max_steps=100000", "--set", "train.save_every=0", "--set"])
+        .args([
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.save_every=0",
+            "--set",
+        ])
         .arg(format!("output.dir=\"{}\"", dir.display()))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !dir.join("metrics.jsonl").exists() || std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().is_empty() {
+    while !dir.join("metrics.jsonl").exists()
+        || std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .is_empty()
+    {
         assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -227,7 +237,10 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "Ctrl-C should exit cleanly: {err}");
     assert!(err.contains("--resume"), "{err}");
-    let ckpts: Vec<_> = std::fs::read_dir(dir.join("checkpoints")).unwrap().flatten().collect();
+    let ckpts: Vec<_> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert_eq!(ckpts.len(), 1, "one checkpoint saved on Ctrl-C");
     assert!(dir.join("report.md").exists());
 }
@@ -245,15 +258,31 @@ fn non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint() {
     let out = graft()
         .arg("train")
         .arg(&cfg)
-        .args(["--set", "optimizer.lr=1e30", "--set", "schedule.warmup_steps=0", "--set", "train.save_every=1"])
-        .args(["--set", "train.max_steps=50", "--set", "batch.max_grad_norm=0", "--set"])
+        .args([
+            "--set",
+            "optimizer.lr=1e30",
+            "--set",
+            "schedule.warmup_steps=0",
+            "--set",
+            "train.save_every=1",
+        ])
+        .args([
+            "--set",
+            "train.max_steps=50",
+            "--set",
+            "batch.max_grad_norm=0",
+            "--set",
+        ])
         .arg(format!("output.dir=\"{}\"", dir.display()))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a diverged run must fail");
     assert!(err.contains("non-finite"), "{err}");
-    let good: Vec<_> = std::fs::read_dir(dir.join("checkpoints")).unwrap().flatten().collect();
+    let good: Vec<_> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert!(!good.is_empty(), "earlier checkpoints are kept");
     assert!(!dir.join("checkpoints/step-50").exists());
 }

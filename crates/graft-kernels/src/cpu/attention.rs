@@ -615,7 +615,13 @@ mod tests {
     #[test]
     fn forward_matches_reference_and_isolates_segments() {
         for (window, bf16) in [(None, false), (Some(3), false), (None, true), (Some(3), true)] {
-            let sh = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, window, bf16 };
+            let sh = AttentionShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                window,
+                bf16,
+            };
             let tol = if bf16 { 2e-2 } else { 1e-5 };
             let segs = vec![(0, 5), (5, 70), (75, 2)];
             let t = 77;
