@@ -33,28 +33,28 @@ impl IncrementalDecoder {
     /// Adds one id; returns the new text, if any is ready.
     pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Option<String> {
         if self.prefix.is_empty() && !self.ids.is_empty() {
-            let p = tok.decode(&self.ids, self.skip_special_tokens);
+            let p = tok.decode_raw(&self.ids, self.skip_special_tokens);
             if !p.ends_with('\u{FFFD}') {
                 self.prefix = p;
                 self.prefix_index = self.ids.len();
             }
         }
         self.ids.push(id);
-        let text = tok.decode(&self.ids, self.skip_special_tokens);
+        let text = tok.decode_raw(&self.ids, self.skip_special_tokens);
         if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&self.prefix) {
             return None;
         }
         let new_text = text[self.prefix.len()..].to_string();
         let keep = self.ids.len() - self.prefix_index;
         self.ids.drain(..self.prefix_index);
-        self.prefix = tok.decode(&self.ids, self.skip_special_tokens);
+        self.prefix = tok.decode_raw(&self.ids, self.skip_special_tokens);
         self.prefix_index = keep;
         Some(new_text)
     }
 
     /// Flushes text held back at the end of generation.
     pub fn finish(&mut self, tok: &Tokenizer) -> Option<String> {
-        let text = tok.decode(&self.ids, self.skip_special_tokens);
+        let text = tok.decode_raw(&self.ids, self.skip_special_tokens);
         self.ids.clear();
         let prefix = std::mem::take(&mut self.prefix);
         self.prefix_index = 0;

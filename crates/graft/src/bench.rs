@@ -16,6 +16,8 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// One training step repeated on a random model of a named shape.
     Train(TrainBenchArgs),
+    /// Serving throughput and latency with many LoRA adapters resident.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 /// Arguments of `graft bench train`.
@@ -61,6 +63,7 @@ pub struct TrainBenchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(args) => train(&args),
+        BenchCommand::Serve(args) => crate::bench_serve::run(&args),
     }
 }
 
