@@ -493,7 +493,10 @@ fn submit(
             let index = pi * params.n + j;
             let cancel = Arc::new(AtomicBool::new(false));
             let mut decoder = IncrementalDecoder::new(params.skip_special_tokens);
-            decoder.prime(&st.tokenizer, p);
+            // Prime with the prompt so the first generated token decodes as it does after it.
+            for &id in p.iter() {
+                decoder.step(&st.tokenizer, id);
+            }
             let mut sampling = params.sampling;
             sampling.seed = base_seed.wrapping_add(index as u64);
             let room = max_context - p.len();

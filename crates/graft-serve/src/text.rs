@@ -1,70 +1,8 @@
-//! Text out of token ids while generating: an incremental decoder (same algorithm as
-//! `graft_data::DecodeStream`, so the server's text equals `graft generate`'s) and stop-string
+//! Text out of token ids while generating: the incremental decoder of `graft_data` (the same
+//! algorithm as `graft generate`'s stream, so the server's text equals it) and stop-string
 //! matching that holds back text which could still become a stop string.
 
-use graft_data::Tokenizer;
-
-/// Incremental detokenizer that does not borrow the tokenizer between calls.
-#[derive(Debug, Clone, Default)]
-pub struct IncrementalDecoder {
-    skip_special_tokens: bool,
-    ids: Vec<u32>,
-    prefix: String,
-    prefix_index: usize,
-}
-
-impl IncrementalDecoder {
-    /// A decoder; `skip_special_tokens` drops special tokens from the text.
-    pub fn new(skip_special_tokens: bool) -> IncrementalDecoder {
-        IncrementalDecoder {
-            skip_special_tokens,
-            ..Default::default()
-        }
-    }
-
-    /// Primes the decoder with context (the prompt) whose text is not emitted, so the first
-    /// generated token decodes as it would after that context (leading spaces).
-    pub fn prime(&mut self, tok: &Tokenizer, ids: &[u32]) {
-        for &id in ids {
-            self.step(tok, id);
-        }
-    }
-
-    /// Adds one id; returns the new text, if any is ready.
-    pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Option<String> {
-        if self.prefix.is_empty() && !self.ids.is_empty() {
-            let p = tok.decode_raw(&self.ids, self.skip_special_tokens);
-            if !p.ends_with('\u{FFFD}') {
-                self.prefix = p;
-                self.prefix_index = self.ids.len();
-            }
-        }
-        self.ids.push(id);
-        let text = tok.decode_raw(&self.ids, self.skip_special_tokens);
-        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&self.prefix) {
-            return None;
-        }
-        let new_text = text[self.prefix.len()..].to_string();
-        let keep = self.ids.len() - self.prefix_index;
-        self.ids.drain(..self.prefix_index);
-        self.prefix = tok.decode_raw(&self.ids, self.skip_special_tokens);
-        self.prefix_index = keep;
-        Some(new_text)
-    }
-
-    /// Flushes text held back at the end of generation.
-    pub fn finish(&mut self, tok: &Tokenizer) -> Option<String> {
-        let text = tok.decode_raw(&self.ids, self.skip_special_tokens);
-        self.ids.clear();
-        let prefix = std::mem::take(&mut self.prefix);
-        self.prefix_index = 0;
-        if text.len() > prefix.len() && text.starts_with(&prefix) {
-            Some(text[prefix.len()..].to_string())
-        } else {
-            None
-        }
-    }
-}
+pub use graft_data::IncrementalDecoder;
 
 /// Finds stop strings in streamed text.
 #[derive(Debug, Clone, Default)]
