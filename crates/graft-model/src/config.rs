@@ -118,7 +118,11 @@ impl ModelSpec {
     /// Builds a spec from a parsed `config.json` object.
     pub fn from_config_json(v: &Value) -> Result<ModelSpec, ModelError> {
         let cfg = ConfigReader { v };
-        let arch_name = match v.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()) {
+        let arch_name = match v
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+        {
             Some(s) => s.to_string(),
             None => cfg.str("model_type")?,
         };
@@ -134,7 +138,10 @@ impl ModelSpec {
         if let Some(act) = v.get("hidden_act").and_then(|a| a.as_str())
             && act != "silu"
         {
-            return Err(cfg.err("hidden_act", format!("unsupported activation `{act}`; expected `silu`")));
+            return Err(cfg.err(
+                "hidden_act",
+                format!("unsupported activation `{act}`; expected `silu`"),
+            ));
         }
         let hidden_size = cfg.usize("hidden_size")?;
         let num_heads = cfg.usize("num_attention_heads")?;
@@ -145,7 +152,9 @@ impl ModelSpec {
                 if num_heads == 0 || hidden_size % num_heads != 0 {
                     return Err(cfg.err(
                         "num_attention_heads",
-                        format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"),
+                        format!(
+                            "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
+                        ),
                     ));
                 }
                 hidden_size / num_heads
@@ -154,7 +163,9 @@ impl ModelSpec {
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(cfg.err(
                 "num_key_value_heads",
-                format!("num_attention_heads {num_heads} must be a multiple of num_key_value_heads {num_kv_heads}"),
+                format!(
+                    "num_attention_heads {num_heads} must be a multiple of num_key_value_heads {num_kv_heads}"
+                ),
             ));
         }
         if head_dim % 2 != 0 {
@@ -198,7 +209,9 @@ impl ModelSpec {
             None | Some(Value::Null) => vec![],
             Some(Value::Number(n)) => vec![n.as_u64().unwrap_or(0) as u32],
             Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-            Some(_) => return Err(cfg.err("eos_token_id", "expected an integer or a list of integers".into())),
+            Some(_) => {
+                return Err(cfg.err("eos_token_id", "expected an integer or a list of integers".into()));
+            }
         };
         let spec = ModelSpec {
             architecture,
@@ -238,7 +251,10 @@ impl ModelSpec {
     /// Writes a `config.json` that transformers loads back to this spec.
     pub fn to_config_json(&self) -> Value {
         let mut m = serde_json::Map::new();
-        m.insert("architectures".into(), serde_json::json!([self.architecture.hf_name()]));
+        m.insert(
+            "architectures".into(),
+            serde_json::json!([self.architecture.hf_name()]),
+        );
         m.insert("model_type".into(), self.architecture.model_type().into());
         m.insert("vocab_size".into(), self.vocab_size.into());
         m.insert("hidden_size".into(), self.hidden_size.into());
@@ -254,8 +270,15 @@ impl ModelSpec {
             "rope_scaling".into(),
             match self.rope_scaling {
                 RopeScaling::None => Value::Null,
-                RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
-                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                RopeScaling::Linear { factor } => {
+                    serde_json::json!({"rope_type": "linear", "factor": factor})
+                }
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => {
                     serde_json::json!({
                         "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                         "high_freq_factor": high_freq_factor,
@@ -264,14 +287,20 @@ impl ModelSpec {
                 }
             },
         );
-        m.insert("max_position_embeddings".into(), self.max_position_embeddings.into());
+        m.insert(
+            "max_position_embeddings".into(),
+            self.max_position_embeddings.into(),
+        );
         m.insert("tie_word_embeddings".into(), self.tie_word_embeddings.into());
         match self.architecture {
             Architecture::Qwen2 => {
                 m.insert("use_sliding_window".into(), false.into());
             }
             Architecture::Mistral => {
-                m.insert("sliding_window".into(), self.sliding_window.map(Value::from).unwrap_or(Value::Null));
+                m.insert(
+                    "sliding_window".into(),
+                    self.sliding_window.map(Value::from).unwrap_or(Value::Null),
+                );
             }
             Architecture::Qwen3 => {
                 m.insert("attention_bias".into(), self.qkv_bias.into());
@@ -306,11 +335,23 @@ impl ModelSpec {
             + 2 * h * self.kv_dim()
             + self.q_dim() * h
             + 3 * h * self.intermediate_size
-            + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
+            + if self.qkv_bias {
+                self.q_dim() + 2 * self.kv_dim()
+            } else {
+                0
+            }
             + if self.o_bias { h } else { 0 }
-            + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 }
+            + if self.mlp_bias {
+                2 * self.intermediate_size + h
+            } else {
+                0
+            }
             + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * per_layer + h + head
     }
 }
@@ -331,9 +372,12 @@ fn parse_rope_scaling(s: &Value) -> Result<RopeScaling, String> {
             factor: num("factor").ok_or("llama3 rope_scaling needs `factor`")? as f32,
             low_freq_factor: num("low_freq_factor").unwrap_or(1.0) as f32,
             high_freq_factor: num("high_freq_factor").unwrap_or(4.0) as f32,
-            original_max_position_embeddings: num("original_max_position_embeddings").unwrap_or(8192.0) as usize,
+            original_max_position_embeddings: num("original_max_position_embeddings").unwrap_or(8192.0)
+                as usize,
         }),
-        other => Err(format!("unsupported rope type `{other}`; expected default, linear or llama3")),
+        other => Err(format!(
+            "unsupported rope type `{other}`; expected default, linear or llama3"
+        )),
     }
 }
 
@@ -344,7 +388,11 @@ struct ConfigReader<'a> {
 
 impl ConfigReader<'_> {
     fn err(&self, field: &str, message: String) -> ModelError {
-        ModelError::Config { path: "config.json".into(), field: field.into(), message }
+        ModelError::Config {
+            path: "config.json".into(),
+            field: field.into(),
+            message,
+        }
     }
     fn str(&self, k: &str) -> Result<String, ModelError> {
         self.v
@@ -354,7 +402,8 @@ impl ConfigReader<'_> {
             .ok_or_else(|| self.err(k, "missing or not a string".into()))
     }
     fn usize(&self, k: &str) -> Result<usize, ModelError> {
-        self.opt_usize(k)?.ok_or_else(|| self.err(k, "missing; expected a positive integer".into()))
+        self.opt_usize(k)?
+            .ok_or_else(|| self.err(k, "missing; expected a positive integer".into()))
     }
     fn opt_usize(&self, k: &str) -> Result<Option<usize>, ModelError> {
         match self.v.get(k) {
@@ -368,13 +417,19 @@ impl ConfigReader<'_> {
     fn opt_f64(&self, k: &str) -> Result<Option<f64>, ModelError> {
         match self.v.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(x) => x.as_f64().map(Some).ok_or_else(|| self.err(k, format!("expected a number, got {x}"))),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(k, format!("expected a number, got {x}"))),
         }
     }
     fn opt_bool(&self, k: &str) -> Result<Option<bool>, ModelError> {
         match self.v.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(x) => x.as_bool().map(Some).ok_or_else(|| self.err(k, format!("expected true or false, got {x}"))),
+            Some(x) => x
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(k, format!("expected true or false, got {x}"))),
         }
     }
 }
@@ -395,14 +450,21 @@ mod tests {
         assert_eq!(s.head_dim, 64);
         assert_eq!(s.rope_theta, 100000.0);
         assert_eq!(s.rope_scaling, RopeScaling::None);
-        assert!((s.num_parameters() as f64 - 134.5e6).abs() < 1e6, "{}", s.num_parameters());
+        assert!(
+            (s.num_parameters() as f64 - 134.5e6).abs() < 1e6,
+            "{}",
+            s.num_parameters()
+        );
     }
 
     #[test]
     fn unsupported_architecture_names_the_field() {
         let v = serde_json::json!({"architectures": ["GPT2LMHeadModel"]});
         let e = ModelSpec::from_config_json(&v).unwrap_err().to_string();
-        assert!(e.contains("architectures") && e.contains("GPT2LMHeadModel"), "{e}");
+        assert!(
+            e.contains("architectures") && e.contains("GPT2LMHeadModel"),
+            "{e}"
+        );
     }
 
     #[test]

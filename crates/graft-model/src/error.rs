@@ -10,10 +10,18 @@ pub enum ModelError {
     Io { path: String, source: std::io::Error },
     /// A config field is missing, mistyped or unsupported.
     #[error("{path}: field `{field}`: {message}")]
-    Config { path: String, field: String, message: String },
+    Config {
+        path: String,
+        field: String,
+        message: String,
+    },
     /// A weight tensor is missing or has the wrong shape or type.
     #[error("{path}: tensor `{tensor}`: {message}")]
-    Tensor { path: String, tensor: String, message: String },
+    Tensor {
+        path: String,
+        tensor: String,
+        message: String,
+    },
     /// A file is not in the format it claims to be.
     #[error("{path}: {message}")]
     Format { path: String, message: String },
@@ -22,25 +30,37 @@ pub enum ModelError {
 impl ModelError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: &Path, source: std::io::Error) -> ModelError {
-        ModelError::Io { path: path.display().to_string(), source }
+        ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 
     /// A format error for `path`.
     pub fn format(path: &Path, message: impl Into<String>) -> ModelError {
-        ModelError::Format { path: path.display().to_string(), message: message.into() }
+        ModelError::Format {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
     }
 
     /// A tensor error for `tensor` in `path`.
     pub fn tensor(path: &Path, tensor: &str, message: impl Into<String>) -> ModelError {
-        ModelError::Tensor { path: path.display().to_string(), tensor: tensor.into(), message: message.into() }
+        ModelError::Tensor {
+            path: path.display().to_string(),
+            tensor: tensor.into(),
+            message: message.into(),
+        }
     }
 
     /// Replaces the placeholder file name of a config error with the real path.
     pub fn in_file(self, path: &Path) -> ModelError {
         match self {
-            ModelError::Config { field, message, .. } => {
-                ModelError::Config { path: path.display().to_string(), field, message }
-            }
+            ModelError::Config { field, message, .. } => ModelError::Config {
+                path: path.display().to_string(),
+                field,
+                message,
+            },
             other => other,
         }
     }

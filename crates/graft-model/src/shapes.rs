@@ -5,9 +5,23 @@ use crate::model::{Model, WeightStorage};
 use graft_kernels::Backend;
 
 /// Shape names accepted by [`named_shape`].
-pub const SHAPE_NAMES: [&str; 5] = ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "stories260k", "tiny"];
+pub const SHAPE_NAMES: [&str; 5] = [
+    "smollm2-135m",
+    "qwen2.5-0.5b",
+    "llama-3.2-1b",
+    "stories260k",
+    "tiny",
+];
 
-fn llama(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize, kv: usize, theta: f32) -> ModelSpec {
+fn llama(
+    vocab: usize,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+    theta: f32,
+) -> ModelSpec {
     ModelSpec {
         architecture: Architecture::Llama,
         vocab_size: vocab,
@@ -51,8 +65,14 @@ pub fn named_shape(name: &str) -> Option<ModelSpec> {
             },
             ..llama(128256, 2048, 8192, 16, 32, 8, 500000.0)
         },
-        "stories260k" => ModelSpec { max_position_embeddings: 512, ..llama(512, 64, 172, 5, 8, 4, 10000.0) },
-        "tiny" => ModelSpec { max_position_embeddings: 1024, ..llama(256, 64, 128, 2, 4, 2, 10000.0) },
+        "stories260k" => ModelSpec {
+            max_position_embeddings: 512,
+            ..llama(512, 64, 172, 5, 8, 4, 10000.0)
+        },
+        "tiny" => ModelSpec {
+            max_position_embeddings: 1024,
+            ..llama(256, 64, 128, 2, 4, 2, 10000.0)
+        },
         _ => return None,
     })
 }
@@ -67,7 +87,9 @@ pub fn random_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     if name.ends_with(".bias") {
         return vec![0.0; n];
     }
-    let name_hash = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, c| (h ^ c as u64).wrapping_mul(0x100_0000_01B3));
+    let name_hash = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, c| {
+        (h ^ c as u64).wrapping_mul(0x100_0000_01B3)
+    });
     let mut state = seed ^ name_hash;
     (0..n)
         .map(|_| {
@@ -86,7 +108,9 @@ pub fn random_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
 impl<B: Backend> Model<B> {
     /// A model of `spec` with deterministic random weights ([`random_tensor`]).
     pub fn random(backend: B, spec: &ModelSpec, seed: u64, storage: WeightStorage) -> Model<B> {
-        Model::from_tensor_fn(backend, spec, storage, |name, shape| Ok(random_tensor(name, shape, seed)))
-            .expect("random tensors always have the requested shape")
+        Model::from_tensor_fn(backend, spec, storage, |name, shape| {
+            Ok(random_tensor(name, shape, seed))
+        })
+        .expect("random tensors always have the requested shape")
     }
 }
