@@ -18,6 +18,8 @@ pub struct PlanInput {
     pub lora: Option<LoraSpec>,
     /// Frozen weights stored as bf16 (fast-mode LoRA).
     pub bf16_weights: bool,
+    /// bf16 matrix products (the LM head is then packed once per step, twice: Wᵀ and W).
+    pub fast: bool,
     /// Activation checkpointing.
     pub checkpointing: bool,
 }
@@ -33,7 +35,7 @@ pub struct MemoryPlan {
     pub activations: u64,
     /// Largest transient of one layer's forward/backward (incl. recomputation).
     pub layer_workspace: u64,
-    /// LM head logits chunk and its gradient.
+    /// LM head: one logits chunk (its gradient in place) and, in fast mode, the packed head.
     pub logits_chunk: u64,
     /// Process baseline (code, allocator, thread stacks, tokenized data).
     pub baseline: u64,
@@ -63,7 +65,7 @@ impl fmt::Display for MemoryPlan {
             ("trainable (+grads, AdamW)", self.trainable),
             ("activations", self.activations),
             ("layer workspace", self.layer_workspace),
-            ("logits chunk", self.logits_chunk),
+            ("LM head (chunk, packing)", self.logits_chunk),
             ("baseline", self.baseline),
         ] {
             writeln!(f, "  {name:<27} {:>8.0} MB", mb(v))?;
@@ -121,7 +123,8 @@ pub fn estimate(spec: &ModelSpec, input: &PlanInput) -> MemoryPlan {
     let layer_workspace = t * (widest + 3 * h) * 4;
     // One chunk of logits (its gradient is computed in place) plus the gathered hidden rows.
     let chunk = graft_kernels::cpu::cross_entropy::default_chunk_rows(spec.vocab_size) as u64;
-    let logits_chunk = chunk.min(t) * v * 4 + chunk.min(t) * h * 8;
+    let packed_head = if input.fast { 2 * v * h * 2 } else { 0 };
+    let logits_chunk = chunk.min(t) * v * 4 + chunk.min(t) * h * 8 + packed_head;
     MemoryPlan {
         weights: params * weight_bytes,
         trainable,
@@ -152,6 +155,7 @@ pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
         &PlanInput {
             tokens,
             bf16_weights: fast && lora.is_some(),
+            fast,
             lora,
             checkpointing: cfg.train.activation_checkpointing,
         },

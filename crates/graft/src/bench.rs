@@ -250,6 +250,7 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
                 targets: [true; 7],
             }),
             bf16_weights: storage == WeightStorage::Bf16,
+            fast: precision == Precision::Fast,
             checkpointing: args.checkpointing,
         },
     );
