@@ -684,6 +684,83 @@ impl Tokenizer {
         Ok(t)
     }
 
+    /// Builds a byte-level BPE tokenizer from a GGUF vocabulary (`tokenizer.ggml.model = "gpt2"`):
+    /// `tokens` (byte-level strings, index = id), `token_types` (3 = control and 4 = user-defined
+    /// become added tokens), `merges` (`"a b"`) and the pre-tokenizer name `tokenizer.ggml.pre`
+    /// (`llama-bpe`/`llama3` → the Llama 3 regex, `qwen2` → Qwen's with NFC, anything else → GPT-2's).
+    pub fn from_gguf_bpe(
+        tokens: &[String],
+        token_types: &[i32],
+        merges: &[String],
+        pre: Option<&str>,
+        bos: Option<u32>,
+        eos: Option<u32>,
+    ) -> Result<Self> {
+        let mut vocab = Map::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (id, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), json!(id));
+            match token_types.get(id) {
+                Some(3) => added.push(added_token_json(id as u32, t, true)),
+                Some(4) => added.push(added_token_json(id as u32, t, false)),
+                _ => {}
+            }
+        }
+        let mut merge_list = Vec::with_capacity(merges.len());
+        for (i, m) in merges.iter().enumerate() {
+            let Some((a, b)) = m.split_once(' ') else {
+                return Err(Error::invalid(
+                    format!("tokenizer.ggml.merges[{i}]"),
+                    "expected two space-separated tokens",
+                ));
+            };
+            merge_list.push(json!([a, b]));
+        }
+        let (pattern, nfc, ignore_merges) = match pre.unwrap_or("gpt2") {
+            "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => (Some(LLAMA3_PATTERN), false, true),
+            "qwen2" => (Some(QWEN2_PATTERN), true, false),
+            _ => (None, false, false),
+        };
+        let pre_tokenizer = match pattern {
+            Some(p) => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+            ]}),
+            None => {
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+            }
+        };
+        let (post, decoder) = byte_level_pipeline();
+        let inner = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added,
+            "normalizer": if nfc { json!({"type": "NFC"}) } else { Value::Null },
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post, "decoder": decoder,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merge_list}
+        });
+        let mut h = ContentHasher::new();
+        h.field(b"gguf-bpe");
+        for t in tokens {
+            h.field(t.as_bytes());
+        }
+        for m in merges {
+            h.field(m.as_bytes());
+        }
+        h.field(pre.unwrap_or("").as_bytes());
+        Self::build(
+            inner,
+            TokenizerKind::Gpt2,
+            h.hex(),
+            bos,
+            eos.into_iter().collect(),
+            None,
+            Some((false, false)),
+        )
+    }
+
     /// Loads a model folder: `tokenizer.json` (or a tiktoken `tokenizer.model` / `*.tiktoken`, a
     /// SentencePiece `tokenizer.model`, or `vocab.json` + `merges.txt`), then applies
     /// `tokenizer_config.json` (special tokens, `add_bos_token`/`add_eos_token`, added tokens,

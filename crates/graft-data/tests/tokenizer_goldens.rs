@@ -426,3 +426,46 @@ fn mistral_v1_chunked_encoding_matches_mistral_common() {
         ids(&read_json(&d.join("chat_templates/mistral-common/samples/no_tools/tokens_v1.json"))["tokens"]);
     assert_eq!(ids_out, want);
 }
+
+#[test]
+fn gguf_bpe_vocabulary_equals_gpt2_files() {
+    // A GGUF `gpt2` vocabulary is the byte-level token strings by id plus the merges list; build
+    // one from GPT-2's vocab.json/merges.txt and check it encodes exactly like the files do.
+    let Some(d) = data_dir() else { return };
+    let dir = d.join("tokenizers/gpt2");
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("vocab.json")).unwrap()).unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (t, id) in &vocab {
+        tokens[id.as_u64().unwrap() as usize] = t.clone();
+    }
+    let types: Vec<i32> = tokens
+        .iter()
+        .map(|t| if t == "<|endoftext|>" { 3 } else { 1 })
+        .collect();
+    let merges: Vec<String> = std::fs::read_to_string(dir.join("merges.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    let gguf =
+        graft_data::Tokenizer::from_gguf_bpe(&tokens, &types, &merges, Some("gpt2"), None, Some(50256))
+            .unwrap();
+    let files =
+        graft_data::Tokenizer::from_gpt2_files(&dir.join("vocab.json"), &dir.join("merges.txt")).unwrap();
+    for text in [
+        "Hello world!",
+        "  leading spaces and 12345 digits",
+        "naïve café — ünïcödé 😀",
+        "<|endoftext|>x",
+    ] {
+        assert_eq!(
+            gguf.encode(text, false).unwrap().ids,
+            files.encode(text, false).unwrap().ids,
+            "{text:?}"
+        );
+    }
+    let ids = files.encode("round trip, please", false).unwrap().ids;
+    assert_eq!(gguf.decode(&ids, false), "round trip, please");
+}

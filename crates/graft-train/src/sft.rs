@@ -76,27 +76,32 @@ pub fn load_tokenizer(
             pieces,
             scores,
             token_types,
+            merges,
             bos,
             eos,
             model,
+            pre,
             chat_template,
-            ..
         } => {
-            if model != "llama" {
-                return Err(err(format!(
-                    "{}: GGUF tokenizer model `{model}` is not supported (only SentencePiece `llama`); \
-                     set model.tokenizer to a tokenizer.json directory",
-                    loaded.path.display()
-                )));
-            }
-            let tok = Tokenizer::from_sentencepiece_vocab(
-                pieces.clone(),
-                scores.clone(),
-                token_types.clone(),
-                *bos,
-                *eos,
-            )
-            .map_err(err)?;
+            let tok = match model.as_str() {
+                "llama" => Tokenizer::from_sentencepiece_vocab(
+                    pieces.clone(),
+                    scores.clone(),
+                    token_types.clone(),
+                    *bos,
+                    *eos,
+                )
+                .map_err(err)?,
+                "gpt2" => Tokenizer::from_gguf_bpe(pieces, token_types, merges, pre.as_deref(), *bos, *eos)
+                    .map_err(err)?,
+                other => {
+                    return Err(err(format!(
+                        "{}: GGUF tokenizer model `{other}` is not supported (SentencePiece `llama` and \
+                         byte-level BPE `gpt2` are); set model.tokenizer / --tokenizer to a tokenizer.json directory",
+                        loaded.path.display()
+                    )));
+                }
+            };
             let template = match chat_template {
                 Some(t) => Some(ChatTemplate::new(t, tok.special_tokens().clone()).map_err(err)?),
                 None => None,
