@@ -290,6 +290,37 @@ fn added_token_json(id: u32, content: &str, special: bool) -> Value {
            "normalized": false, "special": special})
 }
 
+/// The `tokenizer.json` of a byte-level BPE model (GPT-2 / Llama 3 / Qwen style): the shared
+/// post-processor and decoder, the given pre-tokenizer and normalizer, vocabulary and merges.
+fn byte_level_bpe_json(
+    added: Vec<Value>,
+    normalizer: Value,
+    pre_tokenizer: Value,
+    ignore_merges: bool,
+    vocab: Map<String, Value>,
+    merges: Vec<Value>,
+) -> Value {
+    let (post, decoder) = byte_level_pipeline();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post, "decoder": decoder,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
+    })
+}
+
+/// A pre-tokenizer that splits with `pattern`, then maps bytes to byte-level characters.
+fn regex_byte_level_pre_tokenizer(pattern: &str) -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+    ]})
+}
+
 fn byte_level_pipeline() -> (Value, Value) {
     let post =
         json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
@@ -421,26 +452,19 @@ impl Tokenizer {
             .iter()
             .map(|(s, id, special)| added_token_json(*id, s, *special))
             .collect();
-        let (post, decoder) = byte_level_pipeline();
         let normalizer = if spec.nfc {
             json!({"type": "NFC"})
         } else {
             Value::Null
         };
-        let inner = json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added,
-            "normalizer": normalizer,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": spec.pattern}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
-            ]},
-            "post_processor": post,
-            "decoder": decoder,
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": true, "vocab": vocab, "merges": merges}
-        });
+        let inner = byte_level_bpe_json(
+            added,
+            normalizer,
+            regex_byte_level_pre_tokenizer(&spec.pattern),
+            true,
+            vocab,
+            merges,
+        );
         let mut h = ContentHasher::new();
         h.field(b"tiktoken");
         for (b, r) in &sorted {
@@ -656,16 +680,9 @@ impl Tokenizer {
             .iter()
             .map(|&id| added_token_json(id, "<|endoftext|>", true))
             .collect();
-        let (post, decoder) = byte_level_pipeline();
-        let inner = json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added, "normalizer": null,
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-            "post_processor": post, "decoder": decoder,
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges}
-        });
+        let pre_tokenizer =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let inner = byte_level_bpe_json(added, Value::Null, pre_tokenizer, false, vocab, merges);
         let mut h = ContentHasher::new();
         h.field(b"gpt2");
         h.field(&vocab_bytes);
@@ -722,25 +739,13 @@ impl Tokenizer {
             _ => (None, false, false),
         };
         let pre_tokenizer = match pattern {
-            Some(p) => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
-            ]}),
+            Some(p) => regex_byte_level_pre_tokenizer(p),
             None => {
                 json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
             }
         };
-        let (post, decoder) = byte_level_pipeline();
-        let inner = json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added,
-            "normalizer": if nfc { json!({"type": "NFC"}) } else { Value::Null },
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": post, "decoder": decoder,
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merge_list}
-        });
+        let normalizer = if nfc { json!({"type": "NFC"}) } else { Value::Null };
+        let inner = byte_level_bpe_json(added, normalizer, pre_tokenizer, ignore_merges, vocab, merge_list);
         let mut h = ContentHasher::new();
         h.field(b"gguf-bpe");
         for t in tokens {

@@ -138,12 +138,7 @@ pub enum TrainMode {
 impl<B: Backend> Grads<B> {
     /// Sets every gradient to zero.
     pub fn zero(&mut self, b: &B) {
-        let mut all = Vec::new();
-        self.for_each_mut(|_, g| all.push(g as *mut B::Buf));
-        for g in all {
-            // SAFETY: pointers collected just above from distinct fields of `self`.
-            b.fill_zero(unsafe { &mut *g });
-        }
+        self.for_each_mut(|_, g| b.fill_zero(g));
     }
 
     /// Visits every gradient buffer with its parameter name (HF or PEFT key), in the same order
