@@ -175,11 +175,8 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     }
     let batch = random_batch(spec.vocab_size, args.batch, args.seq, 42);
     let mut grads = model.new_grads(mode);
-    // AdamW moments for every trainable parameter (what a real run holds).
-    let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
-    model.visit_params_mut(mode, |_, p| {
-        moments.push((vec![0.0; p.len()], vec![0.0; p.len()]))
-    });
+    // The trainer's own AdamW, so the step and its memory are what a real run does.
+    let mut opt = graft_train::optim::AdamW::new(graft_train::optim::AdamWHyper::default());
     let opts = TrainOptions {
         precision,
         checkpointing: args.checkpointing,
@@ -197,14 +194,23 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         grads.zero(&model.backend);
         let out = model.forward_backward(&batch, &mut grads, 1.0 / n_trained as f32, opts);
         last_loss = out.loss_sum / n_trained as f64;
-        let mut gl: Vec<&mut Vec<f32>> = Vec::new();
+        let mut gl: Vec<&Vec<f32>> = Vec::new();
         grads.for_each_mut(|_, g| gl.push(g));
-        let mut k = 0;
         let _p = profile::scope("optimizer");
-        model.visit_params_mut(mode, |_, p| {
-            adamw_step(p, gl[k], &mut moments[k], step + 1, 1e-4);
-            k += 1;
-        });
+        let mut values: Vec<(String, &mut [f32])> = Vec::new();
+        model.visit_params_mut(mode, |name, p| values.push((name, p)));
+        let mut params: Vec<graft_train::optim::Param<'_>> = values
+            .iter_mut()
+            .zip(&gl)
+            .map(|((name, value), g)| graft_train::optim::Param {
+                name: name.as_str(),
+                value,
+                grad: g.as_slice(),
+                decay: graft_train::optim::decays_by_default(name),
+            })
+            .collect();
+        opt.step(&mut params, 1e-4)?;
+        drop(params);
         drop(_p);
         let dt = t0.elapsed().as_secs_f64();
         eprintln!(
@@ -274,25 +280,6 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         compare_torch(args, tps, rss)?;
     }
     Ok(())
-}
-
-/// One AdamW update (β = 0.9/0.999, ε = 1e-8, weight decay 0) for the benchmark.
-fn adamw_step(p: &mut [f32], g: &[f32], m: &mut (Vec<f32>, Vec<f32>), step: usize, lr: f32) {
-    use rayon::prelude::*;
-    let (b1, b2) = (0.9f32, 0.999f32);
-    let c1 = 1.0 - b1.powi(step as i32);
-    let c2 = 1.0 - b2.powi(step as i32);
-    let (mm, vv) = (&mut m.0, &mut m.1);
-    p.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096))
-        .zip(mm.par_chunks_mut(4096).zip(vv.par_chunks_mut(4096)))
-        .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                p[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8);
-            }
-        });
 }
 
 fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
