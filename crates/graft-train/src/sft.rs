@@ -30,6 +30,7 @@ use graft_model::model::{Model, WeightStorage};
 use graft_model::peft::{LoraAdapterConfig, LoraModule, save_peft_adapter};
 use graft_model::train::{Batch, Grads, TrainMode, TrainOptions};
 use graft_model::weights::{LoadedModel, TokenizerSource, load_model};
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -199,7 +200,7 @@ pub fn prepare_data(
         skip_invalid: cfg.data.skip_invalid,
     };
     let opts = tokenize_options(cfg);
-    let mut hasher = sha2_hex_builder();
+    let mut hasher = sha2::Sha256::new();
     let mut read = |paths: &[String], key: &str| -> Result<(Vec<TokenizedSample>, usize), TrainError> {
         let mut out = Vec::new();
         let mut skipped = 0;
@@ -221,7 +222,7 @@ pub fn prepare_data(
     };
     let (mut train, skipped) = read(&cfg.data.train, "train")?;
     let (mut eval, _) = read(&cfg.data.eval, "eval")?;
-    let data_hash = hasher.finish();
+    let data_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if train.is_empty() {
         return Err(err(
             "data.train: no usable rows (every row empty, invalid or without trained tokens)",
@@ -249,22 +250,6 @@ pub fn prepare_data(
         data_hash,
         skipped_rows: skipped,
     })
-}
-
-struct Sha(sha2::Sha256);
-fn sha2_hex_builder() -> Sha {
-    use sha2::Digest;
-    Sha(sha2::Sha256::new())
-}
-impl Sha {
-    fn update(&mut self, b: &[u8]) {
-        use sha2::Digest;
-        self.0.update(b);
-    }
-    fn finish(self) -> String {
-        use sha2::Digest;
-        self.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
-    }
 }
 
 /// The micro-batches of one epoch: a pure function of the samples, config, seed and epoch.
