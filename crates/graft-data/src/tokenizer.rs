@@ -210,6 +210,9 @@ pub struct Tokenizer {
     inner_adds_cache: Option<(bool, bool)>,
     /// The model folder's chat template, when loaded with [`Tokenizer::from_model_dir`].
     chat_template: Option<crate::template::ChatTemplate>,
+    /// `<0xNN>` byte tokens and their byte, when the decoder has a `ByteFallback` step
+    /// (SentencePiece-style vocabularies); empty otherwise.
+    byte_tokens: HashMap<u32, u8>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -339,8 +342,17 @@ impl Tokenizer {
         pad: Option<u32>,
         explicit_specials: Option<(bool, bool)>,
     ) -> Result<Self> {
+        let byte_fallback = inner_json.get("decoder").is_some_and(has_byte_fallback_step);
         let inner: tokenizers::Tokenizer = serde_json::from_value(inner_json).map_err(tok_err)?;
+        let byte_tokens = if byte_fallback {
+            (0..=255u8)
+                .filter_map(|b| inner.token_to_id(&format!("<0x{b:02X}>")).map(|id| (id, b)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut t = Tokenizer {
+            byte_tokens,
             inner,
             kind,
             bos,
@@ -696,8 +708,9 @@ impl Tokenizer {
             None,
             Some((false, false)),
         )?;
-        // GPT2Tokenizer's default in transformers.
-        t.clean_up_tokenization_spaces = true;
+        // transformers 5 no longer cleans up tokenization spaces by default (a folder's
+        // `tokenizer_config.json` can still turn it on).
+        t.clean_up_tokenization_spaces = false;
         Ok(t)
     }
 
@@ -1072,12 +1085,25 @@ impl Tokenizer {
         self.clean_up_tokenization_spaces
     }
 
-    /// A streaming decoder for server streaming (see [`DecodeStream`]).
+    /// A streaming decoder of a sequence from its start (see [`IncrementalDecoder::new`]).
     pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
         DecodeStream {
             tokenizer: self,
             state: IncrementalDecoder::new(skip_special_tokens),
         }
+    }
+
+    /// A streaming decoder of ids that continue `prompt` (see [`IncrementalDecoder::after`]).
+    pub fn decode_stream_after(&self, prompt: &[u32], skip_special_tokens: bool) -> DecodeStream<'_> {
+        DecodeStream {
+            tokenizer: self,
+            state: IncrementalDecoder::after(self, prompt, skip_special_tokens),
+        }
+    }
+
+    /// The byte of a `<0xNN>` byte-fallback token, when the decoder has a `ByteFallback` step.
+    pub fn byte_fallback_value(&self, id: u32) -> Option<u8> {
+        self.byte_tokens.get(&id).copied()
     }
 
     /// Id of a token string (vocabulary or added token).
@@ -1152,19 +1178,46 @@ impl Tokenizer {
 }
 
 /// Incremental decoder state that does not borrow the tokenizer (for a server task that owns an
-/// `Arc<Tokenizer>`): feed ids as they are generated and get text as soon as it is valid UTF-8 and
-/// stable. A token that only starts a multi-byte character, or a piece a later token would change
-/// when decoded together, is held back until it is complete.
+/// `Arc<Tokenizer>`): feed ids as they are generated and get text as soon as it is final.
+///
+/// The concatenation of everything [`step`](Self::step) and [`finish`](Self::finish) return is
+/// exactly what [`Tokenizer::decode_raw`] gives for all the ids at once (after the context, when
+/// made with [`IncrementalDecoder::after`]), including Hugging Face's `ByteFallback` rule: a run
+/// of `<0xNN>` byte tokens that is valid UTF-8 becomes its text, an invalid run one U+FFFD per
+/// byte token. Text is held back only while it can still change:
+/// - byte-fallback vocabularies (SentencePiece: Llama 2, Mistral, Phi-3, GGUF `llama`,
+///   llama2.c): while a run of byte tokens is valid UTF-8 so far (a later byte could still make
+///   the whole run invalid). A run is released at the first non-byte token; once a run can no
+///   longer be valid, its U+FFFDs and each later byte token's U+FFFD are released at once.
+/// - other vocabularies (byte-level BPE): while the text ends in U+FFFD (an incomplete UTF-8
+///   sequence), for at most [`MAX_HELD_TOKENS`] tokens.
+///
+/// Skipped special tokens are invisible, as in `decode(.., skip_special_tokens = true)`. Each step
+/// decodes a window of a few ids, never the whole sequence.
 #[derive(Clone, Debug, Default)]
 pub struct IncrementalDecoder {
     skip_special_tokens: bool,
+    /// The decode window: `ids[..read_offset]` were emitted already (they are context for the
+    /// rest: a SentencePiece decode strips the window's leading space).
     ids: Vec<u32>,
-    prefix: String,
-    prefix_index: usize,
+    read_offset: usize,
+    /// Bytes of the byte-token run at the end of `ids` that is valid UTF-8 so far (held back).
+    run: Vec<u8>,
+    /// The byte-token run at the end of `ids` is already invalid: every further byte token of it
+    /// is one U+FFFD.
+    run_invalid: bool,
 }
 
+/// How many tokens [`IncrementalDecoder`] holds back at most while the text ends in an
+/// incomplete UTF-8 sequence (byte-level vocabularies: a character has at most 4 bytes).
+pub const MAX_HELD_TOKENS: usize = 8;
+
+/// How many trailing prompt ids [`IncrementalDecoder::after`] keeps as context.
+const CONTEXT_IDS: usize = 6;
+
 impl IncrementalDecoder {
-    /// A fresh decoder.
+    /// A fresh decoder: the first text is decoded as the start of a sequence (as
+    /// `decode(new_ids)` would: a SentencePiece vocabulary drops the first token's leading space).
     pub fn new(skip_special_tokens: bool) -> Self {
         IncrementalDecoder {
             skip_special_tokens,
@@ -1172,42 +1225,138 @@ impl IncrementalDecoder {
         }
     }
 
-    /// Adds one id; returns the new text, if any is ready.
-    pub fn step(&mut self, tokenizer: &Tokenizer, id: u32) -> Option<String> {
-        let skip = self.skip_special_tokens;
-        if self.prefix.is_empty() && !self.ids.is_empty() {
-            let p = tokenizer.decode_raw(&self.ids, skip);
-            if !p.ends_with('\u{FFFD}') {
-                self.prefix = p;
-                self.prefix_index = self.ids.len();
+    /// A decoder for ids that continue `context` (a prompt): the text returned is what the new ids
+    /// add to the context's text, so a continuation keeps its leading space (`"Once upon"` →
+    /// `" a time"`), as vLLM and OpenAI's completions return it. graft's `generate`, `chat` and
+    /// `serve` all decode generated text this way.
+    pub fn after(tokenizer: &Tokenizer, context: &[u32], skip_special_tokens: bool) -> Self {
+        let visible = context
+            .iter()
+            .copied()
+            .filter(|&id| !(skip_special_tokens && tokenizer.is_special(id)));
+        let mut ids: Vec<u32> = visible.collect();
+        // Trailing byte tokens (or an incomplete character) could merge with what follows: leave
+        // them out of the context so the window never splits a run.
+        while let Some(&last) = ids.last() {
+            let dangling = if tokenizer.byte_tokens.is_empty() {
+                tokenizer
+                    .decode_raw(&ids, skip_special_tokens)
+                    .ends_with('\u{FFFD}')
+            } else {
+                tokenizer.byte_tokens.contains_key(&last)
+            };
+            if !dangling {
+                break;
             }
+            ids.pop();
         }
-        self.ids.push(id);
-        let text = tokenizer.decode_raw(&self.ids, skip);
-        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&self.prefix) {
-            return None;
+        let keep = ids.len().saturating_sub(CONTEXT_IDS);
+        ids.drain(..keep);
+        IncrementalDecoder {
+            skip_special_tokens,
+            read_offset: ids.len(),
+            ids,
+            run: Vec::new(),
+            run_invalid: false,
         }
-        let new_text = text[self.prefix.len()..].to_string();
-        let keep = self.ids.len() - self.prefix_index;
-        self.ids.drain(..self.prefix_index);
-        self.prefix = tokenizer.decode_raw(&self.ids, skip);
-        self.prefix_index = keep;
-        Some(new_text)
     }
 
-    /// Flushes text held back at the end of generation (an incomplete UTF-8 sequence decodes to
-    /// U+FFFD here, as a full decode would).
-    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Option<String> {
-        let text = tokenizer.decode_raw(&self.ids, self.skip_special_tokens);
-        self.ids.clear();
-        let prefix = std::mem::take(&mut self.prefix);
-        self.prefix_index = 0;
-        if text.len() > prefix.len() && text.starts_with(&prefix) {
-            Some(text[prefix.len()..].to_string())
-        } else {
-            None
+    /// Adds one id; returns the new text, if any is ready.
+    pub fn step(&mut self, tokenizer: &Tokenizer, id: u32) -> Option<String> {
+        if self.skip_special_tokens && tokenizer.is_special(id) {
+            // Filtered out before decoding: it neither shows nor ends a byte run.
+            return None;
+        }
+        if tokenizer.byte_tokens.is_empty() {
+            return self.step_text(tokenizer, id);
+        }
+        let Some(&byte) = tokenizer.byte_tokens.get(&id) else {
+            // A non-byte token ends any run: everything up to here is final.
+            self.ids.push(id);
+            self.run.clear();
+            self.run_invalid = false;
+            return self.emit(tokenizer);
+        };
+        if self.run_invalid {
+            self.restart_after(id);
+            return Some("\u{FFFD}".to_string());
+        }
+        self.ids.push(id);
+        self.run.push(byte);
+        match std::str::from_utf8(&self.run) {
+            Err(e) if e.error_len().is_some() => {
+                // No later byte can make this run valid: one U+FFFD per byte token, now.
+                let n = self.run.len();
+                self.run.clear();
+                self.run_invalid = true;
+                self.restart_after(id);
+                Some("\u{FFFD}".repeat(n))
+            }
+            _ => None,
         }
     }
+
+    /// Flushes text held back at the end of generation (an incomplete or invalid run decodes as a
+    /// full decode would) and resets the decoder.
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Option<String> {
+        let out = self.emit(tokenizer);
+        self.ids.clear();
+        self.read_offset = 0;
+        self.run.clear();
+        self.run_invalid = false;
+        out
+    }
+
+    /// Byte-level (non-`ByteFallback`) vocabularies: text is final unless it ends in U+FFFD.
+    fn step_text(&mut self, tokenizer: &Tokenizer, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let held = self.ids.len() - self.read_offset;
+        let text = tokenizer.decode_raw(&self.ids, self.skip_special_tokens);
+        if text.ends_with('\u{FFFD}') && held <= MAX_HELD_TOKENS {
+            return None;
+        }
+        self.emit_from(tokenizer, text)
+    }
+
+    /// Emits what `ids[read_offset..]` add to the window's text and moves the window on.
+    fn emit(&mut self, tokenizer: &Tokenizer) -> Option<String> {
+        if self.read_offset == self.ids.len() {
+            return None;
+        }
+        let text = tokenizer.decode_raw(&self.ids, self.skip_special_tokens);
+        self.emit_from(tokenizer, text)
+    }
+
+    fn emit_from(&mut self, tokenizer: &Tokenizer, text: String) -> Option<String> {
+        let prefix = tokenizer.decode_raw(&self.ids[..self.read_offset], self.skip_special_tokens);
+        let new_text = match text.strip_prefix(prefix.as_str()) {
+            Some(rest) => rest.to_string(),
+            // Cannot happen with the window rules above; never stall if it does.
+            None => {
+                let common = common_prefix_len(&prefix, &text);
+                text[common..].to_string()
+            }
+        };
+        // The new ids become the context of the next window.
+        self.ids.drain(..self.read_offset);
+        self.read_offset = self.ids.len();
+        (!new_text.is_empty()).then_some(new_text)
+    }
+
+    /// After an invalid run's U+FFFDs were emitted: the window restarts at `id` (already emitted).
+    fn restart_after(&mut self, id: u32) {
+        self.ids.clear();
+        self.ids.push(id);
+        self.read_offset = 1;
+    }
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b` that ends on a char boundary.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, ca), cb)| ca != cb)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 /// [`IncrementalDecoder`] bound to a tokenizer: `step(id)` yields text as ids arrive, without ever
@@ -1242,6 +1391,18 @@ pub fn clean_up_tokenization(text: &str) -> String {
         .replace(" 's", "'s")
         .replace(" 've", "'ve")
         .replace(" 're", "'re")
+}
+
+/// Whether a `tokenizer.json` decoder (or one step of a `Sequence`) is `ByteFallback`.
+fn has_byte_fallback_step(decoder: &Value) -> bool {
+    match decoder.get("type").and_then(|t| t.as_str()) {
+        Some("ByteFallback") => true,
+        Some("Sequence") => decoder
+            .get("decoders")
+            .and_then(|d| d.as_array())
+            .is_some_and(|steps| steps.iter().any(has_byte_fallback_step)),
+        _ => false,
+    }
 }
 
 fn untrim_offsets(v: &mut Value) {
@@ -1590,6 +1751,112 @@ mod tests {
             vec![Some("h".into()), None, Some("é".into()), Some("!".into())]
         );
         assert_eq!(s.finish(), None);
+    }
+
+    /// Streams `ids` through a decoder and returns the concatenated text.
+    fn streamed(t: &Tokenizer, mut d: IncrementalDecoder, ids: &[u32]) -> String {
+        let mut out = String::new();
+        for &id in ids {
+            out.extend(d.step(t, id));
+        }
+        out.extend(d.finish(t));
+        out
+    }
+
+    #[test]
+    fn decode_stream_survives_invalid_byte_fallback_runs() {
+        let t = toy_spm();
+        let byte = |b: u8| 3 + b as u32;
+        let (ab, a) = (t.token_to_id("▁ab").unwrap(), t.token_to_id("a").unwrap());
+        // An invalid run (two lead bytes), a valid one, an invalid one (ASCII + a stray continuation
+        // byte), each followed by text: nothing after it
+        // may be lost, and the invalid bytes are one U+FFFD each, as HF's ByteFallback decodes.
+        let ids = [
+            ab,
+            byte(0xE2),
+            byte(0xE2),
+            ab,
+            a,
+            byte(0xC3),
+            byte(0xA9),
+            ab,
+            byte(0x41),
+            byte(0x82),
+            a,
+        ];
+        let full = t.decode_raw(&ids, false);
+        assert_eq!(full, "ab\u{FFFD}\u{FFFD} aba\u{e9} ab\u{FFFD}\u{FFFD}a");
+        assert_eq!(streamed(&t, IncrementalDecoder::new(false), &ids), full);
+        // Text flows: the token after an invalid run is released at once.
+        let mut d = IncrementalDecoder::new(false);
+        let steps: Vec<Option<String>> = ids[..5].iter().map(|&i| d.step(&t, i)).collect();
+        assert_eq!(
+            steps,
+            vec![
+                Some("ab".into()),
+                None,
+                Some("\u{FFFD}\u{FFFD}".into()),
+                Some(" ab".into()),
+                Some("a".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn decode_stream_equals_full_decode_on_random_ids() {
+        let t = toy_spm();
+        let n = t.vocab_size() as u64;
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..400 {
+            let len = (next() % 24) as usize;
+            let ids: Vec<u32> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    // Mostly byte tokens (lead, continuation and ASCII bytes), some pieces and specials.
+                    if r % 3 == 0 {
+                        (r >> 8) as u32 % n as u32
+                    } else {
+                        3 + [0xE2u32, 0x82, 0xAC, 0xC3, 0xA9, 0x41, 0xF0, 0x9F][(r >> 8) as usize % 8]
+                    }
+                })
+                .collect();
+            for skip in [false, true] {
+                let full = t.decode_raw(&ids, skip);
+                assert_eq!(
+                    streamed(&t, IncrementalDecoder::new(skip), &ids),
+                    full,
+                    "case {case} ids {ids:?} skip {skip}"
+                );
+                // Continuing a prompt that ends in a normal piece: the new text is what the ids add.
+                let prompt = [1, t.token_to_id("▁ab").unwrap()];
+                let mut all = prompt.to_vec();
+                all.extend(&ids);
+                let whole = t.decode_raw(&all, skip);
+                let head = t.decode_raw(&prompt, skip);
+                assert_eq!(
+                    streamed(&t, IncrementalDecoder::after(&t, &prompt, skip), &ids),
+                    whole[head.len()..],
+                    "case {case} ids {ids:?} skip {skip}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn continuation_keeps_its_leading_space() {
+        let t = toy_spm();
+        let ab = t.token_to_id("▁ab").unwrap();
+        assert_eq!(streamed(&t, IncrementalDecoder::new(true), &[ab]), "ab");
+        assert_eq!(
+            streamed(&t, IncrementalDecoder::after(&t, &[1, ab], true), &[ab]),
+            " ab"
+        );
     }
 
     #[test]

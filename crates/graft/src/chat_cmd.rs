@@ -135,10 +135,8 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             continue;
         }
         let max_tokens = args.max_tokens.min(context - ids.len());
-        let mut stream = m.tokenizer.decode_stream(true);
-        for &id in &ids {
-            stream.step(id);
-        }
+        // The reply is what the new ids add to the prompt's text (leading space kept).
+        let mut stream = m.tokenizer.decode_stream_after(&ids, true);
         let mut out = stdout.lock();
         let (reply_ids, _) = m
             .model

@@ -108,10 +108,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "the tokenizer produced id {bad}, outside the model's vocabulary ({vocab}); wrong --tokenizer?"
         );
     }
-    let mut stream = m.tokenizer.decode_stream(true);
-    for &id in &prompt_ids {
-        stream.step(id);
-    }
+    // The reply is what the new ids add to the prompt's text (leading space kept).
+    let mut stream = m.tokenizer.decode_stream_after(&prompt_ids, true);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let model = &mut m.model;
