@@ -541,6 +541,12 @@ fn load_file_into(file: &Path, opts: &LoadOptions, ds: &mut Dataset) -> Result<(
                         .find_map(|(_, r)| r.as_ref().ok().and_then(detect_row_format));
                     match first {
                         Some(f) => f,
+                        None if rows.is_empty() => {
+                            return Err(Error::invalid(
+                                file.display().to_string(),
+                                "the file is empty: expected one JSON object per line (or a JSON array of objects)",
+                            ));
+                        }
                         None if file.file_name().is_some_and(|n| n == "dataset_info.json") => {
                             return Err(Error::invalid(
                                 file.display().to_string(),
@@ -556,7 +562,7 @@ fn load_file_into(file: &Path, opts: &LoadOptions, ds: &mut Dataset) -> Result<(
                             return Err(Error::invalid(
                                 file.display().to_string(),
                                 format!(
-                                    "cannot detect the dataset format from the keys [{keys}]; expected messages, conversations, instruction/output, prompt/completion, text, chosen/rejected or label; use --format"
+                                    "cannot detect the dataset format from the keys [{keys}]; expected messages, conversations, instruction/output, prompt/completion, text, chosen/rejected or label; or name the format (data.format in a train config, --format for graft data inspect)"
                                 ),
                             ));
                         }

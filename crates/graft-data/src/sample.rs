@@ -48,9 +48,9 @@ impl std::str::FromStr for LossMode {
             "last" | "last-assistant" => Ok(LossMode::LastAssistant),
             "completion" | "completion-only" => Ok(LossMode::CompletionOnly),
             _ => Err(Error::invalid(
-                "--loss",
+                "--mask",
                 format!(
-                    "unknown loss mode {s:?}; expected assistant-only, all-tokens, last-assistant or completion-only"
+                    "unknown mask {s:?}; expected assistant, all, last_assistant or completion (as data.mask)"
                 ),
             )),
         }

@@ -38,6 +38,8 @@ pub struct TokenizedDataset {
     pub dropped_too_long: Vec<(usize, usize)>,
     /// Whether this came from the cache.
     pub from_cache: bool,
+    /// Why the cache could not be written (disk full, read-only folder): the data is still good.
+    pub cache_warning: Option<String>,
 }
 
 impl TokenizedDataset {
@@ -163,17 +165,28 @@ pub fn load_tokenized(
         return Ok(ds);
     }
     let ds = dataset::load(path, load)?;
-    let tokenized = tokenize_dataset(&ds, tok, template, opts, load.skip_invalid)?;
-    if let Some(f) = &cache_file {
-        if let Some(dir) = f.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        // Write to a temporary name and rename, so a concurrent reader never sees half a file.
-        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, encode_cache(&tokenized)).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, f).map_err(|e| Error::io(f, e))?;
+    let mut tokenized = tokenize_dataset(&ds, tok, template, opts, load.skip_invalid)?;
+    if let Some(f) = &cache_file
+        && let Err(e) = write_cache(f, &tokenized)
+    {
+        tokenized.cache_warning = Some(e.to_string());
     }
     Ok(tokenized)
+}
+
+/// Writes the cache file through a temporary name and a rename, so a concurrent reader never sees
+/// half a file; a failed write (disk full) leaves no temporary file behind.
+fn write_cache(file: &Path, ds: &TokenizedDataset) -> Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::write(&tmp, encode_cache(ds)).and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(file, e));
+    }
+    Ok(())
 }
 
 struct Writer(Vec<u8>);
@@ -420,6 +433,7 @@ mod tests {
             }],
             dropped_too_long: vec![(0, 7)],
             from_cache: false,
+            cache_warning: None,
         };
         let bytes = encode_cache(&ds);
         assert_eq!(decode_cache(&bytes).unwrap(), ds);

@@ -195,6 +195,41 @@ pub fn resolve_model_path_with(spec: &str, cfg: &HubConfig) -> Result<PathBuf, M
     download(&id, &repo_dir, cfg, spec)
 }
 
+/// The architecture of a model path or hub id without its weights: a directory's `config.json`
+/// (weights need not be there yet), a GGUF or llama2.c file's header; for a hub id only
+/// `config.json` is fetched (what `graft train --plan` needs to plan before a download).
+pub fn model_spec(spec: &str) -> Result<crate::config::ModelSpec, ModelError> {
+    model_spec_with(spec, &HubConfig::from_env())
+}
+
+/// [`model_spec`] with explicit settings.
+pub fn model_spec_with(spec: &str, cfg: &HubConfig) -> Result<crate::config::ModelSpec, ModelError> {
+    let local = Path::new(spec);
+    if !spec.is_empty() && local.exists() {
+        if local.is_dir() {
+            return crate::config::ModelSpec::from_config_file(&local.join("config.json"));
+        }
+        return Ok(load_model(local)?.spec);
+    }
+    let Some(id) = HubId::parse(spec) else {
+        return Err(ModelError::format(
+            local,
+            "no such file or directory (and not a Hugging Face hub id like `org/name`)",
+        ));
+    };
+    let repo_dir = cfg.cache_dir.join(id.cache_folder_name());
+    if let Some(commit) = cached_commit(&repo_dir, &id) {
+        let config = repo_dir.join("snapshots").join(&commit).join("config.json");
+        if config.is_file() {
+            return crate::config::ModelSpec::from_config_file(&config);
+        }
+    }
+    if cfg.offline {
+        return Err(offline_error(&id, &repo_dir, "config.json"));
+    }
+    crate::config::ModelSpec::from_config_file(&download_config(&id, &repo_dir, cfg, spec)?)
+}
+
 /// Resolves `spec` with [`resolve_model_path`] and opens it with [`load_model`].
 pub fn load_model_or_download(spec: &str) -> Result<LoadedModel, ModelError> {
     load_model(&resolve_model_path(spec)?)
@@ -292,8 +327,13 @@ fn download(id: &HubId, repo_dir: &Path, _cfg: &HubConfig, spec: &str) -> Result
     ))
 }
 
+#[cfg(not(feature = "hub"))]
+fn download_config(id: &HubId, repo_dir: &Path, cfg: &HubConfig, spec: &str) -> Result<PathBuf, ModelError> {
+    download(id, repo_dir, cfg, spec)
+}
+
 #[cfg(feature = "hub")]
-use net::download;
+use net::{download, download_config};
 
 #[cfg(feature = "hub")]
 mod net {
@@ -310,6 +350,36 @@ mod net {
     struct FileMeta {
         commit: Option<String>,
         etag: Option<String>,
+    }
+
+    /// Downloads only `config.json` of `id` into the cache (snapshot and ref as for
+    /// [`download`]) and returns its path.
+    pub(super) fn download_config(
+        id: &HubId,
+        repo_dir: &Path,
+        cfg: &HubConfig,
+        spec: &str,
+    ) -> Result<PathBuf, ModelError> {
+        let client = Client::new(cfg, id, spec);
+        let blobs = repo_dir.join("blobs");
+        mkdir(&blobs)?;
+        let (first, meta) = client.get(&id.revision, "config.json", Some(&blobs))?;
+        let first = first.ok_or_else(|| client.not_found_error("config.json"))?;
+        let commit = meta
+            .commit
+            .filter(|c| !c.is_empty() && !c.contains(['/', '\\', '.']))
+            .unwrap_or_else(|| id.revision.clone());
+        let snapshot = repo_dir.join("snapshots").join(&commit);
+        mkdir(&snapshot)?;
+        if commit != id.revision {
+            let ref_path = repo_dir.join("refs").join(&id.revision);
+            if let Some(parent) = ref_path.parent() {
+                mkdir(parent)?;
+            }
+            crate::weights::write_file_atomically(&ref_path, commit.as_bytes())?;
+        }
+        first.store(&blobs, &snapshot, "config.json")?;
+        Ok(snapshot.join("config.json"))
     }
 
     /// Downloads what `id` lacks in the cache and returns its snapshot directory.

@@ -362,6 +362,34 @@ impl CheckpointWriter {
     }
 }
 
+impl Drop for CheckpointWriter {
+    /// A checkpoint that was not committed (a write failed: disk full) leaves no `.tmp-step-N/`
+    /// behind; after [`CheckpointWriter::commit`] the directory is gone already.
+    fn drop(&mut self) {
+        if self.tmp.exists() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through `path.tmp`, fsync and rename; a failed write leaves no
+/// temporary file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), CheckpointError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;

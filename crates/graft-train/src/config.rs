@@ -122,7 +122,8 @@ pub enum DataFormat {
     Sharegpt,
     /// `{"instruction", "input", "output"}`.
     Alpaca,
-    /// `{"prompt", "completion"}`.
+    /// `{"prompt", "completion"}` (also spelled `prompt-completion`, as `graft data inspect`).
+    #[serde(alias = "prompt-completion")]
     PromptCompletion,
     /// `{"text"}`: plain language modelling.
     Text,
@@ -134,12 +135,16 @@ pub enum DataFormat {
 pub enum MaskPolicy {
     /// Every assistant turn's tokens.
     #[default]
+    #[serde(alias = "assistant_only", alias = "assistant-only")]
     Assistant,
     /// Every token.
+    #[serde(alias = "all_tokens", alias = "all-tokens")]
     All,
     /// Only the last assistant turn.
+    #[serde(alias = "last-assistant")]
     LastAssistant,
     /// The completion of prompt/completion records.
+    #[serde(alias = "completion_only", alias = "completion-only")]
     Completion,
 }
 
@@ -187,6 +192,9 @@ pub struct DataConfig {
     pub packing: bool,
     /// Which tokens are trained on. Default: `assistant`.
     pub mask: MaskPolicy,
+    /// Chat template: a Jinja file path or the template text itself. Default: the model's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     /// Handling of over-long sequences. Default: `right`.
     pub truncation: Truncation,
     /// Skip malformed records with a warning instead of failing. Default: false.
@@ -204,6 +212,7 @@ impl Default for DataConfig {
             max_length: 2048,
             packing: true,
             mask: MaskPolicy::Assistant,
+            chat_template: None,
             truncation: Truncation::Right,
             skip_invalid: false,
             eval_fraction: 0.0,
@@ -628,6 +637,14 @@ pub const KEYS: &[KeySpec] = &[
         "Tokens the loss is computed on: every assistant turn, all tokens, the last assistant turn, or the \
          completion of prompt/completion records. Default: \"assistant\".",
     ),
+    key_ex(
+        "data.chat_template",
+        KeyKind::Str,
+        "Chat template for chat-format data: a path to a Jinja file (`.jinja`, or a `tokenizer_config.json` / \
+         `chat_template.json` holding one) or the template text itself. Needed for base models that have none. \
+         Default: the model's own.",
+        "\"templates/chatml.jinja\"",
+    ),
     key(
         "data.truncation",
         KeyKind::Choice(&["right", "left", "drop"]),
@@ -882,6 +899,27 @@ fn describe(v: &Value) -> String {
     }
 }
 
+/// Other spellings a choice key accepts (the names `graft data inspect` uses): `(key, alias,
+/// canonical value)`. The enums carry the same aliases for deserialization.
+const CHOICE_ALIASES: &[(&str, &str, &str)] = &[
+    ("data.format", "prompt-completion", "prompt_completion"),
+    ("data.mask", "assistant_only", "assistant"),
+    ("data.mask", "assistant-only", "assistant"),
+    ("data.mask", "all_tokens", "all"),
+    ("data.mask", "all-tokens", "all"),
+    ("data.mask", "last-assistant", "last_assistant"),
+    ("data.mask", "completion_only", "completion"),
+    ("data.mask", "completion-only", "completion"),
+];
+
+/// The canonical value an alias of a choice key stands for.
+fn choice_alias(path: &str, value: &str) -> Option<&'static str> {
+    CHOICE_ALIASES
+        .iter()
+        .find(|(p, a, _)| *p == path && *a == value)
+        .map(|(_, _, c)| *c)
+}
+
 fn check_value(path: &str, kind: KeyKind, v: &Value, origin: &str) -> Result<(), ConfigError> {
     let ok = match (kind, v) {
         (KeyKind::Str, Value::String(_)) => true,
@@ -889,7 +927,7 @@ fn check_value(path: &str, kind: KeyKind, v: &Value, origin: &str) -> Result<(),
         (KeyKind::Float, Value::Float(_) | Value::Integer(_)) => true,
         (KeyKind::Bool, Value::Boolean(_)) => true,
         (KeyKind::Choice(choices), Value::String(s)) => {
-            if choices.contains(&s.as_str()) {
+            if choices.contains(&s.as_str()) || choice_alias(path, s).is_some() {
                 true
             } else {
                 let near = choices
@@ -1250,8 +1288,10 @@ impl TrainConfig {
             env!("CARGO_PKG_VERSION"),
             self.to_toml()
         );
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         Ok(path)
     }
 
@@ -1559,6 +1599,22 @@ mod tests {
     }
 
     #[test]
+    fn choice_keys_accept_the_cli_spellings() {
+        let c = parse(
+            MINIMAL,
+            &["data.format=prompt-completion", "data.mask=all-tokens"],
+        )
+        .unwrap();
+        assert_eq!(c.data.format, DataFormat::PromptCompletion);
+        assert_eq!(c.data.mask, MaskPolicy::All);
+        let c = parse(MINIMAL, &["data.mask=last-assistant"]).unwrap();
+        assert_eq!(c.data.mask, MaskPolicy::LastAssistant);
+        let text = format!("{MINIMAL}\n");
+        let c = parse(&text.replace("[data]", "[data]\nmask = \"completion-only\""), &[]).unwrap();
+        assert_eq!(c.data.mask, MaskPolicy::Completion);
+    }
+
+    #[test]
     fn documented_example_parses_and_covers_every_key() {
         let text = TrainConfig::documented_example();
         let c = parse(&text, &[]).unwrap();
@@ -1587,6 +1643,7 @@ mod tests {
             MINIMAL,
             &[
                 "model.tokenizer=t",
+                "data.chat_template=t",
                 "schedule.warmup_steps=1",
                 "train.max_steps=5",
                 "data.eval=e",

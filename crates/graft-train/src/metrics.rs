@@ -175,26 +175,46 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, MetricsError> {
 }
 
 /// Drops the records after `step` (those a killed run logged past its last checkpoint), so a
-/// resumed run's log reads as one run. Rewrites the file atomically (temp file + rename).
+/// resumed run's log reads as one run. The lines kept are copied byte for byte (history never
+/// changes; re-serialising parsed floats could change their last digits), a torn last line is
+/// dropped, and the file is rewritten atomically (temp file + rename) only when something goes.
 pub fn truncate_after(path: &Path, step: u64) -> Result<(), MetricsError> {
-    let records = read_metrics(path)?;
-    if !path.exists() {
-        return Ok(());
-    }
     let io = |source| MetricsError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("jsonl.tmp");
-    {
-        let mut f = File::create(&tmp).map_err(io)?;
-        for r in records.iter().filter(|r| r.step <= step) {
-            let line = serde_json::to_string(r).expect("a metrics record always serialises");
-            writeln!(f, "{line}").map_err(io)?;
-        }
-        f.sync_all().map_err(io)?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    #[derive(Deserialize)]
+    struct StepOnly {
+        step: u64,
     }
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut kept = String::with_capacity(text.len());
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<StepOnly>(line) {
+            Ok(r) if r.step <= step && line.ends_with('\n') => kept.push_str(line),
+            Ok(_) => {}
+            Err(_) if i + 1 == lines.len() => {}
+            Err(e) => {
+                return Err(MetricsError::Parse {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    crate::checkpoint::write_atomically(path, kept.as_bytes()).map_err(io)
 }
 
 #[cfg(test)]
@@ -205,6 +225,23 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("graft-metrics-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("metrics.jsonl")
+    }
+
+    #[test]
+    fn truncate_after_keeps_earlier_lines_byte_for_byte() {
+        let path = tmp("verbatim");
+        // Digits a parse + re-serialise round trip does not reproduce exactly.
+        let lines = [
+            "{\"step\":1,\"loss\":2.3025850929940455,\"lr\":0.00009999999999999999}\n",
+            "{\"step\":2,\"loss\":1.1000000000000001e-7}\n",
+            "{\"step\":3,\"loss\":0.5}\n",
+            "{\"step\":4,\"lo",
+        ];
+        std::fs::write(&path, lines.concat()).unwrap();
+        truncate_after(&path, 2).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), lines[..2].concat());
+        truncate_after(&path, 5).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), lines[..2].concat());
     }
 
     #[test]

@@ -135,9 +135,10 @@ pub fn estimate(spec: &ModelSpec, input: &PlanInput) -> MemoryPlan {
     }
 }
 
-/// The plan of a config: reads the model's `config.json` (or GGUF/llama2.c header).
+/// The plan of a config: reads only the model's `config.json` (or GGUF/llama2.c header), so a
+/// hub model can be planned before its weights are downloaded.
 pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
-    let loaded = graft_model::hub::load_model_or_download(&cfg.model.path)
+    let spec = graft_model::hub::model_spec(&cfg.model.path)
         .map_err(|e| crate::sft::TrainError(format!("model.path: {e}")))?;
     let lora = if cfg.uses_lora() {
         Some(crate::sft::lora_spec(cfg)?)
@@ -151,7 +152,7 @@ pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
         MicroBatch::Rows(r) => r * cfg.data.max_length,
     };
     Ok(estimate(
-        &loaded.spec,
+        &spec,
         &PlanInput {
             tokens,
             bf16_weights: fast && lora.is_some(),

@@ -102,10 +102,18 @@ fn md_escape(s: &str) -> String {
 /// The Markdown report for a run: key facts, the loss curve (as `loss_curve.svg` beside it) and the
 /// resolved config.
 pub fn render_report(facts: &RunFacts, records: &[MetricsRecord]) -> String {
-    let last_train = records
+    let train_points: Vec<(u64, f64)> = records
         .iter()
-        .rev()
-        .find_map(|r| r.loss.filter(|v| v.is_finite()).map(|l| (r.step, l)));
+        .filter_map(|r| r.loss.filter(|v| v.is_finite()).map(|l| (r.step, l)))
+        .collect();
+    // A logged train loss is the mean over the steps since the previous log line.
+    let last_window = train_points.last().map(|&(step, l)| {
+        let from = train_points
+            .len()
+            .checked_sub(2)
+            .map_or(1, |i| train_points[i].0 + 1);
+        (from, step, l)
+    });
     let evals: Vec<(u64, f64)> = records
         .iter()
         .filter_map(|r| r.eval_loss.filter(|v| v.is_finite()).map(|l| (r.step, l)))
@@ -159,7 +167,18 @@ pub fn render_report(facts: &RunFacts, records: &[MetricsRecord]) -> String {
         x.map(|(s, l)| format!("{l:.4} (step {s})"))
             .unwrap_or_else(|| "—".into())
     };
-    row("Final train loss", loss(last_train));
+    row(
+        "Final train loss (mean over the last logged steps)",
+        last_window
+            .map(|(from, to, l)| {
+                if from >= to {
+                    format!("{l:.4} (step {to})")
+                } else {
+                    format!("{l:.4} (steps {from}–{to})")
+                }
+            })
+            .unwrap_or_else(|| "—".into()),
+    );
     row("Final eval loss", loss(evals.last().copied()));
     row("Best eval loss", loss(best_eval));
     md.push_str("\n## Loss curve\n\n![Training and evaluation loss](");

@@ -60,12 +60,23 @@ pub struct RunSummary {
     pub eval_loss: Option<f64>,
     /// Set when the run stopped early on a signal (a checkpoint was saved).
     pub interrupted: bool,
+    /// The name of the signal that stopped the run (`SIGINT`, `SIGTERM`), when one did.
+    pub signal: Option<&'static str>,
+    /// What the run wrote as its result: `adapter/` (LoRA) or `model/` (full fine-tuning); `None`
+    /// when it stopped early.
+    pub output: Option<PathBuf>,
 }
 
+/// How many consecutive steps with a zero gradient norm count as a collapsed run.
+pub const COLLAPSE_STEPS: u64 = 10;
+
 /// Loads the tokenizer and chat template belonging to a loaded model (or `override_path`).
+/// `tokenizer_option` names the setting that gives another tokenizer where the caller takes one
+/// (`model.tokenizer` in a train config, `--tokenizer` on the command line), for error messages.
 pub fn load_tokenizer(
     loaded: &LoadedModel,
     override_path: Option<&Path>,
+    tokenizer_option: &str,
 ) -> Result<(Tokenizer, Option<ChatTemplate>), TrainError> {
     if let Some(p) = override_path {
         return graft_data::load_tokenizer_and_template(p).map_err(err);
@@ -98,7 +109,7 @@ pub fn load_tokenizer(
                 other => {
                     return Err(err(format!(
                         "{}: GGUF tokenizer model `{other}` is not supported (SentencePiece `llama` and \
-                         byte-level BPE `gpt2` are); set model.tokenizer / --tokenizer to a tokenizer.json directory",
+                         byte-level BPE `gpt2` are); set {tokenizer_option} to a tokenizer.json directory",
                         loaded.path.display()
                     )));
                 }
@@ -110,10 +121,29 @@ pub fn load_tokenizer(
             Ok((tok, template))
         }
         TokenizerSource::Missing => Err(err(format!(
-            "{}: no tokenizer beside the model; set model.tokenizer",
+            "{}: no tokenizer beside the model; set {tokenizer_option}",
             loaded.path.display()
         ))),
     }
+}
+
+/// The chat template `data.chat_template` names: a file (`.jinja`, or JSON holding
+/// `chat_template`) or, when no such file exists and the text looks like Jinja, the template
+/// itself.
+pub fn config_chat_template(value: &str, tok: &Tokenizer) -> Result<ChatTemplate, TrainError> {
+    let path = Path::new(value);
+    if path.is_file() {
+        return ChatTemplate::from_file(path, tok.special_tokens().clone())
+            .map_err(|e| err(format!("data.chat_template: {e}")));
+    }
+    if value.contains("{%") || value.contains("{{") {
+        return ChatTemplate::new(value, tok.special_tokens().clone())
+            .map_err(|e| err(format!("data.chat_template: {e}")));
+    }
+    Err(err(format!(
+        "data.chat_template: `{value}` is neither a file nor a Jinja template (expected a path to a .jinja \
+         or tokenizer_config.json file, or the template text with {{% ... %}} / {{{{ ... }}}})"
+    )))
 }
 
 /// The LoRA spec a config asks for.
@@ -186,6 +216,12 @@ pub struct PreparedData {
     pub data_hash: String,
     /// Rows skipped as invalid.
     pub skipped_rows: usize,
+    /// Training rows longer than `data.max_length` that were cut to it.
+    pub truncated_rows: usize,
+    /// Training rows longer than `data.max_length` that were dropped (`data.truncation = "drop"`).
+    pub dropped_rows: usize,
+    /// Warnings to show the user (e.g. a tokenization cache that could not be written).
+    pub warnings: Vec<String>,
 }
 
 /// Loads, tokenizes (through the content-hash cache) and splits the data of `cfg`.
@@ -201,9 +237,10 @@ pub fn prepare_data(
     };
     let opts = tokenize_options(cfg);
     let mut hasher = sha2::Sha256::new();
-    let mut read = |paths: &[String], key: &str| -> Result<(Vec<TokenizedSample>, usize), TrainError> {
+    let mut warnings = Vec::new();
+    let mut read = |paths: &[String], key: &str| -> Result<(Vec<TokenizedSample>, RowCounts), TrainError> {
         let mut out = Vec::new();
-        let mut skipped = 0;
+        let mut counts = RowCounts::default();
         for p in paths {
             let path = Path::new(p);
             if !path.exists() {
@@ -215,12 +252,21 @@ pub fn prepare_data(
             let ds =
                 graft_data::tokenized::load_tokenized(path, &load, tok, template, &opts, Some(cache_dir))
                     .map_err(|e| err(format!("data.{key}: {e}")))?;
-            skipped += ds.skipped.len();
-            out.extend(ds.singles());
+            check_sft_records(&ds, key)?;
+            if let Some(w) = &ds.cache_warning {
+                warnings.push(format!(
+                    "the tokenization cache was not written ({w}); training goes on without it"
+                ));
+            }
+            counts.skipped += ds.skipped.len();
+            counts.dropped += ds.dropped_too_long.len();
+            let singles = ds.singles();
+            counts.truncated += singles.iter().filter(|s| s.notes.truncated).count();
+            out.extend(singles);
         }
-        Ok((out, skipped))
+        Ok((out, counts))
     };
-    let (mut train, skipped) = read(&cfg.data.train, "train")?;
+    let (mut train, counts) = read(&cfg.data.train, "train")?;
     let (mut eval, _) = read(&cfg.data.eval, "eval")?;
     let data_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if train.is_empty() {
@@ -248,8 +294,63 @@ pub fn prepare_data(
         train,
         eval,
         data_hash,
-        skipped_rows: skipped,
+        skipped_rows: counts.skipped,
+        truncated_rows: counts.truncated,
+        dropped_rows: counts.dropped,
+        warnings,
     })
+}
+
+#[derive(Default)]
+struct RowCounts {
+    skipped: usize,
+    truncated: usize,
+    dropped: usize,
+}
+
+/// SFT trains on single sequences: preference pairs and KTO rows (whose `label = false` answers
+/// are examples of what *not* to say) are refused with the method that fits them.
+fn check_sft_records(ds: &graft_data::tokenized::TokenizedDataset, key: &str) -> Result<(), TrainError> {
+    use graft_data::sample::TokenizedRecord;
+    let at = |e: &graft_data::tokenized::TokenizedExample| {
+        format!(
+            "{}:{}",
+            ds.files
+                .get(e.file)
+                .map_or("?".into(), |f| f.display().to_string()),
+            e.line
+        )
+    };
+    if let Some(e) = ds
+        .examples
+        .iter()
+        .find(|e| matches!(e.record, TokenizedRecord::Pair { .. }))
+    {
+        return Err(err(format!(
+            "data.{key}: {}: this is preference data (prompt / chosen / rejected pairs). It is for preference \
+             training (DPO, ORPO, CPO/SimPO or a reward model), which method = \"sft\" does not do. To fine-tune \
+             on the chosen answers alone, convert the rows to prompt/completion or messages",
+            at(e)
+        )));
+    }
+    if let Some(e) = ds
+        .examples
+        .iter()
+        .find(|e| matches!(e.record, TokenizedRecord::Kto { .. }))
+    {
+        let undesirable = ds
+            .examples
+            .iter()
+            .filter(|e| matches!(e.record, TokenizedRecord::Kto { label: false, .. }))
+            .count();
+        return Err(err(format!(
+            "data.{key}: {}: this is KTO data (prompt / completion / label, {undesirable} rows labelled false). \
+             It is for KTO, which method = \"sft\" does not do: SFT would also train the undesirable (label = false) \
+             answers. To fine-tune on the desirable answers alone, keep the label = true rows and drop the label field",
+            at(e)
+        )));
+    }
+    Ok(())
 }
 
 /// The micro-batches of one epoch: a pure function of the samples, config, seed and epoch.
@@ -304,6 +405,12 @@ fn fmt_eta(s: f64) -> String {
     }
 }
 
+/// Seconds left for `steps_left` steps at this session's pace (`steps_done` in `elapsed_s`): a
+/// resumed run's earlier steps took no time in this process and do not count.
+pub fn eta_seconds(steps_left: u64, steps_done: u64, elapsed_s: f64) -> f64 {
+    steps_left as f64 * elapsed_s / (steps_done as f64).max(1.0)
+}
+
 /// Mean loss over `batches` (forward only).
 pub fn evaluate(model: &Model<Cpu>, batches: &[Batch], precision: Precision) -> Option<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
@@ -338,7 +445,23 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     // Model, tokenizer, data.
     let loaded = graft_model::hub::load_model_or_download(&cfg.model.path)
         .map_err(|e| err(format!("model.path: {e}")))?;
-    let (tok, template) = load_tokenizer(&loaded, cfg.model.tokenizer.as_deref().map(Path::new))?;
+    let (tok, mut template) = load_tokenizer(
+        &loaded,
+        cfg.model.tokenizer.as_deref().map(Path::new),
+        "model.tokenizer",
+    )?;
+    if let Some(t) = &cfg.data.chat_template {
+        template = Some(config_chat_template(t, &tok)?);
+    }
+    let context = loaded.spec.max_position_embeddings;
+    if cfg.data.max_length > context {
+        return Err(err(format!(
+            "data.max_length ({}) is longer than the model's context ({context} positions, \
+             max_position_embeddings of {}); set data.max_length to at most {context}",
+            cfg.data.max_length,
+            loaded.path.display()
+        )));
+    }
     let precision = match cfg.model.precision {
         CfgPrecision::Exact => Precision::Exact,
         CfgPrecision::Fast => Precision::Fast.effective(),
@@ -375,6 +498,13 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     }
     let mut epoch_cache: Option<(u64, Vec<Batch>)> = None;
     let batches_per_epoch = epoch_batches(&data.train, cfg, 0)?.len();
+    if batches_per_epoch == 0 {
+        return Err(err(format!(
+            "data.train: no row has a trained token within data.max_length = {} (every answer is cut off); \
+             raise data.max_length, or set data.truncation = \"left\" to keep the end of long rows",
+            cfg.data.max_length
+        )));
+    }
     let accum = cfg.batch.grad_accum.max(1);
     let steps_per_epoch = batches_per_epoch.div_ceil(accum) as u64;
     let total_steps = cfg
@@ -466,12 +596,34 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     if data.skipped_rows > 0 {
         eprintln!("skipped {} invalid rows (data.skip_invalid)", data.skipped_rows);
     }
+    if data.truncated_rows > 0 {
+        let kept = match cfg.data.truncation {
+            Truncation::Left => "their last",
+            _ => "their first",
+        };
+        eprintln!(
+            "warning: {} training rows are longer than data.max_length = {} and were cut to {kept} {} tokens \
+             (data.truncation); `graft data inspect` lists them",
+            data.truncated_rows, cfg.data.max_length, cfg.data.max_length
+        );
+    }
+    if data.dropped_rows > 0 {
+        eprintln!(
+            "warning: {} training rows are longer than data.max_length = {} and were dropped (data.truncation = \"drop\")",
+            data.dropped_rows, cfg.data.max_length
+        );
+    }
+    for w in &data.warnings {
+        eprintln!("warning: {w}");
+    }
 
     let tty = std::io::stderr().is_terminal();
     let mut interrupted = false;
     let mut last_eval = None;
     let (mut window_loss, mut window_tokens, mut window_time) = (0.0f64, 0usize, 0.0f64);
     let session_start_tokens = state.tokens_seen;
+    let session_start_step = state.step;
+    let mut zero_grad_steps = 0u64;
     let session_start = Instant::now();
     let elapsed_before = state.elapsed_s;
     while state.step < total_steps {
@@ -480,14 +632,19 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         for micro in 0..accum {
             let pos = &mut state.data_position;
-            if pos.index as usize >= batches_per_epoch {
-                pos.epoch += 1;
-                pos.index = 0;
-            }
-            if epoch_cache.as_ref().is_none_or(|(e, _)| *e != pos.epoch) {
-                epoch_cache = Some((pos.epoch, epoch_batches(&data.train, cfg, pos.epoch)?));
-            }
-            let batch = &epoch_cache.as_ref().expect("filled above").1[pos.index as usize];
+            let batch = loop {
+                if epoch_cache.as_ref().is_none_or(|(e, _)| *e != pos.epoch) {
+                    epoch_cache = Some((pos.epoch, epoch_batches(&data.train, cfg, pos.epoch)?));
+                }
+                let batches = &epoch_cache.as_ref().expect("filled above").1;
+                match batches.get(pos.index as usize) {
+                    Some(b) => break b,
+                    None => {
+                        pos.epoch += 1;
+                        pos.index = 0;
+                    }
+                }
+            };
             pos.index += 1;
             state.epoch = pos.epoch;
             let opts = TrainOptions {
@@ -510,14 +667,17 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         }
         if !loss.is_finite() || find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice()))).is_some()
         {
-            let what = find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice())))
-                .map(|nf| format!("{nf:?}"))
-                .unwrap_or_else(|| format!("loss = {loss}"));
+            let what = if loss.is_finite() {
+                find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice())))
+                    .map(|nf| format!("the gradient has {nf}"))
+                    .unwrap_or_default()
+            } else {
+                format!("the loss is {loss}")
+            };
             return Err(err(format!(
-                "step {}: non-finite value ({what}); stopping. The last good checkpoint is kept in {}; \
-                 lower optimizer.lr or check the data",
+                "step {}: non-finite values: {what}; training stopped. {} Lower optimizer.lr, set batch.max_grad_norm, or check the data",
                 state.step + 1,
-                checkpoint::checkpoints_dir(&run_dir).display()
+                kept_checkpoint_note(&run_dir)
             )));
         }
         let grad_norm = {
@@ -528,6 +688,17 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
                 crate::optim::global_grad_norm(&slices.iter().map(|s| &**s).collect::<Vec<_>>())
             }
         };
+        zero_grad_steps = if grad_norm == 0.0 { zero_grad_steps + 1 } else { 0 };
+        if zero_grad_steps >= COLLAPSE_STEPS.min(total_steps) {
+            return Err(err(format!(
+                "step {}: training collapsed: the gradient norm has been 0 for {zero_grad_steps} steps (loss {loss:.4}; \
+                 ln(vocab) = {:.4} is what uniform predictions give), so nothing is being learned. The weights \
+                 most likely overflowed: lower optimizer.lr or set batch.max_grad_norm. {}",
+                state.step + 1,
+                (model.spec.vocab_size as f64).ln(),
+                kept_checkpoint_note(&run_dir)
+            )));
+        }
         let lr = schedule.lr_at(state.step);
         let mut values: Vec<(String, &mut [f32])> = Vec::new();
         model.visit_params_mut(mode, |name, value| values.push((name, value)));
@@ -557,8 +728,11 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
         let session_tokens = (state.tokens_seen - session_start_tokens) as f64;
         let tps = session_tokens / session_start.elapsed().as_secs_f64().max(1e-9);
-        let eta = (total_steps - state.step) as f64 * session_start.elapsed().as_secs_f64()
-            / (state.step as f64).max(1.0);
+        let eta = eta_seconds(
+            total_steps - state.step,
+            state.step - session_start_step,
+            session_start.elapsed().as_secs_f64(),
+        );
         progress(
             &format!(
                 "step {}/{} | loss {loss:.4} | lr {lr:.2e} | {tps:.0} tok/s | ETA {}",
@@ -617,19 +791,16 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             || state.step == total_steps
             || (cfg.train.save_every > 0 && state.step.is_multiple_of(cfg.train.save_every))
         {
-            save_checkpoint(&run_dir, &mut model, mode, &opt, &state, cfg)?;
+            save_checkpoint(&run_dir, &mut model, mode, &opt, &state, cfg).map_err(|e| {
+                err(format!(
+                    "saving the checkpoint of step {} failed (earlier checkpoints are intact): {e}",
+                    state.step
+                ))
+            })?;
         }
         if stop_now {
+            // The caller says how to continue (once).
             interrupted = true;
-            if tty {
-                eprintln!();
-            }
-            eprintln!(
-                "stopped by {} at step {}; checkpoint saved — continue with: graft train --resume {}",
-                stop.signal_name().unwrap_or("request"),
-                state.step,
-                run_dir.display()
-            );
             break;
         }
     }
@@ -637,14 +808,20 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         eprintln!();
     }
     // Final outputs.
-    if !interrupted {
-        if let Some(spec) = &lora {
-            let adapter = model.adapter(peft_config(spec, &cfg.model.path));
-            save_peft_adapter(&run_dir.join("adapter"), &adapter, Some(&cfg.model.path)).map_err(err)?;
-        } else {
-            export_full_model(&model, Path::new(&cfg.model.path), &run_dir.join("model"))?;
-        }
-    }
+    let output = if interrupted {
+        None
+    } else if let Some(spec) = &lora {
+        let dir = run_dir.join("adapter");
+        let adapter = model.adapter(peft_config(spec, &cfg.model.path));
+        save_peft_adapter(&dir, &adapter, Some(&cfg.model.path)).map_err(err)?;
+        Some(dir)
+    } else {
+        let dir = run_dir.join("model");
+        let base = graft_model::hub::resolve_model_path(&cfg.model.path)
+            .unwrap_or_else(|_| PathBuf::from(&cfg.model.path));
+        export_full_model(&model, &base, &dir)?;
+        Some(dir)
+    };
     let records = read_metrics(&metrics_path).map_err(err)?;
     let mut facts = RunFacts::from_config(cfg);
     facts.status = if interrupted {
@@ -667,7 +844,24 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         final_loss: state.last_loss,
         eval_loss: last_eval,
         interrupted,
+        signal: if interrupted { stop.signal_name() } else { None },
+        output,
     })
+}
+
+/// What a failed run leaves to resume from, for its error message.
+fn kept_checkpoint_note(run_dir: &Path) -> String {
+    let newest = checkpoint::list_checkpoints(run_dir)
+        .ok()
+        .and_then(|v| v.into_iter().max_by_key(|(step, _)| *step));
+    match newest {
+        Some((_, dir)) => format!(
+            "The last checkpoint, {}, is kept: continue from it with graft train --resume {} --set KEY=VALUE.",
+            dir.display(),
+            run_dir.display()
+        ),
+        None => "No checkpoint had been saved yet (train.save_every).".to_string(),
+    }
 }
 
 fn save_checkpoint(
@@ -721,6 +915,14 @@ pub fn export_full_model(model: &Model<Cpu>, base: &Path, out: &Path) -> Result<
         .map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice()))
         .collect();
     graft_model::weights::save_hf_model_dir(out, &model.spec, &refs).map_err(err)?;
+    // The base's own config.json, byte for byte: every key it has (`layer_types`, `mlp_bias`,
+    // `rope_parameters`, eps exactly as written, …) stays as transformers wrote it. The weights
+    // keep the architecture, so it describes them.
+    let base_config = base.join("config.json");
+    if base.is_dir() && base_config.is_file() {
+        std::fs::copy(&base_config, out.join("config.json"))
+            .map_err(|e| err(format!("{}: {e}", base_config.display())))?;
+    }
     if base.is_dir() {
         for f in TOKENIZER_FILES {
             let src = base.join(f);
@@ -744,7 +946,9 @@ pub fn export_full_model(model: &Model<Cpu>, base: &Path, out: &Path) -> Result<
 pub fn export_merged(run_dir: &Path, out: &Path) -> Result<(), TrainError> {
     let cfg_path = run_dir.join("config.toml");
     let cfg = TrainConfig::load(&cfg_path, &[]).map_err(err)?;
-    let base = Path::new(&cfg.model.path);
+    let base =
+        graft_model::hub::resolve_model_path(&cfg.model.path).map_err(|e| err(format!("model.path: {e}")))?;
+    let base = base.as_path();
     let loaded = load_model(base).map_err(|e| err(format!("model.path: {e}")))?;
     let mut model =
         Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::F32).map_err(err)?;
@@ -763,4 +967,16 @@ pub fn export_merged(run_dir: &Path, out: &Path) -> Result<(), TrainError> {
         )));
     }
     export_full_model(&model, base, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_counts_only_this_sessions_steps() {
+        // Resumed at step 900 of 1000: 10 steps in 20 s here leave 90 steps ≈ 180 s.
+        assert_eq!(eta_seconds(90, 10, 20.0), 180.0);
+        assert_eq!(eta_seconds(5, 0, 0.0), 0.0);
+    }
 }

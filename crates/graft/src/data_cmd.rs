@@ -20,15 +20,16 @@ pub struct DataInspectArgs {
     /// Model folder (Hugging Face layout) or llama2.c .bin whose tokenizer and chat template to use.
     #[arg(long)]
     pub model: PathBuf,
-    /// Dataset format instead of auto-detection: openai, sharegpt, alpaca, prompt-completion,
-    /// text, preference, kto.
+    /// Dataset format instead of auto-detection, as `data.format` in a train config: openai,
+    /// sharegpt, alpaca, prompt_completion (or prompt-completion), text, preference, kto.
     #[arg(long)]
     pub format: Option<DatasetFormat>,
     /// Maximum sequence length in tokens; longer rows are reported as truncated.
     #[arg(long, default_value_t = 2048)]
     pub max_len: usize,
-    /// Which tokens are trained: assistant-only, all-tokens, last-assistant, completion-only.
-    #[arg(long, default_value = "assistant-only")]
+    /// Which tokens are trained, as `data.mask` in a train config: assistant, all, last_assistant,
+    /// completion (`--loss` and the spellings assistant-only, all-tokens, … also work).
+    #[arg(long = "mask", alias = "loss", default_value = "assistant")]
     pub loss: LossMode,
     /// Keep the end of long rows instead of the start.
     #[arg(long)]

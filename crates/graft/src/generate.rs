@@ -41,8 +41,11 @@ pub struct GenerateArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Use bf16 matrix products (faster on CPUs with avx512_bf16).
-    #[arg(long)]
+    /// Exact f32 weights and products (default: bf16, as `graft chat` and `graft serve`).
+    #[arg(long, conflicts_with = "fast")]
+    exact: bool,
+    /// The default (bf16 weights and products); accepted for older scripts.
+    #[arg(long, hide = true)]
     fast: bool,
     /// Do not stop at end-of-sequence tokens.
     #[arg(long)]
@@ -60,15 +63,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if let Err(e) = sampling.validate() {
         bail!("{e}");
     }
-    let storage = if args.fast {
-        WeightStorage::Bf16
+    let (storage, precision) = if args.exact {
+        (WeightStorage::F32, Precision::Exact)
     } else {
-        WeightStorage::F32
-    };
-    let precision = if args.fast {
-        Precision::Fast
-    } else {
-        Precision::Exact
+        (WeightStorage::Bf16, Precision::Fast)
     };
     let mut m = model_io::open(
         &args.model,

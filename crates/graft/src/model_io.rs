@@ -20,7 +20,11 @@ pub fn load_tokenizer(
     loaded: &LoadedModel,
     override_path: Option<&Path>,
 ) -> Result<(Tokenizer, Option<ChatTemplate>)> {
-    Ok(graft_train::sft::load_tokenizer(loaded, override_path)?)
+    Ok(graft_train::sft::load_tokenizer(
+        loaded,
+        override_path,
+        "--tokenizer",
+    )?)
 }
 
 /// Opens `path` (and `adapter`, a PEFT adapter directory) for inference.

@@ -231,7 +231,16 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
         eprintln!("   accuracy before fine-tuning: {:.1}%", 100.0 * before);
     }
     let run_dir = out.join("run");
-    let _ = std::fs::remove_dir_all(&run_dir);
+    if run_dir.exists() && !args.prepare_only {
+        // Keep the last run rather than silently replacing it.
+        let previous = out.join("run-previous");
+        let _ = std::fs::remove_dir_all(&previous);
+        std::fs::rename(&run_dir, &previous)?;
+        eprintln!(
+            "   the previous quickstart run was moved to {} (this run replaces the one before it)",
+            previous.display()
+        );
+    }
     let config = format!(
         r#"# Written by `graft quickstart`; run it again with `graft train {cfg}`.
 full = true
@@ -289,8 +298,12 @@ dir = "{run}"
     let stop = StopFlag::install()?;
     let summary = graft_train::sft::run(&cfg, false, &stop)?;
     if summary.interrupted {
-        eprintln!("stopped; resume with graft train --resume {}", run_dir.display());
-        return Ok(());
+        eprintln!(
+            "stopped by {}; continue with: graft train --resume {}",
+            summary.signal.unwrap_or("a signal"),
+            run_dir.display()
+        );
+        std::process::exit(130);
     }
     let after = accuracy(&run_dir.join("model"), &eval_words, 5)?;
     println!(

@@ -57,19 +57,31 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let dir = summary.run_dir.display();
     if summary.interrupted {
         eprintln!(
-            "run stopped at step {}/{}; resume with: graft train --resume {dir}",
-            summary.steps, summary.total_steps
-        );
-    } else {
-        eprintln!(
-            "done: {} steps, final loss {}{}; outputs in {dir} (adapter/ or model/, report.md, metrics.jsonl)",
+            "stopped by {} at step {}/{}; checkpoint saved. Continue with: graft train --resume {dir}",
+            summary.signal.unwrap_or("a signal"),
             summary.steps,
-            summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
-            summary
-                .eval_loss
-                .map_or(String::new(), |l| format!(", eval loss {l:.4}")),
+            summary.total_steps
         );
+        // The shell convention for a run ended by a signal: 128 + its number.
+        let code = match summary.signal {
+            Some("SIGTERM") => 143,
+            _ => 130,
+        };
+        std::process::exit(code);
     }
+    let output = match &summary.output {
+        Some(p) if p.ends_with("adapter") => "adapter/ (PEFT LoRA adapter)",
+        Some(_) => "model/ (full model)",
+        None => "no final weights",
+    };
+    eprintln!(
+        "done: {} steps, last-step train loss {}{}; wrote {output}, report.md and metrics.jsonl in {dir}",
+        summary.steps,
+        summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary
+            .eval_loss
+            .map_or(String::new(), |l| format!(", eval loss {l:.4}")),
+    );
     Ok(())
 }
 
