@@ -3,9 +3,13 @@
 //! * [`engine`] — the scheduler: continuous batching over [`graft_model::model::Model::forward_batch`],
 //!   rows of different adapters in one step, bounded queue, cancellation.
 //! * [`registry`] — adapters by name, loaded at startup or while serving, unloaded safely.
-//! * [`http`] — axum handlers for `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//!   `/v1/adapters`, `/health`, `/metrics`; [`api`] parses and validates request bodies and
-//!   [`error::ApiError`] turns every failure into an OpenAI error object.
+//! * [`http`] — the axum router with thin handlers for `/v1/chat/completions`,
+//!   `/v1/completions`, `/v1/models`, `/v1/adapters`, `/health`, `/metrics`; [`middleware`] —
+//!   API keys and request counting as layers; [`api`] parses and validates request bodies into
+//!   typed requests and [`error::ApiError`] turns every failure into an OpenAI error object.
+//! * [`service`] — what each endpoint does without HTTP (over the shared [`state::AppState`]);
+//!   [`response`] — assembling engine events into JSON responses and SSE chunks; [`tools`] —
+//!   tool-call parsing.
 //! * [`metrics`] — Prometheus text metrics; [`text`] — incremental detokenization, stop strings.
 //!
 //! ```no_run
@@ -24,16 +28,21 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod middleware;
 pub mod registry;
+pub mod response;
+pub mod service;
+pub mod state;
 pub mod text;
+pub mod tools;
 
 use engine::{Engine, EngineConfig};
 use graft_data::{ChatTemplate, Tokenizer};
 use graft_kernels::{Cpu, Precision};
 use graft_model::model::Model;
-use http::AppState;
 use metrics::Metrics;
 use registry::Registry;
+use state::AppState;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
