@@ -262,8 +262,64 @@ pub fn parse_gen_params(obj: &Object, chat: bool) -> Result<GenParams, ApiError>
     })
 }
 
-/// Chat messages as the template sees them: content parts of type `text` are joined into a
-/// string (other part types are refused).
+/// Message roles a chat request may use.
+pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Checks one message's `role` and `content`: a known role, and content present unless the
+/// message is an assistant turn that calls tools.
+fn check_message(i: usize, m: &Value) -> Result<(), ApiError> {
+    let Some(obj) = m.as_object() else {
+        return Err(ApiError::invalid(
+            format!("messages[{i}]"),
+            format!("messages[{i}] must be an object with `role` and `content`"),
+        ));
+    };
+    let param = format!("messages[{i}].role");
+    let role = match obj.get("role") {
+        Some(Value::String(r)) => r.as_str(),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                param.clone(),
+                format!("{param} is required: one of {}", ROLES.join(", ")),
+            ));
+        }
+        Some(v) => {
+            return Err(ApiError::invalid(
+                param.clone(),
+                format!("{param} must be a string, one of {}; got {v}", ROLES.join(", ")),
+            ));
+        }
+    };
+    if !ROLES.contains(&role) {
+        return Err(ApiError::invalid(
+            param.clone(),
+            format!(
+                "{param} `{}` is not a valid role: use one of {}",
+                role.escape_debug(),
+                ROLES.join(", ")
+            ),
+        ));
+    }
+    let calls_tools = role == "assistant"
+        && obj
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+    if field(obj, "content").is_none() && !calls_tools {
+        let param = format!("messages[{i}].content");
+        return Err(ApiError::invalid(
+            param.clone(),
+            format!(
+                "{param} is required (a string or an array of text parts); only an assistant message with `tool_calls` may omit it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Chat messages as the template sees them: every message has a known role and content
+/// (null only for an assistant turn with `tool_calls`); content parts of type `text` are
+/// joined into a string (other part types are refused).
 pub fn parse_messages(obj: &Object) -> Result<Vec<graft_data::Message>, ApiError> {
     let Some(Value::Array(msgs)) = field(obj, "messages") else {
         return Err(ApiError::invalid(
@@ -276,6 +332,7 @@ pub fn parse_messages(obj: &Object) -> Result<Vec<graft_data::Message>, ApiError
     }
     let mut out = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
+        check_message(i, m)?;
         let param = format!("messages[{i}]");
         let mut msg = graft_data::Message::from_json(m)
             .map_err(|e| ApiError::invalid(param.clone(), format!("{param}: {e}")))?;
@@ -300,7 +357,7 @@ pub fn parse_messages(obj: &Object) -> Result<Vec<graft_data::Message>, ApiError
             _ => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].content"),
-                    "message content must be a string, null or an array of text parts",
+                    "message content must be a string or an array of text parts (null only with `tool_calls`)",
                 ));
             }
         }
@@ -659,6 +716,8 @@ mod tests {
         let e = parse_messages(&obj(json!({"messages": []}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
         let e = parse_messages(&obj(json!({"messages": [{"content": "x"}]}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = parse_messages(&obj(json!({"messages": ["x"]}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0]"));
     }
 

@@ -801,3 +801,50 @@ fn kv_budget_makes_sequences_wait_instead_of_overcommitting() {
         "at most one sequence fits the budget, saw {seen_active}"
     );
 }
+
+#[test]
+fn chat_messages_need_content_and_a_known_role() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let user = json!({"role": "user", "content": "hi"});
+    for (messages, param) in [
+        (
+            json!([user, {"role": "assistant"}, {"role": "user", "content": "x"}]),
+            "messages[1].content",
+        ),
+        (
+            json!([{"role": "system", "content": "s"}, user, {"role": "user", "content": null}]),
+            "messages[2].content",
+        ),
+        (json!([{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+        (json!([{"content": "hi"}]), "messages[0].role"),
+        (json!([user, {"role": 7, "content": "hi"}]), "messages[1].role"),
+        (
+            json!([user, {"role": "assistant", "content": null, "tool_calls": []}]),
+            "messages[1].content",
+        ),
+    ] {
+        for path in ["/v1/chat/completions", "/tokenize"] {
+            let r = post(srv.addr, path, json!({"messages": messages, "max_tokens": 2}));
+            assert_eq!(r.status, 400, "{path} {messages}: {}", r.body);
+            let e = r.json();
+            assert_eq!(e["error"]["param"], param, "{e}");
+            assert_eq!(e["error"]["type"], "invalid_request_error");
+            assert!(e["error"]["message"].as_str().unwrap().contains(param), "{e}");
+        }
+    }
+    // An assistant turn that only calls tools has no content; a tool answers it.
+    let call = json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}});
+    let ok = json!([
+        user,
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "developer", "content": "be brief"},
+    ]);
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": ok, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
