@@ -133,8 +133,11 @@ impl SeqRequest {
 /// Why a submission was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The waiting queue is full.
+    /// The waiting queue is full (retry later).
     QueueFull,
+    /// The request has more sequences than the running batch and the queue can ever hold
+    /// together ([`Engine::max_request_sequences`]); retrying cannot help.
+    TooLarge,
     /// The engine thread has stopped.
     Stopped,
 }
@@ -182,10 +185,19 @@ impl Engine {
         &self.config
     }
 
+    /// The most sequences one request may have: a full batch plus a full queue (an idle
+    /// server admits that many at once).
+    pub fn max_request_sequences(&self) -> usize {
+        self.config.max_batch.max(1) + self.config.max_queue
+    }
+
     /// Queues the sequences of one request (all or none). Sequences that will find a free
     /// batch slot do not count against `max_queue`.
     pub fn submit(&self, seqs: Vec<SeqRequest>) -> Result<(), SubmitError> {
         let n = seqs.len();
+        if n > self.max_request_sequences() {
+            return Err(SubmitError::TooLarge);
+        }
         let before = self.queued.fetch_add(n, Ordering::SeqCst);
         let free = self
             .config

@@ -109,6 +109,18 @@ impl ApiError {
         }
     }
 
+    /// 400: a request of `sequences` sequences (`n` × prompts) can never fit: at most `limit`
+    /// run or wait at once.
+    pub fn too_many_sequences(param: &str, sequences: usize, limit: usize) -> ApiError {
+        ApiError::invalid(
+            param,
+            format!(
+                "This request asks for {sequences} sequences (`n` × number of prompts), but the server runs and queues at most {limit} at once (--max-batch + --max-queue); ask for at most {limit}."
+            ),
+        )
+        .with_code("too_many_sequences")
+    }
+
     /// 500 for an engine failure.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {

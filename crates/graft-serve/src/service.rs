@@ -137,6 +137,15 @@ fn submit(
             ));
         }
     }
+    let sequences = prompts.len() * params.n;
+    let limit = st.engine.max_request_sequences();
+    let too_large = || {
+        let param = if params.n > 1 { "n" } else { param };
+        ApiError::too_many_sequences(param, sequences, limit)
+    };
+    if sequences > limit {
+        return Err(too_large());
+    }
     let mut stop_tokens = params.stop_token_ids.clone();
     if !params.ignore_eos {
         stop_tokens.extend(&st.eos);
@@ -188,6 +197,7 @@ fn submit(
         Err(SubmitError::QueueFull) => {
             return Err(ApiError::queue_full(st.engine.config().max_queue));
         }
+        Err(SubmitError::TooLarge) => return Err(too_large()),
         Err(SubmitError::Stopped) => return Err(ApiError::internal("the engine has stopped")),
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();

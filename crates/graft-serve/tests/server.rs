@@ -848,3 +848,37 @@ fn chat_messages_need_content_and_a_known_role() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[test]
+fn a_request_that_can_never_fit_the_queue_is_a_400() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.max_batch = 1;
+        o.max_queue = 2;
+    });
+    // 2 prompts × n = 2 = 4 sequences; at most 1 running + 2 waiting fit.
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": ["Once", "Lily"], "n": 2, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.header("retry-after").is_none());
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert_eq!(e["error"]["param"], "n");
+    assert!(e["error"]["message"].as_str().unwrap().contains('3'), "{e}");
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "n": 4, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Three fit on an idle server.
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "Once", "n": 3, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
