@@ -45,6 +45,11 @@ def test_models_list(client):
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == BASE
     assert {"a", "b"} <= set(ids)
+    for path in ("/v1/models", "/v1/adapters", "/v1/models/a"):
+        status, body = http("GET", path)
+        assert status == 200
+        assert FIXTURE not in json.dumps(body), f"a server path in {path}: {body}"
+    assert all(m["root"] == BASE for m in http("GET", "/v1/models")[1]["data"])
 
 
 def test_chat_non_stream_and_stream(client):
@@ -148,6 +153,10 @@ def test_hot_load_and_unload(client):
     assert complete(client, "c") != complete(client, BASE)
     status, body = http("POST", "/v1/adapters", {"name": "x", "path": "/etc"})
     assert status == 403, body
+    # A path that does not exist is answered like one outside the roots.
+    status2, body2 = http("POST", "/v1/adapters", {"name": "x", "path": "/nonexistent"})
+    assert status2 == 403, body2
+    assert body2["error"]["message"].replace("/nonexistent", "/etc") == body["error"]["message"]
     assert http("DELETE", "/v1/adapters/c")[0] == 200
     with pytest.raises(openai.NotFoundError):
         complete(client, "c")

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct AdapterEntry {
     /// The name requests use in `model`.
     pub name: String,
-    /// The directory it was loaded from (canonical).
+    /// The directory it was loaded from (canonical; never shown to clients).
     pub path: PathBuf,
     /// The device-side tensors.
     pub adapter: Adapter<Cpu>,
@@ -33,7 +33,7 @@ pub enum RegistryError {
     /// The name does not match `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$` or collides with the base.
     #[error("{0}")]
     InvalidName(String),
-    /// The path is not a directory inside a configured adapter root.
+    /// The path is not inside a configured adapter root, or does not exist.
     #[error("{0}")]
     Forbidden(String),
     /// An adapter with this name is already loaded.
@@ -98,8 +98,15 @@ impl Registry {
         &self.roots
     }
 
+    /// Whether `canonical` (a canonical path) lies inside an adapter root.
+    fn inside_roots(&self, canonical: &Path) -> bool {
+        self.roots.iter().any(|r| canonical.starts_with(r))
+    }
+
     /// Resolves a requested path: relative paths are tried inside each root first, then as
-    /// given; the result must be a directory inside a root.
+    /// given; the result must be a directory inside a root. A path that does not exist and one
+    /// outside the roots get the same [`RegistryError::Forbidden`], so callers cannot probe
+    /// which server paths exist.
     pub fn resolve_path(&self, path: &str) -> Result<PathBuf, RegistryError> {
         if self.roots.is_empty() {
             return Err(RegistryError::Forbidden(
@@ -114,22 +121,21 @@ impl Registry {
         }
         candidates.push(p.to_path_buf());
         for c in candidates {
-            if let Ok(canon) = c.canonicalize() {
-                if !self.roots.iter().any(|r| canon.starts_with(r)) {
-                    return Err(RegistryError::Forbidden(format!(
-                        "adapter path `{path}` is outside the allowed adapter roots"
-                    )));
-                }
-                if !canon.is_dir() {
-                    return Err(RegistryError::Load(format!(
-                        "adapter path `{path}` is not a directory"
-                    )));
-                }
-                return Ok(canon);
+            let Ok(canon) = c.canonicalize() else {
+                continue;
+            };
+            if !self.inside_roots(&canon) {
+                continue;
             }
+            if !canon.is_dir() {
+                return Err(RegistryError::Load(format!(
+                    "adapter path `{path}` is not a directory"
+                )));
+            }
+            return Ok(canon);
         }
-        Err(RegistryError::Load(format!(
-            "adapter path `{path}` does not exist"
+        Err(RegistryError::Forbidden(format!(
+            "adapter path `{path}` is not an adapter directory inside the allowed adapter roots"
         )))
     }
 
@@ -145,7 +151,12 @@ impl Registry {
             return Err(RegistryError::Exists(name.into()));
         }
         let dir = self.resolve_path(path)?;
-        self.load_dir(name, &dir)
+        // Errors name files by the path the caller gave, not where they are on the server.
+        let server_dir = dir.display().to_string();
+        self.load_dir(name, &dir).map_err(|e| match e {
+            RegistryError::Load(m) => RegistryError::Load(m.replace(&server_dir, path)),
+            e => e,
+        })
     }
 
     /// Loads `dir` as `name` without the root check (startup adapters from `--adapters`).

@@ -259,7 +259,8 @@ pub fn detokenize(st: &AppState, req: DetokenizeRequest) -> Result<Value, ApiErr
     Ok(json!({"prompt": st.tokenizer.decode(&req.tokens, false)}))
 }
 
-/// The OpenAI model object of the base model (`adapter` `None`) or of an adapter.
+/// The OpenAI model object of the base model (`adapter` `None`) or of an adapter. Like vLLM,
+/// `root` is the base model's id; no field holds a server path.
 pub fn model_object(st: &AppState, id: &str, adapter: Option<&AdapterEntry>) -> Value {
     match adapter {
         None => json!({
@@ -267,7 +268,7 @@ pub fn model_object(st: &AppState, id: &str, adapter: Option<&AdapterEntry>) -> 
             "object": "model",
             "created": st.created,
             "owned_by": "graft",
-            "root": id,
+            "root": st.base_name,
             "parent": null,
             "max_model_len": st.engine.config().max_context,
         }),
@@ -276,7 +277,7 @@ pub fn model_object(st: &AppState, id: &str, adapter: Option<&AdapterEntry>) -> 
             "object": "model",
             "created": a.created,
             "owned_by": "graft",
-            "root": a.path.display().to_string(),
+            "root": st.base_name,
             "parent": st.base_name,
             "max_model_len": st.engine.config().max_context,
             "lora_rank": a.config.r,
@@ -308,11 +309,7 @@ pub fn list_adapters(st: &AppState) -> Value {
         .registry
         .list()
         .iter()
-        .map(|a| {
-            let mut o = model_object(st, &a.name, Some(a));
-            o["path"] = json!(a.path.display().to_string());
-            o
-        })
+        .map(|a| model_object(st, &a.name, Some(a)))
         .collect();
     json!({"object": "list", "data": data})
 }
@@ -346,9 +343,7 @@ pub async fn load_adapter(st: &Arc<AppState>, req: LoadAdapterRequest) -> Result
         .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))?
         .map_err(|e| registry_error(e, req.name_field, req.path_field))?;
     st.update_adapter_gauge();
-    let mut obj = model_object(st, &entry.name, Some(&entry));
-    obj["path"] = json!(entry.path.display().to_string());
-    Ok(obj)
+    Ok(model_object(st, &entry.name, Some(&entry)))
 }
 
 /// Unloads an adapter; requests already using it finish with it.

@@ -882,3 +882,55 @@ fn a_request_that_can_never_fit_the_queue_is_a_400() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Every string in `v`, recursively.
+fn strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+        Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn responses_show_no_server_paths_and_do_not_reveal_existence() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let addr = srv.addr;
+    let loaded = post(addr, "/v1/adapters", json!({"name": "c", "path": "c"}));
+    assert_eq!(loaded.status, 200, "{}", loaded.body);
+    let root = fx.root.canonicalize().unwrap().display().to_string();
+    let tmp = std::env::temp_dir().display().to_string();
+    for r in [
+        loaded,
+        call(addr, "GET", "/v1/models", None),
+        call(addr, "GET", "/v1/models/c", None),
+        call(addr, "GET", "/v1/adapters", None),
+    ] {
+        let v = r.json();
+        let mut all = Vec::new();
+        strings(&v, &mut all);
+        for s in all {
+            assert!(!s.contains(&root) && !s.contains(&tmp), "a server path in {v}");
+        }
+    }
+    let models = call(addr, "GET", "/v1/models", None).json();
+    for m in models["data"].as_array().unwrap() {
+        assert_eq!(m["root"], "stories", "{m}");
+    }
+    // A missing path and an existing one outside the roots get the same answer.
+    let answers: Vec<(u16, Value)> = ["/nonexistent/adapter", &fx.model_dir.display().to_string()]
+        .into_iter()
+        .map(|path| {
+            let r = post(addr, "/v1/adapters", json!({"name": "x", "path": path}));
+            let mut e = r.json();
+            let m = e["error"]["message"].as_str().unwrap().replace(path, "PATH");
+            e["error"]["message"] = json!(m);
+            (r.status, e)
+        })
+        .collect();
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, 403);
+    assert_eq!(answers[0].1["error"]["param"], "path");
+}
