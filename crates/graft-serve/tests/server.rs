@@ -934,3 +934,52 @@ fn responses_show_no_server_paths_and_do_not_reveal_existence() {
     assert_eq!(answers[0].0, 403);
     assert_eq!(answers[0].1["error"]["param"], "path");
 }
+
+#[test]
+fn adapter_files_outside_the_roots_and_non_finite_weights_are_refused() {
+    let Some(fx) = fixture() else { return };
+    let spare = fx.root.join("spare");
+    let outside = fx.root.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let spec = graft_model::weights::load_model(&fx.model_dir).unwrap().spec;
+    save_peft_adapter(&outside, &random_adapter(&spec, 5, &[LoraModule::Q]), None).unwrap();
+    // `e` links its weights, `f` its config, to files outside every root.
+    for (name, linked) in [("e", "adapter_model.safetensors"), ("f", "adapter_config.json")] {
+        let d = spare.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for file in ["adapter_model.safetensors", "adapter_config.json"] {
+            if file == linked {
+                std::os::unix::fs::symlink(outside.join(file), d.join(file)).unwrap();
+            } else {
+                std::fs::copy(outside.join(file), d.join(file)).unwrap();
+            }
+        }
+    }
+    // `g` has a NaN in one tensor, `h` an infinity.
+    for (name, bad) in [("g", f32::NAN), ("h", f32::INFINITY)] {
+        let mut a = random_adapter(&spec, 6, &[LoraModule::Q, LoraModule::V]);
+        a.layers[1].get_mut(LoraModule::V).as_mut().unwrap().b[3] = bad;
+        let d = spare.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        save_peft_adapter(&d, &a, None).unwrap();
+    }
+    let srv = start(&fx, |_| {});
+    for (name, linked) in [("e", "adapter_model.safetensors"), ("f", "adapter_config.json")] {
+        let r = post(srv.addr, "/v1/adapters", json!({"name": name, "path": name}));
+        assert_eq!(r.status, 403, "{name}: {}", r.body);
+        let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(m.contains(linked), "{m}");
+        assert!(!m.contains(&outside.display().to_string()), "{m}");
+    }
+    for name in ["g", "h"] {
+        let r = post(srv.addr, "/v1/adapters", json!({"name": name, "path": name}));
+        assert_eq!(r.status, 400, "{name}: {}", r.body);
+        let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            m.contains("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"),
+            "{m}"
+        );
+    }
+    let models = call(srv.addr, "GET", "/v1/models", None).json();
+    assert_eq!(models["data"].as_array().unwrap().len(), 3);
+}
