@@ -182,3 +182,16 @@ def test_n_streaming_logprobs_and_retrieve(client):
     r = client.completions.create(model="b", prompt=["Tom", "Sue"], max_tokens=4, temperature=0)
     assert sorted(c.index for c in r.choices) == [0, 1]
     assert client.models.retrieve("b").id == "b"
+
+
+def test_tool_choice_required_is_refused(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=BASE, messages=messages, tools=tools,
+                                           tool_choice=choice, max_tokens=2)
+        assert e.value.body["param"] == "tool_choice"
+    r = client.chat.completions.create(model=BASE, messages=messages, tools=tools,
+                                       tool_choice="none", max_tokens=2)
+    assert r.choices[0].message.tool_calls in (None, [])

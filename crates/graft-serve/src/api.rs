@@ -391,6 +391,23 @@ pub enum ToolChoice {
     None,
 }
 
+/// `tool_choice`: `"auto"` (default) or `"none"`. `"required"` and a named function are
+/// refused rather than ignored: the server does not constrain decoding, so it cannot make the
+/// model call a tool.
+fn parse_tool_choice(obj: &Object) -> Result<ToolChoice, ApiError> {
+    match field(obj, "tool_choice") {
+        None => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) if s == "auto" => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) if s == "none" => Ok(ToolChoice::None),
+        Some(v) => Err(ApiError::invalid(
+            "tool_choice",
+            format!(
+                "`tool_choice` {v} is not supported: this server cannot force a tool call (it does not constrain decoding), so only \"auto\" (the default: tool calls in the reply are parsed) and \"none\" (the reply is plain content) are accepted"
+            ),
+        )),
+    }
+}
+
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
@@ -412,6 +429,14 @@ pub struct ChatRequest {
     pub continue_final_message: bool,
 }
 
+impl ChatRequest {
+    /// Whether tool calls are parsed out of the reply: tools were given and `tool_choice` is
+    /// not `"none"`.
+    pub fn parses_tool_calls(&self) -> bool {
+        self.tools.as_ref().is_some_and(|t| !t.is_empty()) && self.tool_choice == ToolChoice::Auto
+    }
+}
+
 impl FromBody for ChatRequest {
     fn from_body(obj: &Object) -> Result<Self, ApiError> {
         let model = opt_string(obj, "model")?;
@@ -422,10 +447,7 @@ impl FromBody for ChatRequest {
             Some(Value::Array(a)) => Some(a.clone()),
             Some(_) => return Err(ApiError::invalid("tools", "`tools` must be an array")),
         };
-        let tool_choice = match field(obj, "tool_choice") {
-            Some(Value::String(s)) if s == "none" => ToolChoice::None,
-            _ => ToolChoice::Auto,
-        };
+        let tool_choice = parse_tool_choice(obj)?;
         let mut chat_template_kwargs = match field(obj, "chat_template_kwargs") {
             None => Object::new(),
             Some(Value::Object(m)) => m.clone(),
@@ -719,6 +741,30 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));
         let e = parse_messages(&obj(json!({"messages": ["x"]}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0]"));
+    }
+
+    #[test]
+    fn tool_choice_none_disables_tool_call_parsing() {
+        let chat = |extra: Value| {
+            let mut o = obj(json!({"messages": [{"role": "user", "content": "hi"}]}));
+            o.extend(obj(extra));
+            ChatRequest::from_body(&o)
+        };
+        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+        assert!(chat(json!({"tools": tools})).unwrap().parses_tool_calls());
+        assert!(
+            chat(json!({"tools": tools, "tool_choice": "auto"}))
+                .unwrap()
+                .parses_tool_calls()
+        );
+        assert!(
+            !chat(json!({"tools": tools, "tool_choice": "none"}))
+                .unwrap()
+                .parses_tool_calls()
+        );
+        assert!(!chat(json!({"tool_choice": "auto"})).unwrap().parses_tool_calls());
+        let e = chat(json!({"tools": tools, "tool_choice": "required"})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tool_choice"));
     }
 
     #[test]

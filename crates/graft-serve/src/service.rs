@@ -4,7 +4,7 @@
 
 use crate::api::{
     ChatRequest, CompletionRequest, DetokenizeRequest, GenParams, LoadAdapterRequest, Prompt, TokenizeInput,
-    TokenizeRequest, ToolChoice,
+    TokenizeRequest,
 };
 use crate::engine::{SeqRequest, SubmitError};
 use crate::error::ApiError;
@@ -65,7 +65,7 @@ pub fn chat(st: &Arc<AppState>, req: ChatRequest) -> Result<Job, ApiError> {
     }
     // The template writes special tokens such as BOS itself.
     let ids = st.encode(&text, false, "messages")?;
-    let tools = req.tools.as_ref().is_some_and(|t| !t.is_empty()) && req.tool_choice != ToolChoice::None;
+    let tools = req.parses_tool_calls();
     let mut job = submit(st, Endpoint::Chat, model, adapter, vec![ids], req.params, vec![])?;
     job.tools = tools;
     Ok(job)

@@ -983,3 +983,28 @@ fn adapter_files_outside_the_roots_and_non_finite_weights_are_refused() {
     let models = call(srv.addr, "GET", "/v1/models", None).json();
     assert_eq!(models["data"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn tool_choice_is_auto_none_or_refused() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let req = |choice: Value| json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": tools, "tool_choice": choice});
+    for choice in [json!("auto"), json!("none")] {
+        let r = post(srv.addr, "/v1/chat/completions", req(choice));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "f"}}),
+        json!("sometimes"),
+        json!(3),
+    ] {
+        let r = post(srv.addr, "/v1/chat/completions", req(choice.clone()));
+        assert_eq!(r.status, 400, "{choice}: {}", r.body);
+        let e = r.json();
+        assert_eq!(e["error"]["param"], "tool_choice");
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(m.contains("auto") && m.contains("none"), "{m}");
+    }
+}
