@@ -1,7 +1,7 @@
 //! The HTTP layer: the axum router and thin handlers. Each handler extracts a typed request
 //! ([`Parsed`] bodies from [`crate::api`]), calls [`crate::service`] and responds; API keys and
 //! request counting are layers ([`crate::middleware`]), errors become OpenAI error objects
-//! through [`ApiError`].
+//! through [`ApiError`] (those axum answers itself too, by the `openai_errors` layer).
 
 use crate::api::{
     ChatRequest, CompletionRequest, DetokenizeRequest, FromBody, LoadAdapterRequest, LoadLoraAdapterRequest,
@@ -13,8 +13,9 @@ use crate::service;
 use crate::state::AppState;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, middleware as mw};
@@ -25,16 +26,17 @@ use std::sync::Arc;
 pub struct Parsed<T>(pub T);
 
 impl<T: FromBody> FromRequest<Arc<AppState>> for Parsed<T> {
-    type Rejection = Response;
+    type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Response> {
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(IntoResponse::into_response)?;
-        let obj = crate::api::parse_body(&bytes).map_err(IntoResponse::into_response)?;
-        T::from_body(&obj)
-            .map(Parsed)
-            .map_err(IntoResponse::into_response)
+            .map_err(|e| match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::payload_too_large(state.max_body_bytes),
+                status => ApiError::from_status(status, e.body_text()),
+            })?;
+        let obj = crate::api::parse_body(&bytes)?;
+        T::from_body(&obj).map(Parsed)
     }
 }
 
@@ -58,14 +60,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/load_lora_adapter", post(load_lora_adapter))
         .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .route_layer(mw::from_fn_with_state(state.clone(), middleware::require_api_key));
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/version", get(version))
         .merge(keyed)
         .fallback(fallback)
-        .layer(mw::from_fn_with_state(state.clone(), middleware::count_requests))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state.clone());
+    // The whole router as the fallback service, so these layers see its finished responses
+    // (a 405 gets its `Allow` header from the router, after per-route layers ran).
+    Router::new()
+        .fallback_service(routes)
+        .layer(mw::from_fn_with_state(state.clone(), middleware::openai_errors))
+        .layer(mw::from_fn_with_state(state, middleware::count_requests))
 }
 
 async fn fallback() -> ApiError {

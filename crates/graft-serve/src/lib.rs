@@ -76,10 +76,12 @@ pub struct ServeOptions {
     pub adapters_dir: Option<PathBuf>,
     /// Directories adapters may be loaded from while serving.
     pub adapter_roots: Vec<PathBuf>,
+    /// Largest request body accepted, in bytes (beyond: 413).
+    pub max_body_bytes: usize,
 }
 
 impl ServeOptions {
-    /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys.
+    /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys, 2 MiB bodies.
     pub fn new(base_name: impl Into<String>) -> ServeOptions {
         ServeOptions {
             base_name: base_name.into(),
@@ -93,6 +95,7 @@ impl ServeOptions {
             kv_cache_tokens: None,
             adapters_dir: None,
             adapter_roots: Vec::new(),
+            max_body_bytes: 2 << 20,
         }
     }
 }
@@ -163,6 +166,7 @@ pub fn build_state(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         next_id: AtomicU64::new(0),
+        max_body_bytes: options.max_body_bytes,
     }))
 }
 

@@ -35,6 +35,8 @@ pub struct AppState {
     pub created: u64,
     /// Request id counter.
     pub next_id: AtomicU64,
+    /// Largest request body accepted, in bytes (beyond: 413).
+    pub max_body_bytes: usize,
 }
 
 impl AppState {

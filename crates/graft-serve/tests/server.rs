@@ -1008,3 +1008,56 @@ fn tool_choice_is_auto_none_or_refused() {
         assert!(m.contains("auto") && m.contains("none"), "{m}");
     }
 }
+
+#[test]
+fn wrong_methods_get_openai_errors() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let r = call(srv.addr, "GET", "/v1/chat/completions", None);
+    assert_eq!(r.status, 405);
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("POST"),
+        "{e} {:?}",
+        r.headers
+    );
+    assert_eq!(call(srv.addr, "DELETE", "/v1/models", None).status, 405);
+}
+
+/// Sends a POST whose body is `len` bytes of JSON, with an optional API key.
+fn post_sized(addr: SocketAddr, path: &str, len: usize, auth: Option<&str>) -> Resp {
+    let text = format!("\"{}\"", "x".repeat(len.saturating_sub(12)));
+    let body = format!("{{\"prompt\":{text}}}");
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(k) = auth {
+        req.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).unwrap();
+    read_response(s)
+}
+
+#[test]
+fn oversized_bodies_are_checked_after_the_api_key_and_get_openai_errors() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.api_keys = vec!["sk-test".into()];
+        o.max_body_bytes = 1024;
+    });
+    let r = post_sized(srv.addr, "/v1/completions", 4000, None);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let r = post_sized(srv.addr, "/v1/completions", 4000, Some("sk-test"));
+    assert_eq!(r.status, 413, "{}", r.body);
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(e["error"]["message"].as_str().unwrap().contains("1024"), "{e}");
+    let r = post_sized(srv.addr, "/v1/completions", 600, Some("sk-test"));
+    assert_ne!(r.status, 413, "{}", r.body);
+}
