@@ -166,6 +166,18 @@ impl ApiError {
         }
     }
 
+    /// 503: the server cannot take requests now (engine down, shutting down).
+    pub fn unavailable(message: impl Into<String>, code: &'static str) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+
     /// 500 for an engine failure.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {

@@ -80,8 +80,8 @@ async fn fallback() -> ApiError {
     ApiError::not_found("Unknown route.")
 }
 
-async fn health() -> Answer {
-    json(json!({"status": "ok"}))
+async fn health(State(st): State<Arc<AppState>>) -> Answer {
+    json(service::health(&st).await?)
 }
 
 async fn version() -> Answer {

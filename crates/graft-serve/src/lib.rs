@@ -78,10 +78,14 @@ pub struct ServeOptions {
     pub adapter_roots: Vec<PathBuf>,
     /// Largest request body accepted, in bytes (beyond: 413).
     pub max_body_bytes: usize,
+    /// How long `/health` waits for the engine loop, which answers between steps (so this must
+    /// exceed the longest step, a prefill chunk); beyond, 503.
+    pub health_timeout: std::time::Duration,
 }
 
 impl ServeOptions {
-    /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys, 2 MiB bodies.
+    /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys, 2 MiB bodies,
+    /// 5 s health timeout.
     pub fn new(base_name: impl Into<String>) -> ServeOptions {
         ServeOptions {
             base_name: base_name.into(),
@@ -96,6 +100,7 @@ impl ServeOptions {
             adapters_dir: None,
             adapter_roots: Vec::new(),
             max_body_bytes: 2 << 20,
+            health_timeout: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -167,6 +172,7 @@ pub fn build_state(
             .map_or(0, |d| d.as_secs()),
         next_id: AtomicU64::new(0),
         max_body_bytes: options.max_body_bytes,
+        health_timeout: options.health_timeout,
     }))
 }
 

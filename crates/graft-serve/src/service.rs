@@ -198,7 +198,12 @@ fn submit(
             return Err(ApiError::queue_full(st.engine.config().max_queue));
         }
         Err(SubmitError::TooLarge) => return Err(too_large()),
-        Err(SubmitError::Stopped) => return Err(ApiError::internal("the engine has stopped")),
+        Err(SubmitError::Stopped) => {
+            return Err(ApiError::unavailable(
+                "the engine has stopped",
+                "engine_unavailable",
+            ));
+        }
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
     let prefix = if endpoint == Endpoint::Chat {
@@ -219,6 +224,15 @@ fn submit(
         echo,
         tools: false,
     })
+}
+
+/// `/health`: whether the engine loop is alive and answering within `timeout`.
+pub async fn health(st: &AppState) -> Result<Value, ApiError> {
+    st.engine
+        .ping(st.health_timeout)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("unhealthy: {e}"), "engine_unavailable"))?;
+    Ok(json!({"status": "ok"}))
 }
 
 /// vLLM's `/tokenize`: the token ids of a prompt or of a rendered conversation.

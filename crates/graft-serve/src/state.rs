@@ -37,6 +37,8 @@ pub struct AppState {
     pub next_id: AtomicU64,
     /// Largest request body accepted, in bytes (beyond: 413).
     pub max_body_bytes: usize,
+    /// How long `/health` waits for the engine loop to answer.
+    pub health_timeout: std::time::Duration,
 }
 
 impl AppState {

@@ -1061,3 +1061,22 @@ fn oversized_bodies_are_checked_after_the_api_key_and_get_openai_errors() {
     let r = post_sized(srv.addr, "/v1/completions", 600, Some("sk-test"));
     assert_ne!(r.status, 413, "{}", r.body);
 }
+
+#[test]
+fn health_reports_a_stopped_engine() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    assert_eq!(call(srv.addr, "GET", "/health", None).status, 200);
+    srv.state.engine.stop();
+    let h = call(srv.addr, "GET", "/health", None);
+    assert_eq!(h.status, 503, "{}", h.body);
+    let e = h.json();
+    assert_eq!(e["error"]["code"], "engine_unavailable");
+    assert!(e["error"]["message"].as_str().unwrap().contains("engine"), "{e}");
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+}
