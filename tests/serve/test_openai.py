@@ -195,3 +195,48 @@ def test_tool_choice_required_is_refused(client):
     r = client.chat.completions.create(model=BASE, messages=messages, tools=tools,
                                        tool_choice="none", max_tokens=2)
     assert r.choices[0].message.tool_calls in (None, [])
+
+
+def test_sigterm_drains_then_cuts_open_streams_and_exits_non_zero():
+    """A second server: SIGTERM with a stream open past --shutdown-grace ends the stream with an
+    error event (the SDK raises), new requests get 503, and graft exits non-zero."""
+    import signal
+    import socket
+    import time
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen(
+        [BIN, "serve", "--model", os.path.join(FIXTURE, "model"), "--served-model-name", "drain",
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "16384",
+         "--shutdown-grace", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        stream = c.completions.create(model="drain", prompt="Once", max_tokens=16000, stream=True,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="drain", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503
+        with pytest.raises(openai.APIError) as e:
+            for _ in it:
+                pass
+        assert "shut down" in str(e.value)
+        assert proc.wait(timeout=30) != 0
+        assert "still open" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -72,6 +72,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     // (a 405 gets its `Allow` header from the router, after per-route layers ran).
     Router::new()
         .fallback_service(routes)
+        .layer(mw::from_fn_with_state(
+            state.clone(),
+            middleware::refuse_while_draining,
+        ))
         .layer(mw::from_fn_with_state(state.clone(), middleware::openai_errors))
         .layer(mw::from_fn_with_state(state, middleware::count_requests))
 }

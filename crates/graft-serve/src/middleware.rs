@@ -1,5 +1,6 @@
 //! The layers every request passes through before (and after) its handler: API keys
-//! ([`require_api_key`]), request / error counting ([`count_requests`]) and OpenAI error
+//! ([`require_api_key`]), 503 while shutting down ([`refuse_while_draining`]), request / error
+//! counting ([`count_requests`]) and OpenAI error
 //! bodies for the errors axum answers itself ([`openai_errors`]: 405, 413, …).
 
 use crate::error::ApiError;
@@ -37,6 +38,18 @@ pub async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// Refuses requests with 503 once shutdown has begun (`/metrics` stays readable).
+pub async fn refuse_while_draining(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if st.drain.is_draining() && req.uri().path() != "/metrics" {
+        return ApiError::unavailable(
+            "The server is shutting down and takes no new requests.",
+            "server_shutting_down",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Counts generation requests per endpoint and every answer with an error status.

@@ -3,6 +3,7 @@
 //! one OpenAI JSON object ([`Job::collect`]) or as server-sent event chunks ([`Job::into_sse`]).
 
 use crate::api::GenParams;
+use crate::drain::InFlight;
 use crate::engine::{SeqEvent, TokenLogprobs};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -103,6 +104,8 @@ pub struct Job {
     pub(crate) echo: Vec<String>,
     /// Parse Hermes-style tool calls out of the replies (chat with `tools`).
     pub(crate) tools: bool,
+    /// Registered with the shutdown drain, which may cut the job.
+    pub(crate) in_flight: InFlight,
 }
 
 fn reason_str(r: FinishReason) -> &'static str {
@@ -289,10 +292,30 @@ impl Job {
         json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
     }
 
+    /// The error a job cut by the shutdown ends with.
+    fn cut_error(&self) -> ApiError {
+        ApiError::unavailable(
+            format!(
+                "The server shut down before this response finished: it was cut after the {} s shutdown grace period.",
+                self.st.shutdown_grace.as_secs_f64()
+            ),
+            "server_shutting_down",
+        )
+    }
+
+    /// The next engine event (`None`: the engine is gone), or `Err` when the shutdown cuts
+    /// the job.
+    async fn next_event(&mut self) -> Result<Option<SeqEvent>, ApiError> {
+        tokio::select! {
+            ev = self.rx.recv() => Ok(ev),
+            () = self.in_flight.cut() => Err(self.cut_error()),
+        }
+    }
+
     /// Waits for every choice and builds the non-streamed response.
     pub async fn collect(mut self) -> Result<Response, ApiError> {
         while !self.all_done() {
-            let Some(ev) = self.rx.recv().await else {
+            let Some(ev) = self.next_event().await? else {
                 return Err(ApiError::internal("the engine stopped while generating"));
             };
             for o in self.on_event(ev) {
@@ -465,7 +488,7 @@ struct SseStream {
 }
 
 impl SseStream {
-    /// Ends the stream with an error event and `[DONE]`.
+    /// Ends the stream with an error event (an OpenAI error object) and `[DONE]`.
     fn fail(&mut self, e: ApiError) {
         self.pending
             .push_back(Event::default().data(e.body().to_string()));
@@ -481,10 +504,13 @@ impl SseStream {
             if self.done {
                 return None;
             }
-            let ev = self.job.rx.recv().await;
-            let outs = match ev {
-                Some(ev) => self.job.on_event(ev),
-                None => vec![Out::Error("the engine stopped while generating".into())],
+            let outs = match self.job.next_event().await {
+                Ok(Some(ev)) => self.job.on_event(ev),
+                Ok(None) => vec![Out::Error("the engine stopped while generating".into())],
+                Err(cut) => {
+                    self.fail(cut);
+                    continue;
+                }
             };
             for o in outs {
                 let choice = match o {

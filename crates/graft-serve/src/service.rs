@@ -212,6 +212,7 @@ fn submit(
         "cmpl"
     };
     Ok(Job {
+        in_flight: st.drain.track(),
         st: st.clone(),
         endpoint,
         id: format!("{prefix}-{created:x}{n_id:08x}"),

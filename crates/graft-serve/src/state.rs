@@ -1,6 +1,7 @@
 //! [`AppState`]: what every endpoint shares (engine, registry, tokenizer, template, keys,
 //! metrics), and the lookups they have in common: model names and tokenization.
 
+use crate::drain::Drain;
 use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -39,6 +40,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// How long `/health` waits for the engine loop to answer.
     pub health_timeout: std::time::Duration,
+    /// Shutdown: requests in flight, draining, cutting.
+    pub drain: Arc<Drain>,
+    /// How long open requests may run on after shutdown begins.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl AppState {

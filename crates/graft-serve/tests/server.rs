@@ -1080,3 +1080,63 @@ fn health_reports_a_stopped_engine() {
     );
     assert_eq!(r.status, 503, "{}", r.body);
 }
+
+#[test]
+fn shutdown_drains_then_cuts_open_requests_with_an_error() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.shutdown_grace = Duration::from_secs(1);
+        o.max_context = Some(16384);
+    });
+    let addr = srv.addr;
+    let long = json!({"prompt": "Once", "max_tokens": 16000, "ignore_eos": true, "temperature": 0});
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    let mut s = send_request(addr, "POST", "/v1/completions", Some(&streamed), None);
+    read_until_first_token(&mut s);
+    let collected = send_request(addr, "POST", "/v1/completions", Some(&long), None);
+    wait_for(
+        || metric(addr, "graft_active_sequences") == 2.0,
+        "both requests to run",
+    );
+    let t0 = Instant::now();
+    let stopping = std::thread::spawn(move || srv.stop());
+    // Draining: new requests get 503 with an error object.
+    wait_for(
+        || call(addr, "GET", "/health", None).status == 503,
+        "the drain to begin",
+    );
+    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "server_shutting_down");
+    // After the grace period the stream ends with an error event, then [DONE].
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    let err = rest.find("\"server_shutting_down\"").expect("an error event");
+    let done = rest.rfind("[DONE]").expect("[DONE]");
+    assert!(err < done, "{rest}");
+    let r = read_response(collected);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "server_shutting_down");
+    let report = stopping.join().unwrap();
+    assert_eq!(report.cut, 2);
+    assert!(t0.elapsed() >= Duration::from_secs(1));
+}
+
+#[test]
+fn shutdown_lets_requests_finish_within_the_grace_period() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| o.shutdown_grace = Duration::from_secs(30));
+    let addr = srv.addr;
+    let body = json!({"prompt": "Once", "max_tokens": 200, "ignore_eos": true, "stream": true});
+    let mut s = send_request(addr, "POST", "/v1/completions", Some(&body), None);
+    read_until_first_token(&mut s);
+    let t0 = Instant::now();
+    let report = srv.stop();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    assert!(!rest.contains("\"error\""), "{rest}");
+    assert_eq!(report.cut, 0);
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}
