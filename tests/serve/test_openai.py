@@ -240,3 +240,19 @@ def test_sigterm_drains_then_cuts_open_streams_and_exits_non_zero():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bad_messages_too_many_sequences_and_wrong_method(client):
+    for messages, param in [
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}], "messages[1].role"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=BASE, messages=messages, max_tokens=2)
+        assert e.value.body["param"] == param
+    # 3 prompts × n = 128 can never fit 32 running + 256 waiting: a 400, not a retryable 429.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt=["a", "b", "c"], n=128, max_tokens=1)
+    assert e.value.body["param"] == "n"
+    status, body = http("GET", "/v1/chat/completions")
+    assert status == 405 and "POST" in body["error"]["message"]

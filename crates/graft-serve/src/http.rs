@@ -1,7 +1,8 @@
 //! The HTTP layer: the axum router and thin handlers. Each handler extracts a typed request
-//! ([`Parsed`] bodies from [`crate::api`]), calls [`crate::service`] and responds; API keys and
-//! request counting are layers ([`crate::middleware`]), errors become OpenAI error objects
-//! through [`ApiError`] (those axum answers itself too, by the `openai_errors` layer).
+//! ([`Parsed`] bodies from [`crate::api`]), calls [`crate::service`] and responds; API keys,
+//! the shutdown drain and request counting are layers ([`crate::middleware`]), errors become
+//! OpenAI error objects through [`ApiError`] (those axum answers itself too, by the
+//! `openai_errors` layer).
 
 use crate::api::{
     ChatRequest, CompletionRequest, DetokenizeRequest, FromBody, LoadAdapterRequest, LoadLoraAdapterRequest,
