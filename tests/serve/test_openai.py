@@ -45,6 +45,11 @@ def test_models_list(client):
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == BASE
     assert {"a", "b"} <= set(ids)
+    for path in ("/v1/models", "/v1/adapters", "/v1/models/a"):
+        status, body = http("GET", path)
+        assert status == 200
+        assert FIXTURE not in json.dumps(body), f"a server path in {path}: {body}"
+    assert all(m["root"] == BASE for m in http("GET", "/v1/models")[1]["data"])
 
 
 def test_chat_non_stream_and_stream(client):
@@ -148,6 +153,10 @@ def test_hot_load_and_unload(client):
     assert complete(client, "c") != complete(client, BASE)
     status, body = http("POST", "/v1/adapters", {"name": "x", "path": "/etc"})
     assert status == 403, body
+    # A path that does not exist is answered like one outside the roots.
+    status2, body2 = http("POST", "/v1/adapters", {"name": "x", "path": "/nonexistent"})
+    assert status2 == 403, body2
+    assert body2["error"]["message"].replace("/nonexistent", "/etc") == body["error"]["message"]
     assert http("DELETE", "/v1/adapters/c")[0] == 200
     with pytest.raises(openai.NotFoundError):
         complete(client, "c")
@@ -173,3 +182,77 @@ def test_n_streaming_logprobs_and_retrieve(client):
     r = client.completions.create(model="b", prompt=["Tom", "Sue"], max_tokens=4, temperature=0)
     assert sorted(c.index for c in r.choices) == [0, 1]
     assert client.models.retrieve("b").id == "b"
+
+
+def test_tool_choice_required_is_refused(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=BASE, messages=messages, tools=tools,
+                                           tool_choice=choice, max_tokens=2)
+        assert e.value.body["param"] == "tool_choice"
+    r = client.chat.completions.create(model=BASE, messages=messages, tools=tools,
+                                       tool_choice="none", max_tokens=2)
+    assert r.choices[0].message.tool_calls in (None, [])
+
+
+def test_sigterm_drains_then_cuts_open_streams_and_exits_non_zero():
+    """A second server: SIGTERM with a stream open past --shutdown-grace ends the stream with an
+    error event (the SDK raises), new requests get 503, and graft exits non-zero."""
+    import signal
+    import socket
+    import time
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen(
+        [BIN, "serve", "--model", os.path.join(FIXTURE, "model"), "--served-model-name", "drain",
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "16384",
+         "--shutdown-grace", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        stream = c.completions.create(model="drain", prompt="Once", max_tokens=16000, stream=True,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="drain", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503
+        with pytest.raises(openai.APIError) as e:
+            for _ in it:
+                pass
+        assert "shut down" in str(e.value)
+        assert proc.wait(timeout=30) != 0
+        assert "still open" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_messages_too_many_sequences_and_wrong_method(client):
+    for messages, param in [
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}], "messages[1].role"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=BASE, messages=messages, max_tokens=2)
+        assert e.value.body["param"] == param
+    # 3 prompts × n = 128 can never fit 32 running + 256 waiting: a 400, not a retryable 429.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt=["a", "b", "c"], n=128, max_tokens=1)
+    assert e.value.body["param"] == "n"
+    status, body = http("GET", "/v1/chat/completions")
+    assert status == 405 and "POST" in body["error"]["message"]

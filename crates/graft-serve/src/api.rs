@@ -1,5 +1,6 @@
 //! Request parsing and validation: OpenAI request bodies (plus the vLLM extensions users rely
-//! on) into typed parameters, with every error naming the field at fault.
+//! on) into typed requests ([`ChatRequest`], [`CompletionRequest`], …, each [`FromBody`]), with
+//! every error naming the field at fault.
 
 use crate::engine::Penalties;
 use crate::error::ApiError;
@@ -261,8 +262,64 @@ pub fn parse_gen_params(obj: &Object, chat: bool) -> Result<GenParams, ApiError>
     })
 }
 
-/// Chat messages as the template sees them: content parts of type `text` are joined into a
-/// string (other part types are refused).
+/// Message roles a chat request may use.
+pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Checks one message's `role` and `content`: a known role, and content present unless the
+/// message is an assistant turn that calls tools.
+fn check_message(i: usize, m: &Value) -> Result<(), ApiError> {
+    let Some(obj) = m.as_object() else {
+        return Err(ApiError::invalid(
+            format!("messages[{i}]"),
+            format!("messages[{i}] must be an object with `role` and `content`"),
+        ));
+    };
+    let param = format!("messages[{i}].role");
+    let role = match obj.get("role") {
+        Some(Value::String(r)) => r.as_str(),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                param.clone(),
+                format!("{param} is required: one of {}", ROLES.join(", ")),
+            ));
+        }
+        Some(v) => {
+            return Err(ApiError::invalid(
+                param.clone(),
+                format!("{param} must be a string, one of {}; got {v}", ROLES.join(", ")),
+            ));
+        }
+    };
+    if !ROLES.contains(&role) {
+        return Err(ApiError::invalid(
+            param.clone(),
+            format!(
+                "{param} `{}` is not a valid role: use one of {}",
+                role.escape_debug(),
+                ROLES.join(", ")
+            ),
+        ));
+    }
+    let calls_tools = role == "assistant"
+        && obj
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+    if field(obj, "content").is_none() && !calls_tools {
+        let param = format!("messages[{i}].content");
+        return Err(ApiError::invalid(
+            param.clone(),
+            format!(
+                "{param} is required (a string or an array of text parts); only an assistant message with `tool_calls` may omit it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Chat messages as the template sees them: every message has a known role and content
+/// (null only for an assistant turn with `tool_calls`); content parts of type `text` are
+/// joined into a string (other part types are refused).
 pub fn parse_messages(obj: &Object) -> Result<Vec<graft_data::Message>, ApiError> {
     let Some(Value::Array(msgs)) = field(obj, "messages") else {
         return Err(ApiError::invalid(
@@ -275,6 +332,7 @@ pub fn parse_messages(obj: &Object) -> Result<Vec<graft_data::Message>, ApiError
     }
     let mut out = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
+        check_message(i, m)?;
         let param = format!("messages[{i}]");
         let mut msg = graft_data::Message::from_json(m)
             .map_err(|e| ApiError::invalid(param.clone(), format!("{param}: {e}")))?;
@@ -299,13 +357,363 @@ pub fn parse_messages(obj: &Object) -> Result<Vec<graft_data::Message>, ApiError
             _ => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].content"),
-                    "message content must be a string, null or an array of text parts",
+                    "message content must be a string or an array of text parts (null only with `tool_calls`)",
                 ));
             }
         }
         out.push(msg);
     }
     Ok(out)
+}
+
+/// A request body parsed from a JSON object.
+pub trait FromBody: Sized {
+    /// Parses and validates `obj`; errors name the field at fault.
+    fn from_body(obj: &Object) -> Result<Self, ApiError>;
+}
+
+/// An optional string field, owned.
+fn opt_string(obj: &Object, name: &str) -> Result<Option<String>, ApiError> {
+    Ok(opt_str(obj, name)?.map(str::to_string))
+}
+
+/// A required string field.
+fn req_string(obj: &Object, name: &str) -> Result<String, ApiError> {
+    opt_string(obj, name)?.ok_or_else(|| ApiError::invalid(name, format!("`{name}` is required")))
+}
+
+/// What a chat request lets the model do with its `tools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides; tool calls in its reply are parsed (the default).
+    Auto,
+    /// No tool calls: the reply is plain content.
+    None,
+}
+
+/// `tool_choice`: `"auto"` (default) or `"none"`. `"required"` and a named function are
+/// refused rather than ignored: the server does not constrain decoding, so it cannot make the
+/// model call a tool.
+fn parse_tool_choice(obj: &Object) -> Result<ToolChoice, ApiError> {
+    match field(obj, "tool_choice") {
+        None => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) if s == "auto" => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) if s == "none" => Ok(ToolChoice::None),
+        Some(v) => Err(ApiError::invalid(
+            "tool_choice",
+            format!(
+                "`tool_choice` {v} is not supported: this server cannot force a tool call (it does not constrain decoding), so only \"auto\" (the default: tool calls in the reply are parsed) and \"none\" (the reply is plain content) are accepted"
+            ),
+        )),
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// `model` (`None`: the base model).
+    pub model: Option<String>,
+    /// The conversation.
+    pub messages: Vec<graft_data::Message>,
+    /// Generation parameters.
+    pub params: GenParams,
+    /// `tools`, passed to the chat template.
+    pub tools: Option<Vec<Value>>,
+    /// `tool_choice`.
+    pub tool_choice: ToolChoice,
+    /// `chat_template_kwargs` (without `add_generation_prompt`).
+    pub chat_template_kwargs: Object,
+    /// Append the assistant header (vLLM `add_generation_prompt`, default true).
+    pub add_generation_prompt: bool,
+    /// Continue the last message instead of starting a new one (vLLM `continue_final_message`).
+    pub continue_final_message: bool,
+}
+
+impl ChatRequest {
+    /// Whether tool calls are parsed out of the reply: tools were given and `tool_choice` is
+    /// not `"none"`.
+    pub fn parses_tool_calls(&self) -> bool {
+        self.tools.as_ref().is_some_and(|t| !t.is_empty()) && self.tool_choice == ToolChoice::Auto
+    }
+}
+
+impl FromBody for ChatRequest {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        let model = opt_string(obj, "model")?;
+        let messages = parse_messages(obj)?;
+        let params = parse_gen_params(obj, true)?;
+        let tools = match field(obj, "tools") {
+            None => None,
+            Some(Value::Array(a)) => Some(a.clone()),
+            Some(_) => return Err(ApiError::invalid("tools", "`tools` must be an array")),
+        };
+        let tool_choice = parse_tool_choice(obj)?;
+        let mut chat_template_kwargs = match field(obj, "chat_template_kwargs") {
+            None => Object::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "chat_template_kwargs",
+                    "`chat_template_kwargs` must be an object",
+                ));
+            }
+        };
+        chat_template_kwargs.remove("add_generation_prompt");
+        let continue_final_message = opt_bool(obj, "continue_final_message")?.unwrap_or(false);
+        let add_generation_prompt =
+            opt_bool(obj, "add_generation_prompt")?.unwrap_or(!continue_final_message);
+        Ok(ChatRequest {
+            model,
+            messages,
+            params,
+            tools,
+            tool_choice,
+            chat_template_kwargs,
+            add_generation_prompt,
+            continue_final_message,
+        })
+    }
+}
+
+/// The `prompt` of a text completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// One or more strings, tokenized by the server.
+    Texts(Vec<String>),
+    /// One or more lists of token ids.
+    Tokens(Vec<Vec<u32>>),
+}
+
+impl Prompt {
+    /// Number of prompts.
+    pub fn len(&self) -> usize {
+        match self {
+            Prompt::Texts(t) => t.len(),
+            Prompt::Tokens(t) => t.len(),
+        }
+    }
+
+    /// Whether there is no prompt.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn parse_prompt(obj: &Object) -> Result<Prompt, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string, an array of strings, an array of token ids or an array of arrays of token ids",
+        )
+    };
+    let ids_of = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&x| x <= u64::from(u32::MAX))
+                    .map(|x| x as u32)
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    match field(obj, "prompt") {
+        None => Err(ApiError::invalid("prompt", "`prompt` is required")),
+        Some(Value::String(s)) => Ok(Prompt::Texts(vec![s.clone()])),
+        Some(Value::Array(a)) if a.is_empty() => {
+            Err(ApiError::invalid("prompt", "`prompt` must not be empty"))
+        }
+        Some(Value::Array(a)) => match &a[0] {
+            Value::String(_) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<_, _>>()
+                .map(Prompt::Texts),
+            Value::Number(_) => Ok(Prompt::Tokens(vec![ids_of(a)?])),
+            Value::Array(_) => a
+                .iter()
+                .map(|v| v.as_array().ok_or_else(bad).and_then(|x| ids_of(x)))
+                .collect::<Result<_, _>>()
+                .map(Prompt::Tokens),
+            _ => Err(bad()),
+        },
+        Some(_) => Err(bad()),
+    }
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    /// `model` (`None`: the base model).
+    pub model: Option<String>,
+    /// The prompts; each gets `n` choices.
+    pub prompt: Prompt,
+    /// Generation parameters.
+    pub params: GenParams,
+    /// Put the prompt in front of each choice's text.
+    pub echo: bool,
+}
+
+impl FromBody for CompletionRequest {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        let model = opt_string(obj, "model")?;
+        let prompt = parse_prompt(obj)?;
+        let params = parse_gen_params(obj, false)?;
+        if field(obj, "suffix").is_some_and(|s| s.as_str() != Some("")) {
+            return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+        }
+        if let Some(b) = opt_i64(obj, "best_of", 1, 128)?
+            && b as usize != params.n
+            && b != 1
+        {
+            return Err(ApiError::invalid(
+                "best_of",
+                "`best_of` other than `n` is not supported",
+            ));
+        }
+        let echo = opt_bool(obj, "echo")?.unwrap_or(false);
+        Ok(CompletionRequest {
+            model,
+            prompt,
+            params,
+            echo,
+        })
+    }
+}
+
+/// What vLLM's `/tokenize` tokenizes.
+#[derive(Debug, Clone)]
+pub enum TokenizeInput {
+    /// `prompt`, with `add_special_tokens` (default true).
+    Prompt {
+        /// The text.
+        text: String,
+        /// Add BOS/EOS as the tokenizer does.
+        add_special_tokens: bool,
+    },
+    /// Chat `messages`, rendered with the template.
+    Messages {
+        /// The conversation.
+        messages: Vec<graft_data::Message>,
+        /// Append the assistant header (default true).
+        add_generation_prompt: bool,
+    },
+}
+
+/// `POST /tokenize` (vLLM).
+#[derive(Debug, Clone)]
+pub struct TokenizeRequest {
+    /// `model` (`None`: the base model).
+    pub model: Option<String>,
+    /// The text or conversation.
+    pub input: TokenizeInput,
+}
+
+impl FromBody for TokenizeRequest {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        let model = opt_string(obj, "model")?;
+        let input = if field(obj, "messages").is_some() {
+            TokenizeInput::Messages {
+                messages: parse_messages(obj)?,
+                add_generation_prompt: opt_bool(obj, "add_generation_prompt")?.unwrap_or(true),
+            }
+        } else {
+            let text = opt_string(obj, "prompt")?
+                .ok_or_else(|| ApiError::invalid("prompt", "`prompt` or `messages` is required"))?;
+            TokenizeInput::Prompt {
+                text,
+                add_special_tokens: opt_bool(obj, "add_special_tokens")?.unwrap_or(true),
+            }
+        };
+        Ok(TokenizeRequest { model, input })
+    }
+}
+
+/// `POST /detokenize` (vLLM).
+#[derive(Debug, Clone)]
+pub struct DetokenizeRequest {
+    /// `model` (`None`: the base model).
+    pub model: Option<String>,
+    /// Token ids (checked against the vocabulary by the server).
+    pub tokens: Vec<u32>,
+}
+
+/// The error of a `tokens` field that is not a list of token ids.
+pub fn bad_tokens() -> ApiError {
+    ApiError::invalid("tokens", "`tokens` must be an array of token ids")
+}
+
+impl FromBody for DetokenizeRequest {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        let model = opt_string(obj, "model")?;
+        let tokens = field(obj, "tokens")
+            .and_then(Value::as_array)
+            .ok_or_else(bad_tokens)?
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&x| x <= u64::from(u32::MAX))
+                    .map(|x| x as u32)
+                    .ok_or_else(bad_tokens)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(DetokenizeRequest { model, tokens })
+    }
+}
+
+/// Loading an adapter: `POST /v1/adapters` (`name`, `path`) or vLLM's
+/// `POST /v1/load_lora_adapter` (`lora_name`, `lora_path`, see [`LoadLoraAdapterRequest`]).
+#[derive(Debug, Clone)]
+pub struct LoadAdapterRequest {
+    /// The name requests will use.
+    pub name: String,
+    /// The adapter directory (inside an adapter root).
+    pub path: String,
+    /// The body field holding the name (for errors).
+    pub name_field: &'static str,
+    /// The body field holding the path (for errors).
+    pub path_field: &'static str,
+}
+
+impl LoadAdapterRequest {
+    fn parse(obj: &Object, name_field: &'static str, path_field: &'static str) -> Result<Self, ApiError> {
+        Ok(LoadAdapterRequest {
+            name: req_string(obj, name_field)?,
+            path: req_string(obj, path_field)?,
+            name_field,
+            path_field,
+        })
+    }
+}
+
+impl FromBody for LoadAdapterRequest {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        LoadAdapterRequest::parse(obj, "name", "path")
+    }
+}
+
+/// vLLM's `POST /v1/load_lora_adapter` body (`lora_name`, `lora_path`).
+#[derive(Debug, Clone)]
+pub struct LoadLoraAdapterRequest(pub LoadAdapterRequest);
+
+impl FromBody for LoadLoraAdapterRequest {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        LoadAdapterRequest::parse(obj, "lora_name", "lora_path").map(LoadLoraAdapterRequest)
+    }
+}
+
+/// vLLM's `POST /v1/unload_lora_adapter` body (`lora_name`).
+#[derive(Debug, Clone)]
+pub struct UnloadLoraAdapterRequest {
+    /// The adapter to unload.
+    pub name: String,
+}
+
+impl FromBody for UnloadLoraAdapterRequest {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        Ok(UnloadLoraAdapterRequest {
+            name: req_string(obj, "lora_name")?,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -330,7 +738,33 @@ mod tests {
         let e = parse_messages(&obj(json!({"messages": []}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
         let e = parse_messages(&obj(json!({"messages": [{"content": "x"}]}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = parse_messages(&obj(json!({"messages": ["x"]}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0]"));
+    }
+
+    #[test]
+    fn tool_choice_none_disables_tool_call_parsing() {
+        let chat = |extra: Value| {
+            let mut o = obj(json!({"messages": [{"role": "user", "content": "hi"}]}));
+            o.extend(obj(extra));
+            ChatRequest::from_body(&o)
+        };
+        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+        assert!(chat(json!({"tools": tools})).unwrap().parses_tool_calls());
+        assert!(
+            chat(json!({"tools": tools, "tool_choice": "auto"}))
+                .unwrap()
+                .parses_tool_calls()
+        );
+        assert!(
+            !chat(json!({"tools": tools, "tool_choice": "none"}))
+                .unwrap()
+                .parses_tool_calls()
+        );
+        assert!(!chat(json!({"tool_choice": "auto"})).unwrap().parses_tool_calls());
+        let e = chat(json!({"tools": tools, "tool_choice": "required"})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tool_choice"));
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! token with its own sampler and sends it on the sequence's channel. A sequence ends on a stop
 //! token, at `max_tokens`, when its cancel flag is set (stop string seen by the HTTP layer) or
 //! when its receiver is dropped (client disconnected).
+//!
+//! Between steps the thread also answers [`Engine::ping`] (the `/health` check: a thread that
+//! died or is stuck in a step does not answer) and [`Engine::stop`].
 
 use crate::metrics::Metrics;
 use crate::registry::AdapterEntry;
@@ -133,15 +136,39 @@ impl SeqRequest {
 /// Why a submission was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The waiting queue is full.
+    /// The waiting queue is full (retry later).
     QueueFull,
+    /// The request has more sequences than the running batch and the queue can ever hold
+    /// together ([`Engine::max_request_sequences`]); retrying cannot help.
+    TooLarge,
     /// The engine thread has stopped.
     Stopped,
 }
 
+/// Why the engine did not answer a ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EngineDown {
+    /// The engine thread has exited (stopped, or died).
+    #[error("the engine thread has stopped")]
+    Stopped,
+    /// The engine thread did not answer within the timeout (stuck in a step).
+    #[error("the engine did not answer within {0:?}; it may be stuck")]
+    Unresponsive(std::time::Duration),
+}
+
+/// What the engine thread receives.
+enum Msg {
+    /// The sequences of one request.
+    Submit(Vec<SeqRequest>),
+    /// Answer as soon as the loop comes round.
+    Ping(tokio::sync::oneshot::Sender<()>),
+    /// Fail every sequence and exit.
+    Stop,
+}
+
 /// Handle to the engine thread.
 pub struct Engine {
-    tx: Mutex<mpsc::Sender<Vec<SeqRequest>>>,
+    tx: Mutex<mpsc::Sender<Msg>>,
     queued: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     config: EngineConfig,
@@ -182,10 +209,19 @@ impl Engine {
         &self.config
     }
 
+    /// The most sequences one request may have: a full batch plus a full queue (an idle
+    /// server admits that many at once).
+    pub fn max_request_sequences(&self) -> usize {
+        self.config.max_batch.max(1) + self.config.max_queue
+    }
+
     /// Queues the sequences of one request (all or none). Sequences that will find a free
     /// batch slot do not count against `max_queue`.
     pub fn submit(&self, seqs: Vec<SeqRequest>) -> Result<(), SubmitError> {
         let n = seqs.len();
+        if n > self.max_request_sequences() {
+            return Err(SubmitError::TooLarge);
+        }
         let before = self.queued.fetch_add(n, Ordering::SeqCst);
         let free = self
             .config
@@ -201,10 +237,31 @@ impl Engine {
             .queue_depth
             .store((before + n) as u64, Ordering::Relaxed);
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        tx.send(seqs).map_err(|_| {
+        tx.send(Msg::Submit(seqs)).map_err(|_| {
             self.queued.fetch_sub(n, Ordering::SeqCst);
             SubmitError::Stopped
         })
+    }
+
+    /// Waits up to `timeout` for the engine thread to answer (it answers between steps).
+    pub async fn ping(&self, timeout: std::time::Duration) -> Result<(), EngineDown> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Msg::Ping(tx))
+            .map_err(|_| EngineDown::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(EngineDown::Stopped),
+            Err(_) => Err(EngineDown::Unresponsive(timeout)),
+        }
+    }
+
+    /// Stops the engine thread after its current step: running and waiting sequences fail,
+    /// later submissions get [`SubmitError::Stopped`].
+    pub fn stop(&self) {
+        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(Msg::Stop);
     }
 
     /// Sequences waiting for a batch slot.
@@ -229,7 +286,7 @@ struct Active {
 struct Worker {
     model: Arc<Model<Cpu>>,
     config: EngineConfig,
-    rx: mpsc::Receiver<Vec<SeqRequest>>,
+    rx: mpsc::Receiver<Msg>,
     queued: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -267,13 +324,17 @@ impl Worker {
     fn run(&mut self) {
         loop {
             if self.active.is_empty() && self.waiting.is_empty() {
-                match self.rx.recv() {
-                    Ok(batch) => self.waiting.extend(batch),
-                    Err(_) => return,
+                let Ok(m) = self.rx.recv() else {
+                    return;
+                };
+                if !self.handle(m) {
+                    return;
                 }
             }
-            while let Ok(batch) = self.rx.try_recv() {
-                self.waiting.extend(batch);
+            while let Ok(m) = self.rx.try_recv() {
+                if !self.handle(m) {
+                    return;
+                }
             }
             self.drop_cancelled();
             self.admit();
@@ -281,6 +342,35 @@ impl Worker {
                 self.step();
             }
         }
+    }
+
+    /// Acts on one message; `false` when the thread should exit.
+    fn handle(&mut self, m: Msg) -> bool {
+        match m {
+            Msg::Submit(batch) => self.waiting.extend(batch),
+            Msg::Ping(answer) => {
+                let _ = answer.send(());
+            }
+            Msg::Stop => {
+                self.fail_all("the engine was stopped");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Fails every running and waiting sequence with `message`.
+    fn fail_all(&mut self, message: &str) {
+        self.queued.fetch_sub(self.waiting.len(), Ordering::SeqCst);
+        for req in self.waiting.drain(..).chain(self.active.drain(..).map(|a| a.req)) {
+            let _ = req.events.send(SeqEvent::Failed {
+                index: req.index,
+                message: message.to_string(),
+            });
+        }
+        self.running.store(0, Ordering::SeqCst);
+        self.metrics.active_sequences.store(0, Ordering::Relaxed);
+        self.metrics.queue_depth.store(0, Ordering::Relaxed);
     }
 
     fn drop_cancelled(&mut self) {
@@ -556,6 +646,53 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An engine handle whose thread is `rx`, held by the test.
+    fn handle_without_thread() -> (Engine, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel();
+        let engine = Engine {
+            tx: Mutex::new(tx),
+            queued: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(AtomicUsize::new(0)),
+            config: EngineConfig {
+                max_batch: 1,
+                max_queue: 0,
+                prefill_chunk: 1,
+                precision: Precision::Exact,
+                max_context: 8,
+                kv_budget_tokens: 8,
+            },
+            metrics: Arc::new(Metrics::new()),
+        };
+        (engine, rx)
+    }
+
+    #[test]
+    fn ping_tells_a_stuck_engine_from_a_stopped_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let t = std::time::Duration::from_millis(50);
+        let (engine, rx) = handle_without_thread();
+        // Nobody reads the channel: stuck.
+        assert_eq!(rt.block_on(engine.ping(t)), Err(EngineDown::Unresponsive(t)));
+        // A loop that answers (the stale ping first, then the new one).
+        let answering = std::thread::spawn(move || {
+            for _ in 0..2 {
+                if let Ok(Msg::Ping(a)) = rx.recv() {
+                    let _ = a.send(());
+                }
+            }
+        });
+        assert_eq!(
+            rt.block_on(engine.ping(std::time::Duration::from_secs(10))),
+            Ok(())
+        );
+        answering.join().unwrap();
+        // The receiver is gone: stopped.
+        assert_eq!(rt.block_on(engine.ping(t)), Err(EngineDown::Stopped));
+    }
 
     #[test]
     fn logprobs_are_normalised_and_sorted() {

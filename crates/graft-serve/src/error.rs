@@ -109,6 +109,75 @@ impl ApiError {
         }
     }
 
+    /// 400: a request of `sequences` sequences (`n` × prompts) can never fit: at most `limit`
+    /// run or wait at once.
+    pub fn too_many_sequences(param: &str, sequences: usize, limit: usize) -> ApiError {
+        ApiError::invalid(
+            param,
+            format!(
+                "This request asks for {sequences} sequences (`n` × number of prompts), but the server runs and queues at most {limit} at once (--max-batch + --max-queue); ask for at most {limit}."
+            ),
+        )
+        .with_code("too_many_sequences")
+    }
+
+    /// 405: the route exists but not for this method; `allowed` lists the methods it takes.
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> ApiError {
+        let hint = if allowed.is_empty() {
+            String::new()
+        } else {
+            format!("; use {allowed}")
+        };
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("Method {method} is not allowed on {path}{hint}."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("method_not_allowed"),
+            retry_after: None,
+        }
+    }
+
+    /// 413: the body is larger than the server accepts.
+    pub fn payload_too_large(limit: usize) -> ApiError {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("The request body is larger than this server's limit of {limit} bytes."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+            retry_after: None,
+        }
+    }
+
+    /// Any other error status, with `message`.
+    pub fn from_status(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind: if status.is_server_error() {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            },
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 503: the server cannot take requests now (engine down, shutting down).
+    pub fn unavailable(message: impl Into<String>, code: &'static str) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+
     /// 500 for an engine failure.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {

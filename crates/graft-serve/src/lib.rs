@@ -3,9 +3,15 @@
 //! * [`engine`] — the scheduler: continuous batching over [`graft_model::model::Model::forward_batch`],
 //!   rows of different adapters in one step, bounded queue, cancellation.
 //! * [`registry`] — adapters by name, loaded at startup or while serving, unloaded safely.
-//! * [`http`] — axum handlers for `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//!   `/v1/adapters`, `/health`, `/metrics`; [`api`] parses and validates request bodies and
-//!   [`error::ApiError`] turns every failure into an OpenAI error object.
+//! * [`http`] — the axum router with thin handlers for `/v1/chat/completions`,
+//!   `/v1/completions`, `/v1/models`, `/v1/adapters`, `/health`, `/metrics`; [`middleware`] —
+//!   API keys and request counting as layers; [`api`] parses and validates request bodies into
+//!   typed requests and [`error::ApiError`] turns every failure into an OpenAI error object.
+//! * [`service`] — what each endpoint does without HTTP (over the shared [`state::AppState`]);
+//!   [`response`] — assembling engine events into JSON responses and SSE chunks; [`tools`] —
+//!   tool-call parsing.
+//! * [`drain`] — graceful shutdown: 503 for new requests, a grace period, then open streams
+//!   end with an error event ([`serve`] returns how many were cut).
 //! * [`metrics`] — Prometheus text metrics; [`text`] — incremental detokenization, stop strings.
 //!
 //! ```no_run
@@ -20,20 +26,26 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod middleware;
 pub mod registry;
+pub mod response;
+pub mod service;
+pub mod state;
 pub mod text;
+pub mod tools;
 
 use engine::{Engine, EngineConfig};
 use graft_data::{ChatTemplate, Tokenizer};
 use graft_kernels::{Cpu, Precision};
 use graft_model::model::Model;
-use http::AppState;
 use metrics::Metrics;
 use registry::Registry;
+use state::AppState;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,10 +79,18 @@ pub struct ServeOptions {
     pub adapters_dir: Option<PathBuf>,
     /// Directories adapters may be loaded from while serving.
     pub adapter_roots: Vec<PathBuf>,
+    /// Largest request body accepted, in bytes (beyond: 413).
+    pub max_body_bytes: usize,
+    /// How long `/health` waits for the engine loop, which answers between steps (so this must
+    /// exceed the longest step, a prefill chunk); beyond, 503.
+    pub health_timeout: std::time::Duration,
+    /// After a shutdown signal, how long open requests may finish before they are cut.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl ServeOptions {
-    /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys.
+    /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys, 2 MiB bodies,
+    /// 5 s health timeout, 30 s shutdown grace.
     pub fn new(base_name: impl Into<String>) -> ServeOptions {
         ServeOptions {
             base_name: base_name.into(),
@@ -84,6 +104,9 @@ impl ServeOptions {
             kv_cache_tokens: None,
             adapters_dir: None,
             adapter_roots: Vec::new(),
+            max_body_bytes: 2 << 20,
+            health_timeout: std::time::Duration::from_secs(5),
+            shutdown_grace: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -154,6 +177,10 @@ pub fn build_state(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         next_id: AtomicU64::new(0),
+        max_body_bytes: options.max_body_bytes,
+        health_timeout: options.health_timeout,
+        drain: Arc::new(drain::Drain::new()),
+        shutdown_grace: options.shutdown_grace,
     }))
 }
 
@@ -165,15 +192,52 @@ fn available_memory_bytes() -> Option<usize> {
     Some(kb * 1024)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves.
+/// How a server shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShutdownReport {
+    /// Requests still open after the grace period, ended with an error.
+    pub cut: usize,
+}
+
+/// After the cut, how long connections get to deliver their final events.
+const AFTER_CUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains: new requests get 503,
+/// open requests get `state.shutdown_grace` to finish, and those still open are cut (a stream
+/// ends with an SSE error event, then `[DONE]`). Returns how many were cut.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+) -> std::io::Result<ShutdownReport> {
+    let drain = state.drain.clone();
+    let grace = state.shutdown_grace;
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        shutdown.await;
+        drain.begin();
+        if !drain.wait_idle(grace).await {
+            drain.cut_all();
+            drain.wait_idle(AFTER_CUT).await;
+        }
+        let _ = stopped_tx.send(());
+    };
+    let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(stop);
+    // A client that stops reading must not hold the process after the cut.
+    let give_up = async {
+        if stopped_rx.await.is_ok() {
+            tokio::time::sleep(AFTER_CUT).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r?,
+        () = give_up => {}
+    }
+    Ok(ShutdownReport {
+        cut: state.drain.cut_count(),
+    })
 }
 
 /// A server running on its own thread (tests, benchmarks, `graft chat`-style embedding).
@@ -183,22 +247,20 @@ pub struct RunningServer {
     /// The shared state (registry, metrics, engine).
     pub state: Arc<AppState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<ShutdownReport>>,
 }
 
 impl RunningServer {
-    /// Stops accepting connections and waits for the server thread.
-    pub fn stop(mut self) {
-        self.shutdown();
+    /// Shuts down as [`serve`] does (drain, grace period, cut) and waits for the server thread.
+    pub fn stop(mut self) -> ShutdownReport {
+        self.shutdown()
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self) -> ShutdownReport {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
     }
 }
 
@@ -221,10 +283,11 @@ pub fn spawn(state: Arc<AppState>, addr: &str) -> std::io::Result<RunningServer>
     let thread = std::thread::Builder::new()
         .name("graft-http".into())
         .spawn(move || {
-            let _ = rt.block_on(serve(listener, st, async {
+            let report = rt.block_on(serve(listener, st, async {
                 let _ = rx.await;
             }));
             rt.shutdown_background();
+            report.unwrap_or_default()
         })?;
     Ok(RunningServer {
         addr: local,

@@ -7,7 +7,7 @@
 use graft_kernels::Cpu;
 use graft_model::lora::Adapter;
 use graft_model::model::Model;
-use graft_model::peft::{LoraAdapterConfig, load_peft_adapter};
+use graft_model::peft::{LoraAdapter, LoraAdapterConfig, LoraModule, load_peft_adapter};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct AdapterEntry {
     /// The name requests use in `model`.
     pub name: String,
-    /// The directory it was loaded from (canonical).
+    /// The directory it was loaded from (canonical; never shown to clients).
     pub path: PathBuf,
     /// The device-side tensors.
     pub adapter: Adapter<Cpu>,
@@ -33,7 +33,7 @@ pub enum RegistryError {
     /// The name does not match `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$` or collides with the base.
     #[error("{0}")]
     InvalidName(String),
-    /// The path is not a directory inside a configured adapter root.
+    /// The path (or a file in it) is not inside a configured adapter root, or does not exist.
     #[error("{0}")]
     Forbidden(String),
     /// An adapter with this name is already loaded.
@@ -73,6 +73,30 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The files of a PEFT adapter directory that the loader reads.
+const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// Refuses weights that are NaN or infinite, naming the first such tensor by its PEFT key.
+fn check_finite(lora: &LoraAdapter) -> Result<(), String> {
+    for (layer, l) in lora.layers.iter().enumerate() {
+        for module in LoraModule::ALL {
+            let Some(pair) = l.get(module) else {
+                continue;
+            };
+            for (ab, values) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(format!(
+                        "tensor `base_model.model.{}.{ab}.weight` holds {} at element {i}; the adapter is corrupt or diverged in training",
+                        module.path(layer),
+                        values[i]
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -98,8 +122,15 @@ impl Registry {
         &self.roots
     }
 
+    /// Whether `canonical` (a canonical path) lies inside an adapter root.
+    fn inside_roots(&self, canonical: &Path) -> bool {
+        self.roots.iter().any(|r| canonical.starts_with(r))
+    }
+
     /// Resolves a requested path: relative paths are tried inside each root first, then as
-    /// given; the result must be a directory inside a root.
+    /// given; the result must be a directory inside a root. A path that does not exist and one
+    /// outside the roots get the same [`RegistryError::Forbidden`], so callers cannot probe
+    /// which server paths exist.
     pub fn resolve_path(&self, path: &str) -> Result<PathBuf, RegistryError> {
         if self.roots.is_empty() {
             return Err(RegistryError::Forbidden(
@@ -114,26 +145,47 @@ impl Registry {
         }
         candidates.push(p.to_path_buf());
         for c in candidates {
-            if let Ok(canon) = c.canonicalize() {
-                if !self.roots.iter().any(|r| canon.starts_with(r)) {
-                    return Err(RegistryError::Forbidden(format!(
-                        "adapter path `{path}` is outside the allowed adapter roots"
-                    )));
-                }
-                if !canon.is_dir() {
-                    return Err(RegistryError::Load(format!(
-                        "adapter path `{path}` is not a directory"
-                    )));
-                }
-                return Ok(canon);
+            let Ok(canon) = c.canonicalize() else {
+                continue;
+            };
+            if !self.inside_roots(&canon) {
+                continue;
             }
+            if !canon.is_dir() {
+                return Err(RegistryError::Load(format!(
+                    "adapter path `{path}` is not a directory"
+                )));
+            }
+            return Ok(canon);
         }
-        Err(RegistryError::Load(format!(
-            "adapter path `{path}` does not exist"
+        Err(RegistryError::Forbidden(format!(
+            "adapter path `{path}` is not an adapter directory inside the allowed adapter roots"
         )))
     }
 
-    /// Loads the PEFT adapter at `path` (resolved by [`Registry::resolve_path`]) as `name`.
+    /// Checks that every file the adapter loader reads from `dir` resolves (symlinks followed)
+    /// to a file inside the roots; `path` is the requested path, for the message.
+    fn check_files_inside_roots(&self, dir: &Path, path: &str) -> Result<(), RegistryError> {
+        for file in ADAPTER_FILES {
+            let f = dir.join(file);
+            let Ok(meta) = f.symlink_metadata() else {
+                continue; // missing: the loader says so
+            };
+            let inside = match f.canonicalize() {
+                Ok(canon) => self.inside_roots(&canon),
+                Err(_) => !meta.file_type().is_symlink(),
+            };
+            if !inside {
+                return Err(RegistryError::Forbidden(format!(
+                    "adapter file `{file}` of `{path}` resolves outside the allowed adapter roots"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the PEFT adapter at `path` (resolved by [`Registry::resolve_path`]) as `name`;
+    /// every file it reads must resolve inside the roots too.
     pub fn load(&self, name: &str, path: &str) -> Result<Arc<AdapterEntry>, RegistryError> {
         validate_name(name).map_err(RegistryError::InvalidName)?;
         if self.reserved.iter().any(|r| r == name) {
@@ -145,14 +197,22 @@ impl Registry {
             return Err(RegistryError::Exists(name.into()));
         }
         let dir = self.resolve_path(path)?;
-        self.load_dir(name, &dir)
+        self.check_files_inside_roots(&dir, path)?;
+        // Errors name files by the path the caller gave, not where they are on the server.
+        let server_dir = dir.display().to_string();
+        self.load_dir(name, &dir).map_err(|e| match e {
+            RegistryError::Load(m) => RegistryError::Load(m.replace(&server_dir, path)),
+            e => e,
+        })
     }
 
-    /// Loads `dir` as `name` without the root check (startup adapters from `--adapters`).
+    /// Loads `dir` as `name` without the root check (startup adapters from `--adapters`);
+    /// adapters with NaN or infinite weights are refused.
     pub fn load_dir(&self, name: &str, dir: &Path) -> Result<Arc<AdapterEntry>, RegistryError> {
         validate_name(name).map_err(RegistryError::InvalidName)?;
         let lora = load_peft_adapter(dir, &self.model.spec)
             .map_err(|e| RegistryError::Load(format!("cannot load adapter `{name}`: {e}")))?;
+        check_finite(&lora).map_err(|e| RegistryError::Load(format!("cannot load adapter `{name}`: {e}")))?;
         let entry = Arc::new(AdapterEntry {
             name: name.to_string(),
             path: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
@@ -243,6 +303,27 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_weights_name_the_tensor() {
+        let spec = graft_model::ModelSpec::from_config_json(&serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "vocab_size": 32, "max_position_embeddings": 64, "rms_norm_eps": 1e-5
+        }))
+        .unwrap();
+        let mut a = LoraAdapter::zeros(
+            LoraAdapterConfig::new(2, 4.0, &[LoraModule::Q, LoraModule::Down]),
+            &spec,
+        );
+        assert_eq!(check_finite(&a), Ok(()));
+        a.layers[1].get_mut(LoraModule::Down).as_mut().unwrap().a[1] = f32::NEG_INFINITY;
+        let e = check_finite(&a).unwrap_err();
+        assert!(
+            e.contains("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn names() {

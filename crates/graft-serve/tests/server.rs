@@ -801,3 +801,342 @@ fn kv_budget_makes_sequences_wait_instead_of_overcommitting() {
         "at most one sequence fits the budget, saw {seen_active}"
     );
 }
+
+#[test]
+fn chat_messages_need_content_and_a_known_role() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let user = json!({"role": "user", "content": "hi"});
+    for (messages, param) in [
+        (
+            json!([user, {"role": "assistant"}, {"role": "user", "content": "x"}]),
+            "messages[1].content",
+        ),
+        (
+            json!([{"role": "system", "content": "s"}, user, {"role": "user", "content": null}]),
+            "messages[2].content",
+        ),
+        (json!([{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+        (json!([{"content": "hi"}]), "messages[0].role"),
+        (json!([user, {"role": 7, "content": "hi"}]), "messages[1].role"),
+        (
+            json!([user, {"role": "assistant", "content": null, "tool_calls": []}]),
+            "messages[1].content",
+        ),
+    ] {
+        for path in ["/v1/chat/completions", "/tokenize"] {
+            let r = post(srv.addr, path, json!({"messages": messages, "max_tokens": 2}));
+            assert_eq!(r.status, 400, "{path} {messages}: {}", r.body);
+            let e = r.json();
+            assert_eq!(e["error"]["param"], param, "{e}");
+            assert_eq!(e["error"]["type"], "invalid_request_error");
+            assert!(e["error"]["message"].as_str().unwrap().contains(param), "{e}");
+        }
+    }
+    // An assistant turn that only calls tools has no content; a tool answers it.
+    let call = json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}});
+    let ok = json!([
+        user,
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "developer", "content": "be brief"},
+    ]);
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": ok, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn a_request_that_can_never_fit_the_queue_is_a_400() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.max_batch = 1;
+        o.max_queue = 2;
+    });
+    // 2 prompts × n = 2 = 4 sequences; at most 1 running + 2 waiting fit.
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": ["Once", "Lily"], "n": 2, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.header("retry-after").is_none());
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert_eq!(e["error"]["param"], "n");
+    assert!(e["error"]["message"].as_str().unwrap().contains('3'), "{e}");
+    let r = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "n": 4, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Three fit on an idle server.
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "Once", "n": 3, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Every string in `v`, recursively.
+fn strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+        Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn responses_show_no_server_paths_and_do_not_reveal_existence() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let addr = srv.addr;
+    let loaded = post(addr, "/v1/adapters", json!({"name": "c", "path": "c"}));
+    assert_eq!(loaded.status, 200, "{}", loaded.body);
+    let root = fx.root.canonicalize().unwrap().display().to_string();
+    let tmp = std::env::temp_dir().display().to_string();
+    for r in [
+        loaded,
+        call(addr, "GET", "/v1/models", None),
+        call(addr, "GET", "/v1/models/c", None),
+        call(addr, "GET", "/v1/adapters", None),
+    ] {
+        let v = r.json();
+        let mut all = Vec::new();
+        strings(&v, &mut all);
+        for s in all {
+            assert!(!s.contains(&root) && !s.contains(&tmp), "a server path in {v}");
+        }
+    }
+    let models = call(addr, "GET", "/v1/models", None).json();
+    for m in models["data"].as_array().unwrap() {
+        assert_eq!(m["root"], "stories", "{m}");
+    }
+    // A missing path and an existing one outside the roots get the same answer.
+    let answers: Vec<(u16, Value)> = ["/nonexistent/adapter", &fx.model_dir.display().to_string()]
+        .into_iter()
+        .map(|path| {
+            let r = post(addr, "/v1/adapters", json!({"name": "x", "path": path}));
+            let mut e = r.json();
+            let m = e["error"]["message"].as_str().unwrap().replace(path, "PATH");
+            e["error"]["message"] = json!(m);
+            (r.status, e)
+        })
+        .collect();
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, 403);
+    assert_eq!(answers[0].1["error"]["param"], "path");
+}
+
+#[test]
+fn adapter_files_outside_the_roots_and_non_finite_weights_are_refused() {
+    let Some(fx) = fixture() else { return };
+    let spare = fx.root.join("spare");
+    let outside = fx.root.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let spec = graft_model::weights::load_model(&fx.model_dir).unwrap().spec;
+    save_peft_adapter(&outside, &random_adapter(&spec, 5, &[LoraModule::Q]), None).unwrap();
+    // `e` links its weights, `f` its config, to files outside every root.
+    for (name, linked) in [("e", "adapter_model.safetensors"), ("f", "adapter_config.json")] {
+        let d = spare.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for file in ["adapter_model.safetensors", "adapter_config.json"] {
+            if file == linked {
+                std::os::unix::fs::symlink(outside.join(file), d.join(file)).unwrap();
+            } else {
+                std::fs::copy(outside.join(file), d.join(file)).unwrap();
+            }
+        }
+    }
+    // `g` has a NaN in one tensor, `h` an infinity.
+    for (name, bad) in [("g", f32::NAN), ("h", f32::INFINITY)] {
+        let mut a = random_adapter(&spec, 6, &[LoraModule::Q, LoraModule::V]);
+        a.layers[1].get_mut(LoraModule::V).as_mut().unwrap().b[3] = bad;
+        let d = spare.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        save_peft_adapter(&d, &a, None).unwrap();
+    }
+    let srv = start(&fx, |_| {});
+    for (name, linked) in [("e", "adapter_model.safetensors"), ("f", "adapter_config.json")] {
+        let r = post(srv.addr, "/v1/adapters", json!({"name": name, "path": name}));
+        assert_eq!(r.status, 403, "{name}: {}", r.body);
+        let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(m.contains(linked), "{m}");
+        assert!(!m.contains(&outside.display().to_string()), "{m}");
+    }
+    for name in ["g", "h"] {
+        let r = post(srv.addr, "/v1/adapters", json!({"name": name, "path": name}));
+        assert_eq!(r.status, 400, "{name}: {}", r.body);
+        let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            m.contains("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"),
+            "{m}"
+        );
+    }
+    let models = call(srv.addr, "GET", "/v1/models", None).json();
+    assert_eq!(models["data"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn tool_choice_is_auto_none_or_refused() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let req = |choice: Value| json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": tools, "tool_choice": choice});
+    for choice in [json!("auto"), json!("none")] {
+        let r = post(srv.addr, "/v1/chat/completions", req(choice));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "f"}}),
+        json!("sometimes"),
+        json!(3),
+    ] {
+        let r = post(srv.addr, "/v1/chat/completions", req(choice.clone()));
+        assert_eq!(r.status, 400, "{choice}: {}", r.body);
+        let e = r.json();
+        assert_eq!(e["error"]["param"], "tool_choice");
+        let m = e["error"]["message"].as_str().unwrap();
+        assert!(m.contains("auto") && m.contains("none"), "{m}");
+    }
+}
+
+#[test]
+fn wrong_methods_get_openai_errors() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    let r = call(srv.addr, "GET", "/v1/chat/completions", None);
+    assert_eq!(r.status, 405);
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("POST"),
+        "{e} {:?}",
+        r.headers
+    );
+    assert_eq!(call(srv.addr, "DELETE", "/v1/models", None).status, 405);
+}
+
+/// Sends a POST whose body is `len` bytes of JSON, with an optional API key.
+fn post_sized(addr: SocketAddr, path: &str, len: usize, auth: Option<&str>) -> Resp {
+    let text = format!("\"{}\"", "x".repeat(len.saturating_sub(12)));
+    let body = format!("{{\"prompt\":{text}}}");
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(k) = auth {
+        req.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).unwrap();
+    read_response(s)
+}
+
+#[test]
+fn oversized_bodies_are_checked_after_the_api_key_and_get_openai_errors() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.api_keys = vec!["sk-test".into()];
+        o.max_body_bytes = 1024;
+    });
+    let r = post_sized(srv.addr, "/v1/completions", 4000, None);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let r = post_sized(srv.addr, "/v1/completions", 4000, Some("sk-test"));
+    assert_eq!(r.status, 413, "{}", r.body);
+    let e = r.json();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(e["error"]["message"].as_str().unwrap().contains("1024"), "{e}");
+    let r = post_sized(srv.addr, "/v1/completions", 600, Some("sk-test"));
+    assert_ne!(r.status, 413, "{}", r.body);
+}
+
+#[test]
+fn health_reports_a_stopped_engine() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |_| {});
+    assert_eq!(call(srv.addr, "GET", "/health", None).status, 200);
+    srv.state.engine.stop();
+    let h = call(srv.addr, "GET", "/health", None);
+    assert_eq!(h.status, 503, "{}", h.body);
+    let e = h.json();
+    assert_eq!(e["error"]["code"], "engine_unavailable");
+    assert!(e["error"]["message"].as_str().unwrap().contains("engine"), "{e}");
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+}
+
+#[test]
+fn shutdown_drains_then_cuts_open_requests_with_an_error() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| {
+        o.shutdown_grace = Duration::from_secs(1);
+        o.max_context = Some(16384);
+    });
+    let addr = srv.addr;
+    let long = json!({"prompt": "Once", "max_tokens": 16000, "ignore_eos": true, "temperature": 0});
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    let mut s = send_request(addr, "POST", "/v1/completions", Some(&streamed), None);
+    read_until_first_token(&mut s);
+    let collected = send_request(addr, "POST", "/v1/completions", Some(&long), None);
+    wait_for(
+        || metric(addr, "graft_active_sequences") == 2.0,
+        "both requests to run",
+    );
+    let t0 = Instant::now();
+    let stopping = std::thread::spawn(move || srv.stop());
+    // Draining: new requests get 503 with an error object.
+    wait_for(
+        || call(addr, "GET", "/health", None).status == 503,
+        "the drain to begin",
+    );
+    let r = post(addr, "/v1/completions", json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "server_shutting_down");
+    // After the grace period the stream ends with an error event, then [DONE].
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    let err = rest.find("\"server_shutting_down\"").expect("an error event");
+    let done = rest.rfind("[DONE]").expect("[DONE]");
+    assert!(err < done, "{rest}");
+    let r = read_response(collected);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "server_shutting_down");
+    let report = stopping.join().unwrap();
+    assert_eq!(report.cut, 2);
+    assert!(t0.elapsed() >= Duration::from_secs(1));
+}
+
+#[test]
+fn shutdown_lets_requests_finish_within_the_grace_period() {
+    let Some(fx) = fixture() else { return };
+    let srv = start(&fx, |o| o.shutdown_grace = Duration::from_secs(30));
+    let addr = srv.addr;
+    let body = json!({"prompt": "Once", "max_tokens": 200, "ignore_eos": true, "stream": true});
+    let mut s = send_request(addr, "POST", "/v1/completions", Some(&body), None);
+    read_until_first_token(&mut s);
+    let t0 = Instant::now();
+    let report = srv.stop();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    assert!(!rest.contains("\"error\""), "{rest}");
+    assert_eq!(report.cut, 0);
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}

@@ -61,6 +61,20 @@ pub struct ServeArgs {
     /// default is bf16 weights and products (equal to `graft generate --fast`).
     #[arg(long)]
     exact: bool,
+    /// After SIGTERM / Ctrl-C: seconds open requests may run on (new requests get 503);
+    /// those still open are then ended with an error event and graft exits non-zero. A
+    /// second signal cuts them at once.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    shutdown_grace: f64,
+    /// Seconds /health waits for the engine loop (answered between engine steps) before 503.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    health_timeout: f64,
+}
+
+/// Seconds from a flag as a duration; errors name the flag.
+fn seconds(flag: &str, secs: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(secs)
+        .map_err(|_| anyhow::anyhow!("--{flag} {secs}: expected a number of seconds ≥ 0"))
 }
 
 /// The name a model path is served under by default.
@@ -132,6 +146,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     options.kv_cache_tokens = args.kv_cache_tokens;
     options.adapters_dir = args.adapters.clone();
     options.adapter_roots = args.adapter_roots.clone();
+    options.shutdown_grace = seconds("shutdown-grace", args.shutdown_grace)?;
+    options.health_timeout = seconds("health-timeout", args.health_timeout)?;
     if let Some(d) = &args.adapters
         && !d.is_dir()
     {
@@ -159,11 +175,34 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 " (no chat template: /v1/chat/completions is refused)"
             }
         );
-        graft_serve::serve(listener, state, shutdown_signal()).await?;
+        let drain = state.drain.clone();
+        let grace = options.shutdown_grace;
+        let signal = async move {
+            shutdown_signal().await;
+            eprintln!(
+                "graft serve: shutting down: open requests have {} s to finish, new ones get 503 (signal again to cut them now)",
+                grace.as_secs_f64()
+            );
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                eprintln!("graft serve: second signal: cutting open requests");
+                drain.cut_all();
+            });
+        };
+        let report = graft_serve::serve(listener, state, signal).await?;
+        if report.cut > 0 {
+            bail!(
+                "shut down with {} request(s) still open: they were ended with an error after the {} s grace period (--shutdown-grace)",
+                report.cut,
+                grace.as_secs_f64()
+            );
+        }
+        eprintln!("graft serve: every open request finished; stopped");
         Ok(())
     })
 }
 
+/// Resolves on Ctrl-C or (Unix) SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -185,9 +224,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await;
-    eprintln!("graft serve: shutting down (waiting up to 10 s for open requests)");
-    std::thread::spawn(|| {
-        std::thread::sleep(std::time::Duration::from_secs(10));
-        std::process::exit(0);
-    });
 }
