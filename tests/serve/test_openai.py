@@ -100,7 +100,7 @@ def test_two_adapters_and_base_concurrently(client):
 
 
 def generate(*args):
-    out = subprocess.run([BIN, "generate", "--model", os.path.join(FIXTURE, "model"), "--fast", *args],
+    out = subprocess.run([BIN, "generate", "--model", os.path.join(FIXTURE, "model"), *args],
                          check=True, capture_output=True, text=True).stdout
     return out[:-1] if out.endswith("\n") else out
 

@@ -168,11 +168,8 @@ fn submit(
         for j in 0..params.n {
             let index = pi * params.n + j;
             let cancel = Arc::new(AtomicBool::new(false));
-            let mut decoder = IncrementalDecoder::new(params.skip_special_tokens);
-            // Prime with the prompt so the first generated token decodes as it does after it.
-            for &id in p.iter() {
-                decoder.step(&st.tokenizer, id);
-            }
+            // The completion is what the new ids add to the prompt's text (leading space kept).
+            let decoder = IncrementalDecoder::after(&st.tokenizer, p, params.skip_special_tokens);
             let mut sampling = params.sampling;
             sampling.seed = base_seed.wrapping_add(index as u64);
             let room = max_context - p.len();

@@ -57,8 +57,8 @@ pub struct ServeArgs {
     /// prompt + max_tokens; others wait). Default: half the memory available at startup.
     #[arg(long)]
     kv_cache_tokens: Option<usize>,
-    /// Exact f32 weights and matrix products (greedy output equals `graft generate`);
-    /// default is bf16 weights and products (equal to `graft generate --fast`).
+    /// Exact f32 weights and matrix products (greedy output equals `graft generate --exact`);
+    /// default is bf16 weights and products (equal to `graft generate`).
     #[arg(long)]
     exact: bool,
     /// After SIGTERM / Ctrl-C: seconds open requests may run on (new requests get 503);
