@@ -12,10 +12,10 @@ use crate::cpu::matmul::{self, Precision, Weight};
 use crate::cpu::rope::RopeTable;
 use crate::cpu::{elementwise, norm, rope};
 
-/// Gradient request of [`Backend::lm_head_cross_entropy`]: `(grad_scale, d_hidden, d_head)` —
-/// the multiplier of the summed loss, the hidden-state gradient (overwritten) and, when the head
-/// is trained, its gradient (accumulated).
-pub type HeadGrads<'a, Buf> = (f32, &'a mut Buf, Option<&'a mut Buf>);
+/// Gradient request of [`Backend::lm_head_cross_entropy`]: `(d_logp, d_hidden, d_head)` — the
+/// objective's derivative w.r.t. each token's target log-prob (host slice, one per token), the
+/// hidden-state gradient (overwritten) and, when the head is trained, its gradient (accumulated).
+pub type HeadGrads<'a, Buf> = (&'a [f32], &'a mut Buf, Option<&'a mut Buf>);
 
 /// The numeric op set of the decoder, forward and backward.
 ///
@@ -480,8 +480,8 @@ impl Backend for Cpu {
         p: Precision,
     ) -> CrossEntropyOutput {
         let _p = crate::profile::scope("lm_head_cross_entropy");
-        let grads = grads.map(|(grad_scale, d_hidden, d_head)| CrossEntropyGrads {
-            grad_scale,
+        let grads = grads.map(|(d_logp, d_hidden, d_head)| CrossEntropyGrads {
+            d_logp,
             d_hidden: d_hidden.as_mut_slice(),
             d_head: d_head.map(|v| v.as_mut_slice()),
         });

@@ -1,9 +1,12 @@
 //! The training step: forward and backward of the whole decoder over one packed micro-batch,
 //! written out op by op (llm.c-style). Backward mirrors forward line by line.
 //!
-//! Loss = `grad_scale · Σ_{trained tokens} −log p(target)`; the caller passes
-//! `grad_scale = 1 / (trained tokens of the whole optimizer step)` so gradient accumulation over
-//! micro-batches is a token-level mean, not a mean of means.
+//! The objective is a function of the per-token log-probs `log p(target_t)`; backward takes its
+//! derivative `d_logp[t] = ∂L/∂ log p(target_t)` per token (see `graft_train::objective` for the
+//! normalisation convention). SFT's summed token loss is `d_logp = −1` on every trained token
+//! ([`Model::forward_backward`] with `grad_scale = 1`); an objective whose `d_logp` depends on the
+//! log-probs (DPO) runs [`Model::forward_for_backward`], computes `d_logp` from the returned
+//! log-probs, then [`Model::backward`].
 //!
 //! With activation checkpointing each layer keeps only its input and is recomputed during
 //! backward; without, it keeps what backward needs (norm outputs are always recomputed from the
@@ -83,6 +86,9 @@ pub struct TrainOptions {
     pub dropout_seed: u64,
     /// LoRA dropout probability.
     pub lora_dropout: f32,
+    /// Run the base weights alone, as if no adapter were attached (forward only: a preference
+    /// objective's reference under LoRA costs no second copy of the model).
+    pub without_adapters: bool,
 }
 
 /// Result of a forward (and backward) pass.
@@ -205,6 +211,16 @@ struct LayerActs<B: Backend> {
     xa: [Option<B::Buf>; 7],
 }
 
+/// A training forward waiting for its objective's `d_logp` (see [`Model::forward_for_backward`]):
+/// the activations backward needs.
+pub struct PendingBackward<B: Backend> {
+    x: B::Buf,
+    acts: Vec<LayerActs<B>>,
+    xf: B::Buf,
+    rstdf: B::Buf,
+    opts: TrainOptions,
+}
+
 /// Per-call context shared by the layer functions.
 struct Ctx<'a, B: Backend> {
     t: usize,
@@ -259,8 +275,6 @@ impl<B: Backend> Model<B> {
     pub fn forward_logprobs(&self, batch: &Batch, precision: Precision) -> ForwardOutput {
         self.run(
             batch,
-            None,
-            0.0,
             TrainOptions {
                 precision,
                 ..Default::default()
@@ -268,7 +282,13 @@ impl<B: Backend> Model<B> {
         )
     }
 
-    /// Forward and backward: accumulates `grad_scale · ∂(Σ loss)/∂θ` into `grads`.
+    /// Forward only with the given options (e.g. `without_adapters` for a reference pass).
+    pub fn forward_logprobs_with(&self, batch: &Batch, opts: TrainOptions) -> ForwardOutput {
+        self.run(batch, opts)
+    }
+
+    /// Forward and backward of the summed token loss: accumulates
+    /// `grad_scale · ∂(Σ −log p(target))/∂θ` into `grads` (`d_logp = −grad_scale` per token).
     pub fn forward_backward(
         &self,
         batch: &Batch,
@@ -276,7 +296,50 @@ impl<B: Backend> Model<B> {
         grad_scale: f32,
         opts: TrainOptions,
     ) -> ForwardOutput {
-        self.run(batch, Some(grads), grad_scale, opts)
+        let d_logp = vec![-grad_scale; batch.len()];
+        self.forward_backward_weighted(batch, grads, &d_logp, opts)
+    }
+
+    /// Forward and backward of an objective whose per-token derivative `d_logp` is known before
+    /// the forward: accumulates `Σ_t d_logp[t] · ∂ log p(target_t)/∂θ` into `grads` in one pass.
+    pub fn forward_backward_weighted(
+        &self,
+        batch: &Batch,
+        grads: &mut Grads<B>,
+        d_logp: &[f32],
+        opts: TrainOptions,
+    ) -> ForwardOutput {
+        let pending = self.forward_trunk(batch, opts);
+        self.head_and_backward(batch, pending, grads, d_logp)
+    }
+
+    /// The first half of a training step whose `d_logp` depends on the log-probs: forward with
+    /// every activation backward needs kept, and the per-token log-probs.
+    pub fn forward_for_backward(
+        &self,
+        batch: &Batch,
+        opts: TrainOptions,
+    ) -> (ForwardOutput, PendingBackward<B>) {
+        let pending = self.forward_trunk(batch, opts);
+        let ce = self.backend.lm_head_cross_entropy(
+            &pending.xf,
+            self.head(),
+            &batch.targets,
+            None,
+            opts.precision,
+        );
+        let out = ForwardOutput {
+            loss_sum: ce.loss_sum,
+            num_trained: ce.num_trained,
+            logprobs: ce.logprobs,
+        };
+        (out, pending)
+    }
+
+    /// The second half: accumulates `Σ_t d_logp[t] · ∂ log p(target_t)/∂θ` into `grads` (the LM
+    /// head's forward is recomputed chunk by chunk; the rest comes from `pending`).
+    pub fn backward(&self, batch: &Batch, pending: PendingBackward<B>, grads: &mut Grads<B>, d_logp: &[f32]) {
+        self.head_and_backward(batch, pending, grads, d_logp);
     }
 
     /// Full logits `[tokens, vocab]` of a batch (small models and tests only).
@@ -332,34 +395,79 @@ impl<B: Backend> Model<B> {
         (x, acts)
     }
 
-    fn run(
-        &self,
-        batch: &Batch,
-        grads: Option<&mut Grads<B>>,
-        grad_scale: f32,
-        opts: TrainOptions,
-    ) -> ForwardOutput {
+    fn run(&self, batch: &Batch, opts: TrainOptions) -> ForwardOutput {
         let b = &self.backend;
         let (t, hd) = (batch.len(), self.spec.hidden_size);
-        let eps = self.spec.rms_norm_eps;
+        self.check_positions(batch);
+        let (x, _) = self.trunk_forward(batch, false, opts);
+        let mut xf = b.zeros(t * hd);
+        let mut rstdf = b.zeros(t);
+        b.rmsnorm_forward(
+            &mut xf,
+            &mut rstdf,
+            &x,
+            &self.final_norm,
+            hd,
+            self.spec.rms_norm_eps,
+        );
+        let ce = b.lm_head_cross_entropy(&xf, self.head(), &batch.targets, None, opts.precision);
+        ForwardOutput {
+            loss_sum: ce.loss_sum,
+            num_trained: ce.num_trained,
+            logprobs: ce.logprobs,
+        }
+    }
+
+    fn check_positions(&self, batch: &Batch) {
         let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
         assert!(
             max_pos < self.spec.max_position_embeddings.max(1),
             "position {max_pos} beyond the RoPE table; call ensure_positions"
         );
-        let training = grads.is_some();
-        let (x, mut acts) = self.trunk_forward(batch, training, opts);
+    }
+
+    /// Trunk forward keeping what backward needs, and the final norm.
+    fn forward_trunk(&self, batch: &Batch, opts: TrainOptions) -> PendingBackward<B> {
+        let b = &self.backend;
+        let (t, hd) = (batch.len(), self.spec.hidden_size);
+        self.check_positions(batch);
+        let (x, acts) = self.trunk_forward(batch, true, opts);
         let mut xf = b.zeros(t * hd);
         let mut rstdf = b.zeros(t);
-        b.rmsnorm_forward(&mut xf, &mut rstdf, &x, &self.final_norm, hd, eps);
-        let Some(grads) = grads else {
-            let ce = b.lm_head_cross_entropy(&xf, self.head(), &batch.targets, None, opts.precision);
-            return ForwardOutput {
-                loss_sum: ce.loss_sum,
-                num_trained: ce.num_trained,
-                logprobs: ce.logprobs,
-            };
-        };
+        b.rmsnorm_forward(
+            &mut xf,
+            &mut rstdf,
+            &x,
+            &self.final_norm,
+            hd,
+            self.spec.rms_norm_eps,
+        );
+        PendingBackward {
+            x,
+            acts,
+            xf,
+            rstdf,
+            opts,
+        }
+    }
+
+    /// The LM head with gradients (fused with its forward), then the trunk's backward.
+    fn head_and_backward(
+        &self,
+        batch: &Batch,
+        pending: PendingBackward<B>,
+        grads: &mut Grads<B>,
+        d_logp: &[f32],
+    ) -> ForwardOutput {
+        let b = &self.backend;
+        let (t, hd) = (batch.len(), self.spec.hidden_size);
+        let PendingBackward {
+            x,
+            mut acts,
+            xf,
+            rstdf,
+            opts,
+        } = pending;
         let mut dxf = b.zeros(t * hd);
         let d_head = if self.lm_head.is_some() {
             grads.lm_head.as_mut()
@@ -370,7 +478,7 @@ impl<B: Backend> Model<B> {
             &xf,
             self.head(),
             &batch.targets,
-            Some((grad_scale, &mut dxf, d_head)),
+            Some((d_logp, &mut dxf, d_head)),
             opts.precision,
         );
         drop(xf);
@@ -436,24 +544,27 @@ impl<B: Backend> Model<B> {
         if let Some(bias) = &lin.bias {
             b.add_bias(&mut y, bias);
         }
-        let xa = layer.lora[i].as_ref().map(|m| {
-            let mut xa = b.zeros(t * m.r);
-            if ctx.opts.lora_dropout > 0.0 {
-                let mut xd = b.zeros(t * lin.inp);
-                b.dropout(
-                    &mut xd,
-                    x,
-                    ctx.opts.lora_dropout,
-                    dropout_seed(ctx.opts.dropout_seed, l, i),
-                );
-                b.linear_forward(&mut xa, &xd, &m.a, t, false, ctx.opts.precision);
-            } else {
-                b.linear_forward(&mut xa, x, &m.a, t, false, ctx.opts.precision);
-            }
-            b.scale(&mut xa, m.scale);
-            b.linear_forward(&mut y, &xa, &m.b, t, true, ctx.opts.precision);
-            xa
-        });
+        let xa = layer.lora[i]
+            .as_ref()
+            .filter(|_| !ctx.opts.without_adapters)
+            .map(|m| {
+                let mut xa = b.zeros(t * m.r);
+                if ctx.opts.lora_dropout > 0.0 {
+                    let mut xd = b.zeros(t * lin.inp);
+                    b.dropout(
+                        &mut xd,
+                        x,
+                        ctx.opts.lora_dropout,
+                        dropout_seed(ctx.opts.dropout_seed, l, i),
+                    );
+                    b.linear_forward(&mut xa, &xd, &m.a, t, false, ctx.opts.precision);
+                } else {
+                    b.linear_forward(&mut xa, x, &m.a, t, false, ctx.opts.precision);
+                }
+                b.scale(&mut xa, m.scale);
+                b.linear_forward(&mut y, &xa, &m.b, t, true, ctx.opts.precision);
+                xa
+            });
         (y, xa)
     }
 

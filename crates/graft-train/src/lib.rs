@@ -9,6 +9,8 @@
 //! # Modules
 //! - [`config`]: [`TrainConfig`](config::TrainConfig), the TOML file behind `graft train CONFIG.toml`,
 //!   with `--set key=value` overrides, defaults, validation and "did you mean" errors.
+//! - [`objective`]: what a step minimises, from per-token log-probs — [`objective::sft`] and
+//!   [`objective::dpo`] (every TRL loss type) — and the one normalisation convention.
 //! - [`optim`]: AdamW (as `torch.optim.AdamW`), global-norm gradient clipping, non-finite checks.
 //! - [`schedule`]: learning-rate schedules as in transformers (cosine / linear / constant with
 //!   warmup, optional floor).
@@ -28,8 +30,8 @@
 //! sched = LrSchedule::from_config(&cfg.schedule, cfg.optimizer.lr, total_steps)
 //! opt = AdamW::new((&cfg.optimizer).into())        or AdamW::read_state_file(..) on resume
 //! per step:
-//!   micro-batches -> engine accumulates summed-loss gradients
-//!   scale_grads(grads, 1 / trained_tokens_of_step)
+//!   micro-batches -> objective.forward_backward: summed-loss gradients, in its units
+//!   scale_grads(grads, 1 / units_of_step)                    tokens (SFT), pairs (DPO)
 //!   norm = clip_grad_norm(grads, cfg.batch.max_grad_norm)   non-finite: stop, keep last checkpoint
 //!   opt.step(params, sched.lr_at(step))?
 //!   MetricsWriter::append(record)                  every train.log_every steps
@@ -53,6 +55,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod metrics;
+pub mod objective;
 pub mod optim;
 pub mod plan;
 pub mod report;

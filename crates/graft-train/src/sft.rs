@@ -1,6 +1,7 @@
-//! The supervised fine-tuning loop: config → model + tokenizer → tokenized, packed data →
-//! forward/backward per micro-batch → token-normalised gradients → clip → AdamW → checkpoints,
-//! metrics, eval → PEFT adapter (or full model) and run report.
+//! The training run: config → model + tokenizer → tokenized, packed data → the objective's
+//! forward/backward per micro-batch ([`crate::objective`]; SFT today) → gradients divided by the
+//! step's units → clip → AdamW → checkpoints, metrics, eval → PEFT adapter (or full model) and run
+//! report. The loop knows no loss: it sums the objective's [`Contribution`]s.
 //!
 //! Exact resume: everything a step depends on is a function of the checkpoint — trainable
 //! weights, optimizer moments, step, data position (epoch + batch index of a packing that is a
@@ -12,6 +13,8 @@ use crate::checkpoint::{
 };
 use crate::config::{DataFormat, MaskPolicy, MicroBatch, Precision as CfgPrecision, TrainConfig, Truncation};
 use crate::metrics::{MetricsRecord, MetricsWriter, read_metrics, truncate_after};
+use crate::objective::sft::Sft;
+use crate::objective::{Contribution, Objective};
 use crate::optim::{
     AdamW, AdamWHyper, Param, clip_grad_norm, decays_by_default, find_non_finite, scale_grads,
 };
@@ -411,15 +414,22 @@ pub fn eta_seconds(steps_left: u64, steps_done: u64, elapsed_s: f64) -> f64 {
     steps_left as f64 * elapsed_s / (steps_done as f64).max(1.0)
 }
 
-/// Mean loss over `batches` (forward only).
-pub fn evaluate(model: &Model<Cpu>, batches: &[Batch], precision: Precision) -> Option<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
+/// The objective's mean loss over `batches` (forward only).
+pub fn evaluate<O: Objective>(
+    objective: &O,
+    model: &Model<Cpu>,
+    batches: &[O::Batch],
+    precision: Precision,
+) -> Option<f64> {
+    let opts = TrainOptions {
+        precision,
+        ..Default::default()
+    };
+    let mut total = Contribution::default();
     for b in batches {
-        let out = model.forward_logprobs(b, precision);
-        sum += out.loss_sum;
-        n += out.num_trained;
+        total.add(&objective.evaluate(model, b, opts));
     }
-    (n > 0).then(|| sum / n as f64)
+    total.mean_loss()
 }
 
 /// Runs (or, with `resume`, continues) a fine-tuning run.
@@ -617,10 +627,12 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         eprintln!("warning: {w}");
     }
 
+    let mut objective = Sft;
     let tty = std::io::stderr().is_terminal();
     let mut interrupted = false;
     let mut last_eval = None;
-    let (mut window_loss, mut window_tokens, mut window_time) = (0.0f64, 0usize, 0.0f64);
+    let (mut window_loss, mut window_units, mut window_tokens, mut window_time) =
+        (0.0f64, 0.0f64, 0usize, 0.0f64);
     let session_start_tokens = state.tokens_seen;
     let session_start_step = state.step;
     let mut zero_grad_steps = 0u64;
@@ -629,7 +641,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     while state.step < total_steps {
         let t0 = Instant::now();
         grads.zero(&model.backend);
-        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        let mut step_sum = Contribution::default();
         for micro in 0..accum {
             let pos = &mut state.data_position;
             let batch = loop {
@@ -653,17 +665,18 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
                 dropout_seed: cfg.train.seed
                     ^ (state.step << 16 | micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 lora_dropout: lora.as_ref().map_or(0.0, |l| l.dropout),
+                without_adapters: false,
             };
-            let out = model.forward_backward(batch, &mut grads, 1.0, opts);
-            loss_sum += out.loss_sum;
-            tokens += out.num_trained;
+            step_sum.add(&objective.forward_backward(&model, batch, &mut grads, opts));
         }
-        let loss = loss_sum / tokens.max(1) as f64;
+        // The objective's convention: sums over its units, divided by the step's units here.
+        let (loss_sum, units, tokens) = (step_sum.loss_sum, step_sum.units.max(1.0), step_sum.tokens);
+        let loss = loss_sum / units;
         let mut gl: Vec<(String, &mut Vec<f32>)> = Vec::new();
         grads.for_each_mut(|n, g| gl.push((n, g)));
         {
             let mut slices: Vec<&mut [f32]> = gl.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
-            scale_grads(&mut slices, 1.0 / tokens.max(1) as f32);
+            scale_grads(&mut slices, 1.0 / units as f32);
         }
         if !loss.is_finite() || find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice()))).is_some()
         {
@@ -723,6 +736,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         state.last_loss = Some(loss);
         let dt = t0.elapsed().as_secs_f64();
         window_loss += loss_sum;
+        window_units += units;
         window_tokens += tokens;
         window_time += dt;
         state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
@@ -746,7 +760,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             && (state.step == total_steps
                 || (cfg.train.eval_every > 0 && state.step.is_multiple_of(cfg.train.eval_every)));
         let eval_loss = if do_eval {
-            evaluate(&model, &eval_batches, precision)
+            evaluate(&objective, &model, &eval_batches, precision)
         } else {
             None
         };
@@ -771,7 +785,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             metrics
                 .append(&MetricsRecord {
                     step: state.step,
-                    loss: Some(window_loss / window_tokens.max(1) as f64),
+                    loss: Some(window_loss / window_units.max(1.0)),
                     lr: Some(lr),
                     grad_norm: Some(grad_norm),
                     tokens_per_s: Some(window_tokens as f64 / window_time.max(1e-9)),
@@ -784,7 +798,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
                     elapsed_s: state.elapsed_s,
                 })
                 .map_err(err)?;
-            (window_loss, window_tokens, window_time) = (0.0, 0, 0.0);
+            (window_loss, window_units, window_tokens, window_time) = (0.0, 0.0, 0, 0.0);
         }
         let stop_now = stop.is_set();
         if stop_now

@@ -1,8 +1,10 @@
 //! The language-model head fused with cross-entropy, chunked over tokens so the full
 //! `[tokens × vocab]` logits matrix never exists. Only tokens with a target (`target >= 0`) are
 //! computed at all. One pass yields the summed loss, per-token log-probabilities (for DPO, KTO and
-//! GRPO) and, when asked, the gradients of `grad_scale · Σ loss` w.r.t. the hidden states and the
-//! head weight.
+//! GRPO) and, when asked, the gradients of an objective `L` w.r.t. the hidden states and the head
+//! weight, given `∂L/∂ log p(target_t)` per token (`d_logp`; SFT's mean token loss over `N` tokens
+//! is `d_logp = −1/N` on every trained token). An objective whose `d_logp` depends on the
+//! log-probs (DPO) calls this twice: once without gradients for the log-probs, then with them.
 
 use super::gemm_bf16::{MatData, MatRef, PackedB, gemm_bf16_packed};
 use super::math::{exp_sub_sum, row_max, scale_row};
@@ -27,8 +29,8 @@ pub struct CrossEntropyOutput {
 
 /// Gradient outputs requested from [`lm_head_cross_entropy`].
 pub struct CrossEntropyGrads<'a> {
-    /// Multiplier of the summed loss (e.g. `1 / trained tokens of the whole step`).
-    pub grad_scale: f32,
+    /// `∂L/∂ log p(target_t)` per token (`[tokens]`; ignored where the target is ignored).
+    pub d_logp: &'a [f32],
     /// `[tokens, hidden]`, overwritten (zero rows for ignored tokens).
     pub d_hidden: &'a mut [f32],
     /// `[vocab, hidden]`, accumulated into when the head is trained.
@@ -52,6 +54,9 @@ pub fn lm_head_cross_entropy(
     let (vocab, dim) = (head.rows, head.cols);
     let t = targets.len();
     assert_eq!(hidden.len(), t * dim);
+    if let Some(g) = &grads {
+        assert_eq!(g.d_logp.len(), t, "one d_logp per token");
+    }
     let rows: Vec<usize> = (0..t).filter(|&i| targets[i] >= 0).collect();
     let mut logprobs = vec![0.0f32; t];
     let mut loss_sum = 0.0f64;
@@ -106,7 +111,7 @@ pub fn lm_head_cross_entropy(
             ),
             None => linear_forward(logits, h, head, c, false, precision),
         }
-        let scale = grads.as_ref().map(|g| g.grad_scale);
+        let d_logp = grads.as_ref().map(|g| g.d_logp);
         let lp: Vec<f32> = logits
             .par_chunks_mut(vocab)
             .zip(chunk.par_iter())
@@ -116,7 +121,9 @@ pub fn lm_head_cross_entropy(
                 let mx = row_max(row);
                 let sum = exp_sub_sum(row, mx);
                 let lse = mx + sum.ln();
-                if let Some(s) = scale {
+                if let Some(d) = d_logp {
+                    // ∂L/∂logits = −d_logp · (onehot − softmax) = s · softmax − s · onehot.
+                    let s = -d[i];
                     scale_row(row, s / sum);
                     row[tgt] -= s;
                 }
@@ -180,7 +187,7 @@ mod tests {
             &head,
             &targets,
             Some(CrossEntropyGrads {
-                grad_scale: 1.0,
+                d_logp: &[-1.0; 7],
                 d_hidden: &mut dh,
                 d_head: Some(&mut dw),
             }),
@@ -207,6 +214,43 @@ mod tests {
     }
 
     #[test]
+    fn per_token_weights_give_the_gradient_of_a_weighted_log_prob_sum() {
+        let (t, dim, vocab) = (6, 4, 9);
+        let hidden: Vec<f32> = (0..t * dim).map(|i| ((i * 29 % 13) as f32 - 6.0) * 0.1).collect();
+        let w: Vec<f32> = (0..vocab * dim)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.05)
+            .collect();
+        let targets = [2, 8, -100, 0, 4, 1];
+        let d_logp = [0.7f32, -1.3, 0.0, 2.0, -0.25, 0.5];
+        // L = Σ d_logp_t · log p_t (linear in the log-probs, so d_logp is its exact gradient).
+        let objective = |hidden: &[f32]| {
+            let head = Weight::f32(w.clone(), vocab, dim);
+            let out = lm_head_cross_entropy(hidden, &head, &targets, None, 4, Precision::Exact);
+            out.logprobs
+                .iter()
+                .zip(&d_logp)
+                .map(|(l, d)| (l * d) as f64)
+                .sum::<f64>()
+        };
+        let head = Weight::f32(w.clone(), vocab, dim);
+        let mut dh = vec![0.0; t * dim];
+        let g = CrossEntropyGrads {
+            d_logp: &d_logp,
+            d_hidden: &mut dh,
+            d_head: None,
+        };
+        lm_head_cross_entropy(&hidden, &head, &targets, Some(g), 2, Precision::Exact);
+        let e = 1e-2f32;
+        for i in 0..t * dim {
+            let (mut p, mut m) = (hidden.clone(), hidden.clone());
+            p[i] += e;
+            m[i] -= e;
+            let num = (objective(&p) - objective(&m)) / (2.0 * e as f64);
+            assert!((num - dh[i] as f64).abs() < 1e-3, "dh {i}: {num} vs {}", dh[i]);
+        }
+    }
+
+    #[test]
     fn fast_mode_matches_exact_mode() {
         let (t, dim, vocab) = (300, 40, 700);
         let hidden: Vec<f32> = (0..t * dim)
@@ -222,8 +266,9 @@ mod tests {
         let run = |p: Precision| {
             let mut dh = vec![0.0; t * dim];
             let mut dw = vec![0.0; vocab * dim];
+            let d_logp = vec![-0.01; t];
             let g = CrossEntropyGrads {
-                grad_scale: 0.01,
+                d_logp: &d_logp,
                 d_hidden: &mut dh,
                 d_head: Some(&mut dw),
             };
