@@ -96,6 +96,8 @@ pub enum Method {
     /// Supervised fine-tuning: next-token cross-entropy on the unmasked tokens.
     #[default]
     Sft,
+    /// Direct Preference Optimization (and TRL's variants, by `dpo.loss_type`) on preference pairs.
+    Dpo,
 }
 
 /// Matmul precision of the engine.
@@ -266,6 +268,9 @@ pub struct LoraConfig {
     pub targets: LoraTargets,
     /// Rank-stabilised scaling `alpha / sqrt(r)`. Default: false.
     pub rslora: bool,
+    /// Start from this PEFT adapter directory (its rank, alpha and targets) instead of a fresh one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for LoraConfig {
@@ -277,6 +282,7 @@ impl Default for LoraConfig {
             dropout: 0.05,
             targets: LoraTargets::AllLinear,
             rslora: false,
+            init_from: None,
         }
     }
 }
@@ -425,6 +431,92 @@ impl Default for TrainLoopConfig {
     }
 }
 
+/// What a preference objective compares the policy with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reference {
+    /// The weights training starts from (with `lora.init_from`, that adapter). Default.
+    #[default]
+    Init,
+    /// The base model alone (under LoRA: the adapter switched off).
+    Base,
+}
+
+/// `[dpo]`: Direct Preference Optimization, with TRL's `DPOConfig` names and defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoConfig {
+    /// β, the strength of the implicit KL penalty. Default: 0.1.
+    pub beta: f64,
+    /// TRL loss types, summed. Default: `["sigmoid"]`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub loss_type: Vec<String>,
+    /// A weight per loss type. Default: 1.0 each.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_weights: Option<Vec<f64>>,
+    /// ε of the robust, exo_pair and aot losses. Default: 0.0.
+    pub label_smoothing: f64,
+    /// τ of the discopop loss. Default: 0.05.
+    pub discopop_tau: f64,
+    /// The reference model. Default: `init`.
+    pub reference: Reference,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        DpoConfig {
+            beta: 0.1,
+            loss_type: vec!["sigmoid".into()],
+            loss_weights: None,
+            label_smoothing: 0.0,
+            discopop_tau: 0.05,
+            reference: Reference::Init,
+        }
+    }
+}
+
+impl DpoConfig {
+    /// The objective's parameters; errors name the key.
+    pub fn params(&self) -> Result<crate::objective::dpo::DpoParams, ConfigError> {
+        use crate::objective::dpo::{DpoLossType, DpoParams};
+        let weights = match &self.loss_weights {
+            Some(w) if w.len() != self.loss_type.len() => {
+                return Err(invalid(
+                    "dpo.loss_weights",
+                    format!("has {} weights for {} loss types", w.len(), self.loss_type.len()),
+                ));
+            }
+            Some(w) => w.clone(),
+            None => vec![1.0; self.loss_type.len()],
+        };
+        let mut losses = Vec::new();
+        for (name, w) in self.loss_type.iter().zip(weights) {
+            let Some(kind) = DpoLossType::from_name(name) else {
+                let names: Vec<&str> = DpoLossType::ALL.iter().map(|t| t.name()).collect();
+                return Err(invalid(
+                    "dpo.loss_type",
+                    format!(
+                        "unknown loss type \"{name}\"; expected one of {}",
+                        names.join(", ")
+                    ),
+                ));
+            };
+            losses.push((kind, w));
+        }
+        let params = DpoParams {
+            beta: self.beta,
+            losses,
+            label_smoothing: self.label_smoothing,
+            discopop_tau: self.discopop_tau,
+        };
+        params.validate().map_err(|m| {
+            let (key, msg) = m.split_once(": ").unwrap_or(("dpo", m.as_str()));
+            invalid(key, msg.to_string())
+        })?;
+        Ok(params)
+    }
+}
+
 /// `[output]`: where the run goes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -460,6 +552,8 @@ pub struct TrainConfig {
     pub train: TrainLoopConfig,
     /// `[output]`.
     pub output: OutputConfig,
+    /// `[dpo]` (used with `method = "dpo"`).
+    pub dpo: DpoConfig,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -493,6 +587,8 @@ pub enum KeyKind {
     Choice(&'static [&'static str]),
     /// A string or a list of strings.
     StrList,
+    /// A list of numbers.
+    FloatList,
 }
 
 impl KeyKind {
@@ -510,6 +606,7 @@ impl KeyKind {
                     .join(", ")
             ),
             KeyKind::StrList => "a string or a list of strings".into(),
+            KeyKind::FloatList => "a list of numbers".into(),
         }
     }
 }
@@ -562,6 +659,10 @@ pub const SECTIONS: &[(&str, &str)] = &[
     ("batch", "Micro-batches, gradient accumulation and clipping."),
     ("train", "Length of the run, intervals, seed and resources."),
     ("output", "Where the run directory goes."),
+    (
+        "dpo",
+        "Direct Preference Optimization (method = \"dpo\"), with TRL's DPOConfig names and defaults.",
+    ),
 ];
 
 /// Every valid key, in documentation order: the schema that unknown-key and type errors, `--set`
@@ -569,8 +670,9 @@ pub const SECTIONS: &[(&str, &str)] = &[
 pub const KEYS: &[KeySpec] = &[
     key(
         "method",
-        KeyKind::Choice(&["sft"]),
-        "Training method: \"sft\" (supervised fine-tuning). Default: \"sft\".",
+        KeyKind::Choice(&["sft", "dpo"]),
+        "Training method: \"sft\" (supervised fine-tuning on single answers) or \"dpo\" (preference \
+         optimization on prompt/chosen/rejected pairs; see [dpo]). Default: \"sft\".",
     ),
     key(
         "full",
@@ -687,6 +789,13 @@ pub const KEYS: &[KeySpec] = &[
         "lora.rslora",
         KeyKind::Bool,
         "Rank-stabilised LoRA: scale by alpha / sqrt(r). Default: false.",
+    ),
+    key_ex(
+        "lora.init_from",
+        KeyKind::Str,
+        "Start from an existing PEFT adapter directory (e.g. an SFT run's adapter/, for SFT then DPO); its rank, \
+         alpha and targets replace r, alpha, rslora and targets. Default: a fresh adapter.",
+        "\"runs/sft/adapter\"",
     ),
     key(
         "optimizer.lr",
@@ -810,6 +919,42 @@ pub const KEYS: &[KeySpec] = &[
         "Run directory (adapter, checkpoints, metrics, report). Default: runs/<config file name>.",
         "\"runs/my-run\"",
     ),
+    key(
+        "dpo.beta",
+        KeyKind::Float,
+        "β: how strongly the policy is kept near the reference (the implicit KL penalty). Default: 0.1.",
+    ),
+    key_ex(
+        "dpo.loss_type",
+        KeyKind::StrList,
+        "TRL's loss type, or a list of them summed with loss_weights: sigmoid, hinge, ipo, exo_pair, nca_pair, \
+         robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm. \
+         Default: \"sigmoid\".",
+        "[\"sigmoid\", \"sft\"]",
+    ),
+    key_ex(
+        "dpo.loss_weights",
+        KeyKind::FloatList,
+        "A weight per loss_type entry. Default: 1.0 each.",
+        "[0.8, 0.2]",
+    ),
+    key(
+        "dpo.label_smoothing",
+        KeyKind::Float,
+        "ε: the assumed rate of flipped labels, used by robust, exo_pair, aot and aot_unpaired. Default: 0.0.",
+    ),
+    key(
+        "dpo.discopop_tau",
+        KeyKind::Float,
+        "τ of the discopop loss. Default: 0.05.",
+    ),
+    key(
+        "dpo.reference",
+        KeyKind::Choice(&["init", "base"]),
+        "The reference the policy is compared with: \"init\" = the weights training starts from (with \
+         lora.init_from, that adapter), \"base\" = the base model without any adapter. Its log-probs are computed \
+         once before training and kept in the run directory. Default: \"init\".",
+    ),
 ];
 
 fn spec(path: &str) -> Option<&'static KeySpec> {
@@ -926,6 +1071,7 @@ fn check_value(path: &str, kind: KeyKind, v: &Value, origin: &str) -> Result<(),
         (KeyKind::Int, Value::Integer(i)) => *i >= 0,
         (KeyKind::Float, Value::Float(_) | Value::Integer(_)) => true,
         (KeyKind::Bool, Value::Boolean(_)) => true,
+        (KeyKind::FloatList, Value::Array(a)) => a.iter().all(|x| x.is_float() || x.is_integer()),
         (KeyKind::Choice(choices), Value::String(s)) => {
             if choices.contains(&s.as_str()) || choice_alias(path, s).is_some() {
                 true
@@ -1145,6 +1291,15 @@ impl TrainConfig {
         };
         if self.model.path.trim().is_empty() {
             return Err(invalid("model.path", "is required: a model directory or hub id"));
+        }
+        if self.method == Method::Dpo {
+            self.dpo.params()?;
+        }
+        if self.lora.init_from.is_some() && !self.uses_lora() {
+            return Err(invalid(
+                "lora.init_from",
+                "starts a LoRA adapter; it does not apply with full = true",
+            ));
         }
         let d = &self.data;
         if d.train.is_empty() || d.train.iter().any(|p| p.trim().is_empty()) {
@@ -1644,6 +1799,8 @@ mod tests {
             &[
                 "model.tokenizer=t",
                 "data.chat_template=t",
+                "dpo.loss_weights=[1.0]",
+                "lora.init_from=a",
                 "schedule.warmup_steps=1",
                 "train.max_steps=5",
                 "data.eval=e",

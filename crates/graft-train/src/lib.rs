@@ -58,6 +58,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod plan;
+pub mod preference;
 pub mod report;
 pub mod rng;
 pub mod schedule;

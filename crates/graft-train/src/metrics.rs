@@ -7,6 +7,7 @@
 //! leave.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -87,6 +88,10 @@ pub struct MetricsRecord {
     pub epoch: Option<f64>,
     /// Seconds of training so far (summed over resumed sessions).
     pub elapsed_s: f64,
+    /// The objective's own metrics, by TRL's names (`rewards/accuracies`, …; eval ones prefixed
+    /// `eval_`), means over the logged steps. Only finite values are written.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 fn finite_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {

@@ -184,6 +184,11 @@ pub fn render_report(facts: &RunFacts, records: &[MetricsRecord]) -> String {
     md.push_str("\n## Loss curve\n\n![Training and evaluation loss](");
     md.push_str(LOSS_CURVE_FILE);
     md.push_str(")\n");
+    for (metric, file) in METRIC_CURVES {
+        if records.iter().any(|r| r.extra.contains_key(metric)) {
+            let _ = write!(md, "\n## {metric}\n\n![{metric}]({file})\n");
+        }
+    }
     if !facts.config_toml.is_empty() {
         md.push_str("\n## Config\n\n```toml\n");
         md.push_str(facts.config_toml.trim_end());
@@ -195,6 +200,11 @@ pub fn render_report(facts: &RunFacts, records: &[MetricsRecord]) -> String {
 /// Writes `loss_curve.svg` and `report.md` into `run_dir`.
 pub fn write_report(run_dir: &Path, facts: &RunFacts, records: &[MetricsRecord]) -> std::io::Result<()> {
     std::fs::write(run_dir.join(LOSS_CURVE_FILE), loss_curve_svg(records))?;
+    for (metric, file) in METRIC_CURVES {
+        if records.iter().any(|r| r.extra.contains_key(metric)) {
+            std::fs::write(run_dir.join(file), metric_curve_svg(records, metric))?;
+        }
+    }
     std::fs::write(run_dir.join(REPORT_FILE), render_report(facts, records))
 }
 
@@ -270,9 +280,6 @@ const EVAL_COLOR: &str = "#d9480f";
 
 /// The loss curve as an SVG document: train loss and eval loss against step.
 pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
-    let (w, h) = (820.0, 460.0);
-    let (left, right, top, bottom) = (72.0, 24.0, 48.0, 58.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
     let train: Vec<(f64, f64)> = records
         .iter()
         .filter_map(|r| r.loss.filter(|v| v.is_finite()).map(|l| (r.step as f64, l)))
@@ -281,6 +288,37 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
         .iter()
         .filter_map(|r| r.eval_loss.filter(|v| v.is_finite()).map(|l| (r.step as f64, l)))
         .collect();
+    curve_svg("loss", "loss (per token)", &train, &eval)
+}
+
+/// The objective metrics plotted besides the loss (when a run logs them), with their files.
+pub const METRIC_CURVES: [(&str, &str); 2] = [
+    ("rewards/margins", "rewards_margins.svg"),
+    ("rewards/accuracies", "rewards_accuracies.svg"),
+];
+
+/// The curve of an objective metric (`rewards/margins`): train values and the `eval_` ones.
+pub fn metric_curve_svg(records: &[MetricsRecord], metric: &str) -> String {
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| r.extra.get(key).map(|&v| (r.step as f64, v)))
+            .collect()
+    };
+    curve_svg(
+        metric,
+        metric,
+        &series(metric),
+        &series(&format!("eval_{metric}")),
+    )
+}
+
+/// A train/eval curve against the optimizer step.
+fn curve_svg(metric: &str, y_label: &str, train: &[(f64, f64)], eval: &[(f64, f64)]) -> String {
+    let (train, eval) = (train.to_vec(), eval.to_vec());
+    let (w, h) = (820.0, 460.0);
+    let (left, right, top, bottom) = (72.0, 24.0, 48.0, 58.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
 
     let mut svg = String::new();
     let _ = writeln!(
@@ -293,9 +331,9 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
         r##"<text x="{}" y="28" font-size="17" font-weight="bold" fill="#222" text-anchor="middle">{}</text>"##,
         left + pw / 2.0,
         if eval.is_empty() {
-            "Training loss"
+            format!("Training {metric}")
         } else {
-            "Training and evaluation loss"
+            format!("Training and evaluation {metric}")
         }
     );
 
@@ -304,7 +342,7 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
     if all_y.is_empty() {
         let _ = writeln!(
             svg,
-            r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/><text x="{}" y="{}" font-size="14" fill="#666" text-anchor="middle">no loss recorded yet</text>"##,
+            r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/><text x="{}" y="{}" font-size="14" fill="#666" text-anchor="middle">no {metric} recorded yet</text>"##,
             left + pw / 2.0,
             top + ph / 2.0
         );
@@ -373,7 +411,7 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
     );
     let _ = writeln!(
         svg,
-        r##"<text x="18" y="{:.1}" font-size="13" fill="#333" text-anchor="middle" transform="rotate(-90 18 {:.1})">loss (per token)</text>"##,
+        r##"<text x="18" y="{:.1}" font-size="13" fill="#333" text-anchor="middle" transform="rotate(-90 18 {:.1})">{y_label}</text>"##,
         top + ph / 2.0,
         top + ph / 2.0
     );
@@ -396,8 +434,8 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
             let ys: Vec<f64> = train.iter().map(|p| p.1).collect();
             let s: Vec<(f64, f64)> = train.iter().map(|p| p.0).zip(smooth(&ys, 0.8)).collect();
             let _ = writeln!(svg, "{}", polyline(&s, TRAIN_COLOR, 2.2, 1.0));
-            legend.push(("train loss".into(), TRAIN_COLOR, 0.35, false));
-            legend.push(("train loss (smoothed)".into(), TRAIN_COLOR, 1.0, false));
+            legend.push((format!("train {metric}"), TRAIN_COLOR, 0.35, false));
+            legend.push((format!("train {metric} (smoothed)"), TRAIN_COLOR, 1.0, false));
         } else {
             let _ = writeln!(svg, "{}", polyline(&train, TRAIN_COLOR, 2.0, 1.0));
             if train.len() < 2 {
@@ -409,7 +447,7 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
                     py(y)
                 );
             }
-            legend.push(("train loss".into(), TRAIN_COLOR, 1.0, false));
+            legend.push((format!("train {metric}"), TRAIN_COLOR, 1.0, false));
         }
     }
     if !eval.is_empty() {
@@ -422,7 +460,7 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
                 py(y)
             );
         }
-        legend.push(("eval loss".into(), EVAL_COLOR, 1.0, true));
+        legend.push((format!("eval {metric}"), EVAL_COLOR, 1.0, true));
     }
 
     // Legend, top right inside the plot.

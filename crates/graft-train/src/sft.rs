@@ -11,7 +11,9 @@
 use crate::checkpoint::{
     self, ADAPTER_FILE, CheckpointWriter, MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, TrainerState,
 };
-use crate::config::{DataFormat, MaskPolicy, MicroBatch, Precision as CfgPrecision, TrainConfig, Truncation};
+use crate::config::{
+    DataFormat, MaskPolicy, Method, MicroBatch, Precision as CfgPrecision, TrainConfig, Truncation,
+};
 use crate::metrics::{MetricsRecord, MetricsWriter, read_metrics, truncate_after};
 use crate::objective::sft::Sft;
 use crate::objective::{Contribution, Objective};
@@ -180,7 +182,7 @@ pub fn peft_config(spec: &LoraSpec, base: &str) -> LoraAdapterConfig {
     c
 }
 
-fn data_format(f: DataFormat) -> Option<DatasetFormat> {
+pub(crate) fn data_format(f: DataFormat) -> Option<DatasetFormat> {
     match f {
         DataFormat::Auto => None,
         DataFormat::Openai => Some(DatasetFormat::OpenAiChat),
@@ -191,7 +193,7 @@ fn data_format(f: DataFormat) -> Option<DatasetFormat> {
     }
 }
 
-fn tokenize_options(cfg: &TrainConfig) -> TokenizeOptions {
+pub(crate) fn tokenize_options(cfg: &TrainConfig) -> TokenizeOptions {
     TokenizeOptions {
         loss: match cfg.data.mask {
             MaskPolicy::Assistant => LossMode::AssistantOnly,
@@ -217,12 +219,8 @@ pub struct PreparedData {
     pub eval: Vec<TokenizedSample>,
     /// SHA-256 over the training data files.
     pub data_hash: String,
-    /// Rows skipped as invalid.
-    pub skipped_rows: usize,
-    /// Training rows longer than `data.max_length` that were cut to it.
-    pub truncated_rows: usize,
-    /// Training rows longer than `data.max_length` that were dropped (`data.truncation = "drop"`).
-    pub dropped_rows: usize,
+    /// Rows skipped, cut or dropped.
+    pub counts: RowCounts,
     /// Warnings to show the user (e.g. a tokenization cache that could not be written).
     pub warnings: Vec<String>,
 }
@@ -297,18 +295,21 @@ pub fn prepare_data(
         train,
         eval,
         data_hash,
-        skipped_rows: counts.skipped,
-        truncated_rows: counts.truncated,
-        dropped_rows: counts.dropped,
+        counts,
         warnings,
     })
 }
 
-#[derive(Default)]
-struct RowCounts {
-    skipped: usize,
-    truncated: usize,
-    dropped: usize,
+/// Training rows that data preparation skipped (invalid, with `data.skip_invalid`), cut to
+/// `data.max_length` or dropped for their length.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RowCounts {
+    /// Invalid rows skipped.
+    pub skipped: usize,
+    /// Rows cut to `data.max_length`.
+    pub truncated: usize,
+    /// Rows dropped for their length.
+    pub dropped: usize,
 }
 
 /// SFT trains on single sequences: preference pairs and KTO rows (whose `label = false` answers
@@ -330,9 +331,9 @@ fn check_sft_records(ds: &graft_data::tokenized::TokenizedDataset, key: &str) ->
         .find(|e| matches!(e.record, TokenizedRecord::Pair { .. }))
     {
         return Err(err(format!(
-            "data.{key}: {}: this is preference data (prompt / chosen / rejected pairs). It is for preference \
-             training (DPO, ORPO, CPO/SimPO or a reward model), which method = \"sft\" does not do. To fine-tune \
-             on the chosen answers alone, convert the rows to prompt/completion or messages",
+            "data.{key}: {}: this is preference data (prompt / chosen / rejected pairs), for preference training: \
+             set method = \"dpo\" (method = \"sft\" trains on single answers). To fine-tune on the chosen answers \
+             alone, convert the rows to prompt/completion or messages",
             at(e)
         )));
     }
@@ -414,13 +415,13 @@ pub fn eta_seconds(steps_left: u64, steps_done: u64, elapsed_s: f64) -> f64 {
     steps_left as f64 * elapsed_s / (steps_done as f64).max(1.0)
 }
 
-/// The objective's mean loss over `batches` (forward only).
+/// The objective's summed contribution over `batches` (forward only).
 pub fn evaluate<O: Objective>(
     objective: &O,
     model: &Model<Cpu>,
     batches: &[O::Batch],
     precision: Precision,
-) -> Option<f64> {
+) -> Contribution {
     let opts = TrainOptions {
         precision,
         ..Default::default()
@@ -429,7 +430,7 @@ pub fn evaluate<O: Objective>(
     for b in batches {
         total.add(&objective.evaluate(model, b, opts));
     }
-    total.mean_loss()
+    total
 }
 
 /// Runs (or, with `resume`, continues) a fine-tuning run.
@@ -487,17 +488,28 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         WeightStorage::F32
     };
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage).map_err(err)?;
-    drop(loaded.weights);
     model.ensure_positions(cfg.data.max_length + 1);
-    let lora = if mode == TrainMode::Lora {
+    let (lora, peft_out) = if mode == TrainMode::Lora {
         let spec = lora_spec(cfg)?;
-        model.init_lora(&spec, cfg.train.seed);
-        Some(spec)
+        let out = match &cfg.lora.init_from {
+            Some(dir) => {
+                let a = graft_model::peft::load_peft_adapter(Path::new(dir), &loaded.spec)
+                    .map_err(|e| err(format!("lora.init_from: {e}")))?;
+                model.set_adapter(&a);
+                let mut c = a.config.clone();
+                c.base_model_name_or_path = Some(cfg.model.path.clone());
+                c
+            }
+            None => {
+                model.init_lora(&spec, cfg.train.seed);
+                peft_config(&spec, &cfg.model.path)
+            }
+        };
+        (Some(spec), Some(out))
     } else {
-        None
+        (None, None)
     };
-    let cache_dir = run_dir.join("cache");
-    let data = prepare_data(cfg, &tok, template.as_ref(), &cache_dir)?;
+    drop(loaded);
     if let MicroBatch::Tokens(budget) = cfg.micro_batch()
         && budget < cfg.data.max_length
     {
@@ -506,8 +518,127 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             cfg.data.max_length
         )));
     }
-    let mut epoch_cache: Option<(u64, Vec<Batch>)> = None;
-    let batches_per_epoch = epoch_batches(&data.train, cfg, 0)?.len();
+    let cache_dir = run_dir.join("cache");
+    let setup = RunSetup {
+        cfg,
+        resume,
+        stop,
+        run_dir: run_dir.clone(),
+        started,
+        model,
+        mode,
+        lora,
+        peft_out,
+        precision,
+    };
+    match cfg.method {
+        Method::Sft => {
+            let data = prepare_data(cfg, &tok, template.as_ref(), &cache_dir)?;
+            print_data_warnings(cfg, &data.counts, &data.warnings);
+            let eval = if data.eval.is_empty() {
+                Vec::new()
+            } else {
+                let mut c = cfg.clone();
+                c.batch.micro_batch_rows = None;
+                epoch_batches(&data.eval, &c, 0)?
+            };
+            let epoch = |e: u64| epoch_batches(&data.train, cfg, e);
+            let source = BatchSource {
+                samples: data.train.len(),
+                data_hash: data.data_hash.clone(),
+                epoch: &epoch,
+                eval,
+            };
+            train_loop(setup, Sft, source)
+        }
+        Method::Dpo => crate::preference::run_dpo(setup, &tok, template.as_ref(), &cache_dir),
+    }
+}
+
+/// What the loop trains: the model and how it runs.
+pub struct RunSetup<'a> {
+    /// The resolved config.
+    pub cfg: &'a TrainConfig,
+    /// Continue from the latest checkpoint.
+    pub resume: bool,
+    /// Polled once per step.
+    pub stop: &'a StopFlag,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// When the run started.
+    pub started: Instant,
+    /// The model, adapter attached under LoRA.
+    pub model: Model<Cpu>,
+    /// What is trained.
+    pub mode: TrainMode,
+    /// The LoRA spec (dropout), under LoRA.
+    pub lora: Option<LoraSpec>,
+    /// The PEFT config the adapter is saved with, under LoRA.
+    pub peft_out: Option<LoraAdapterConfig>,
+    /// Matmul precision.
+    pub precision: Precision,
+}
+
+/// The micro-batches an objective trains on.
+pub struct BatchSource<'a, B> {
+    /// Training examples (rows, pairs), for the start-up line.
+    pub samples: usize,
+    /// SHA-256 over the training files.
+    pub data_hash: String,
+    /// The micro-batches of an epoch: a pure function of the epoch (exact resume).
+    pub epoch: &'a dyn Fn(u64) -> Result<Vec<B>, TrainError>,
+    /// Evaluation micro-batches.
+    pub eval: Vec<B>,
+}
+
+/// Prints what data preparation dropped or cut.
+pub fn print_data_warnings(cfg: &TrainConfig, counts: &RowCounts, warnings: &[String]) {
+    if counts.skipped > 0 {
+        eprintln!("skipped {} invalid rows (data.skip_invalid)", counts.skipped);
+    }
+    if counts.truncated > 0 {
+        let kept = match cfg.data.truncation {
+            Truncation::Left => "their last",
+            _ => "their first",
+        };
+        eprintln!(
+            "warning: {} training rows are longer than data.max_length = {} and were cut to {kept} {} tokens \
+             (data.truncation); `graft data inspect` lists them",
+            counts.truncated, cfg.data.max_length, cfg.data.max_length
+        );
+    }
+    if counts.dropped > 0 {
+        eprintln!(
+            "warning: {} training rows are longer than data.max_length = {} and were dropped (data.truncation = \"drop\")",
+            counts.dropped, cfg.data.max_length
+        );
+    }
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// The training loop, for any objective: accumulate, normalise, clip, step, log, evaluate,
+/// checkpoint, and at the end the adapter or model and the report.
+pub fn train_loop<O: Objective>(
+    setup: RunSetup<'_>,
+    mut objective: O,
+    source: BatchSource<'_, O::Batch>,
+) -> Result<RunSummary, TrainError> {
+    let RunSetup {
+        cfg,
+        resume,
+        stop,
+        run_dir,
+        started,
+        mut model,
+        mode,
+        lora,
+        peft_out,
+        precision,
+    } = setup;
+    let mut epoch_cache: Option<(u64, Vec<O::Batch>)> = None;
+    let batches_per_epoch = (source.epoch)(0)?.len();
     if batches_per_epoch == 0 {
         return Err(err(format!(
             "data.train: no row has a trained token within data.max_length = {} (every answer is cut off); \
@@ -522,13 +653,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         .max_steps
         .unwrap_or(cfg.train.epochs * steps_per_epoch)
         .max(1);
-    let eval_batches = if data.eval.is_empty() {
-        Vec::new()
-    } else {
-        let mut c = cfg.clone();
-        c.batch.micro_batch_rows = None;
-        epoch_batches(&data.eval, &c, 0)?
-    };
+    let eval_batches = source.eval;
     let schedule = LrSchedule::from_config(&cfg.schedule, cfg.optimizer.lr, total_steps);
     let hyper = AdamWHyper::from(&cfg.optimizer);
     let mut grads: Grads<Cpu> = model.new_grads(mode);
@@ -547,7 +672,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             )));
         };
         let state = TrainerState::read(&good.dir).map_err(err)?;
-        if state.data_hash != data.data_hash {
+        if state.data_hash != source.data_hash {
             eprintln!("warning: the training data changed since this run started; continuing anyway");
         }
         let file = if mode == TrainMode::Lora {
@@ -583,7 +708,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             total_steps,
             Rng::new(cfg.train.seed).state(),
             cfg.hash(),
-            data.data_hash.clone(),
+            source.data_hash.clone(),
         );
         (state, AdamW::new(hyper))
     };
@@ -598,36 +723,11 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         cfg.model.path,
         model.spec.num_parameters() as f64 / 1e6,
         trainable,
-        data.train.len(),
+        source.samples,
         batches_per_epoch,
         total_steps,
         precision
     );
-    if data.skipped_rows > 0 {
-        eprintln!("skipped {} invalid rows (data.skip_invalid)", data.skipped_rows);
-    }
-    if data.truncated_rows > 0 {
-        let kept = match cfg.data.truncation {
-            Truncation::Left => "their last",
-            _ => "their first",
-        };
-        eprintln!(
-            "warning: {} training rows are longer than data.max_length = {} and were cut to {kept} {} tokens \
-             (data.truncation); `graft data inspect` lists them",
-            data.truncated_rows, cfg.data.max_length, cfg.data.max_length
-        );
-    }
-    if data.dropped_rows > 0 {
-        eprintln!(
-            "warning: {} training rows are longer than data.max_length = {} and were dropped (data.truncation = \"drop\")",
-            data.dropped_rows, cfg.data.max_length
-        );
-    }
-    for w in &data.warnings {
-        eprintln!("warning: {w}");
-    }
-
-    let mut objective = Sft;
     let tty = std::io::stderr().is_terminal();
     let mut interrupted = false;
     let mut last_eval = None;
@@ -635,6 +735,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         (0.0f64, 0.0f64, 0usize, 0.0f64);
     let session_start_tokens = state.tokens_seen;
     let session_start_step = state.step;
+    let mut window_extra = Contribution::default();
     let mut zero_grad_steps = 0u64;
     let session_start = Instant::now();
     let elapsed_before = state.elapsed_s;
@@ -646,7 +747,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             let pos = &mut state.data_position;
             let batch = loop {
                 if epoch_cache.as_ref().is_none_or(|(e, _)| *e != pos.epoch) {
-                    epoch_cache = Some((pos.epoch, epoch_batches(&data.train, cfg, pos.epoch)?));
+                    epoch_cache = Some((pos.epoch, (source.epoch)(pos.epoch)?));
                 }
                 let batches = &epoch_cache.as_ref().expect("filled above").1;
                 match batches.get(pos.index as usize) {
@@ -737,6 +838,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         let dt = t0.elapsed().as_secs_f64();
         window_loss += loss_sum;
         window_units += units;
+        window_extra.add(&step_sum);
         window_tokens += tokens;
         window_time += dt;
         state.elapsed_s = elapsed_before + session_start.elapsed().as_secs_f64();
@@ -759,11 +861,8 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         let do_eval = !eval_batches.is_empty()
             && (state.step == total_steps
                 || (cfg.train.eval_every > 0 && state.step.is_multiple_of(cfg.train.eval_every)));
-        let eval_loss = if do_eval {
-            evaluate(&objective, &model, &eval_batches, precision)
-        } else {
-            None
-        };
+        let eval = do_eval.then(|| evaluate(&objective, &model, &eval_batches, precision));
+        let eval_loss = eval.as_ref().and_then(|e| e.mean_loss());
         if let Some(e) = eval_loss {
             last_eval = Some(e);
             if state.best_eval.is_none_or(|b| e < b) {
@@ -796,9 +895,20 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
                             + state.data_position.index as f64 / batches_per_epoch as f64,
                     ),
                     elapsed_s: state.elapsed_s,
+                    extra: window_extra
+                        .mean_metrics()
+                        .into_iter()
+                        .chain(eval.iter().flat_map(|e| {
+                            e.mean_metrics()
+                                .into_iter()
+                                .map(|(k, v)| (format!("eval_{k}"), v))
+                        }))
+                        .filter(|(_, v)| v.is_finite())
+                        .collect(),
                 })
                 .map_err(err)?;
             (window_loss, window_units, window_tokens, window_time) = (0.0, 0.0, 0, 0.0);
+            window_extra = Contribution::default();
         }
         let stop_now = stop.is_set();
         if stop_now
@@ -824,9 +934,9 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     // Final outputs.
     let output = if interrupted {
         None
-    } else if let Some(spec) = &lora {
+    } else if let Some(peft) = &peft_out {
         let dir = run_dir.join("adapter");
-        let adapter = model.adapter(peft_config(spec, &cfg.model.path));
+        let adapter = model.adapter(peft.clone());
         save_peft_adapter(&dir, &adapter, Some(&cfg.model.path)).map_err(err)?;
         Some(dir)
     } else {

@@ -45,7 +45,10 @@ fn kto_and_preference_files_given_to_sft_name_the_method_that_fits() {
             .args(["--set", &format!("data.train=\"{}\"", pref.display())])
             .args(out_dir(&root.join("run-pref"))),
     );
-    assert!(err.contains("preference data") && err.contains("DPO"), "{err}");
+    assert!(
+        err.contains("preference data") && err.contains("method = \"dpo\""),
+        "{err}"
+    );
     assert!(!err.contains("no usable rows"), "{err}");
 }
 

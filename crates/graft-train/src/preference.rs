@@ -1,0 +1,341 @@
+//! Preference training runs (`method = "dpo"`): preference pairs from the data files, the
+//! reference log-probs (computed once before training and kept in the run directory, so a
+//! resumed run compares with the same reference), pair micro-batches, then the common loop with
+//! the [`Dpo`] objective.
+//!
+//! A pair's chosen and rejected sequences always sit in the same micro-batch (attention isolated
+//! per sequence); `batch.micro_batch_rows` counts pairs, `batch.micro_batch_tokens` bounds the
+//! tokens of a micro-batch (a pair longer than the budget gets a micro-batch of its own).
+
+use crate::config::{Reference, TrainConfig};
+use crate::objective::dpo::{Dpo, PairBatch, PairSlot, sequence_logps};
+use crate::rng::Rng;
+use crate::sft::{
+    BatchSource, RowCounts, RunSetup, RunSummary, TrainError, data_format, print_data_warnings,
+    tokenize_options, train_loop,
+};
+use graft_data::batch::PackedBatch;
+use graft_data::dataset::LoadOptions;
+use graft_data::sample::{TokenizedRecord, TokenizedSample};
+use graft_data::{ChatTemplate, Tokenizer};
+use graft_model::train::{Batch, TrainMode, TrainOptions};
+use sha2::Digest;
+use std::path::Path;
+
+fn err(msg: impl std::fmt::Display) -> TrainError {
+    TrainError(msg.to_string())
+}
+
+/// A tokenized preference pair: prompt + chosen and prompt + rejected, completions trained.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    /// Prompt + chosen completion.
+    pub chosen: TokenizedSample,
+    /// Prompt + rejected completion.
+    pub rejected: TokenizedSample,
+}
+
+/// The pairs of a config's data.
+pub struct PreparedPairs {
+    /// Training pairs.
+    pub train: Vec<Pair>,
+    /// Evaluation pairs (`data.eval`, or split off by `data.eval_fraction`).
+    pub eval: Vec<Pair>,
+    /// SHA-256 over the training files.
+    pub data_hash: String,
+    /// Rows skipped, cut or dropped.
+    pub counts: RowCounts,
+    /// Pairs whose chosen and rejected completions are the same tokens (they teach nothing).
+    pub identical: usize,
+    /// Warnings for the user.
+    pub warnings: Vec<String>,
+}
+
+/// Loads and tokenizes the preference pairs of `cfg` (through the tokenization cache).
+pub fn prepare_pairs(
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    cache_dir: &Path,
+) -> Result<PreparedPairs, TrainError> {
+    let load = LoadOptions {
+        format: data_format(cfg.data.format),
+        skip_invalid: cfg.data.skip_invalid,
+    };
+    let opts = tokenize_options(cfg);
+    let mut hasher = sha2::Sha256::new();
+    let mut warnings = Vec::new();
+    let mut counts = RowCounts::default();
+    let mut read = |paths: &[String], key: &str| -> Result<Vec<Pair>, TrainError> {
+        let mut out = Vec::new();
+        for p in paths {
+            let path = Path::new(p);
+            if !path.exists() {
+                return Err(err(format!("data.{key}: `{p}` does not exist")));
+            }
+            for f in graft_data::dataset::dataset_files(path).map_err(err)? {
+                hasher.update(&std::fs::read(&f).map_err(|e| err(format!("{}: {e}", f.display())))?);
+            }
+            let ds =
+                graft_data::tokenized::load_tokenized(path, &load, tok, template, &opts, Some(cache_dir))
+                    .map_err(|e| err(format!("data.{key}: {e}")))?;
+            if let Some(w) = &ds.cache_warning {
+                warnings.push(format!(
+                    "the tokenization cache was not written ({w}); training goes on without it"
+                ));
+            }
+            counts.skipped += ds.skipped.len();
+            counts.dropped += ds.dropped_too_long.len();
+            for e in &ds.examples {
+                let at = || {
+                    format!(
+                        "{}:{}",
+                        ds.files
+                            .get(e.file)
+                            .map_or("?".into(), |f| f.display().to_string()),
+                        e.line
+                    )
+                };
+                match &e.record {
+                    TokenizedRecord::Pair { chosen, rejected } => {
+                        counts.truncated +=
+                            chosen.notes.truncated as usize + rejected.notes.truncated as usize;
+                        if chosen.trained_count() == 0 || rejected.trained_count() == 0 {
+                            return Err(err(format!(
+                                "data.{key}: {}: the {} completion has no token left to train within data.max_length = {} \
+                                 (or is empty); raise data.max_length or fix the row",
+                                at(),
+                                if chosen.trained_count() == 0 {
+                                    "chosen"
+                                } else {
+                                    "rejected"
+                                },
+                                cfg.data.max_length
+                            )));
+                        }
+                        out.push(Pair {
+                            chosen: chosen.clone(),
+                            rejected: rejected.clone(),
+                        });
+                    }
+                    TokenizedRecord::Kto { .. } => {
+                        return Err(err(format!(
+                            "data.{key}: {}: this is KTO data (prompt / completion / label), unpaired; method = \"dpo\" \
+                             needs prompt / chosen / rejected pairs",
+                            at()
+                        )));
+                    }
+                    _ => {
+                        return Err(err(format!(
+                            "data.{key}: {}: this row has a single answer, not a preference pair; method = \"dpo\" needs \
+                             prompt / chosen / rejected (or OpenAI's input / preferred_output / non_preferred_output); \
+                             for single answers use method = \"sft\"",
+                            at()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    };
+    let mut train = read(&cfg.data.train, "train")?;
+    let mut eval = read(&cfg.data.eval, "eval")?;
+    let data_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if train.is_empty() {
+        return Err(err("data.train: no usable preference pairs"));
+    }
+    let identical = train
+        .iter()
+        .filter(|p| p.chosen.input_ids == p.rejected.input_ids)
+        .count();
+    if eval.is_empty() && cfg.data.eval_fraction > 0.0 {
+        let n = ((train.len() as f64) * cfg.data.eval_fraction).round().max(1.0) as usize;
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        Rng::for_stream(cfg.train.seed, u64::MAX).shuffle(&mut order);
+        let held: std::collections::HashSet<usize> =
+            order[..n.min(train.len() - 1)].iter().copied().collect();
+        let mut kept = Vec::new();
+        for (i, p) in train.into_iter().enumerate() {
+            if held.contains(&i) {
+                eval.push(p)
+            } else {
+                kept.push(p)
+            }
+        }
+        train = kept;
+    }
+    Ok(PreparedPairs {
+        train,
+        eval,
+        data_hash,
+        counts,
+        identical,
+        warnings,
+    })
+}
+
+/// Groups pairs (in `order`) into micro-batches: `rows` pairs each, or as many as fit `budget`
+/// tokens. Reference log-probs come from `refs` (indexed like `pairs`).
+fn group_pairs(pairs: &[Pair], refs: &[(f64, f64)], order: &[usize], cfg: &TrainConfig) -> Vec<PairBatch> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    match cfg.micro_batch() {
+        crate::config::MicroBatch::Rows(rows) => groups.extend(order.chunks(rows.max(1)).map(|c| c.to_vec())),
+        crate::config::MicroBatch::Tokens(budget) => {
+            let mut cur: Vec<usize> = Vec::new();
+            let mut tokens = 0;
+            for &i in order {
+                let n = pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len();
+                if !cur.is_empty() && tokens + n > budget {
+                    groups.push(std::mem::take(&mut cur));
+                    tokens = 0;
+                }
+                cur.push(i);
+                tokens += n;
+            }
+            if !cur.is_empty() {
+                groups.push(cur);
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|g| {
+            let samples: Vec<&TokenizedSample> = g
+                .iter()
+                .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
+                .collect();
+            let p = PackedBatch::from_samples(&samples);
+            let slots = g
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| PairSlot {
+                    chosen_seq: 2 * k as u32,
+                    rejected_seq: 2 * k as u32 + 1,
+                    ref_chosen: refs.get(i).map_or(0.0, |r| r.0),
+                    ref_rejected: refs.get(i).map_or(0.0, |r| r.1),
+                })
+                .collect();
+            PairBatch {
+                batch: Batch {
+                    input_ids: p.input_ids,
+                    positions: p.positions,
+                    seq_ids: p.seq_ids,
+                    targets: p.targets,
+                },
+                pairs: slots,
+            }
+        })
+        .collect()
+}
+
+/// The reference log-probs file of a run: the pairs' summed completion log-probs under the
+/// reference, train pairs then eval pairs, as little-endian f64 after a header.
+pub const REFERENCE_FILE: &str = "reference_logps.bin";
+const REFERENCE_MAGIC: &[u8; 8] = b"GRAFTREF";
+
+fn reference_key(cfg: &TrainConfig, data_hash: &str, n: usize) -> String {
+    format!(
+        "{}|{:?}|{}|{}|{:?}|{n}",
+        cfg.model.path, cfg.dpo.reference, data_hash, cfg.data.max_length, cfg.lora.init_from
+    )
+}
+
+fn read_reference(path: &Path, key: &str, n: usize) -> Option<Vec<(f64, f64)>> {
+    let bytes = std::fs::read(path).ok()?;
+    let rest = bytes.strip_prefix(REFERENCE_MAGIC.as_slice())?;
+    let klen = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?) as usize;
+    let stored = std::str::from_utf8(rest.get(8..8 + klen)?).ok()?;
+    let body = rest.get(8 + klen..)?;
+    if stored != key || body.len() != n * 16 {
+        return None;
+    }
+    let f = |i: usize| f64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Some((0..n).map(|i| (f(2 * i), f(2 * i + 1))).collect())
+}
+
+fn write_reference(path: &Path, key: &str, refs: &[(f64, f64)]) -> Result<(), TrainError> {
+    let mut bytes = REFERENCE_MAGIC.to_vec();
+    bytes.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(key.as_bytes());
+    for (c, r) in refs {
+        bytes.extend_from_slice(&c.to_le_bytes());
+        bytes.extend_from_slice(&r.to_le_bytes());
+    }
+    crate::checkpoint::write_atomically(path, &bytes).map_err(|e| err(format!("{}: {e}", path.display())))
+}
+
+/// Runs a DPO training run with the loop of [`train_loop`].
+pub fn run_dpo(
+    setup: RunSetup<'_>,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    cache_dir: &Path,
+) -> Result<RunSummary, TrainError> {
+    let cfg = setup.cfg;
+    let params = cfg.dpo.params().map_err(err)?;
+    let data = prepare_pairs(cfg, tok, template, cache_dir)?;
+    print_data_warnings(cfg, &data.counts, &data.warnings);
+    if data.identical > 0 {
+        eprintln!(
+            "warning: {} training pairs have identical chosen and rejected completions; they contribute no preference",
+            data.identical
+        );
+    }
+    // The reference: computed once, before any step, and kept for a resumed run.
+    let all: Vec<Pair> = data.train.iter().chain(&data.eval).cloned().collect();
+    let key = reference_key(cfg, &data.data_hash, all.len());
+    let ref_path = setup.run_dir.join(REFERENCE_FILE);
+    let refs = match read_reference(&ref_path, &key, all.len()) {
+        Some(r) => r,
+        None if setup.resume && cfg.dpo.reference == Reference::Init => {
+            return Err(err(format!(
+                "--resume: {} is missing or does not match this data, and the reference (dpo.reference = \"init\") \
+                 cannot be recomputed from trained weights",
+                ref_path.display()
+            )));
+        }
+        None => {
+            let opts = TrainOptions {
+                precision: setup.precision,
+                without_adapters: cfg.dpo.reference == Reference::Base && setup.mode == TrainMode::Lora,
+                ..Default::default()
+            };
+            eprintln!(
+                "computing reference log-probs of {} pairs ({:?})",
+                all.len(),
+                cfg.dpo.reference
+            );
+            let order: Vec<usize> = (0..all.len()).collect();
+            let mut refs = vec![(0.0, 0.0); all.len()];
+            let mut next = 0;
+            for b in group_pairs(&all, &[], &order, cfg) {
+                let out = setup.model.forward_logprobs_with(&b.batch, opts);
+                let seqs = sequence_logps(&b.batch, &out.logprobs);
+                for s in &b.pairs {
+                    refs[next] = (seqs[s.chosen_seq as usize].0, seqs[s.rejected_seq as usize].0);
+                    next += 1;
+                }
+            }
+            std::fs::create_dir_all(&setup.run_dir)
+                .map_err(|e| err(format!("{}: {e}", setup.run_dir.display())))?;
+            write_reference(&ref_path, &key, &refs)?;
+            refs
+        }
+    };
+    let (train_refs, eval_refs) = refs.split_at(data.train.len());
+    let eval_order: Vec<usize> = (0..data.eval.len()).collect();
+    let eval = group_pairs(&data.eval, eval_refs, &eval_order, cfg);
+    let seed = cfg.train.seed;
+    let epoch = |e: u64| -> Result<Vec<PairBatch>, TrainError> {
+        let mut order: Vec<usize> = (0..data.train.len()).collect();
+        Rng::for_stream(seed, e).shuffle(&mut order);
+        Ok(group_pairs(&data.train, train_refs, &order, cfg))
+    };
+    let source = BatchSource {
+        samples: data.train.len(),
+        data_hash: data.data_hash.clone(),
+        epoch: &epoch,
+        eval,
+    };
+    train_loop(setup, Dpo { params }, source)
+}

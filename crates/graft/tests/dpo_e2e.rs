@@ -1,0 +1,162 @@
+//! `method = "dpo"` end to end through the `graft` binary on the quickstart model: preference
+//! pairs in TRL's conversational format, LoRA, TRL's metric names in `metrics.jsonl`, held-out
+//! reward accuracy rising, a PEFT adapter at the end, and exact resume after SIGKILL.
+
+mod common;
+
+use common::{graft, ok, out_dir, prepare, tmp};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Writes `n` pairs "reverse: w" → chosen = "a" + reversed w, rejected = "b" + reversed w: a
+/// preference a random model can learn and carry to held-out words.
+fn write_pairs(path: &Path, n: usize, seed: u64) {
+    let mut s = seed;
+    let mut text = String::new();
+    for _ in 0..n {
+        let len = 3 + (s % 4) as usize;
+        let word: String = (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (b'a' + ((s >> 33) % 26) as u8) as char
+            })
+            .collect();
+        let reversed: String = word.chars().rev().collect();
+        let row = serde_json::json!({
+            "prompt": [{"role": "user", "content": format!("reverse: {word}")}],
+            "chosen": [{"role": "assistant", "content": format!("a{reversed}")}],
+            "rejected": [{"role": "assistant", "content": format!("b{reversed}")}],
+        });
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn dpo_sets(root: &Path) -> Vec<String> {
+    let (train, eval) = (root.join("pairs.jsonl"), root.join("pairs-eval.jsonl"));
+    write_pairs(&train, 240, 11);
+    write_pairs(&eval, 32, 99);
+    [
+        "method=dpo".to_string(),
+        "full=false".into(),
+        "lora.r=8".into(),
+        "lora.dropout=0.0".into(),
+        "optimizer.lr=5e-3".into(),
+        "schedule.warmup_steps=0".into(),
+        "batch.micro_batch_tokens=640".into(),
+        "dpo.beta=0.1".into(),
+        format!("data.train=\"{}\"", train.display()),
+        format!("data.eval=\"{}\"", eval.display()),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
+
+fn records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn dpo_raises_held_out_reward_accuracy_and_writes_trl_metrics() {
+    let root = tmp("dpo");
+    let cfg = prepare(&root);
+    let run = root.join("run");
+    let out = ok(graft()
+        .arg("train")
+        .arg(&cfg)
+        .args(dpo_sets(&root))
+        .args([
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.eval_every=20",
+            "--set",
+            "train.log_every=5",
+        ])
+        .args(["--set", "train.save_every=0"])
+        .args(out_dir(&run)));
+    assert!(out.contains("reference log-probs"), "{out}");
+    let recs = records(&run.join("metrics.jsonl"));
+    let train = recs
+        .iter()
+        .find(|r| r.get("rewards/margins").is_some())
+        .expect("TRL metric names");
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(train.get(k).is_some(), "{k} missing: {train}");
+    }
+    let evals: Vec<f64> = recs
+        .iter()
+        .filter_map(|r| r.get("eval_rewards/accuracies").and_then(|v| v.as_f64()))
+        .collect();
+    assert!(evals.len() >= 2, "{recs:?}");
+    let last = *evals.last().unwrap();
+    assert!(
+        last >= 0.9,
+        "held-out reward accuracy should rise well above 0.5: {evals:?}"
+    );
+    let margins = recs.last().unwrap()["eval_rewards/margins"].as_f64().unwrap();
+    assert!(margins > 0.0);
+    assert!(run.join("adapter/adapter_config.json").exists());
+    assert!(run.join("reference_logps.bin").exists());
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        report.contains("rewards/margins") && run.join("rewards_margins.svg").exists(),
+        "{report}"
+    );
+    assert!(run.join("rewards_accuracies.svg").exists());
+}
+
+#[test]
+fn dpo_resumes_bit_identically_after_sigkill() {
+    let root = tmp("dpo-resume");
+    let cfg = prepare(&root);
+    let sets = dpo_sets(&root);
+    let common = ["--set", "train.max_steps=24", "--set", "train.save_every=8"];
+    let (a, b) = (root.join("a"), root.join("b"));
+    ok(graft()
+        .arg("train")
+        .arg(&cfg)
+        .args(&sets)
+        .args(common)
+        .args(out_dir(&a)));
+    let mut child = graft()
+        .arg("train")
+        .arg(&cfg)
+        .args(&sets)
+        .args(common)
+        .args(out_dir(&b))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = b.join("checkpoints/step-8");
+    let t0 = Instant::now();
+    while !first.join("manifest.json").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "finished before the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!b.join("checkpoints/step-24").exists(), "the kill came too late");
+    ok(graft().arg("train").arg("--resume").arg(&b));
+    let wa = std::fs::read(a.join("checkpoints/step-24/adapter.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("checkpoints/step-24/adapter.safetensors")).unwrap();
+    assert!(
+        wa == wb,
+        "resumed DPO weights differ from the uninterrupted run's"
+    );
+}
