@@ -98,6 +98,19 @@ pub enum Method {
     Sft,
     /// Direct Preference Optimization (and TRL's variants, by `dpo.loss_type`) on preference pairs.
     Dpo,
+    /// Contrastive Preference Optimization (reference-free; `[cpo]`).
+    Cpo,
+    /// SimPO: CPO with `loss_type = "simpo"` and, unless set, `cpo_alpha = 0`.
+    Simpo,
+    /// Odds Ratio Preference Optimization (reference-free, with the SFT term; `[orpo]`).
+    Orpo,
+}
+
+impl Method {
+    /// Whether the method trains on preference pairs.
+    pub fn is_preference(self) -> bool {
+        !matches!(self, Method::Sft)
+    }
 }
 
 /// Matmul precision of the engine.
@@ -517,6 +530,100 @@ impl DpoConfig {
     }
 }
 
+/// `[cpo]`: Contrastive Preference Optimization and SimPO, with TRL's `CPOConfig` names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CpoConfig {
+    /// β. Default: 0.1.
+    pub beta: f64,
+    /// sigmoid, hinge, ipo, simpo or alphapo. Default: sigmoid (simpo under `method = "simpo"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_type: Option<String>,
+    /// The weight of the chosen NLL. Default: 1.0 (0 for simpo under `method = "simpo"`, and alphapo).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpo_alpha: Option<f64>,
+    /// SimPO's target margin γ. Default: 0.5.
+    pub simpo_gamma: f64,
+    /// AlphaPO's α (0 = log-prob rewards). Default: 0.0.
+    pub alpha: f64,
+    /// ε. Default: 0.0.
+    pub label_smoothing: f64,
+}
+
+impl Default for CpoConfig {
+    fn default() -> Self {
+        CpoConfig {
+            beta: 0.1,
+            loss_type: None,
+            cpo_alpha: None,
+            simpo_gamma: 0.5,
+            alpha: 0.0,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+impl CpoConfig {
+    /// The objective's parameters under `method`; errors name the key.
+    pub fn params(&self, method: Method) -> Result<crate::objective::cpo::CpoParams, ConfigError> {
+        use crate::objective::cpo::{CpoLossType, CpoParams};
+        let default_type = if method == Method::Simpo {
+            "simpo"
+        } else {
+            "sigmoid"
+        };
+        let name = self.loss_type.as_deref().unwrap_or(default_type);
+        let Some(loss_type) = CpoLossType::from_name(name) else {
+            return Err(invalid(
+                "cpo.loss_type",
+                format!("unknown loss type \"{name}\"; expected sigmoid, hinge, ipo, simpo or alphapo"),
+            ));
+        };
+        if method == Method::Simpo && loss_type != CpoLossType::Simpo {
+            return Err(invalid(
+                "cpo.loss_type",
+                "method = \"simpo\" uses loss_type = \"simpo\" (or alphapo); use method = \"cpo\" for the others",
+            ));
+        }
+        let sugar = name == "alphapo" || (method == Method::Simpo && self.loss_type.is_none());
+        let cpo_alpha = self.cpo_alpha.unwrap_or(if sugar { 0.0 } else { 1.0 });
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            return Err(invalid(
+                "cpo.beta",
+                format!("must be positive, got {}", self.beta),
+            ));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(invalid(
+                "cpo.label_smoothing",
+                format!("must be in [0, 0.5), got {}", self.label_smoothing),
+            ));
+        }
+        Ok(CpoParams {
+            beta: self.beta,
+            loss_type,
+            cpo_alpha,
+            simpo_gamma: self.simpo_gamma,
+            alpha: self.alpha,
+            label_smoothing: self.label_smoothing,
+        })
+    }
+}
+
+/// `[orpo]`: Odds Ratio Preference Optimization, with TRL's `ORPOConfig` names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrpoConfig {
+    /// β (the paper's λ): the weight of the odds-ratio term. Default: 0.1.
+    pub beta: f64,
+}
+
+impl Default for OrpoConfig {
+    fn default() -> Self {
+        OrpoConfig { beta: 0.1 }
+    }
+}
+
 /// `[output]`: where the run goes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -554,6 +661,10 @@ pub struct TrainConfig {
     pub output: OutputConfig,
     /// `[dpo]` (used with `method = "dpo"`).
     pub dpo: DpoConfig,
+    /// `[cpo]` (used with `method = "cpo"` and `"simpo"`).
+    pub cpo: CpoConfig,
+    /// `[orpo]` (used with `method = "orpo"`).
+    pub orpo: OrpoConfig,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -663,6 +774,14 @@ pub const SECTIONS: &[(&str, &str)] = &[
         "dpo",
         "Direct Preference Optimization (method = \"dpo\"), with TRL's DPOConfig names and defaults.",
     ),
+    (
+        "cpo",
+        "Contrastive Preference Optimization and SimPO (method = \"cpo\" / \"simpo\"), with TRL's CPOConfig names.",
+    ),
+    (
+        "orpo",
+        "Odds Ratio Preference Optimization (method = \"orpo\"), with TRL's ORPOConfig names.",
+    ),
 ];
 
 /// Every valid key, in documentation order: the schema that unknown-key and type errors, `--set`
@@ -670,9 +789,10 @@ pub const SECTIONS: &[(&str, &str)] = &[
 pub const KEYS: &[KeySpec] = &[
     key(
         "method",
-        KeyKind::Choice(&["sft", "dpo"]),
-        "Training method: \"sft\" (supervised fine-tuning on single answers) or \"dpo\" (preference \
-         optimization on prompt/chosen/rejected pairs; see [dpo]). Default: \"sft\".",
+        KeyKind::Choice(&["sft", "dpo", "cpo", "simpo", "orpo"]),
+        "Training method: \"sft\" (supervised fine-tuning on single answers), or on prompt/chosen/rejected \
+         pairs \"dpo\" (see [dpo]), \"cpo\" or \"simpo\" (reference-free, see [cpo]), \"orpo\" (reference-free with \
+         an SFT term, see [orpo]). Default: \"sft\".",
     ),
     key(
         "full",
@@ -954,6 +1074,42 @@ pub const KEYS: &[KeySpec] = &[
         "The reference the policy is compared with: \"init\" = the weights training starts from (with \
          lora.init_from, that adapter), \"base\" = the base model without any adapter. Its log-probs are computed \
          once before training and kept in the run directory. Default: \"init\".",
+    ),
+    key(
+        "cpo.beta",
+        KeyKind::Float,
+        "β of the CPO/SimPO loss. Default: 0.1 (SimPO's paper uses 2.0 to 2.5).",
+    ),
+    key(
+        "cpo.loss_type",
+        KeyKind::Choice(&["sigmoid", "hinge", "ipo", "simpo", "alphapo"]),
+        "CPO's loss: sigmoid, hinge, ipo (averaged log-probs), simpo (averaged, with margin simpo_gamma) or alphapo \
+         (simpo with cpo_alpha = 0 and the alpha reward shape). Default: \"sigmoid\" (\"simpo\" with method = \"simpo\").",
+    ),
+    key(
+        "cpo.cpo_alpha",
+        KeyKind::Float,
+        "Weight of the NLL of the chosen completions. Default: 1.0 (0.0 with method = \"simpo\" or alphapo).",
+    ),
+    key(
+        "cpo.simpo_gamma",
+        KeyKind::Float,
+        "SimPO's target reward margin γ. Default: 0.5.",
+    ),
+    key(
+        "cpo.alpha",
+        KeyKind::Float,
+        "AlphaPO's reward shape α (rewards (1 − p^(−α))/α); 0 = log-prob rewards. Default: 0.0.",
+    ),
+    key(
+        "cpo.label_smoothing",
+        KeyKind::Float,
+        "ε of the sigmoid and simpo losses, in [0, 0.5). Default: 0.0.",
+    ),
+    key(
+        "orpo.beta",
+        KeyKind::Float,
+        "β (the paper's λ): weight of the odds-ratio term against the chosen NLL. Default: 0.1.",
     ),
 ];
 
@@ -1292,8 +1448,20 @@ impl TrainConfig {
         if self.model.path.trim().is_empty() {
             return Err(invalid("model.path", "is required: a model directory or hub id"));
         }
-        if self.method == Method::Dpo {
-            self.dpo.params()?;
+        match self.method {
+            Method::Dpo => {
+                self.dpo.params()?;
+            }
+            Method::Cpo | Method::Simpo => {
+                self.cpo.params(self.method)?;
+            }
+            Method::Orpo if !(self.orpo.beta >= 0.0 && self.orpo.beta.is_finite()) => {
+                return Err(invalid(
+                    "orpo.beta",
+                    format!("must be a non-negative number, got {}", self.orpo.beta),
+                ));
+            }
+            _ => {}
         }
         if self.lora.init_from.is_some() && !self.uses_lora() {
             return Err(invalid(
@@ -1800,6 +1968,8 @@ mod tests {
                 "model.tokenizer=t",
                 "data.chat_template=t",
                 "dpo.loss_weights=[1.0]",
+                "cpo.loss_type=sigmoid",
+                "cpo.cpo_alpha=1.0",
                 "lora.init_from=a",
                 "schedule.warmup_steps=1",
                 "train.max_steps=5",

@@ -1,14 +1,14 @@
-//! Preference training runs (`method = "dpo"`): preference pairs from the data files, the
-//! reference log-probs (computed once before training and kept in the run directory, so a
-//! resumed run compares with the same reference), pair micro-batches, then the common loop with
-//! the [`Dpo`] objective.
+//! Preference training runs (`method = "dpo" | "cpo" | "simpo" | "orpo"`): preference pairs from
+//! the data files, for DPO the reference log-probs (computed once before training and kept in the
+//! run directory, so a resumed run compares with the same reference), pair micro-batches, then the
+//! common loop with the method's [`PairLoss`].
 //!
 //! A pair's chosen and rejected sequences always sit in the same micro-batch (attention isolated
 //! per sequence); `batch.micro_batch_rows` counts pairs, `batch.micro_batch_tokens` bounds the
 //! tokens of a micro-batch (a pair longer than the budget gets a micro-batch of its own).
 
-use crate::config::{Reference, TrainConfig};
-use crate::objective::dpo::{Dpo, PairBatch, PairSlot, sequence_logps};
+use crate::config::{Method, Reference, TrainConfig};
+use crate::objective::pairs::{PairBatch, PairLoss, PairObjective, PairSlot, sequence_logps};
 use crate::rng::Rng;
 use crate::sft::{
     BatchSource, RowCounts, RunSetup, RunSummary, TrainError, data_format, print_data_warnings,
@@ -264,15 +264,40 @@ fn write_reference(path: &Path, key: &str, refs: &[(f64, f64)]) -> Result<(), Tr
     crate::checkpoint::write_atomically(path, &bytes).map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
-/// Runs a DPO training run with the loop of [`train_loop`].
-pub fn run_dpo(
+/// Runs a preference training run (the method of `setup.cfg`) with the loop of [`train_loop`].
+pub fn run_preference(
     setup: RunSetup<'_>,
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
     cache_dir: &Path,
 ) -> Result<RunSummary, TrainError> {
     let cfg = setup.cfg;
-    let params = cfg.dpo.params().map_err(err)?;
+    match cfg.method {
+        Method::Dpo => {
+            let params = cfg.dpo.params().map_err(err)?;
+            run_pairs(setup, tok, template, cache_dir, params, true)
+        }
+        Method::Cpo | Method::Simpo => {
+            let params = cfg.cpo.params(cfg.method).map_err(err)?;
+            run_pairs(setup, tok, template, cache_dir, params, false)
+        }
+        Method::Orpo => {
+            let params = crate::objective::orpo::OrpoParams { beta: cfg.orpo.beta };
+            run_pairs(setup, tok, template, cache_dir, params, false)
+        }
+        Method::Sft => Err(err("method = \"sft\" is not a preference method")),
+    }
+}
+
+fn run_pairs<L: PairLoss>(
+    setup: RunSetup<'_>,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    cache_dir: &Path,
+    loss: L,
+    with_reference: bool,
+) -> Result<RunSummary, TrainError> {
+    let cfg = setup.cfg;
     let data = prepare_pairs(cfg, tok, template, cache_dir)?;
     print_data_warnings(cfg, &data.counts, &data.warnings);
     if data.identical > 0 {
@@ -286,6 +311,7 @@ pub fn run_dpo(
     let key = reference_key(cfg, &data.data_hash, all.len());
     let ref_path = setup.run_dir.join(REFERENCE_FILE);
     let refs = match read_reference(&ref_path, &key, all.len()) {
+        _ if !with_reference => vec![(0.0, 0.0); all.len()],
         Some(r) => r,
         None if setup.resume && cfg.dpo.reference == Reference::Init => {
             return Err(err(format!(
@@ -337,5 +363,5 @@ pub fn run_dpo(
         epoch: &epoch,
         eval,
     };
-    train_loop(setup, Dpo { params }, source)
+    train_loop(setup, PairObjective { loss }, source)
 }

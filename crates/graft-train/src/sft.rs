@@ -332,7 +332,7 @@ fn check_sft_records(ds: &graft_data::tokenized::TokenizedDataset, key: &str) ->
     {
         return Err(err(format!(
             "data.{key}: {}: this is preference data (prompt / chosen / rejected pairs), for preference training: \
-             set method = \"dpo\" (method = \"sft\" trains on single answers). To fine-tune on the chosen answers \
+             set method = \"dpo\" (or \"cpo\", \"simpo\", \"orpo\"; method = \"sft\" trains on single answers). To fine-tune on the chosen answers \
              alone, convert the rows to prompt/completion or messages",
             at(e)
         )));
@@ -551,7 +551,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             };
             train_loop(setup, Sft, source)
         }
-        Method::Dpo => crate::preference::run_dpo(setup, &tok, template.as_ref(), &cache_dir),
+        _ => crate::preference::run_preference(setup, &tok, template.as_ref(), &cache_dir),
     }
 }
 

@@ -8,7 +8,8 @@ use graft_model::lora::LoraSpec;
 use graft_model::model::{Model, WeightStorage};
 use graft_model::train::{Batch, TrainMode, TrainOptions};
 use graft_train::objective::Objective;
-use graft_train::objective::dpo::{Dpo, DpoLossType, DpoParams, PairBatch, PairSlot};
+use graft_train::objective::dpo::{Dpo, DpoLossType, DpoParams};
+use graft_train::objective::pairs::{PairBatch, PairSlot};
 
 fn tiny_model() -> Model<Cpu> {
     let spec = ModelSpec::from_config_json(&serde_json::json!({
@@ -115,7 +116,7 @@ fn dpo_gradients_match_finite_differences_for_several_loss_types() {
         vec![(DpoLossType::Sigmoid, 0.8), (DpoLossType::Sft, 0.2)],
     ] {
         let mut dpo = Dpo {
-            params: DpoParams {
+            loss: DpoParams {
                 beta: 0.5,
                 losses: losses.clone(),
                 ..Default::default()
@@ -216,7 +217,7 @@ fn first_dpo_step_matches_trl_dpo_trainer() {
             ..exact()
         },
     );
-    let seqs = graft_train::objective::dpo::sequence_logps(&b, &refs.logprobs);
+    let seqs = graft_train::objective::pairs::sequence_logps(&b, &refs.logprobs);
     for (k, s) in slots.iter().enumerate() {
         assert!(
             (seqs[2 * k].0 - s.ref_chosen).abs() < 1e-4,
@@ -250,7 +251,7 @@ fn first_dpo_step_matches_trl_dpo_trainer() {
             .map(|(k, w)| (DpoLossType::from_name(k).unwrap(), w))
             .collect();
         let mut dpo = Dpo {
-            params: DpoParams {
+            loss: DpoParams {
                 beta: case["beta"].as_f64().unwrap(),
                 losses,
                 label_smoothing: case["label_smoothing"].as_f64().unwrap(),

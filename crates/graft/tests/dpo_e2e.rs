@@ -160,3 +160,40 @@ fn dpo_resumes_bit_identically_after_sigkill() {
         "resumed DPO weights differ from the uninterrupted run's"
     );
 }
+
+#[test]
+fn reference_free_methods_train_and_log_their_metrics() {
+    let root = tmp("cpo-orpo");
+    let cfg = prepare(&root);
+    for (method, key) in [
+        ("cpo", "nll_loss"),
+        ("simpo", "rewards/margins"),
+        ("orpo", "log_odds_ratio"),
+    ] {
+        let run = root.join(method);
+        ok(graft()
+            .arg("train")
+            .arg(&cfg)
+            .args(dpo_sets(&root))
+            .args(["--set", &format!("method={method}")])
+            .args([
+                "--set",
+                "train.max_steps=6",
+                "--set",
+                "train.log_every=3",
+                "--set",
+                "train.save_every=0",
+            ])
+            .args(out_dir(&run)));
+        let recs = records(&run.join("metrics.jsonl"));
+        assert!(
+            recs.iter().any(|r| r.get(key).is_some()),
+            "{method}: {key} missing"
+        );
+        assert!(
+            !run.join("reference_logps.bin").exists(),
+            "{method} needs no reference"
+        );
+        assert!(run.join("adapter/adapter_config.json").exists());
+    }
+}

@@ -12,11 +12,8 @@
 //! forward-mode differentiation of exactly those formulas ([`Ad`]), so every loss type, including
 //! the batch-sorting `aot` ones, gets its exact gradient without a hand-derived formula each.
 
-use super::{Contribution, Objective};
-use graft_kernels::Cpu;
-use graft_kernels::cpu::cross_entropy::IGNORE_INDEX;
-use graft_model::model::Model;
-use graft_model::train::{Batch, Grads, TrainOptions};
+use super::ad::{Ad, mean, sorted};
+use super::pairs::{PairLogps, PairLoss, PairLossOutput, PairObjective};
 use serde::{Deserialize, Serialize};
 
 /// TRL's DPO loss types (`DPOConfig.loss_type`).
@@ -155,23 +152,6 @@ impl DpoParams {
     }
 }
 
-/// The summed completion log-probs of one pair under the policy and the reference.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PairLogps {
-    /// Policy, chosen completion.
-    pub chosen: f64,
-    /// Policy, rejected completion.
-    pub rejected: f64,
-    /// Reference, chosen completion.
-    pub ref_chosen: f64,
-    /// Reference, rejected completion.
-    pub ref_rejected: f64,
-    /// Completion tokens of the chosen sequence.
-    pub chosen_tokens: usize,
-    /// Completion tokens of the rejected sequence.
-    pub rejected_tokens: usize,
-}
-
 /// The DPO loss of a batch of pairs and its gradient.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DpoLoss {
@@ -181,107 +161,6 @@ pub struct DpoLoss {
     pub d_chosen: Vec<f64>,
     /// `∂ loss / ∂ rejected` per pair.
     pub d_rejected: Vec<f64>,
-}
-
-/// A value with its gradient w.r.t. the `2P` policy inputs (`[chosen_0.., rejected_0..]`):
-/// forward-mode differentiation, enough for TRL's closed-form losses over small batches.
-#[derive(Clone, Debug)]
-struct Ad {
-    v: f64,
-    g: Vec<f64>,
-}
-
-impl Ad {
-    fn constant(v: f64, n: usize) -> Ad {
-        Ad { v, g: vec![0.0; n] }
-    }
-    fn input(v: f64, slot: usize, n: usize) -> Ad {
-        let mut a = Ad::constant(v, n);
-        a.g[slot] = 1.0;
-        a
-    }
-    /// `f(self)` with `f'(self.v) = d`.
-    fn chain(&self, v: f64, d: f64) -> Ad {
-        Ad {
-            v,
-            g: self.g.iter().map(|x| x * d).collect(),
-        }
-    }
-    fn add(&self, o: &Ad) -> Ad {
-        Ad {
-            v: self.v + o.v,
-            g: self.g.iter().zip(&o.g).map(|(a, b)| a + b).collect(),
-        }
-    }
-    fn sub(&self, o: &Ad) -> Ad {
-        Ad {
-            v: self.v - o.v,
-            g: self.g.iter().zip(&o.g).map(|(a, b)| a - b).collect(),
-        }
-    }
-    fn mul(&self, o: &Ad) -> Ad {
-        Ad {
-            v: self.v * o.v,
-            g: self
-                .g
-                .iter()
-                .zip(&o.g)
-                .map(|(a, b)| a * o.v + b * self.v)
-                .collect(),
-        }
-    }
-    fn scale(&self, k: f64) -> Ad {
-        self.chain(self.v * k, k)
-    }
-    fn offset(&self, k: f64) -> Ad {
-        self.chain(self.v + k, 1.0)
-    }
-    fn square(&self) -> Ad {
-        self.chain(self.v * self.v, 2.0 * self.v)
-    }
-    fn exp(&self) -> Ad {
-        let e = self.v.exp();
-        self.chain(e, e)
-    }
-    fn sigmoid(&self) -> Ad {
-        let s = sigmoid(self.v);
-        self.chain(s, s * (1.0 - s))
-    }
-    fn log_sigmoid(&self) -> Ad {
-        self.chain(log_sigmoid(self.v), sigmoid(-self.v))
-    }
-    fn relu(&self) -> Ad {
-        self.chain(self.v.max(0.0), if self.v > 0.0 { 1.0 } else { 0.0 })
-    }
-}
-
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
-
-/// `log σ(x)`, stable for large |x|.
-fn log_sigmoid(x: f64) -> f64 {
-    x.min(0.0) - (-x.abs()).exp().ln_1p()
-}
-
-/// The mean of per-pair values.
-fn mean(xs: &[Ad], n: usize) -> Ad {
-    let mut acc = Ad::constant(0.0, n);
-    for x in xs {
-        acc = acc.add(x);
-    }
-    acc.scale(1.0 / xs.len().max(1) as f64)
-}
-
-/// Sorted ascending by value, as `torch.sort` (ties keep their order).
-fn sorted(mut xs: Vec<Ad>) -> Vec<Ad> {
-    xs.sort_by(|a, b| a.v.total_cmp(&b.v));
-    xs
 }
 
 /// TRL's DPO loss of a batch of pairs, with its gradient w.r.t. the policy log-probs.
@@ -481,127 +360,29 @@ pub fn dpo_metric_sums(beta: f64, pairs: &[PairLogps]) -> Vec<(&'static str, f64
     .collect()
 }
 
-/// Where a pair sits in a packed micro-batch and its reference log-probs.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PairSlot {
-    /// Sequence id (in the batch's `seq_ids`) of the chosen completion.
-    pub chosen_seq: u32,
-    /// Sequence id of the rejected completion.
-    pub rejected_seq: u32,
-    /// The reference's summed log-prob of the chosen completion.
-    pub ref_chosen: f64,
-    /// The reference's summed log-prob of the rejected completion.
-    pub ref_rejected: f64,
-}
-
-/// A DPO micro-batch: packed sequences (chosen and rejected of each pair both in it) and where
-/// each pair is.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct PairBatch {
-    /// The packed tokens; only completion tokens have targets.
-    pub batch: Batch,
-    /// The pairs in the batch.
-    pub pairs: Vec<PairSlot>,
-}
-
-/// Per sequence id: the sum of the target log-probs and the number of targets.
-pub fn sequence_logps(batch: &Batch, logprobs: &[f32]) -> Vec<(f64, usize)> {
-    let n = batch.seq_ids.iter().copied().max().map_or(0, |m| m as usize + 1);
-    let mut out = vec![(0.0f64, 0usize); n];
-    for ((&s, &t), &lp) in batch.seq_ids.iter().zip(&batch.targets).zip(logprobs) {
-        if t != IGNORE_INDEX && t >= 0 {
-            let e = &mut out[s as usize];
-            e.0 += lp as f64;
-            e.1 += 1;
+impl PairLoss for DpoParams {
+    fn pair_loss(&self, pairs: &[PairLogps]) -> PairLossOutput {
+        let l = dpo_loss(self, pairs);
+        let n = pairs.len().max(1) as f64;
+        PairLossOutput {
+            loss: l.loss,
+            d_chosen: l.d_chosen,
+            d_rejected: l.d_rejected,
+            metrics: dpo_metric_sums(self.beta, pairs)
+                .into_iter()
+                .map(|(k, v)| (k, v / n))
+                .collect(),
         }
     }
-    out
 }
 
 /// The DPO objective.
-#[derive(Clone, Debug, Default)]
-pub struct Dpo {
-    /// Its hyperparameters.
-    pub params: DpoParams,
-}
-
-impl Dpo {
-    fn pair_logps(&self, batch: &PairBatch, logprobs: &[f32]) -> Vec<PairLogps> {
-        let seqs = sequence_logps(&batch.batch, logprobs);
-        batch
-            .pairs
-            .iter()
-            .map(|s| {
-                let (c, nc) = seqs[s.chosen_seq as usize];
-                let (r, nr) = seqs[s.rejected_seq as usize];
-                PairLogps {
-                    chosen: c,
-                    rejected: r,
-                    ref_chosen: s.ref_chosen,
-                    ref_rejected: s.ref_rejected,
-                    chosen_tokens: nc,
-                    rejected_tokens: nr,
-                }
-            })
-            .collect()
-    }
-
-    fn contribution(&self, pairs: &[PairLogps], loss: f64, tokens: usize) -> Contribution {
-        let units = pairs.len() as f64;
-        Contribution {
-            loss_sum: loss * units,
-            units,
-            tokens,
-            metrics: dpo_metric_sums(self.params.beta, pairs).into_iter().collect(),
-        }
-    }
-}
-
-impl Objective for Dpo {
-    type Batch = PairBatch;
-
-    fn forward_backward(
-        &mut self,
-        model: &Model<Cpu>,
-        batch: &PairBatch,
-        grads: &mut Grads<Cpu>,
-        opts: TrainOptions,
-    ) -> Contribution {
-        let (out, pending) = model.forward_for_backward(&batch.batch, opts);
-        let pairs = self.pair_logps(batch, &out.logprobs);
-        let loss = dpo_loss(&self.params, &pairs);
-        // loss_sum = P · loss, so each sequence's tokens get P · ∂loss/∂(its summed log-prob).
-        let units = pairs.len() as f64;
-        let mut per_seq = vec![
-            0.0f32;
-            batch
-                .batch
-                .seq_ids
-                .iter()
-                .copied()
-                .max()
-                .map_or(0, |m| m as usize + 1)
-        ];
-        for (i, s) in batch.pairs.iter().enumerate() {
-            per_seq[s.chosen_seq as usize] = (units * loss.d_chosen[i]) as f32;
-            per_seq[s.rejected_seq as usize] = (units * loss.d_rejected[i]) as f32;
-        }
-        let d_logp: Vec<f32> = batch.batch.seq_ids.iter().map(|&s| per_seq[s as usize]).collect();
-        model.backward(&batch.batch, pending, grads, &d_logp);
-        self.contribution(&pairs, loss.loss, out.num_trained)
-    }
-
-    fn evaluate(&self, model: &Model<Cpu>, batch: &PairBatch, opts: TrainOptions) -> Contribution {
-        let out = model.forward_logprobs_with(&batch.batch, opts);
-        let pairs = self.pair_logps(batch, &out.logprobs);
-        let loss = dpo_loss(&self.params, &pairs);
-        self.contribution(&pairs, loss.loss, out.num_trained)
-    }
-}
+pub type Dpo = PairObjective<DpoParams>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objective::ad::log_sigmoid;
 
     fn pairs() -> Vec<PairLogps> {
         [

@@ -17,7 +17,11 @@
 //! `Model::forward_for_backward`, the loss and its `d_logp` from the log-probs, then
 //! `Model::backward`) and `evaluate`.
 
+pub(crate) mod ad;
+pub mod cpo;
 pub mod dpo;
+pub mod orpo;
+pub mod pairs;
 pub mod sft;
 
 use graft_kernels::Cpu;
