@@ -104,6 +104,8 @@ pub enum Method {
     Simpo,
     /// Odds Ratio Preference Optimization (reference-free, with the SFT term; `[orpo]`).
     Orpo,
+    /// Kahneman–Tversky Optimization on unpaired, labelled completions (`[kto]`).
+    Kto,
 }
 
 impl Method {
@@ -624,6 +626,66 @@ impl Default for OrpoConfig {
     }
 }
 
+/// `[kto]`: Kahneman–Tversky Optimization, with TRL's `KTOConfig` names and defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KtoConfig {
+    /// β. Default: 0.1.
+    pub beta: f64,
+    /// Weight of desirable (label = true) examples. Default: 1.0.
+    pub desirable_weight: f64,
+    /// Weight of undesirable (label = false) examples. Default: 1.0.
+    pub undesirable_weight: f64,
+    /// `kto` or `apo_zero_unpaired`. Default: `kto`.
+    pub loss_type: String,
+    /// The reference model. Default: `init`.
+    pub reference: Reference,
+}
+
+impl Default for KtoConfig {
+    fn default() -> Self {
+        KtoConfig {
+            beta: 0.1,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            loss_type: "kto".into(),
+            reference: Reference::Init,
+        }
+    }
+}
+
+impl KtoConfig {
+    /// The objective's parameters; errors name the key.
+    pub fn params(&self) -> Result<crate::objective::kto::KtoParams, ConfigError> {
+        use crate::objective::kto::{KtoLossType, KtoParams};
+        let loss_type = match self.loss_type.as_str() {
+            "kto" => KtoLossType::Kto,
+            "apo_zero_unpaired" => KtoLossType::ApoZeroUnpaired,
+            other => {
+                return Err(invalid(
+                    "kto.loss_type",
+                    format!("unknown loss type \"{other}\"; expected kto or apo_zero_unpaired"),
+                ));
+            }
+        };
+        for (key, v) in [
+            ("kto.beta", self.beta),
+            ("kto.desirable_weight", self.desirable_weight),
+            ("kto.undesirable_weight", self.undesirable_weight),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(key, format!("must be positive, got {v}")));
+            }
+        }
+        Ok(KtoParams {
+            beta: self.beta,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
+            loss_type,
+        })
+    }
+}
+
 /// `[output]`: where the run goes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -665,6 +727,8 @@ pub struct TrainConfig {
     pub cpo: CpoConfig,
     /// `[orpo]` (used with `method = "orpo"`).
     pub orpo: OrpoConfig,
+    /// `[kto]` (used with `method = "kto"`).
+    pub kto: KtoConfig,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -782,6 +846,10 @@ pub const SECTIONS: &[(&str, &str)] = &[
         "orpo",
         "Odds Ratio Preference Optimization (method = \"orpo\"), with TRL's ORPOConfig names.",
     ),
+    (
+        "kto",
+        "Kahneman–Tversky Optimization (method = \"kto\"), with TRL's KTOConfig names and defaults.",
+    ),
 ];
 
 /// Every valid key, in documentation order: the schema that unknown-key and type errors, `--set`
@@ -789,10 +857,10 @@ pub const SECTIONS: &[(&str, &str)] = &[
 pub const KEYS: &[KeySpec] = &[
     key(
         "method",
-        KeyKind::Choice(&["sft", "dpo", "cpo", "simpo", "orpo"]),
+        KeyKind::Choice(&["sft", "dpo", "cpo", "simpo", "orpo", "kto"]),
         "Training method: \"sft\" (supervised fine-tuning on single answers), or on prompt/chosen/rejected \
          pairs \"dpo\" (see [dpo]), \"cpo\" or \"simpo\" (reference-free, see [cpo]), \"orpo\" (reference-free with \
-         an SFT term, see [orpo]). Default: \"sft\".",
+         an SFT term, see [orpo]); \"kto\" on unpaired prompt/completion/label rows (see [kto]). Default: \"sft\".",
     ),
     key(
         "full",
@@ -1110,6 +1178,28 @@ pub const KEYS: &[KeySpec] = &[
         "orpo.beta",
         KeyKind::Float,
         "β (the paper's λ): weight of the odds-ratio term against the chosen NLL. Default: 0.1.",
+    ),
+    key("kto.beta", KeyKind::Float, "β of the KTO loss. Default: 0.1."),
+    key(
+        "kto.desirable_weight",
+        KeyKind::Float,
+        "Weight of the losses of desirable (label = true) examples. Default: 1.0.",
+    ),
+    key(
+        "kto.undesirable_weight",
+        KeyKind::Float,
+        "Weight of the losses of undesirable (label = false) examples. Default: 1.0.",
+    ),
+    key(
+        "kto.loss_type",
+        KeyKind::Choice(&["kto", "apo_zero_unpaired"]),
+        "\"kto\" (with the batch KL estimate from mismatched prompt/completion pairs) or \"apo_zero_unpaired\". \
+         Default: \"kto\".",
+    ),
+    key(
+        "kto.reference",
+        KeyKind::Choice(&["init", "base"]),
+        "The reference, as dpo.reference. Default: \"init\".",
     ),
 ];
 
@@ -1454,6 +1544,9 @@ impl TrainConfig {
             }
             Method::Cpo | Method::Simpo => {
                 self.cpo.params(self.method)?;
+            }
+            Method::Kto => {
+                self.kto.params()?;
             }
             Method::Orpo if !(self.orpo.beta >= 0.0 && self.orpo.beta.is_finite()) => {
                 return Err(invalid(

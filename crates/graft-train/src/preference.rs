@@ -8,6 +8,7 @@
 //! tokens of a micro-batch (a pair longer than the budget gets a micro-batch of its own).
 
 use crate::config::{Method, Reference, TrainConfig};
+use crate::objective::kto::{Kto, KtoBatch, KtoSlot};
 use crate::objective::pairs::{PairBatch, PairLoss, PairObjective, PairSlot, sequence_logps};
 use crate::rng::Rng;
 use crate::sft::{
@@ -285,6 +286,7 @@ pub fn run_preference(
             let params = crate::objective::orpo::OrpoParams { beta: cfg.orpo.beta };
             run_pairs(setup, tok, template, cache_dir, params, false)
         }
+        Method::Kto => run_kto(setup, tok, template, cache_dir),
         Method::Sft => Err(err("method = \"sft\" is not a preference method")),
     }
 }
@@ -364,4 +366,311 @@ fn run_pairs<L: PairLoss>(
         eval,
     };
     train_loop(setup, PairObjective { loss }, source)
+}
+
+/// A labelled KTO example: prompt + completion (completion trained) and whether it is desirable.
+#[derive(Clone, Debug)]
+pub struct KtoExample {
+    /// Prompt + completion.
+    pub sample: TokenizedSample,
+    /// Desirable (`true`) or undesirable.
+    pub label: bool,
+}
+
+/// How many preference pairs TRL unpairs at a time (its `map` batch size): each chunk gives its
+/// chosen completions (label true), then its rejected ones (label false).
+const UNPAIR_CHUNK: usize = 1000;
+
+/// Loads KTO examples: KTO rows as they are, preference pairs unpaired as TRL does.
+fn prepare_kto(
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    cache_dir: &Path,
+) -> Result<(Vec<KtoExample>, Vec<KtoExample>, String, RowCounts, Vec<String>), TrainError> {
+    let load = LoadOptions {
+        format: data_format(cfg.data.format),
+        skip_invalid: cfg.data.skip_invalid,
+    };
+    let opts = tokenize_options(cfg);
+    let mut hasher = sha2::Sha256::new();
+    let mut warnings = Vec::new();
+    let mut counts = RowCounts::default();
+    let mut read = |paths: &[String], key: &str| -> Result<Vec<KtoExample>, TrainError> {
+        let mut out = Vec::new();
+        for p in paths {
+            let path = Path::new(p);
+            if !path.exists() {
+                return Err(err(format!("data.{key}: `{p}` does not exist")));
+            }
+            for f in graft_data::dataset::dataset_files(path).map_err(err)? {
+                hasher.update(&std::fs::read(&f).map_err(|e| err(format!("{}: {e}", f.display())))?);
+            }
+            let ds =
+                graft_data::tokenized::load_tokenized(path, &load, tok, template, &opts, Some(cache_dir))
+                    .map_err(|e| err(format!("data.{key}: {e}")))?;
+            if let Some(w) = &ds.cache_warning {
+                warnings.push(format!(
+                    "the tokenization cache was not written ({w}); training goes on without it"
+                ));
+            }
+            counts.skipped += ds.skipped.len();
+            counts.dropped += ds.dropped_too_long.len();
+            let mut pending_pairs: Vec<(TokenizedSample, TokenizedSample)> = Vec::new();
+            let flush = |pending: &mut Vec<(TokenizedSample, TokenizedSample)>, out: &mut Vec<KtoExample>| {
+                for chunk in pending.chunks(UNPAIR_CHUNK) {
+                    out.extend(chunk.iter().map(|(c, _)| KtoExample {
+                        sample: c.clone(),
+                        label: true,
+                    }));
+                    out.extend(chunk.iter().map(|(_, r)| KtoExample {
+                        sample: r.clone(),
+                        label: false,
+                    }));
+                }
+                pending.clear();
+            };
+            for e in &ds.examples {
+                let at = || {
+                    format!(
+                        "{}:{}",
+                        ds.files
+                            .get(e.file)
+                            .map_or("?".into(), |f| f.display().to_string()),
+                        e.line
+                    )
+                };
+                match &e.record {
+                    TokenizedRecord::Kto { sample, label } => {
+                        flush(&mut pending_pairs, &mut out);
+                        counts.truncated += sample.notes.truncated as usize;
+                        if sample.trained_count() == 0 {
+                            return Err(err(format!(
+                                "data.{key}: {}: the completion has no token left to train within data.max_length = {}",
+                                at(),
+                                cfg.data.max_length
+                            )));
+                        }
+                        out.push(KtoExample {
+                            sample: sample.clone(),
+                            label: *label,
+                        });
+                    }
+                    TokenizedRecord::Pair { chosen, rejected } => {
+                        pending_pairs.push((chosen.clone(), rejected.clone()));
+                    }
+                    _ => {
+                        return Err(err(format!(
+                            "data.{key}: {}: this row has no label; method = \"kto\" needs prompt / completion / label \
+                             rows (or preference pairs, which are unpaired); for single answers use method = \"sft\"",
+                            at()
+                        )));
+                    }
+                }
+            }
+            flush(&mut pending_pairs, &mut out);
+        }
+        Ok(out)
+    };
+    let mut train = read(&cfg.data.train, "train")?;
+    let mut eval = read(&cfg.data.eval, "eval")?;
+    let data_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if train.is_empty() {
+        return Err(err("data.train: no usable KTO examples"));
+    }
+    if eval.is_empty() && cfg.data.eval_fraction > 0.0 {
+        // The last rows, so the training order (which KTO keeps) is untouched.
+        let n = ((train.len() as f64) * cfg.data.eval_fraction).round().max(1.0) as usize;
+        eval = train.split_off(train.len() - n.min(train.len() - 1));
+    }
+    Ok((train, eval, data_hash, counts, warnings))
+}
+
+/// The index of a sample's first trained token (where its completion starts).
+fn completion_start(s: &TokenizedSample) -> usize {
+    s.trained.iter().position(|&t| t).unwrap_or(s.input_ids.len())
+}
+
+/// Prompt of `a` followed by the completion of `b` (TRL's mismatched KL sequence).
+fn mismatched(a: &TokenizedSample, b: &TokenizedSample) -> TokenizedSample {
+    let (pa, pb) = (completion_start(a), completion_start(b));
+    let mut input_ids = a.input_ids[..pa].to_vec();
+    input_ids.extend_from_slice(&b.input_ids[pb..]);
+    let mut trained = vec![false; pa];
+    trained.extend_from_slice(&b.trained[pb..]);
+    TokenizedSample {
+        original_len: input_ids.len(),
+        input_ids,
+        trained,
+        notes: Default::default(),
+    }
+}
+
+fn to_batch(samples: &[&TokenizedSample]) -> Batch {
+    let p = PackedBatch::from_samples(samples);
+    Batch {
+        input_ids: p.input_ids,
+        positions: p.positions,
+        seq_ids: p.seq_ids,
+        targets: p.targets,
+    }
+}
+
+/// KTO micro-batches in data order (never shuffled): `rows` examples each or as many as fit the
+/// token budget, with the KL sequences rotated within each.
+fn group_kto(
+    examples: &[KtoExample],
+    refs: &[(f64, f64)],
+    cfg: &TrainConfig,
+    with_kl: bool,
+) -> Vec<KtoBatch> {
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    match cfg.micro_batch() {
+        crate::config::MicroBatch::Rows(rows) => groups.extend(order.chunks(rows.max(1)).map(|c| c.to_vec())),
+        crate::config::MicroBatch::Tokens(budget) => {
+            let (mut cur, mut tokens) = (Vec::new(), 0);
+            for &i in &order {
+                let n = examples[i].sample.input_ids.len();
+                if !cur.is_empty() && tokens + n > budget {
+                    groups.push(std::mem::take(&mut cur));
+                    tokens = 0;
+                }
+                cur.push(i);
+                tokens += n;
+            }
+            if !cur.is_empty() {
+                groups.push(cur);
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|g| {
+            let samples: Vec<&TokenizedSample> = g.iter().map(|&i| &examples[i].sample).collect();
+            let kl: Vec<TokenizedSample> = if with_kl {
+                (0..g.len())
+                    .map(|k| {
+                        mismatched(
+                            &examples[g[k]].sample,
+                            &examples[g[(k + g.len() - 1) % g.len()]].sample,
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let kl_refs: Vec<&TokenizedSample> = kl.iter().collect();
+            KtoBatch {
+                batch: to_batch(&samples),
+                kl_batch: if with_kl {
+                    to_batch(&kl_refs)
+                } else {
+                    Batch::default()
+                },
+                slots: g
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| KtoSlot {
+                        seq: k as u32,
+                        label: examples[i].label,
+                        ref_logp: refs.get(i).map_or(0.0, |r| r.0),
+                        kl_seq: k as u32,
+                        ref_kl_logp: refs.get(i).map_or(0.0, |r| r.1),
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// TRL's warning when the weighted class ratio is outside `[1, 4/3]`.
+fn kto_balance_warning(examples: &[KtoExample], des_w: f64, und_w: f64) -> Option<String> {
+    let des = examples.iter().filter(|e| e.label).count().max(1) as f64;
+    let und = (examples.len() as f64 - des).max(1.0);
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    let (dl, du) = (round2(und * und_w / des), round2(und * und_w / des * 1.33));
+    let (ul, uu) = (round2(des * des_w / und / 1.33), round2(des * des_w / und));
+    let ok = (dl..=du).contains(&des_w) || (ul..=uu).contains(&und_w);
+    (!ok).then(|| {
+        format!(
+            "the weighted ratio of desirable to undesirable examples is outside [1, 4/3] ({des} desirable, {und} \
+             undesirable): set kto.desirable_weight in [{dl}, {du}] or kto.undesirable_weight in [{ul}, {uu}] (not both)"
+        )
+    })
+}
+
+fn run_kto(
+    setup: RunSetup<'_>,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    cache_dir: &Path,
+) -> Result<RunSummary, TrainError> {
+    let cfg = setup.cfg;
+    let params = cfg.kto.params().map_err(err)?;
+    let (train, eval, data_hash, counts, warnings) = prepare_kto(cfg, tok, template, cache_dir)?;
+    print_data_warnings(cfg, &counts, &warnings);
+    if let Some(w) = kto_balance_warning(&train, params.desirable_weight, params.undesirable_weight) {
+        eprintln!("warning: {w}");
+    }
+    let with_kl = params.uses_kl();
+    // Reference log-probs of every example and its KL sequence (the grouping is fixed: data order).
+    let key = format!(
+        "kto|{}|{}",
+        reference_key(cfg, &data_hash, train.len() + eval.len()),
+        with_kl
+    );
+    let ref_path = setup.run_dir.join(REFERENCE_FILE);
+    let n_all = train.len() + eval.len();
+    let refs = match read_reference(&ref_path, &key, n_all) {
+        Some(r) => r,
+        None if setup.resume && cfg.kto.reference == Reference::Init => {
+            return Err(err(format!(
+                "--resume: {} is missing or does not match this data, and the reference (kto.reference = \"init\") \
+                 cannot be recomputed from trained weights",
+                ref_path.display()
+            )));
+        }
+        None => {
+            let opts = TrainOptions {
+                precision: setup.precision,
+                without_adapters: cfg.kto.reference == Reference::Base && setup.mode == TrainMode::Lora,
+                ..Default::default()
+            };
+            eprintln!(
+                "computing reference log-probs of {n_all} examples ({:?})",
+                cfg.kto.reference
+            );
+            let mut refs = Vec::with_capacity(n_all);
+            for part in [&train, &eval] {
+                for b in group_kto(part, &[], cfg, with_kl) {
+                    let main = setup.model.forward_logprobs_with(&b.batch, opts);
+                    let seqs = sequence_logps(&b.batch, &main.logprobs);
+                    let kl = with_kl.then(|| {
+                        let out = setup.model.forward_logprobs_with(&b.kl_batch, opts);
+                        sequence_logps(&b.kl_batch, &out.logprobs)
+                    });
+                    for s in &b.slots {
+                        let k = kl.as_ref().map_or(0.0, |v| v[s.kl_seq as usize].0);
+                        refs.push((seqs[s.seq as usize].0, k));
+                    }
+                }
+            }
+            std::fs::create_dir_all(&setup.run_dir)
+                .map_err(|e| err(format!("{}: {e}", setup.run_dir.display())))?;
+            write_reference(&ref_path, &key, &refs)?;
+            refs
+        }
+    };
+    let (train_refs, eval_refs) = refs.split_at(train.len());
+    let eval_batches = group_kto(&eval, eval_refs, cfg, with_kl);
+    let train_batches = group_kto(&train, train_refs, cfg, with_kl);
+    let epoch = |_e: u64| -> Result<Vec<KtoBatch>, TrainError> { Ok(train_batches.clone()) };
+    let source = BatchSource {
+        samples: train.len(),
+        data_hash,
+        epoch: &epoch,
+        eval: eval_batches,
+    };
+    train_loop(setup, Kto { params }, source)
 }

@@ -349,8 +349,8 @@ fn check_sft_records(ds: &graft_data::tokenized::TokenizedDataset, key: &str) ->
             .count();
         return Err(err(format!(
             "data.{key}: {}: this is KTO data (prompt / completion / label, {undesirable} rows labelled false). \
-             It is for KTO, which method = \"sft\" does not do: SFT would also train the undesirable (label = false) \
-             answers. To fine-tune on the desirable answers alone, keep the label = true rows and drop the label field",
+             It is for KTO: set method = \"kto\" (method = \"sft\" would also train the undesirable, label = false, \
+             answers). To fine-tune on the desirable answers alone, keep the label = true rows and drop the label field",
             at(e)
         )));
     }

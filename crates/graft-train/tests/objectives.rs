@@ -296,3 +296,224 @@ fn first_dpo_step_matches_trl_dpo_trainer() {
         );
     }
 }
+
+fn fixture_dir(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The tiny Llama of `tests/fixtures/dpo_trainer` with its non-zero adapter attached.
+fn fixture_model() -> Model<Cpu> {
+    let dir = fixture_dir("dpo_trainer");
+    let loaded = graft_model::weights::load_model(&dir.join("model")).unwrap();
+    let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::F32).unwrap();
+    let adapter = graft_model::peft::load_peft_adapter(&dir.join("adapter"), &loaded.spec).unwrap();
+    model.set_adapter(&adapter);
+    model
+}
+
+/// Appends `prompt + completion` as sequence `seq`, completion tokens trained.
+fn push_sequence(b: &mut Batch, seq: u32, prompt: &[u32], completion: &[u32]) {
+    let all: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+    for (i, &id) in all.iter().enumerate() {
+        b.input_ids.push(id);
+        b.positions.push(i as u32);
+        b.seq_ids.push(seq);
+        let trained = i + 1 < all.len() && i + 1 >= prompt.len();
+        b.targets.push(if trained { all[i + 1] as i32 } else { -100 });
+    }
+}
+
+/// Relative norm difference of graft's gradients (divided by `units`) and a fixture's.
+fn gradient_error(grads: &mut graft_model::train::Grads<Cpu>, want: &serde_json::Value, units: f64) -> f64 {
+    let mut worst = 0.0f64;
+    grads.for_each_mut(|key, g| {
+        let w = floats(&want[&key]["values"]);
+        assert_eq!(w.len(), g.len(), "{key}");
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (x, w) in g.iter().zip(&w) {
+            num += (*x as f64 / units - w).powi(2);
+            den += w * w;
+        }
+        worst = worst.max((num / den.max(1e-30)).sqrt());
+    });
+    worst
+}
+
+/// `tests/fixtures/cpo_orpo/`, made by TRL 1.16's own `CPOTrainer.compute_loss`
+/// (`scripts/gen_cpo_orpo_fixture.py`) on the DPO fixture's model, adapter and pairs: CPO,
+/// SimPO and AlphaPO first-step losses, metrics and LoRA gradients.
+#[test]
+fn first_cpo_step_matches_trl_cpo_trainer() {
+    use graft_train::objective::cpo::{CpoLossType, CpoParams};
+    use graft_train::objective::pairs::PairObjective;
+    let fixture = read_json(&fixture_dir("cpo_orpo").join("cases.json"));
+    let model = fixture_model();
+    let mut b = Batch::default();
+    let mut slots = Vec::new();
+    for (k, pair) in fixture["pairs"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&pair["prompt_ids"]);
+        push_sequence(&mut b, 2 * k as u32, &prompt, &ids(&pair["chosen_ids"]));
+        push_sequence(&mut b, 2 * k as u32 + 1, &prompt, &ids(&pair["rejected_ids"]));
+        slots.push(PairSlot {
+            chosen_seq: 2 * k as u32,
+            rejected_seq: 2 * k as u32 + 1,
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+        });
+    }
+    let batch = PairBatch {
+        batch: b,
+        pairs: slots,
+    };
+    let mut checked = 0;
+    for case in fixture["cases"].as_array().unwrap() {
+        let p = &case["params"];
+        if p["trainer"] != "CPOTrainer" {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let mut cpo = PairObjective {
+            loss: CpoParams {
+                beta: p["beta"].as_f64().unwrap(),
+                loss_type: CpoLossType::from_name(p["loss_type"].as_str().unwrap()).unwrap(),
+                cpo_alpha: p["cpo_alpha"].as_f64().unwrap(),
+                simpo_gamma: p["simpo_gamma"].as_f64().unwrap(),
+                alpha: p["alpha"].as_f64().unwrap(),
+                label_smoothing: p["label_smoothing"].as_f64().unwrap(),
+            },
+        };
+        let mut grads = model.new_grads(TrainMode::Lora);
+        let c = cpo.forward_backward(&model, &batch, &mut grads, exact());
+        let loss = c.loss_sum / c.units;
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{name}: loss {loss} vs TRL {want}"
+        );
+        for k in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "nll_loss",
+        ] {
+            let (got, want) = (c.metrics[k] / c.units, case["metrics"][k].as_f64().unwrap());
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{name}: {k} {got} vs {want}"
+            );
+        }
+        if case["grads"].is_object() {
+            let err = gradient_error(&mut grads, &case["grads"], c.units);
+            eprintln!("{name}: loss {loss:.7} (TRL {want:.7}), LoRA gradients within {err:.1e}");
+            assert!(err < 1e-3, "{name}: gradients differ by {err:.2e}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 5);
+}
+
+/// `tests/fixtures/kto_trainer/`, made by TRL 1.16's own `KTOTrainer.compute_loss`
+/// (`scripts/gen_kto_fixture.py`): the batch KL estimate from the rotated completions, the loss,
+/// metrics and LoRA gradients, reference = the base model.
+#[test]
+fn first_kto_step_matches_trl_kto_trainer() {
+    use graft_train::objective::kto::{Kto, KtoBatch, KtoLossType, KtoParams, KtoSlot};
+    let fixture = read_json(&fixture_dir("kto_trainer").join("cases.json"));
+    let model = fixture_model();
+    let (refs, ref_kl) = (floats(&fixture["ref_logps"]), floats(&fixture["ref_KL_logps"]));
+    let examples = fixture["examples"].as_array().unwrap();
+    let (mut b, mut kl) = (Batch::default(), Batch::default());
+    let mut slots = Vec::new();
+    for (k, e) in examples.iter().enumerate() {
+        let prompt = ids(&e["prompt_ids"]);
+        push_sequence(&mut b, k as u32, &prompt, &ids(&e["completion_ids"]));
+        // graft's own rotation: prompt k with the completion of example k − 1.
+        let prev = &examples[(k + examples.len() - 1) % examples.len()];
+        assert_eq!(
+            ids(&prev["completion_ids"]),
+            ids(&e["KL_completion_ids"]),
+            "TRL's rotation"
+        );
+        push_sequence(&mut kl, k as u32, &prompt, &ids(&prev["completion_ids"]));
+        slots.push(KtoSlot {
+            seq: k as u32,
+            label: e["label"].as_bool().unwrap(),
+            ref_logp: refs[k],
+            kl_seq: k as u32,
+            ref_kl_logp: ref_kl[k],
+        });
+    }
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let loss_type = match case["loss_type"].as_str().unwrap() {
+            "kto" => KtoLossType::Kto,
+            _ => KtoLossType::ApoZeroUnpaired,
+        };
+        let params = KtoParams {
+            beta: case["beta"].as_f64().unwrap(),
+            desirable_weight: case["desirable_weight"].as_f64().unwrap(),
+            undesirable_weight: case["undesirable_weight"].as_f64().unwrap(),
+            loss_type,
+        };
+        let with_kl = params.uses_kl();
+        let batch = KtoBatch {
+            batch: b.clone(),
+            kl_batch: if with_kl { kl.clone() } else { Batch::default() },
+            slots: slots.clone(),
+        };
+        let mut kto = Kto { params };
+        let mut grads = model.new_grads(TrainMode::Lora);
+        let c = kto.forward_backward(&model, &batch, &mut grads, exact());
+        let loss = c.loss_sum / c.units;
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{name}: loss {loss} vs TRL {want}"
+        );
+        for k in [
+            "kl",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            let Some(want) = case["metrics"][k].as_f64() else {
+                continue;
+            };
+            let got = c.metrics.get(k).copied().unwrap_or(0.0) / c.units;
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{name}: {k} {got} vs {want}"
+            );
+        }
+        let err = gradient_error(&mut grads, &case["grads"], c.units);
+        eprintln!("{name}: loss {loss:.7} (TRL {want:.7}), LoRA gradients within {err:.1e}");
+        assert!(err < 1e-3, "{name}: gradients differ by {err:.2e}");
+    }
+}

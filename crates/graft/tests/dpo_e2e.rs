@@ -197,3 +197,58 @@ fn reference_free_methods_train_and_log_their_metrics() {
         assert!(run.join("adapter/adapter_config.json").exists());
     }
 }
+
+#[test]
+fn kto_learns_from_labelled_completions_and_from_unpaired_pairs() {
+    let root = tmp("kto");
+    let cfg = prepare(&root);
+    // Unpaired: the chosen and rejected completions of the pairs as separate labelled rows.
+    let pairs = root.join("pairs.jsonl");
+    let _ = dpo_sets(&root);
+    let mut kto = String::new();
+    for line in std::fs::read_to_string(&pairs).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for (key, label) in [("chosen", true), ("rejected", false)] {
+            let row = serde_json::json!({"prompt": v["prompt"], "completion": v[key], "label": label});
+            kto.push_str(&row.to_string());
+            kto.push('\n');
+        }
+    }
+    let kto_file = root.join("kto.jsonl");
+    std::fs::write(&kto_file, kto).unwrap();
+    for (name, data) in [("labelled", kto_file.clone()), ("unpaired", pairs.clone())] {
+        let run = root.join(name);
+        ok(graft()
+            .arg("train")
+            .arg(&cfg)
+            .args(dpo_sets(&root))
+            .args([
+                "--set",
+                "method=kto",
+                "--set",
+                &format!("data.train=\"{}\"", data.display()),
+            ])
+            .args([
+                "--set",
+                "train.max_steps=30",
+                "--set",
+                "train.eval_every=30",
+                "--set",
+                "train.log_every=10",
+            ])
+            .args(["--set", "train.save_every=0"])
+            .args(out_dir(&run)));
+        let recs = records(&run.join("metrics.jsonl"));
+        assert!(recs.iter().any(|r| r.get("kl").is_some()), "{name}: kl missing");
+        let last = recs.last().unwrap();
+        let (c, r) = (
+            last["eval_rewards/chosen"].as_f64().unwrap(),
+            last["eval_rewards/rejected"].as_f64().unwrap(),
+        );
+        assert!(
+            c > r,
+            "{name}: desirable completions should gain reward over undesirable ones: {c} vs {r}"
+        );
+        assert!(run.join("adapter/adapter_config.json").exists());
+    }
+}

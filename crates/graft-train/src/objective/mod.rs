@@ -20,6 +20,7 @@
 pub(crate) mod ad;
 pub mod cpo;
 pub mod dpo;
+pub mod kto;
 pub mod orpo;
 pub mod pairs;
 pub mod sft;
