@@ -177,7 +177,15 @@ pub fn prepare_pairs(
 
 /// Groups pairs (in `order`) into micro-batches: `rows` pairs each, or as many as fit `budget`
 /// tokens. Reference log-probs come from `refs` (indexed like `pairs`).
-fn group_pairs(pairs: &[Pair], refs: &[(f64, f64)], order: &[usize], cfg: &TrainConfig) -> Vec<PairBatch> {
+/// With `train_prompt` (ORPO) the chosen sequences get a target at every position, and the
+/// batch's `completion` mask says which targets are completion tokens.
+fn group_pairs(
+    pairs: &[Pair],
+    refs: &[(f64, f64)],
+    order: &[usize],
+    cfg: &TrainConfig,
+    train_prompt: bool,
+) -> Vec<PairBatch> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     match cfg.micro_batch() {
         crate::config::MicroBatch::Rows(rows) => groups.extend(order.chunks(rows.max(1)).map(|c| c.to_vec())),
@@ -205,7 +213,25 @@ fn group_pairs(pairs: &[Pair], refs: &[(f64, f64)], order: &[usize], cfg: &Train
                 .iter()
                 .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
                 .collect();
-            let p = PackedBatch::from_samples(&samples);
+            let (p, completion) = if train_prompt {
+                let whole: Vec<TokenizedSample> = samples
+                    .iter()
+                    .enumerate()
+                    .map(|(k, s)| {
+                        let mut s = (*s).clone();
+                        if k % 2 == 0 {
+                            s.trained.iter_mut().skip(1).for_each(|t| *t = true);
+                        }
+                        s
+                    })
+                    .collect();
+                let refs: Vec<&TokenizedSample> = whole.iter().collect();
+                let completion: Vec<bool> =
+                    samples.iter().flat_map(|s| s.targets()).map(|t| t >= 0).collect();
+                (PackedBatch::from_samples(&refs), completion)
+            } else {
+                (PackedBatch::from_samples(&samples), Vec::new())
+            };
             let slots = g
                 .iter()
                 .enumerate()
@@ -224,6 +250,7 @@ fn group_pairs(pairs: &[Pair], refs: &[(f64, f64)], order: &[usize], cfg: &Train
                     targets: p.targets,
                 },
                 pairs: slots,
+                completion,
             }
         })
         .collect()
@@ -276,15 +303,15 @@ pub fn run_preference(
     match cfg.method {
         Method::Dpo => {
             let params = cfg.dpo.params().map_err(err)?;
-            run_pairs(setup, tok, template, cache_dir, params, true)
+            run_pairs(setup, tok, template, cache_dir, params, true, false)
         }
         Method::Cpo | Method::Simpo => {
             let params = cfg.cpo.params(cfg.method).map_err(err)?;
-            run_pairs(setup, tok, template, cache_dir, params, false)
+            run_pairs(setup, tok, template, cache_dir, params, false, false)
         }
         Method::Orpo => {
             let params = crate::objective::orpo::OrpoParams { beta: cfg.orpo.beta };
-            run_pairs(setup, tok, template, cache_dir, params, false)
+            run_pairs(setup, tok, template, cache_dir, params, false, true)
         }
         Method::Kto => run_kto(setup, tok, template, cache_dir),
         Method::Sft => Err(err("method = \"sft\" is not a preference method")),
@@ -298,6 +325,7 @@ fn run_pairs<L: PairLoss>(
     cache_dir: &Path,
     loss: L,
     with_reference: bool,
+    train_prompt: bool,
 ) -> Result<RunSummary, TrainError> {
     let cfg = setup.cfg;
     let data = prepare_pairs(cfg, tok, template, cache_dir)?;
@@ -336,7 +364,7 @@ fn run_pairs<L: PairLoss>(
             let order: Vec<usize> = (0..all.len()).collect();
             let mut refs = vec![(0.0, 0.0); all.len()];
             let mut next = 0;
-            for b in group_pairs(&all, &[], &order, cfg) {
+            for b in group_pairs(&all, &[], &order, cfg, false) {
                 let out = setup.model.forward_logprobs_with(&b.batch, opts);
                 let seqs = sequence_logps(&b.batch, &out.logprobs);
                 for s in &b.pairs {
@@ -352,12 +380,12 @@ fn run_pairs<L: PairLoss>(
     };
     let (train_refs, eval_refs) = refs.split_at(data.train.len());
     let eval_order: Vec<usize> = (0..data.eval.len()).collect();
-    let eval = group_pairs(&data.eval, eval_refs, &eval_order, cfg);
+    let eval = group_pairs(&data.eval, eval_refs, &eval_order, cfg, train_prompt);
     let seed = cfg.train.seed;
     let epoch = |e: u64| -> Result<Vec<PairBatch>, TrainError> {
         let mut order: Vec<usize> = (0..data.train.len()).collect();
         Rng::for_stream(seed, e).shuffle(&mut order);
-        Ok(group_pairs(&data.train, train_refs, &order, cfg))
+        Ok(group_pairs(&data.train, train_refs, &order, cfg, train_prompt))
     };
     let source = BatchSource {
         samples: data.train.len(),
@@ -387,7 +415,7 @@ fn prepare_kto(
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
     cache_dir: &Path,
-) -> Result<(Vec<KtoExample>, Vec<KtoExample>, String, RowCounts, Vec<String>), TrainError> {
+) -> Result<PreparedKto, TrainError> {
     let load = LoadOptions {
         format: data_format(cfg.data.format),
         skip_invalid: cfg.data.skip_invalid,
@@ -483,7 +511,22 @@ fn prepare_kto(
         let n = ((train.len() as f64) * cfg.data.eval_fraction).round().max(1.0) as usize;
         eval = train.split_off(train.len() - n.min(train.len() - 1));
     }
-    Ok((train, eval, data_hash, counts, warnings))
+    Ok(PreparedKto {
+        train,
+        eval,
+        data_hash,
+        counts,
+        warnings,
+    })
+}
+
+/// The KTO examples of a config's data.
+struct PreparedKto {
+    train: Vec<KtoExample>,
+    eval: Vec<KtoExample>,
+    data_hash: String,
+    counts: RowCounts,
+    warnings: Vec<String>,
 }
 
 /// The index of a sample's first trained token (where its completion starts).
@@ -608,7 +651,13 @@ fn run_kto(
 ) -> Result<RunSummary, TrainError> {
     let cfg = setup.cfg;
     let params = cfg.kto.params().map_err(err)?;
-    let (train, eval, data_hash, counts, warnings) = prepare_kto(cfg, tok, template, cache_dir)?;
+    let PreparedKto {
+        train,
+        eval,
+        data_hash,
+        counts,
+        warnings,
+    } = prepare_kto(cfg, tok, template, cache_dir)?;
     print_data_warnings(cfg, &counts, &warnings);
     if let Some(w) = kto_balance_warning(&train, params.desirable_weight, params.undesirable_weight) {
         eprintln!("warning: {w}");

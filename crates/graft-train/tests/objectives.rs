@@ -60,6 +60,7 @@ fn pair_batch() -> PairBatch {
     }
     PairBatch {
         batch: b,
+        completion: Vec::new(),
         pairs: vec![
             PairSlot {
                 chosen_seq: 0,
@@ -233,6 +234,7 @@ fn first_dpo_step_matches_trl_dpo_trainer() {
     let batch = PairBatch {
         batch: b,
         pairs: slots,
+        completion: Vec::new(),
     };
     for case in fixture["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -386,6 +388,7 @@ fn first_cpo_step_matches_trl_cpo_trainer() {
     let batch = PairBatch {
         batch: b,
         pairs: slots,
+        completion: Vec::new(),
     };
     let mut checked = 0;
     for case in fixture["cases"].as_array().unwrap() {
@@ -516,4 +519,93 @@ fn first_kto_step_matches_trl_kto_trainer() {
         eprintln!("{name}: loss {loss:.7} (TRL {want:.7}), LoRA gradients within {err:.1e}");
         assert!(err < 1e-3, "{name}: gradients differ by {err:.2e}");
     }
+}
+
+/// ORPO from the same fixture (TRL 1.16's own `ORPOTrainer.compute_loss`): its NLL covers the
+/// whole chosen sequence, prompt included; the odds ratio uses per-token-averaged completion
+/// log-probs.
+#[test]
+fn first_orpo_step_matches_trl_orpo_trainer() {
+    use graft_train::objective::orpo::OrpoParams;
+    use graft_train::objective::pairs::PairObjective;
+    let fixture = read_json(&fixture_dir("cpo_orpo").join("cases.json"));
+    let model = fixture_model();
+    let mut b = Batch::default();
+    let mut completion = Vec::new();
+    let mut slots = Vec::new();
+    for (k, pair) in fixture["pairs"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&pair["prompt_ids"]);
+        for (j, c) in [ids(&pair["chosen_ids"]), ids(&pair["rejected_ids"])]
+            .iter()
+            .enumerate()
+        {
+            let start = b.targets.len();
+            push_sequence(&mut b, (2 * k + j) as u32, &prompt, c);
+            completion.extend(b.targets[start..].iter().map(|&t| t >= 0));
+            if j == 0 {
+                // The chosen sequence: a target at every position.
+                let all: Vec<u32> = prompt.iter().chain(c).copied().collect();
+                for (i, t) in b.targets[start..].iter_mut().enumerate() {
+                    if i + 1 < all.len() {
+                        *t = all[i + 1] as i32;
+                    }
+                }
+            }
+        }
+        slots.push(PairSlot {
+            chosen_seq: 2 * k as u32,
+            rejected_seq: 2 * k as u32 + 1,
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+        });
+    }
+    let batch = PairBatch {
+        batch: b,
+        pairs: slots,
+        completion,
+    };
+    let mut checked = 0;
+    for case in fixture["cases"].as_array().unwrap() {
+        if case["params"]["trainer"] != "ORPOTrainer" {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let mut orpo = PairObjective {
+            loss: OrpoParams {
+                beta: case["params"]["beta"].as_f64().unwrap(),
+            },
+        };
+        let mut grads = model.new_grads(TrainMode::Lora);
+        let c = orpo.forward_backward(&model, &batch, &mut grads, exact());
+        let loss = c.loss_sum / c.units;
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{name}: loss {loss} vs TRL {want}"
+        );
+        for k in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "nll_loss",
+            "log_odds_ratio",
+            "log_odds_chosen",
+        ] {
+            let (got, want) = (c.metrics[k] / c.units, case["metrics"][k].as_f64().unwrap());
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{name}: {k} {got} vs {want}"
+            );
+        }
+        if case["grads"].is_object() {
+            let err = gradient_error(&mut grads, &case["grads"], c.units);
+            eprintln!("{name}: loss {loss:.7} (TRL {want:.7}), LoRA gradients within {err:.1e}");
+            assert!(err < 1e-3, "{name}: gradients differ by {err:.2e}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
 }

@@ -143,6 +143,7 @@ impl PairLoss for CpoParams {
             loss: total.v,
             d_chosen: total.g[..p].to_vec(),
             d_rejected: total.g[p..].to_vec(),
+            d_chosen_all: Vec::new(),
             metrics: vec![
                 ("rewards/chosen", rc_sum / m),
                 ("rewards/rejected", rr_sum / m),

@@ -368,6 +368,7 @@ impl PairLoss for DpoParams {
             loss: l.loss,
             d_chosen: l.d_chosen,
             d_rejected: l.d_rejected,
+            d_chosen_all: Vec::new(),
             metrics: dpo_metric_sums(self.beta, pairs)
                 .into_iter()
                 .map(|(k, v)| (k, v / n))
@@ -384,23 +385,7 @@ mod tests {
     use super::*;
     use crate::objective::ad::log_sigmoid;
 
-    fn pairs() -> Vec<PairLogps> {
-        [
-            (-12.0, -15.5, -13.0, -14.0, 5, 7),
-            (-30.2, -22.1, -29.0, -25.0, 11, 9),
-            (-8.4, -8.3, -9.5, -7.0, 3, 4),
-        ]
-        .iter()
-        .map(|&(c, r, rc, rr, nc, nr)| PairLogps {
-            chosen: c,
-            rejected: r,
-            ref_chosen: rc,
-            ref_rejected: rr,
-            chosen_tokens: nc,
-            rejected_tokens: nr,
-        })
-        .collect()
-    }
+    use crate::objective::pairs::tests::pairs;
 
     #[test]
     fn gradients_match_finite_differences_for_every_loss_type() {
@@ -528,6 +513,8 @@ mod tests {
                     ref_rejected: rr[i],
                     chosen_tokens: nc[i] as usize,
                     rejected_tokens: nr[i] as usize,
+                    chosen_all: c[i],
+                    chosen_all_tokens: nc[i] as usize,
                 })
                 .collect();
             let got = dpo_loss(&params, &pairs);

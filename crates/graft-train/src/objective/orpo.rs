@@ -1,5 +1,6 @@
 //! Odds Ratio Preference Optimization, as TRL's `ORPOTrainer` computes it: the NLL of the chosen
-//! completions (mean over all their tokens in the micro-batch) minus `β` × the mean of
+//! sequences — every target, prompt included, as TRL's labels are the whole chosen sequence (mean
+//! over all of them in the micro-batch) — minus `β` × the mean of
 //! `log σ(log odds(chosen) − log odds(rejected))`, with per-token-averaged log-probs `ℓ` and
 //! `log odds = ℓ − log(1 − e^ℓ)`. No reference. Rewards are `β·ℓ`; TRL logs `log_odds_ratio`
 //! (the mean `log σ(…)`) and `log_odds_chosen` (the mean log-odds difference).
@@ -38,19 +39,18 @@ impl PairLoss for OrpoParams {
             r_sum += r.v;
             acc += if beta * c.v > beta * r.v { 1.0 } else { 0.0 };
         }
-        let tokens: usize = pairs.iter().map(|x| x.chosen_tokens).sum();
-        let mut nll = Ad::constant(0.0, n);
-        for (i, x) in pairs.iter().enumerate() {
-            nll = nll.add(&Ad::input(x.chosen, i, n));
-        }
-        let nll = nll.scale(-1.0 / tokens.max(1) as f64);
+        // The NLL covers every target of the chosen sequences (TRL's ORPO trains the prompt too):
+        // its derivative w.r.t. each pair's `chosen_all` is the same constant.
+        let tokens: usize = pairs.iter().map(|x| x.chosen_all_tokens).sum();
+        let nll = -pairs.iter().map(|x| x.chosen_all).sum::<f64>() / tokens.max(1) as f64;
         let ratio = mean(&ratios, n);
-        let total = nll.sub(&ratio.scale(beta));
+        let total = ratio.scale(-beta).offset(nll);
         let m = p.max(1) as f64;
         PairLossOutput {
             loss: total.v,
             d_chosen: total.g[..p].to_vec(),
             d_rejected: total.g[p..].to_vec(),
+            d_chosen_all: vec![-1.0 / tokens.max(1) as f64; p],
             metrics: vec![
                 ("rewards/chosen", beta * c_sum / m),
                 ("rewards/rejected", beta * r_sum / m),
@@ -58,7 +58,7 @@ impl PairLoss for OrpoParams {
                 ("rewards/margins", beta * (c_sum - r_sum) / m),
                 ("logps/chosen", c_sum / m),
                 ("logps/rejected", r_sum / m),
-                ("nll_loss", nll.v),
+                ("nll_loss", nll),
                 ("log_odds_ratio", ratio.v),
                 ("log_odds_chosen", log_odds_all.iter().sum::<f64>() / m),
             ],

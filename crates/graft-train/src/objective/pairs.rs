@@ -24,6 +24,11 @@ pub struct PairLogps {
     pub chosen_tokens: usize,
     /// Completion tokens of the rejected sequence.
     pub rejected_tokens: usize,
+    /// The policy's summed log-prob over every target of the chosen sequence (its prompt too when
+    /// the batch trains it, as ORPO's NLL does; else equal to `chosen`).
+    pub chosen_all: f64,
+    /// Targets of the chosen sequence.
+    pub chosen_all_tokens: usize,
 }
 
 /// Where a pair sits in a packed micro-batch and its reference log-probs.
@@ -43,10 +48,12 @@ pub struct PairSlot {
 /// each pair is.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PairBatch {
-    /// The packed tokens; only completion tokens have targets.
+    /// The packed tokens; completion tokens have targets (and, for ORPO, the chosen prompts).
     pub batch: Batch,
     /// The pairs in the batch.
     pub pairs: Vec<PairSlot>,
+    /// Per token: its target is a completion token (empty: every target is).
+    pub completion: Vec<bool>,
 }
 
 /// Per sequence id: the sum of the target log-probs and the number of targets.
@@ -80,6 +87,8 @@ pub struct PairLossOutput {
     pub d_chosen: Vec<f64>,
     /// `∂ loss / ∂ rejected` per pair.
     pub d_rejected: Vec<f64>,
+    /// `∂ loss / ∂ chosen_all` per pair (terms over the whole chosen sequence; empty if none).
+    pub d_chosen_all: Vec<f64>,
     /// Batch means by TRL's names.
     pub metrics: Vec<(&'static str, f64)>,
 }
@@ -93,13 +102,25 @@ pub struct PairObjective<L> {
 
 impl<L: PairLoss> PairObjective<L> {
     fn pair_logps(batch: &PairBatch, logprobs: &[f32]) -> Vec<PairLogps> {
-        let seqs = sequence_logps(&batch.batch, logprobs);
+        let all = sequence_logps(&batch.batch, logprobs);
+        let completion = if batch.completion.is_empty() {
+            all.clone()
+        } else {
+            let mut masked = batch.batch.clone();
+            for (t, keep) in masked.targets.iter_mut().zip(&batch.completion) {
+                if !keep {
+                    *t = IGNORE_INDEX;
+                }
+            }
+            sequence_logps(&masked, logprobs)
+        };
         batch
             .pairs
             .iter()
             .map(|s| {
-                let (c, nc) = seqs[s.chosen_seq as usize];
-                let (r, nr) = seqs[s.rejected_seq as usize];
+                let (c, nc) = completion[s.chosen_seq as usize];
+                let (r, nr) = completion[s.rejected_seq as usize];
+                let (ca, nca) = all[s.chosen_seq as usize];
                 PairLogps {
                     chosen: c,
                     rejected: r,
@@ -107,6 +128,8 @@ impl<L: PairLoss> PairObjective<L> {
                     ref_rejected: s.ref_rejected,
                     chosen_tokens: nc,
                     rejected_tokens: nr,
+                    chosen_all: ca,
+                    chosen_all_tokens: nca,
                 }
             })
             .collect()
@@ -145,12 +168,24 @@ impl<L: PairLoss> Objective for PairObjective<L> {
             .copied()
             .max()
             .map_or(0, |m| m as usize + 1);
-        let mut per_seq = vec![0.0f32; n_seq];
+        // Per sequence: the derivative for its completion tokens, and for every target.
+        let mut per_seq = vec![(0.0f64, 0.0f64); n_seq];
         for (i, s) in batch.pairs.iter().enumerate() {
-            per_seq[s.chosen_seq as usize] = (units * loss.d_chosen[i]) as f32;
-            per_seq[s.rejected_seq as usize] = (units * loss.d_rejected[i]) as f32;
+            let all = loss.d_chosen_all.get(i).copied().unwrap_or(0.0);
+            per_seq[s.chosen_seq as usize] = (units * loss.d_chosen[i], units * all);
+            per_seq[s.rejected_seq as usize] = (units * loss.d_rejected[i], 0.0);
         }
-        let d_logp: Vec<f32> = batch.batch.seq_ids.iter().map(|&s| per_seq[s as usize]).collect();
+        let d_logp: Vec<f32> = batch
+            .batch
+            .seq_ids
+            .iter()
+            .enumerate()
+            .map(|(t, &s)| {
+                let (completion, all) = per_seq[s as usize];
+                let is_completion = batch.completion.get(t).copied().unwrap_or(true);
+                (all + if is_completion { completion } else { 0.0 }) as f32
+            })
+            .collect();
         model.backward(&batch.batch, pending, grads, &d_logp);
         Self::contribution(&loss, pairs.len(), out.num_trained)
     }
@@ -181,6 +216,8 @@ pub(crate) mod tests {
             ref_rejected: rr,
             chosen_tokens: nc,
             rejected_tokens: nr,
+            chosen_all: c,
+            chosen_all_tokens: nc,
         })
         .collect()
     }
