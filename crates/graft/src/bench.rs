@@ -32,12 +32,21 @@ pub struct TrainBenchArgs {
     /// Full fine-tuning instead of LoRA.
     #[arg(long)]
     full: bool,
-    /// Sequences per step.
+    /// Sequences per step (with `--method dpo`: preference pairs, two sequences each).
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// Tokens per sequence.
+    /// Tokens per sequence (with `--method dpo`: prompt + completion).
     #[arg(long, default_value_t = 512)]
     seq: usize,
+    /// The objective: `sft` (next-token loss on every token) or `dpo` (sigmoid DPO on pairs whose
+    /// chosen and rejected completions share a `--prompt-len` prompt; the reference log-probs
+    /// computed once before the timed steps, as `graft train` does; the peer is TRL's
+    /// DPOTrainer, `scripts/bench_trl_dpo.py`).
+    #[arg(long, default_value = "sft")]
+    method: String,
+    /// Prompt tokens of each pair (`--method dpo`).
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -98,6 +107,71 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
     b
 }
 
+/// `pairs` random preference pairs of `seq` tokens each (a shared `prompt` prefix, different
+/// completions), laid out `[chosen_0, rejected_0, …]` with only completion tokens trained.
+fn random_pairs(
+    vocab: usize,
+    pairs: usize,
+    seq: usize,
+    prompt: usize,
+    seed: u64,
+) -> graft_train::objective::pairs::PairBatch {
+    use graft_train::objective::pairs::{PairBatch, PairSlot};
+    let mut s = seed;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) % vocab as u64) as u32
+    };
+    let mut b = Batch::default();
+    let mut slots = Vec::new();
+    for k in 0..pairs {
+        let head: Vec<u32> = (0..prompt).map(|_| next()).collect();
+        for j in 0..2 {
+            let ids: Vec<u32> = head
+                .iter()
+                .copied()
+                .chain((prompt..seq).map(|_| next()))
+                .collect();
+            for p in 0..seq {
+                b.input_ids.push(ids[p]);
+                b.positions.push(p as u32);
+                b.seq_ids.push((2 * k + j) as u32);
+                b.targets.push(if p + 1 < seq && p + 1 >= prompt {
+                    ids[p + 1] as i32
+                } else {
+                    -100
+                });
+            }
+        }
+        slots.push(PairSlot {
+            chosen_seq: 2 * k as u32,
+            rejected_seq: 2 * k as u32 + 1,
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+        });
+    }
+    PairBatch {
+        batch: b,
+        pairs: slots,
+        completion: Vec::new(),
+    }
+}
+
+/// The CPU model from `/proc/cpuinfo` (every benchmark prints it).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 /// Model FLOPs of one step (forward + backward, no recomputation), the MFU numerator.
 fn step_flops(spec: &graft_model::ModelSpec, batch: usize, seq: usize, full: bool, lora_rank: usize) -> f64 {
     let t = (batch * seq) as f64;
@@ -130,6 +204,18 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     if args.batch == 0 || args.seq < 2 || args.steps == 0 {
         bail!("--batch and --steps must be ≥ 1 and --seq ≥ 2");
     }
+    let dpo = match args.method.as_str() {
+        "sft" => false,
+        "dpo" => true,
+        other => bail!("--method: expected sft or dpo, got `{other}`"),
+    };
+    if dpo && args.prompt_len + 2 > args.seq {
+        bail!(
+            "--prompt-len ({}) must leave at least 2 completion tokens in --seq ({})",
+            args.prompt_len,
+            args.seq
+        );
+    }
     let precision = if args.exact {
         Precision::Exact
     } else {
@@ -147,7 +233,8 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     };
     let threads = rayon::current_num_threads();
     eprintln!(
-        "graft bench train: {} ({:.1}M params), {}, batch {} × seq {}, {:?} precision, checkpointing {}, {} threads",
+        "graft bench train{}: {} ({:.1}M params), {}, batch {} × seq {}, {:?} precision, checkpointing {}, {} threads, {}",
+        if dpo { " --method dpo" } else { "" },
         args.shape,
         spec.num_parameters() as f64 / 1e6,
         if args.full {
@@ -159,7 +246,8 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         args.seq,
         precision,
         if args.checkpointing { "on" } else { "off" },
-        threads
+        threads,
+        cpu_model()
     );
     let mut model = Model::random(Cpu, &spec, 1, storage);
     model.ensure_positions(args.seq);
@@ -174,6 +262,31 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         model.init_lora(&lora, 7);
     }
     let batch = random_batch(spec.vocab_size, args.batch, args.seq, 42);
+    let mut pairs = dpo.then(|| random_pairs(spec.vocab_size, args.batch, args.seq, args.prompt_len, 42));
+    let mut objective = graft_train::objective::pairs::PairObjective {
+        loss: graft_train::objective::dpo::DpoParams::default(),
+    };
+    if let Some(pb) = pairs.as_mut() {
+        // The reference (the base: adapter off), once, as graft train keeps it in the run dir.
+        let t0 = Instant::now();
+        let out = model.forward_logprobs_with(
+            &pb.batch,
+            TrainOptions {
+                precision,
+                without_adapters: true,
+                ..Default::default()
+            },
+        );
+        let seqs = graft_train::objective::pairs::sequence_logps(&pb.batch, &out.logprobs);
+        for s in &mut pb.pairs {
+            s.ref_chosen = seqs[s.chosen_seq as usize].0;
+            s.ref_rejected = seqs[s.rejected_seq as usize].0;
+        }
+        eprintln!(
+            "  reference log-probs (once per run): {:.2} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let mut grads = model.new_grads(mode);
     // The trainer's own AdamW, so the step and its memory are what a real run does.
     let mut opt = graft_train::optim::AdamW::new(graft_train::optim::AdamWHyper::default());
@@ -192,8 +305,17 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         }
         let t0 = Instant::now();
         grads.zero(&model.backend);
-        let out = model.forward_backward(&batch, &mut grads, 1.0 / n_trained as f32, opts);
-        last_loss = out.loss_sum / n_trained as f64;
+        if let Some(pb) = &pairs {
+            use graft_train::objective::Objective;
+            let c = objective.forward_backward(&model, pb, &mut grads, opts);
+            let mut gs: Vec<&mut [f32]> = Vec::new();
+            grads.for_each_mut(|_, g| gs.push(g.as_mut_slice()));
+            graft_train::optim::scale_grads(&mut gs, 1.0 / c.units as f32);
+            last_loss = c.loss_sum / c.units;
+        } else {
+            let out = model.forward_backward(&batch, &mut grads, 1.0 / n_trained as f32, opts);
+            last_loss = out.loss_sum / n_trained as f64;
+        }
         let mut gl: Vec<&Vec<f32>> = Vec::new();
         grads.for_each_mut(|_, g| gl.push(g));
         let _p = profile::scope("optimizer");
@@ -223,10 +345,11 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     }
     profile::set_enabled(false);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let tokens = (args.batch * args.seq) as f64;
+    let sequences = if dpo { 2 * args.batch } else { args.batch };
+    let tokens = (sequences * args.seq) as f64;
     let tps = tokens / mean;
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
-    let flops = step_flops(&spec, args.batch, args.seq, args.full, args.lora_rank);
+    let flops = step_flops(&spec, sequences, args.seq, args.full, args.lora_rank);
     let (peak_f32, peak_bf16) = graft_kernels::cpu::gemm_bf16::measure_peak_gflops(threads);
     let peak = if precision == Precision::Fast {
         peak_bf16
@@ -247,7 +370,7 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     let plan = graft_train::plan::estimate(
         &spec,
         &graft_train::plan::PlanInput {
-            tokens: args.batch * args.seq,
+            tokens: sequences * args.seq,
             lora: (mode == TrainMode::Lora).then_some(LoraSpec {
                 r: args.lora_rank,
                 alpha: 2.0 * args.lora_rank as f32,
@@ -277,8 +400,85 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
         );
     }
     if !args.no_torch {
-        compare_torch(args, tps, rss)?;
+        if dpo {
+            compare_trl_dpo(args, tps, rss)?;
+        } else {
+            compare_torch(args, tps, rss)?;
+        }
     }
+    Ok(())
+}
+
+/// Runs `scripts/bench_trl_dpo.py` (TRL's DPOTrainer + PEFT on the same shape and pairs) and
+/// prints the ratios.
+fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
+    let python = args
+        .python
+        .clone()
+        .or_else(|| std::env::var("GRAFT_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_trl_dpo.py");
+    if !script.exists() {
+        eprintln!("(skipping the TRL comparison: {} not found)", script.display());
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&script).args([
+        "--shape",
+        &args.shape,
+        "--pairs",
+        &args.batch.to_string(),
+        "--prompt-len",
+        &args.prompt_len.to_string(),
+        "--completion-len",
+        &(args.seq - args.prompt_len).to_string(),
+        "--steps",
+        &args.steps.to_string(),
+        "--threads",
+        &rayon::current_num_threads().to_string(),
+        "--lora-rank",
+        &args.lora_rank.to_string(),
+        "--configs",
+        &args.torch_configs,
+    ]);
+    eprintln!("running TRL reference: {python} {} …", script.display());
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    if !out.status.success() {
+        eprintln!(
+            "(TRL comparison failed: {}; are trl, peft and torch installed for {python}? set --python)",
+            out.status
+        );
+        return Ok(());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')) else {
+        eprintln!("(the TRL comparison printed no JSON result)");
+        return Ok(());
+    };
+    let v: serde_json::Value = serde_json::from_str(line).context("parsing bench_trl_dpo.py output")?;
+    let best = &v["best"];
+    let t_tps = best["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let t_rss = best["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
+    let lean = v["configs"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter_map(|x| x["peak_rss_mb"].as_f64())
+                .fold(f64::INFINITY, f64::min)
+        })
+        .unwrap_or(f64::NAN);
+    println!(
+        "trl {} (best config {}): {t_tps:.1} tokens/s, peak RSS {t_rss:.0} MB (leanest config {lean:.0} MB)",
+        v["trl"], best
+    );
+    println!(
+        "ratio graft/trl: tokens/s {:.2}×, peak RSS {:.2}× of the leanest TRL config",
+        tps / t_tps,
+        rss / lean
+    );
     Ok(())
 }
 
