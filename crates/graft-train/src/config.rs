@@ -446,15 +446,37 @@ impl Default for TrainLoopConfig {
     }
 }
 
-/// What a preference objective compares the policy with.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// What a preference objective compares the policy with: `"init"`, `"base"` or a path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Reference {
     /// The weights training starts from (with `lora.init_from`, that adapter). Default.
     #[default]
     Init,
     /// The base model alone (under LoRA: the adapter switched off).
     Base,
+    /// Another model (directory, GGUF, hub id) or a PEFT adapter directory for the same base.
+    Path(String),
+}
+
+impl Serialize for Reference {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            Reference::Init => "init",
+            Reference::Base => "base",
+            Reference::Path(p) => p,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Reference {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "init" => Reference::Init,
+            "base" => Reference::Base,
+            _ => Reference::Path(s),
+        })
+    }
 }
 
 /// `[dpo]`: Direct Preference Optimization, with TRL's `DPOConfig` names and defaults.
@@ -1138,10 +1160,11 @@ pub const KEYS: &[KeySpec] = &[
     ),
     key(
         "dpo.reference",
-        KeyKind::Choice(&["init", "base"]),
+        KeyKind::Str,
         "The reference the policy is compared with: \"init\" = the weights training starts from (with \
-         lora.init_from, that adapter), \"base\" = the base model without any adapter. Its log-probs are computed \
-         once before training and kept in the run directory. Default: \"init\".",
+         lora.init_from, that adapter), \"base\" = the base model without any adapter, or a path: a PEFT adapter \
+         directory for the same base, or another model (directory, GGUF file, hub id) with the same vocabulary. \
+         Its log-probs are computed once before training and kept in the run directory. Default: \"init\".",
     ),
     key(
         "cpo.beta",
@@ -1198,8 +1221,8 @@ pub const KEYS: &[KeySpec] = &[
     ),
     key(
         "kto.reference",
-        KeyKind::Choice(&["init", "base"]),
-        "The reference, as dpo.reference. Default: \"init\".",
+        KeyKind::Str,
+        "The reference, as dpo.reference (\"init\", \"base\" or a path). Default: \"init\".",
     ),
 ];
 

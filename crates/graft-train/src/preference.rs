@@ -319,7 +319,7 @@ pub fn run_preference(
 }
 
 fn run_pairs<L: PairLoss>(
-    setup: RunSetup<'_>,
+    mut setup: RunSetup<'_>,
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
     cache_dir: &Path,
@@ -351,27 +351,24 @@ fn run_pairs<L: PairLoss>(
             )));
         }
         None => {
-            let opts = TrainOptions {
-                precision: setup.precision,
-                without_adapters: cfg.dpo.reference == Reference::Base && setup.mode == TrainMode::Lora,
-                ..Default::default()
-            };
             eprintln!(
-                "computing reference log-probs of {} pairs ({:?})",
+                "computing reference log-probs of {} pairs ({})",
                 all.len(),
-                cfg.dpo.reference
+                describe_reference(&cfg.dpo.reference)
             );
             let order: Vec<usize> = (0..all.len()).collect();
-            let mut refs = vec![(0.0, 0.0); all.len()];
-            let mut next = 0;
-            for b in group_pairs(&all, &[], &order, cfg, false) {
-                let out = setup.model.forward_logprobs_with(&b.batch, opts);
-                let seqs = sequence_logps(&b.batch, &out.logprobs);
-                for s in &b.pairs {
-                    refs[next] = (seqs[s.chosen_seq as usize].0, seqs[s.rejected_seq as usize].0);
-                    next += 1;
+            let batches = group_pairs(&all, &[], &order, cfg, false);
+            let refs = with_reference_model(&mut setup, &cfg.dpo.reference, |model, opts| {
+                let mut refs = Vec::with_capacity(all.len());
+                for b in &batches {
+                    let out = model.forward_logprobs_with(&b.batch, opts);
+                    let seqs = sequence_logps(&b.batch, &out.logprobs);
+                    for s in &b.pairs {
+                        refs.push((seqs[s.chosen_seq as usize].0, seqs[s.rejected_seq as usize].0));
+                    }
                 }
-            }
+                refs
+            })?;
             std::fs::create_dir_all(&setup.run_dir)
                 .map_err(|e| err(format!("{}: {e}", setup.run_dir.display())))?;
             write_reference(&ref_path, &key, &refs)?;
@@ -644,7 +641,7 @@ fn kto_balance_warning(examples: &[KtoExample], des_w: f64, und_w: f64) -> Optio
 }
 
 fn run_kto(
-    setup: RunSetup<'_>,
+    mut setup: RunSetup<'_>,
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
     cache_dir: &Path,
@@ -681,22 +678,21 @@ fn run_kto(
             )));
         }
         None => {
-            let opts = TrainOptions {
-                precision: setup.precision,
-                without_adapters: cfg.kto.reference == Reference::Base && setup.mode == TrainMode::Lora,
-                ..Default::default()
-            };
             eprintln!(
-                "computing reference log-probs of {n_all} examples ({:?})",
-                cfg.kto.reference
+                "computing reference log-probs of {n_all} examples ({})",
+                describe_reference(&cfg.kto.reference)
             );
-            let mut refs = Vec::with_capacity(n_all);
-            for part in [&train, &eval] {
-                for b in group_kto(part, &[], cfg, with_kl) {
-                    let main = setup.model.forward_logprobs_with(&b.batch, opts);
+            let batches: Vec<KtoBatch> = [&train, &eval]
+                .into_iter()
+                .flat_map(|part| group_kto(part, &[], cfg, with_kl))
+                .collect();
+            let refs = with_reference_model(&mut setup, &cfg.kto.reference, |model, opts| {
+                let mut refs = Vec::with_capacity(n_all);
+                for b in &batches {
+                    let main = model.forward_logprobs_with(&b.batch, opts);
                     let seqs = sequence_logps(&b.batch, &main.logprobs);
                     let kl = with_kl.then(|| {
-                        let out = setup.model.forward_logprobs_with(&b.kl_batch, opts);
+                        let out = model.forward_logprobs_with(&b.kl_batch, opts);
                         sequence_logps(&b.kl_batch, &out.logprobs)
                     });
                     for s in &b.slots {
@@ -704,7 +700,8 @@ fn run_kto(
                         refs.push((seqs[s.seq as usize].0, k));
                     }
                 }
-            }
+                refs
+            })?;
             std::fs::create_dir_all(&setup.run_dir)
                 .map_err(|e| err(format!("{}: {e}", setup.run_dir.display())))?;
             write_reference(&ref_path, &key, &refs)?;
@@ -722,4 +719,72 @@ fn run_kto(
         eval: eval_batches,
     };
     train_loop(setup, Kto { params }, source)
+}
+
+fn describe_reference(r: &Reference) -> String {
+    match r {
+        Reference::Init => "the starting weights".into(),
+        Reference::Base => "the base model".into(),
+        Reference::Path(p) => format!("`{p}`"),
+    }
+}
+
+/// Runs `f` with the reference model: the training model as it starts (`init`), the same with
+/// its adapter off (`base`), the training base with another PEFT adapter in place of its own (an
+/// adapter directory; the training adapter is put back after), or another model.
+fn with_reference_model<R>(
+    setup: &mut RunSetup<'_>,
+    reference: &Reference,
+    f: impl FnOnce(&graft_model::model::Model<graft_kernels::Cpu>, TrainOptions) -> R,
+) -> Result<R, TrainError> {
+    let opts = TrainOptions {
+        precision: setup.precision,
+        ..Default::default()
+    };
+    match reference {
+        Reference::Init => Ok(f(&setup.model, opts)),
+        Reference::Base => Ok(f(
+            &setup.model,
+            TrainOptions {
+                without_adapters: setup.mode == TrainMode::Lora,
+                ..opts
+            },
+        )),
+        Reference::Path(p) if Path::new(p).join("adapter_config.json").is_file() => {
+            let adapter = graft_model::peft::load_peft_adapter(Path::new(p), &setup.model.spec)
+                .map_err(|e| err(format!("reference: {e}")))?;
+            let own = setup.peft_out.clone().map(|c| setup.model.adapter(c));
+            setup.model.set_adapter(&adapter);
+            let out = f(&setup.model, opts);
+            match own {
+                Some(own) => setup.model.set_adapter(&own),
+                None => setup
+                    .model
+                    .layers
+                    .iter_mut()
+                    .for_each(|l| l.lora = Default::default()),
+            }
+            Ok(out)
+        }
+        Reference::Path(p) => {
+            let loaded =
+                graft_model::hub::load_model_or_download(p).map_err(|e| err(format!("reference: {e}")))?;
+            if loaded.spec.vocab_size != setup.model.spec.vocab_size {
+                return Err(err(format!(
+                    "reference: `{p}` has a vocabulary of {} tokens, the trained model {}; the reference must share \
+                     the tokenizer",
+                    loaded.spec.vocab_size, setup.model.spec.vocab_size
+                )));
+            }
+            let mut model = graft_model::model::Model::from_weights(
+                graft_kernels::Cpu,
+                &loaded.spec,
+                &loaded.weights,
+                graft_model::model::WeightStorage::Bf16,
+            )
+            .map_err(|e| err(format!("reference: {e}")))?;
+            model.ensure_positions(setup.cfg.data.max_length + 1);
+            Ok(f(&model, opts))
+        }
+    }
 }

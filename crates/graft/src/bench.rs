@@ -440,6 +440,8 @@ fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
         &args.lora_rank.to_string(),
         "--configs",
         &args.torch_configs,
+        // Like for like: graft computes the reference once before training too.
+        "--precompute-ref",
     ]);
     eprintln!("running TRL reference: {python} {} …", script.display());
     let out = cmd
@@ -471,8 +473,14 @@ fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
         })
         .unwrap_or(f64::NAN);
     println!(
-        "trl {} (best config {}): {t_tps:.1} tokens/s, peak RSS {t_rss:.0} MB (leanest config {lean:.0} MB)",
-        v["trl"], best
+        "trl {} (best config: {} {}): {t_tps:.1} tokens/s, peak RSS {t_rss:.0} MB (leanest config {lean:.0} MB)",
+        v["trl"],
+        best["dtype"],
+        if best["checkpointing"].as_bool() == Some(true) {
+            "with checkpointing"
+        } else {
+            "no checkpointing"
+        },
     );
     println!(
         "ratio graft/trl: tokens/s {:.2}×, peak RSS {:.2}× of the leanest TRL config",

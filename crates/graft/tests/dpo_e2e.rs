@@ -252,3 +252,42 @@ fn kto_learns_from_labelled_completions_and_from_unpaired_pairs() {
         assert!(run.join("adapter/adapter_config.json").exists());
     }
 }
+
+#[test]
+fn dpo_reference_can_be_another_adapter_or_model() {
+    let root = tmp("dpo-refpath");
+    let cfg = prepare(&root);
+    let sets = dpo_sets(&root);
+    let short = ["--set", "train.max_steps=4", "--set", "train.save_every=0"];
+    ok(graft()
+        .arg("train")
+        .arg(&cfg)
+        .args(&sets)
+        .args(short)
+        .args(out_dir(&root.join("first"))));
+    let adapter = root.join("first/adapter");
+    for (name, reference) in [("adapter", adapter.clone()), ("model", root.join("base-model"))] {
+        let out = ok(graft()
+            .arg("train")
+            .arg(&cfg)
+            .args(&sets)
+            .args(short)
+            .args(["--set", &format!("dpo.reference=\"{}\"", reference.display())])
+            .args(out_dir(&root.join(name))));
+        assert!(out.contains(&format!("`{}`", reference.display())), "{out}");
+    }
+    // Against the first run's adapter the policy (a fresh adapter = the base) starts behind:
+    // the log-ratios are not zero, unlike with reference = init.
+    let first = records(&root.join("adapter/metrics.jsonl"));
+    assert!(first[0]["rewards/margins"].as_f64().unwrap().abs() > 1e-6);
+    let err = common::fails(
+        graft()
+            .arg("train")
+            .arg(&cfg)
+            .args(&sets)
+            .args(short)
+            .args(["--set", "dpo.reference=\"no/such/model\""])
+            .args(out_dir(&root.join("bad"))),
+    );
+    assert!(err.contains("reference"), "{err}");
+}
