@@ -12,15 +12,13 @@ use crate::objective::kto::{Kto, KtoBatch, KtoSlot};
 use crate::objective::pairs::{PairBatch, PairLoss, PairObjective, PairSlot, sequence_logps};
 use crate::rng::Rng;
 use crate::sft::{
-    BatchSource, RowCounts, RunSetup, RunSummary, TrainError, data_format, print_data_warnings,
-    tokenize_options, train_loop,
+    BatchSource, DataReader, RowCounts, RunSetup, RunSummary, TrainError, print_data_warnings, split_eval,
+    train_loop,
 };
 use graft_data::batch::PackedBatch;
-use graft_data::dataset::LoadOptions;
 use graft_data::sample::{TokenizedRecord, TokenizedSample};
 use graft_data::{ChatTemplate, Tokenizer};
 use graft_model::train::{Batch, TrainMode, TrainOptions};
-use sha2::Digest;
 use std::path::Path;
 
 fn err(msg: impl std::fmt::Display) -> TrainError {
@@ -59,34 +57,10 @@ pub fn prepare_pairs(
     template: Option<&ChatTemplate>,
     cache_dir: &Path,
 ) -> Result<PreparedPairs, TrainError> {
-    let load = LoadOptions {
-        format: data_format(cfg.data.format),
-        skip_invalid: cfg.data.skip_invalid,
-    };
-    let opts = tokenize_options(cfg);
-    let mut hasher = sha2::Sha256::new();
-    let mut warnings = Vec::new();
-    let mut counts = RowCounts::default();
-    let mut read = |paths: &[String], key: &str| -> Result<Vec<Pair>, TrainError> {
+    let mut reader = DataReader::new(cfg, tok, template, cache_dir);
+    let read = |reader: &mut DataReader<'_>, paths: &[String], key: &str| -> Result<Vec<Pair>, TrainError> {
         let mut out = Vec::new();
-        for p in paths {
-            let path = Path::new(p);
-            if !path.exists() {
-                return Err(err(format!("data.{key}: `{p}` does not exist")));
-            }
-            for f in graft_data::dataset::dataset_files(path).map_err(err)? {
-                hasher.update(&std::fs::read(&f).map_err(|e| err(format!("{}: {e}", f.display())))?);
-            }
-            let ds =
-                graft_data::tokenized::load_tokenized(path, &load, tok, template, &opts, Some(cache_dir))
-                    .map_err(|e| err(format!("data.{key}: {e}")))?;
-            if let Some(w) = &ds.cache_warning {
-                warnings.push(format!(
-                    "the tokenization cache was not written ({w}); training goes on without it"
-                ));
-            }
-            counts.skipped += ds.skipped.len();
-            counts.dropped += ds.dropped_too_long.len();
+        for ds in reader.read(paths, key)? {
             for e in &ds.examples {
                 let at = || {
                     format!(
@@ -99,8 +73,10 @@ pub fn prepare_pairs(
                 };
                 match &e.record {
                     TokenizedRecord::Pair { chosen, rejected } => {
-                        counts.truncated +=
-                            chosen.notes.truncated as usize + rejected.notes.truncated as usize;
+                        if key == "train" {
+                            reader.counts.truncated +=
+                                chosen.notes.truncated as usize + rejected.notes.truncated as usize;
+                        }
                         if chosen.trained_count() == 0 || rejected.trained_count() == 0 {
                             return Err(err(format!(
                                 "data.{key}: {}: the {} completion has no token left to train within data.max_length = {} \
@@ -139,9 +115,8 @@ pub fn prepare_pairs(
         }
         Ok(out)
     };
-    let mut train = read(&cfg.data.train, "train")?;
-    let mut eval = read(&cfg.data.eval, "eval")?;
-    let data_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let train = read(&mut reader, &cfg.data.train, "train")?;
+    let mut eval = read(&mut reader, &cfg.data.eval, "eval")?;
     if train.is_empty() {
         return Err(err("data.train: no usable preference pairs"));
     }
@@ -149,29 +124,20 @@ pub fn prepare_pairs(
         .iter()
         .filter(|p| p.chosen.input_ids == p.rejected.input_ids)
         .count();
-    if eval.is_empty() && cfg.data.eval_fraction > 0.0 {
-        let n = ((train.len() as f64) * cfg.data.eval_fraction).round().max(1.0) as usize;
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        Rng::for_stream(cfg.train.seed, u64::MAX).shuffle(&mut order);
-        let held: std::collections::HashSet<usize> =
-            order[..n.min(train.len() - 1)].iter().copied().collect();
-        let mut kept = Vec::new();
-        for (i, p) in train.into_iter().enumerate() {
-            if held.contains(&i) {
-                eval.push(p)
-            } else {
-                kept.push(p)
-            }
-        }
-        train = kept;
-    }
+    let train = if eval.is_empty() {
+        let (kept, held) = split_eval(train, cfg.data.eval_fraction, cfg.train.seed);
+        eval = held;
+        kept
+    } else {
+        train
+    };
     Ok(PreparedPairs {
         train,
         eval,
-        data_hash,
-        counts,
+        data_hash: reader.data_hash(),
+        counts: reader.counts,
         identical,
-        warnings,
+        warnings: reader.warnings,
     })
 }
 
@@ -413,34 +379,13 @@ fn prepare_kto(
     template: Option<&ChatTemplate>,
     cache_dir: &Path,
 ) -> Result<PreparedKto, TrainError> {
-    let load = LoadOptions {
-        format: data_format(cfg.data.format),
-        skip_invalid: cfg.data.skip_invalid,
-    };
-    let opts = tokenize_options(cfg);
-    let mut hasher = sha2::Sha256::new();
-    let mut warnings = Vec::new();
-    let mut counts = RowCounts::default();
-    let mut read = |paths: &[String], key: &str| -> Result<Vec<KtoExample>, TrainError> {
+    let mut reader = DataReader::new(cfg, tok, template, cache_dir);
+    let read = |reader: &mut DataReader<'_>,
+                paths: &[String],
+                key: &str|
+     -> Result<Vec<KtoExample>, TrainError> {
         let mut out = Vec::new();
-        for p in paths {
-            let path = Path::new(p);
-            if !path.exists() {
-                return Err(err(format!("data.{key}: `{p}` does not exist")));
-            }
-            for f in graft_data::dataset::dataset_files(path).map_err(err)? {
-                hasher.update(&std::fs::read(&f).map_err(|e| err(format!("{}: {e}", f.display())))?);
-            }
-            let ds =
-                graft_data::tokenized::load_tokenized(path, &load, tok, template, &opts, Some(cache_dir))
-                    .map_err(|e| err(format!("data.{key}: {e}")))?;
-            if let Some(w) = &ds.cache_warning {
-                warnings.push(format!(
-                    "the tokenization cache was not written ({w}); training goes on without it"
-                ));
-            }
-            counts.skipped += ds.skipped.len();
-            counts.dropped += ds.dropped_too_long.len();
+        for ds in reader.read(paths, key)? {
             let mut pending_pairs: Vec<(TokenizedSample, TokenizedSample)> = Vec::new();
             let flush = |pending: &mut Vec<(TokenizedSample, TokenizedSample)>, out: &mut Vec<KtoExample>| {
                 for chunk in pending.chunks(UNPAIR_CHUNK) {
@@ -468,7 +413,9 @@ fn prepare_kto(
                 match &e.record {
                     TokenizedRecord::Kto { sample, label } => {
                         flush(&mut pending_pairs, &mut out);
-                        counts.truncated += sample.notes.truncated as usize;
+                        if key == "train" {
+                            reader.counts.truncated += sample.notes.truncated as usize;
+                        }
                         if sample.trained_count() == 0 {
                             return Err(err(format!(
                                 "data.{key}: {}: the completion has no token left to train within data.max_length = {}",
@@ -497,9 +444,8 @@ fn prepare_kto(
         }
         Ok(out)
     };
-    let mut train = read(&cfg.data.train, "train")?;
-    let mut eval = read(&cfg.data.eval, "eval")?;
-    let data_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let mut train = read(&mut reader, &cfg.data.train, "train")?;
+    let mut eval = read(&mut reader, &cfg.data.eval, "eval")?;
     if train.is_empty() {
         return Err(err("data.train: no usable KTO examples"));
     }
@@ -511,9 +457,9 @@ fn prepare_kto(
     Ok(PreparedKto {
         train,
         eval,
-        data_hash,
-        counts,
-        warnings,
+        data_hash: reader.data_hash(),
+        counts: reader.counts,
+        warnings: reader.warnings,
     })
 }
 

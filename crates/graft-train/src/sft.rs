@@ -182,7 +182,7 @@ pub fn peft_config(spec: &LoraSpec, base: &str) -> LoraAdapterConfig {
     c
 }
 
-pub(crate) fn data_format(f: DataFormat) -> Option<DatasetFormat> {
+fn data_format(f: DataFormat) -> Option<DatasetFormat> {
     match f {
         DataFormat::Auto => None,
         DataFormat::Openai => Some(DatasetFormat::OpenAiChat),
@@ -193,7 +193,7 @@ pub(crate) fn data_format(f: DataFormat) -> Option<DatasetFormat> {
     }
 }
 
-pub(crate) fn tokenize_options(cfg: &TrainConfig) -> TokenizeOptions {
+fn tokenize_options(cfg: &TrainConfig) -> TokenizeOptions {
     TokenizeOptions {
         loss: match cfg.data.mask {
             MaskPolicy::Assistant => LossMode::AssistantOnly,
@@ -225,6 +225,115 @@ pub struct PreparedData {
     pub warnings: Vec<String>,
 }
 
+/// Reads a config's data files through the tokenization cache for every method: hashes what it
+/// reads, counts skipped and dropped training rows, and collects warnings (a cache that could not
+/// be written).
+pub(crate) struct DataReader<'a> {
+    tok: &'a Tokenizer,
+    template: Option<&'a ChatTemplate>,
+    cache_dir: &'a Path,
+    load: LoadOptions,
+    opts: TokenizeOptions,
+    hasher: sha2::Sha256,
+    /// Training rows skipped, cut or dropped (callers add the cut ones).
+    pub counts: RowCounts,
+    /// Warnings for the user.
+    pub warnings: Vec<String>,
+}
+
+impl<'a> DataReader<'a> {
+    /// A reader for `cfg`'s data options.
+    pub fn new(
+        cfg: &TrainConfig,
+        tok: &'a Tokenizer,
+        template: Option<&'a ChatTemplate>,
+        cache_dir: &'a Path,
+    ) -> Self {
+        DataReader {
+            tok,
+            template,
+            cache_dir,
+            load: LoadOptions {
+                format: data_format(cfg.data.format),
+                skip_invalid: cfg.data.skip_invalid,
+            },
+            opts: tokenize_options(cfg),
+            hasher: sha2::Sha256::new(),
+            counts: RowCounts::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The tokenized datasets of `paths`, the value of `data.{key}`.
+    pub fn read(
+        &mut self,
+        paths: &[String],
+        key: &str,
+    ) -> Result<Vec<graft_data::tokenized::TokenizedDataset>, TrainError> {
+        let mut out = Vec::new();
+        for p in paths {
+            let path = Path::new(p);
+            if !path.exists() {
+                return Err(err(format!("data.{key}: `{p}` does not exist")));
+            }
+            for f in graft_data::dataset::dataset_files(path).map_err(err)? {
+                self.hasher
+                    .update(&std::fs::read(&f).map_err(|e| err(format!("{}: {e}", f.display())))?);
+            }
+            let ds = graft_data::tokenized::load_tokenized(
+                path,
+                &self.load,
+                self.tok,
+                self.template,
+                &self.opts,
+                Some(self.cache_dir),
+            )
+            .map_err(|e| err(format!("data.{key}: {e}")))?;
+            if let Some(w) = &ds.cache_warning {
+                self.warnings.push(format!(
+                    "the tokenization cache was not written ({w}); training goes on without it"
+                ));
+            }
+            if key == "train" {
+                self.counts.skipped += ds.skipped.len();
+                self.counts.dropped += ds.dropped_too_long.len();
+            }
+            out.push(ds);
+        }
+        Ok(out)
+    }
+
+    /// SHA-256 (hex) over every file read.
+    pub fn data_hash(&self) -> String {
+        self.hasher
+            .clone()
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// `data.eval_fraction` of `train` (at least one row, never all), held out at random (seeded).
+pub(crate) fn split_eval<T>(train: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    if fraction <= 0.0 || train.len() < 2 {
+        return (train, Vec::new());
+    }
+    let n = ((train.len() as f64) * fraction).round().max(1.0) as usize;
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    Rng::for_stream(seed, u64::MAX).shuffle(&mut order);
+    let held: std::collections::HashSet<usize> = order[..n.min(train.len() - 1)].iter().copied().collect();
+    let (mut kept, mut eval) = (Vec::new(), Vec::new());
+    for (i, s) in train.into_iter().enumerate() {
+        if held.contains(&i) {
+            eval.push(s)
+        } else {
+            kept.push(s)
+        }
+    }
+    (kept, eval)
+}
+
 /// Loads, tokenizes (through the content-hash cache) and splits the data of `cfg`.
 pub fn prepare_data(
     cfg: &TrainConfig,
@@ -232,71 +341,42 @@ pub fn prepare_data(
     template: Option<&ChatTemplate>,
     cache_dir: &Path,
 ) -> Result<PreparedData, TrainError> {
-    let load = LoadOptions {
-        format: data_format(cfg.data.format),
-        skip_invalid: cfg.data.skip_invalid,
-    };
-    let opts = tokenize_options(cfg);
-    let mut hasher = sha2::Sha256::new();
-    let mut warnings = Vec::new();
-    let mut read = |paths: &[String], key: &str| -> Result<(Vec<TokenizedSample>, RowCounts), TrainError> {
+    let mut reader = DataReader::new(cfg, tok, template, cache_dir);
+    let singles = |key: &str,
+                   reader: &mut DataReader<'_>,
+                   paths: &[String]|
+     -> Result<Vec<TokenizedSample>, TrainError> {
         let mut out = Vec::new();
-        let mut counts = RowCounts::default();
-        for p in paths {
-            let path = Path::new(p);
-            if !path.exists() {
-                return Err(err(format!("data.{key}: `{p}` does not exist")));
-            }
-            for f in graft_data::dataset::dataset_files(path).map_err(err)? {
-                hasher.update(&std::fs::read(&f).map_err(|e| err(format!("{}: {e}", f.display())))?);
-            }
-            let ds =
-                graft_data::tokenized::load_tokenized(path, &load, tok, template, &opts, Some(cache_dir))
-                    .map_err(|e| err(format!("data.{key}: {e}")))?;
+        for ds in reader.read(paths, key)? {
             check_sft_records(&ds, key)?;
-            if let Some(w) = &ds.cache_warning {
-                warnings.push(format!(
-                    "the tokenization cache was not written ({w}); training goes on without it"
-                ));
+            let rows = ds.singles();
+            if key == "train" {
+                reader.counts.truncated += rows.iter().filter(|s| s.notes.truncated).count();
             }
-            counts.skipped += ds.skipped.len();
-            counts.dropped += ds.dropped_too_long.len();
-            let singles = ds.singles();
-            counts.truncated += singles.iter().filter(|s| s.notes.truncated).count();
-            out.extend(singles);
+            out.extend(rows);
         }
-        Ok((out, counts))
+        Ok(out)
     };
-    let (mut train, counts) = read(&cfg.data.train, "train")?;
-    let (mut eval, _) = read(&cfg.data.eval, "eval")?;
-    let data_hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let train = singles("train", &mut reader, &cfg.data.train)?;
+    let mut eval = singles("eval", &mut reader, &cfg.data.eval)?;
     if train.is_empty() {
         return Err(err(
             "data.train: no usable rows (every row empty, invalid or without trained tokens)",
         ));
     }
-    if eval.is_empty() && cfg.data.eval_fraction > 0.0 {
-        let n = ((train.len() as f64) * cfg.data.eval_fraction).round().max(1.0) as usize;
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        Rng::for_stream(cfg.train.seed, u64::MAX).shuffle(&mut order);
-        let eval_idx: std::collections::HashSet<usize> =
-            order[..n.min(train.len() - 1)].iter().copied().collect();
-        let mut kept = Vec::new();
-        for (i, s) in train.into_iter().enumerate() {
-            if eval_idx.contains(&i) {
-                eval.push(s)
-            } else {
-                kept.push(s)
-            }
-        }
-        train = kept;
-    }
+    let train = if eval.is_empty() {
+        let (kept, held) = split_eval(train, cfg.data.eval_fraction, cfg.train.seed);
+        eval = held;
+        kept
+    } else {
+        train
+    };
     Ok(PreparedData {
         train,
         eval,
-        data_hash,
-        counts,
-        warnings,
+        data_hash: reader.data_hash(),
+        counts: reader.counts,
+        warnings: reader.warnings,
     })
 }
 
