@@ -4,7 +4,7 @@
 //! keeps for backward — or only layer inputs with checkpointing — the largest backward transient,
 //! and the LM-head logits chunk). `graft bench train` prints it next to the measured peak.
 
-use crate::config::{MicroBatch, Precision as CfgPrecision, TrainConfig};
+use crate::config::{Method, MicroBatch, Precision as CfgPrecision, TrainConfig};
 use graft_model::ModelSpec;
 use graft_model::lora::LoraSpec;
 use std::fmt;
@@ -149,6 +149,15 @@ pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
         && graft_kernels::Precision::Fast.effective() == graft_kernels::Precision::Fast;
     let tokens = match cfg.micro_batch() {
         MicroBatch::Tokens(n) => n,
+        // Preference methods count pairs: two sequences each (KTO's KL sequences are forward only).
+        MicroBatch::Rows(r)
+            if matches!(
+                cfg.method,
+                Method::Dpo | Method::Cpo | Method::Simpo | Method::Orpo
+            ) =>
+        {
+            2 * r * cfg.data.max_length
+        }
         MicroBatch::Rows(r) => r * cfg.data.max_length,
     };
     Ok(estimate(
