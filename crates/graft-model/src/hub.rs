@@ -363,7 +363,21 @@ mod net {
         let client = Client::new(cfg, id, spec);
         let blobs = repo_dir.join("blobs");
         mkdir(&blobs)?;
-        let (first, meta) = client.get(&id.revision, "config.json", Some(&blobs))?;
+        let (first, _, snapshot) = start_snapshot(&client, id, repo_dir, &blobs)?;
+        first.store(&blobs, &snapshot, "config.json")?;
+        Ok(snapshot.join("config.json"))
+    }
+
+    /// Asks for `config.json` at the revision asked for: its response names the commit, which
+    /// names the snapshot directory (created, with the ref of a branch or tag written). Returns
+    /// the pending config body, the commit and the snapshot directory.
+    fn start_snapshot(
+        client: &Client<'_>,
+        id: &HubId,
+        repo_dir: &Path,
+        blobs: &Path,
+    ) -> Result<(Pending, String, PathBuf), ModelError> {
+        let (first, meta) = client.get(&id.revision, "config.json", Some(blobs))?;
         let first = first.ok_or_else(|| client.not_found_error("config.json"))?;
         let commit = meta
             .commit
@@ -378,8 +392,7 @@ mod net {
             }
             crate::weights::write_file_atomically(&ref_path, commit.as_bytes())?;
         }
-        first.store(&blobs, &snapshot, "config.json")?;
-        Ok(snapshot.join("config.json"))
+        Ok((first, commit, snapshot))
     }
 
     /// Downloads what `id` lacks in the cache and returns its snapshot directory.
@@ -392,23 +405,9 @@ mod net {
         let client = Client::new(cfg, id, spec);
         let blobs = repo_dir.join("blobs");
         mkdir(&blobs)?;
-        // config.json first, at the revision asked for: its response names the commit, and every
-        // other file is fetched at that commit so the snapshot is consistent.
-        let (first, meta) = client.get(&id.revision, "config.json", Some(&blobs))?;
-        let first = first.ok_or_else(|| client.not_found_error("config.json"))?;
-        let commit = meta
-            .commit
-            .filter(|c| !c.is_empty() && !c.contains(['/', '\\', '.']))
-            .unwrap_or_else(|| id.revision.clone());
-        let snapshot = repo_dir.join("snapshots").join(&commit);
-        mkdir(&snapshot)?;
-        if commit != id.revision {
-            let ref_path = repo_dir.join("refs").join(&id.revision);
-            if let Some(parent) = ref_path.parent() {
-                mkdir(parent)?;
-            }
-            crate::weights::write_file_atomically(&ref_path, commit.as_bytes())?;
-        }
+        // config.json first: every other file is fetched at the commit it names, so the snapshot
+        // is consistent.
+        let (first, commit, snapshot) = start_snapshot(&client, id, repo_dir, &blobs)?;
         let fetch = |file: &str, optional: bool| -> Result<bool, ModelError> {
             if snapshot.join(file).is_file() {
                 return Ok(true);
