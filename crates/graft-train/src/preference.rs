@@ -152,26 +152,9 @@ fn group_pairs(
     cfg: &TrainConfig,
     train_prompt: bool,
 ) -> Vec<PairBatch> {
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    match cfg.micro_batch() {
-        crate::config::MicroBatch::Rows(rows) => groups.extend(order.chunks(rows.max(1)).map(|c| c.to_vec())),
-        crate::config::MicroBatch::Tokens(budget) => {
-            let mut cur: Vec<usize> = Vec::new();
-            let mut tokens = 0;
-            for &i in order {
-                let n = pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len();
-                if !cur.is_empty() && tokens + n > budget {
-                    groups.push(std::mem::take(&mut cur));
-                    tokens = 0;
-                }
-                cur.push(i);
-                tokens += n;
-            }
-            if !cur.is_empty() {
-                groups.push(cur);
-            }
-        }
-    }
+    let groups = group_in_order(order, cfg, |i| {
+        pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len()
+    });
     groups
         .into_iter()
         .map(|g| {
@@ -179,7 +162,7 @@ fn group_pairs(
                 .iter()
                 .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
                 .collect();
-            let (p, completion) = if train_prompt {
+            let (batch, completion) = if train_prompt {
                 let whole: Vec<TokenizedSample> = samples
                     .iter()
                     .enumerate()
@@ -194,9 +177,9 @@ fn group_pairs(
                 let refs: Vec<&TokenizedSample> = whole.iter().collect();
                 let completion: Vec<bool> =
                     samples.iter().flat_map(|s| s.targets()).map(|t| t >= 0).collect();
-                (PackedBatch::from_samples(&refs), completion)
+                (to_batch(&refs), completion)
             } else {
-                (PackedBatch::from_samples(&samples), Vec::new())
+                (to_batch(&samples), Vec::new())
             };
             let slots = g
                 .iter()
@@ -209,12 +192,7 @@ fn group_pairs(
                 })
                 .collect();
             PairBatch {
-                batch: Batch {
-                    input_ids: p.input_ids,
-                    positions: p.positions,
-                    seq_ids: p.seq_ids,
-                    targets: p.targets,
-                },
+                batch,
                 pairs: slots,
                 completion,
             }
@@ -492,6 +470,32 @@ fn mismatched(a: &TokenizedSample, b: &TokenizedSample) -> TokenizedSample {
     }
 }
 
+/// Splits `order` into micro-batches: `batch.micro_batch_rows` items each, or as many as fit
+/// `batch.micro_batch_tokens` by `tokens(item)` (an item over the budget gets one of its own).
+fn group_in_order(order: &[usize], cfg: &TrainConfig, tokens: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    match cfg.micro_batch() {
+        crate::config::MicroBatch::Rows(rows) => order.chunks(rows.max(1)).map(|c| c.to_vec()).collect(),
+        crate::config::MicroBatch::Tokens(budget) => {
+            let mut groups = Vec::new();
+            let (mut cur, mut used) = (Vec::new(), 0);
+            for &i in order {
+                let n = tokens(i);
+                if !cur.is_empty() && used + n > budget {
+                    groups.push(std::mem::take(&mut cur));
+                    used = 0;
+                }
+                cur.push(i);
+                used += n;
+            }
+            if !cur.is_empty() {
+                groups.push(cur);
+            }
+            groups
+        }
+    }
+}
+
+/// Packs samples into one engine batch (sequence ids in order).
 fn to_batch(samples: &[&TokenizedSample]) -> Batch {
     let p = PackedBatch::from_samples(samples);
     Batch {
@@ -511,25 +515,7 @@ fn group_kto(
     with_kl: bool,
 ) -> Vec<KtoBatch> {
     let order: Vec<usize> = (0..examples.len()).collect();
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    match cfg.micro_batch() {
-        crate::config::MicroBatch::Rows(rows) => groups.extend(order.chunks(rows.max(1)).map(|c| c.to_vec())),
-        crate::config::MicroBatch::Tokens(budget) => {
-            let (mut cur, mut tokens) = (Vec::new(), 0);
-            for &i in &order {
-                let n = examples[i].sample.input_ids.len();
-                if !cur.is_empty() && tokens + n > budget {
-                    groups.push(std::mem::take(&mut cur));
-                    tokens = 0;
-                }
-                cur.push(i);
-                tokens += n;
-            }
-            if !cur.is_empty() {
-                groups.push(cur);
-            }
-        }
-    }
+    let groups = group_in_order(&order, cfg, |i| examples[i].sample.input_ids.len());
     groups
         .into_iter()
         .map(|g| {
