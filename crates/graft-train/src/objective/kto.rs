@@ -187,16 +187,6 @@ impl Kto {
         let refs: Vec<f64> = batch.slots.iter().map(|s| s.ref_logp).collect();
         kto_loss(&self.params, &labels, &logps, &refs, kl)
     }
-
-    fn contribution(loss: &KtoLoss, examples: usize, tokens: usize) -> Contribution {
-        let units = examples as f64;
-        Contribution {
-            loss_sum: loss.loss * units,
-            units,
-            tokens,
-            metrics: loss.metrics.iter().map(|&(k, v)| (k, v * units)).collect(),
-        }
-    }
 }
 
 impl Objective for Kto {
@@ -226,17 +216,14 @@ impl Objective for Kto {
         }
         let d_logp: Vec<f32> = batch.batch.seq_ids.iter().map(|&s| per_seq[s as usize]).collect();
         model.backward(&batch.batch, pending, grads, &d_logp);
-        Self::contribution(&loss, batch.slots.len(), out.num_trained)
+        Contribution::from_means(loss.loss, &loss.metrics, batch.slots.len(), out.num_trained)
     }
 
     fn evaluate(&self, model: &Model<Cpu>, batch: &KtoBatch, opts: TrainOptions) -> Contribution {
         let kl = self.kl(model, batch, opts);
         let out = model.forward_logprobs_with(&batch.batch, opts);
-        Self::contribution(
-            &self.loss(batch, &out.logprobs, kl),
-            batch.slots.len(),
-            out.num_trained,
-        )
+        let loss = self.loss(batch, &out.logprobs, kl);
+        Contribution::from_means(loss.loss, &loss.metrics, batch.slots.len(), out.num_trained)
     }
 }
 

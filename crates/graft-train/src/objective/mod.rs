@@ -44,6 +44,23 @@ pub struct Contribution {
 }
 
 impl Contribution {
+    /// The contribution of a micro-batch whose objective reports means over its `units`: TRL's
+    /// per-batch `loss` and `metrics`, turned into sums.
+    pub fn from_means(
+        loss: f64,
+        metrics: &[(&'static str, f64)],
+        units: usize,
+        tokens: usize,
+    ) -> Contribution {
+        let units = units as f64;
+        Contribution {
+            loss_sum: loss * units,
+            units,
+            tokens,
+            metrics: metrics.iter().map(|&(k, v)| (k, v * units)).collect(),
+        }
+    }
+
     /// Adds another micro-batch's contribution.
     pub fn add(&mut self, other: &Contribution) {
         self.loss_sum += other.loss_sum;

@@ -58,10 +58,19 @@ pub struct PairBatch {
 
 /// Per sequence id: the sum of the target log-probs and the number of targets.
 pub fn sequence_logps(batch: &Batch, logprobs: &[f32]) -> Vec<(f64, usize)> {
+    sequence_logps_where(batch, logprobs, |_| true)
+}
+
+/// [`sequence_logps`] over the targets at the positions `keep` accepts.
+pub fn sequence_logps_where(
+    batch: &Batch,
+    logprobs: &[f32],
+    keep: impl Fn(usize) -> bool,
+) -> Vec<(f64, usize)> {
     let n = batch.seq_ids.iter().copied().max().map_or(0, |m| m as usize + 1);
     let mut out = vec![(0.0f64, 0usize); n];
-    for ((&s, &t), &lp) in batch.seq_ids.iter().zip(&batch.targets).zip(logprobs) {
-        if t != IGNORE_INDEX && t >= 0 {
+    for (t, ((&s, &target), &lp)) in batch.seq_ids.iter().zip(&batch.targets).zip(logprobs).enumerate() {
+        if target != IGNORE_INDEX && target >= 0 && keep(t) {
             let e = &mut out[s as usize];
             e.0 += lp as f64;
             e.1 += 1;
@@ -106,13 +115,7 @@ impl<L: PairLoss> PairObjective<L> {
         let completion = if batch.completion.is_empty() {
             all.clone()
         } else {
-            let mut masked = batch.batch.clone();
-            for (t, keep) in masked.targets.iter_mut().zip(&batch.completion) {
-                if !keep {
-                    *t = IGNORE_INDEX;
-                }
-            }
-            sequence_logps(&masked, logprobs)
+            sequence_logps_where(&batch.batch, logprobs, |t| batch.completion[t])
         };
         batch
             .pairs
@@ -133,16 +136,6 @@ impl<L: PairLoss> PairObjective<L> {
                 }
             })
             .collect()
-    }
-
-    fn contribution(out: &PairLossOutput, pairs: usize, tokens: usize) -> Contribution {
-        let units = pairs as f64;
-        Contribution {
-            loss_sum: out.loss * units,
-            units,
-            tokens,
-            metrics: out.metrics.iter().map(|&(k, v)| (k, v * units)).collect(),
-        }
     }
 }
 
@@ -187,13 +180,16 @@ impl<L: PairLoss> Objective for PairObjective<L> {
             })
             .collect();
         model.backward(&batch.batch, pending, grads, &d_logp);
-        Self::contribution(&loss, pairs.len(), out.num_trained)
+        Contribution::from_means(loss.loss, &loss.metrics, pairs.len(), out.num_trained)
     }
 
     fn evaluate(&self, model: &Model<Cpu>, batch: &PairBatch, opts: TrainOptions) -> Contribution {
         let out = model.forward_logprobs_with(&batch.batch, opts);
         let pairs = Self::pair_logps(batch, &out.logprobs);
-        Self::contribution(&self.loss.pair_loss(&pairs), pairs.len(), out.num_trained)
+        {
+            let loss = self.loss.pair_loss(&pairs);
+            Contribution::from_means(loss.loss, &loss.metrics, pairs.len(), out.num_trained)
+        }
     }
 }
 
