@@ -412,55 +412,32 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
 /// Runs `scripts/bench_trl_dpo.py` (TRL's DPOTrainer + PEFT on the same shape and pairs) and
 /// prints the ratios.
 fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
-    let python = args
-        .python
-        .clone()
-        .or_else(|| std::env::var("GRAFT_PYTHON").ok())
-        .unwrap_or_else(|| "python3".into());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_trl_dpo.py");
-    if !script.exists() {
-        eprintln!("(skipping the TRL comparison: {} not found)", script.display());
-        return Ok(());
-    }
-    let mut cmd = std::process::Command::new(&python);
-    cmd.arg(&script).args([
-        "--shape",
-        &args.shape,
-        "--pairs",
-        &args.batch.to_string(),
-        "--prompt-len",
-        &args.prompt_len.to_string(),
-        "--completion-len",
-        &(args.seq - args.prompt_len).to_string(),
-        "--steps",
-        &args.steps.to_string(),
-        "--threads",
-        &rayon::current_num_threads().to_string(),
-        "--lora-rank",
-        &args.lora_rank.to_string(),
-        "--configs",
-        &args.torch_configs,
-        // Like for like: graft computes the reference once before training too.
-        "--precompute-ref",
-    ]);
-    eprintln!("running TRL reference: {python} {} …", script.display());
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {python}"))?;
-    if !out.status.success() {
-        eprintln!(
-            "(TRL comparison failed: {}; are trl, peft and torch installed for {python}? set --python)",
-            out.status
-        );
-        return Ok(());
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let Some(line) = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')) else {
-        eprintln!("(the TRL comparison printed no JSON result)");
+    let Some(v) = run_peer(args, "bench_trl_dpo.py", "TRL", "trl, peft and torch", |cmd| {
+        cmd.args([
+            "--shape",
+            &args.shape,
+            "--pairs",
+            &args.batch.to_string(),
+            "--prompt-len",
+            &args.prompt_len.to_string(),
+            "--completion-len",
+            &(args.seq - args.prompt_len).to_string(),
+            "--steps",
+            &args.steps.to_string(),
+            "--threads",
+            &rayon::current_num_threads().to_string(),
+            "--lora-rank",
+            &args.lora_rank.to_string(),
+            "--configs",
+            &args.torch_configs,
+            // Like for like: graft computes the reference once before training too.
+            "--precompute-ref",
+        ]);
+        Ok(())
+    })?
+    else {
         return Ok(());
     };
-    let v: serde_json::Value = serde_json::from_str(line).context("parsing bench_trl_dpo.py output")?;
     let best = &v["best"];
     let t_tps = best["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     let t_rss = best["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
@@ -490,68 +467,96 @@ fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
     Ok(())
 }
 
-fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
+/// Runs the peer script `scripts/<script>` with the Python of `--python` / `$GRAFT_PYTHON` and
+/// returns the JSON line it prints last; `None` (after saying why) when it is missing or fails.
+fn run_peer(
+    args: &TrainBenchArgs,
+    script: &str,
+    peer: &str,
+    packages: &str,
+    add_args: impl FnOnce(&mut std::process::Command) -> Result<()>,
+) -> Result<Option<serde_json::Value>> {
     let python = args
         .python
         .clone()
         .or_else(|| std::env::var("GRAFT_PYTHON").ok())
         .unwrap_or_else(|| "python3".into());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_torch.py");
-    if !script.exists() {
-        eprintln!("(skipping PyTorch comparison: {} not found)", script.display());
-        return Ok(());
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(script);
+    if !path.exists() {
+        eprintln!("(skipping the {peer} comparison: {} not found)", path.display());
+        return Ok(None);
     }
     let mut cmd = std::process::Command::new(&python);
-    cmd.arg(&script)
-        .args([
-            "--shape",
-            &args.shape,
-            "--batch",
-            &args.batch.to_string(),
-            "--seq",
-            &args.seq.to_string(),
-        ])
-        .args([
-            "--steps",
-            &args.steps.to_string(),
-            "--threads",
-            &rayon::current_num_threads().to_string(),
-        ]);
-    if args.full {
-        cmd.arg("--full");
-    } else {
-        cmd.args(["--lora-rank", &args.lora_rank.to_string()]);
-    }
-    match args.torch_configs.as_str() {
-        "all" => {
-            cmd.arg("--all-configs");
-        }
-        d @ ("fp32" | "bf16") => {
-            cmd.args(["--dtype", d]);
-            if args.checkpointing {
-                cmd.arg("--checkpointing");
-            }
-        }
-        other => bail!("--torch-configs: expected all, fp32 or bf16, got `{other}`"),
-    }
-    eprintln!("running PyTorch reference: {python} {} …", script.display());
+    cmd.arg(&path);
+    add_args(&mut cmd)?;
+    eprintln!("running the {peer} reference: {python} {} …", path.display());
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {python}"))?;
     if !out.status.success() {
         eprintln!(
-            "(PyTorch comparison failed: {}; is torch installed for {python}? set --python)",
+            "({peer} comparison failed: {}; are {packages} installed for {python}? set --python)",
             out.status
         );
-        return Ok(());
+        return Ok(None);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let Some(line) = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')) else {
-        eprintln!("(PyTorch comparison printed no JSON result)");
+        eprintln!("(the {peer} comparison printed no JSON result)");
+        return Ok(None);
+    };
+    Ok(Some(
+        serde_json::from_str(line).with_context(|| format!("parsing {script} output"))?,
+    ))
+}
+
+fn compare_torch(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
+    let Some(v) = run_peer(
+        args,
+        "bench_torch.py",
+        "PyTorch",
+        "torch, transformers and peft",
+        |cmd| {
+            cmd.args([
+                "--shape",
+                &args.shape,
+                "--batch",
+                &args.batch.to_string(),
+                "--seq",
+                &args.seq.to_string(),
+            ])
+            .args([
+                "--steps",
+                &args.steps.to_string(),
+                "--threads",
+                &rayon::current_num_threads().to_string(),
+            ]);
+            if args.full {
+                cmd.arg("--full");
+            } else {
+                cmd.args(["--lora-rank", &args.lora_rank.to_string()]);
+            }
+            match args.torch_configs.as_str() {
+                "all" => {
+                    cmd.arg("--all-configs");
+                }
+                d @ ("fp32" | "bf16") => {
+                    cmd.args(["--dtype", d]);
+                    if args.checkpointing {
+                        cmd.arg("--checkpointing");
+                    }
+                }
+                other => bail!("--torch-configs: expected all, fp32 or bf16, got `{other}`"),
+            }
+            Ok(())
+        },
+    )?
+    else {
         return Ok(());
     };
-    let v: serde_json::Value = serde_json::from_str(line).context("parsing bench_torch.py output")?;
     let t_tps = v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     let t_rss = v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
     println!(
