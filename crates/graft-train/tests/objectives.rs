@@ -160,27 +160,8 @@ fn dpo_gradients_match_finite_differences_for_several_loss_types() {
 /// loss, reward metrics and every LoRA gradient agree.
 #[test]
 fn first_dpo_step_matches_trl_dpo_trainer() {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dpo_trainer");
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
-    let floats = |v: &serde_json::Value| -> Vec<f64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let loaded = graft_model::weights::load_model(&dir.join("model")).unwrap();
-    let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::F32).unwrap();
-    let adapter = graft_model::peft::load_peft_adapter(&dir.join("adapter"), &loaded.spec).unwrap();
-    model.set_adapter(&adapter);
+    let fixture = read_json(&fixture_dir("dpo_trainer").join("cases.json"));
+    let model = fixture_model();
     // graft's layout: [chosen_0, rejected_0, chosen_1, …]; completion tokens (EOS included) trained.
     let mut b = Batch::default();
     let mut slots = Vec::new();
@@ -190,19 +171,8 @@ fn first_dpo_step_matches_trl_dpo_trainer() {
     );
     for (k, pair) in fixture["pairs"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&pair["prompt_ids"]);
-        for (j, completion) in [ids(&pair["chosen_ids"]), ids(&pair["rejected_ids"])]
-            .iter()
-            .enumerate()
-        {
-            let seq: Vec<u32> = prompt.iter().chain(completion).copied().collect();
-            for (i, &id) in seq.iter().enumerate() {
-                b.input_ids.push(id);
-                b.positions.push(i as u32);
-                b.seq_ids.push((2 * k + j) as u32);
-                let trained = i + 1 < seq.len() && i + 1 >= prompt.len();
-                b.targets.push(if trained { seq[i + 1] as i32 } else { -100 });
-            }
-        }
+        push_sequence(&mut b, 2 * k as u32, &prompt, &ids(&pair["chosen_ids"]));
+        push_sequence(&mut b, 2 * k as u32 + 1, &prompt, &ids(&pair["rejected_ids"]));
         slots.push(PairSlot {
             chosen_seq: 2 * k as u32,
             rejected_seq: 2 * k as u32 + 1,
@@ -277,18 +247,7 @@ fn first_dpo_step_matches_trl_dpo_trainer() {
             );
         }
         // The trainer divides by the step's units (pairs); TRL's gradient is of the mean.
-        let mut worst = 0.0f64;
-        grads.for_each_mut(|key, g| {
-            let want = floats(&case["grads"][&key]["values"]);
-            assert_eq!(want.len(), g.len(), "{name}: {key}");
-            let (mut num, mut den) = (0.0f64, 0.0f64);
-            for (x, w) in g.iter().zip(&want) {
-                let x = *x as f64 / c.units;
-                num += (x - w).powi(2);
-                den += w * w;
-            }
-            worst = worst.max((num / den.max(1e-30)).sqrt());
-        });
+        let worst = gradient_error(&mut grads, &case["grads"], c.units);
         eprintln!(
             "{name}: loss {loss:.7} (TRL {want:.7}), LoRA gradients within {worst:.1e} (relative norm)"
         );
