@@ -11,6 +11,7 @@ pub mod infer;
 pub mod lora;
 mod lora_peft;
 pub mod model;
+pub mod params;
 pub mod peft;
 pub mod sample;
 pub mod shapes;

@@ -130,6 +130,8 @@ pub struct Grads<B: Backend> {
     pub lm_head: Option<B::Buf>,
     pub final_norm: Option<B::Buf>,
     pub layers: Vec<LayerGrads<B>>,
+    /// A reward model's score head (trained under LoRA too, as PEFT's `modules_to_save`).
+    pub score: Option<B::Buf>,
 }
 
 /// What is trained.
@@ -145,48 +147,6 @@ impl<B: Backend> Grads<B> {
     /// Sets every gradient to zero.
     pub fn zero(&mut self, b: &B) {
         self.for_each_mut(|_, g| b.fill_zero(g));
-    }
-
-    /// Visits every gradient buffer with its parameter name (HF or PEFT key), in the same order
-    /// as [`Model::visit_params_mut`] visits the parameters.
-    pub fn for_each_mut<'a>(&'a mut self, mut f: impl FnMut(String, &'a mut B::Buf)) {
-        if let Some(g) = &mut self.embed {
-            f("model.embed_tokens.weight".into(), g);
-        }
-        for (l, lg) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            if let Some(g) = &mut lg.attn_norm {
-                f(format!("{p}.input_layernorm.weight"), g);
-            }
-            if let Some(g) = &mut lg.mlp_norm {
-                f(format!("{p}.post_attention_layernorm.weight"), g);
-            }
-            if let Some(g) = &mut lg.q_norm {
-                f(format!("{p}.self_attn.q_norm.weight"), g);
-            }
-            if let Some(g) = &mut lg.k_norm {
-                f(format!("{p}.self_attn.k_norm.weight"), g);
-            }
-            for (i, (lin, lora)) in lg.linears.iter_mut().zip(lg.lora.iter_mut()).enumerate() {
-                let name = crate::model::linear_hf_name(l, i);
-                if let Some(g) = lin {
-                    f(format!("{name}.weight"), &mut g.w);
-                    if let Some(bg) = &mut g.bias {
-                        f(format!("{name}.bias"), bg);
-                    }
-                }
-                if let Some(g) = lora {
-                    f(format!("base_model.model.{name}.lora_A.weight"), &mut g.a);
-                    f(format!("base_model.model.{name}.lora_B.weight"), &mut g.b);
-                }
-            }
-        }
-        if let Some(g) = &mut self.final_norm {
-            f("model.norm.weight".into(), g);
-        }
-        if let Some(g) = &mut self.lm_head {
-            f("lm_head.weight".into(), g);
-        }
     }
 }
 
@@ -241,6 +201,7 @@ impl<B: Backend> Model<B> {
             embed: opt(full, v * h),
             lm_head: opt(full && self.lm_head.is_some(), v * h),
             final_norm: opt(full, h),
+            score: opt(self.score.is_some(), h),
             layers: self
                 .layers
                 .iter()
@@ -463,7 +424,7 @@ impl<B: Backend> Model<B> {
         let (t, hd) = (batch.len(), self.spec.hidden_size);
         let PendingBackward {
             x,
-            mut acts,
+            acts,
             xf,
             rstdf,
             opts,
@@ -482,6 +443,29 @@ impl<B: Backend> Model<B> {
             opts.precision,
         );
         drop(xf);
+        self.trunk_backward(batch, x, acts, rstdf, dxf, grads, opts);
+        ForwardOutput {
+            loss_sum: ce.loss_sum,
+            num_trained: ce.num_trained,
+            logprobs: ce.logprobs,
+        }
+    }
+
+    /// Backward from the gradient of the final-normed hidden states `dxf` down through the
+    /// final norm and every layer (and the embedding when it is trained).
+    #[allow(clippy::too_many_arguments)]
+    fn trunk_backward(
+        &self,
+        batch: &Batch,
+        x: B::Buf,
+        mut acts: Vec<LayerActs<B>>,
+        rstdf: B::Buf,
+        dxf: B::Buf,
+        grads: &mut Grads<B>,
+        opts: TrainOptions,
+    ) {
+        let b = &self.backend;
+        let (t, hd) = (batch.len(), self.spec.hidden_size);
         let mut dx = b.zeros(t * hd);
         b.rmsnorm_backward(
             &mut dx,
@@ -520,11 +504,85 @@ impl<B: Backend> Model<B> {
             let ids = b.upload_ids(&batch.input_ids);
             b.embedding_backward(de, &dx, &ids, hd);
         }
-        ForwardOutput {
-            loss_sum: ce.loss_sum,
-            num_trained: ce.num_trained,
-            logprobs: ce.logprobs,
+    }
+
+    /// A reward model's forward: one score per sequence, read through the `score` head from the
+    /// final hidden state at token `positions[s]` of the batch (HF's sequence classifiers read
+    /// the last non-padding token). Panics if the model has no score head.
+    pub fn forward_scores(&self, batch: &Batch, positions: &[usize], opts: TrainOptions) -> Vec<f32> {
+        let b = &self.backend;
+        let (t, hd) = (batch.len(), self.spec.hidden_size);
+        self.check_positions(batch);
+        let (x, _) = self.trunk_forward(batch, false, opts);
+        let mut xf = b.zeros(t * hd);
+        let mut rstdf = b.zeros(t);
+        b.rmsnorm_forward(
+            &mut xf,
+            &mut rstdf,
+            &x,
+            &self.final_norm,
+            hd,
+            self.spec.rms_norm_eps,
+        );
+        self.read_scores(&b.download(&xf), positions)
+    }
+
+    /// The first half of a reward-model training step: the scores at `positions` (as
+    /// [`Self::forward_scores`]) and the activations backward needs.
+    pub fn forward_for_scores(
+        &self,
+        batch: &Batch,
+        positions: &[usize],
+        opts: TrainOptions,
+    ) -> (Vec<f32>, PendingBackward<B>) {
+        let pending = self.forward_trunk(batch, opts);
+        let scores = self.read_scores(&self.backend.download(&pending.xf), positions);
+        (scores, pending)
+    }
+
+    /// The second half: accumulates `Σ_s d_scores[s] · ∂ score_s/∂θ` into `grads` (the score
+    /// head's gradient included).
+    pub fn backward_scores(
+        &self,
+        batch: &Batch,
+        pending: PendingBackward<B>,
+        grads: &mut Grads<B>,
+        positions: &[usize],
+        d_scores: &[f32],
+    ) {
+        let b = &self.backend;
+        let hd = self.spec.hidden_size;
+        let w = b.download(self.score.as_ref().expect("a reward model has a score head"));
+        let xf = b.download(&pending.xf);
+        let mut dxf = vec![0f32; batch.len() * hd];
+        let mut dw = vec![0f32; hd];
+        for (&p, &d) in positions.iter().zip(d_scores) {
+            for j in 0..hd {
+                dxf[p * hd + j] += d * w[j];
+                dw[j] += d * xf[p * hd + j];
+            }
         }
+        if let Some(g) = grads.score.as_mut() {
+            b.axpy(g, 1.0, &b.upload(&dw));
+        }
+        let PendingBackward {
+            x, acts, rstdf, opts, ..
+        } = pending;
+        self.trunk_backward(batch, x, acts, rstdf, b.upload(&dxf), grads, opts);
+    }
+
+    fn read_scores(&self, xf: &[f32], positions: &[usize]) -> Vec<f32> {
+        let hd = self.spec.hidden_size;
+        let w = self
+            .backend
+            .download(self.score.as_ref().expect("a reward model has a score head"));
+        positions
+            .iter()
+            .map(|&p| {
+                let row = &xf[p * hd..(p + 1) * hd];
+                row.iter().zip(&w).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32
+            })
+            .collect()
     }
 
     /// `y = x Wᵀ + b + scale · B (A dropout(x))`; returns `scale · A dropout(x)` for backward.
@@ -950,69 +1008,4 @@ impl<B: Backend> Model<B> {
 /// Seed of the dropout mask of projection `i` in layer `l`.
 fn dropout_seed(step_seed: u64, l: usize, i: usize) -> u64 {
     step_seed ^ ((l as u64) << 32 | i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
-}
-
-impl Model<graft_kernels::Cpu> {
-    /// Visits every trainable parameter of `mode` as a mutable host slice, with its name, in the
-    /// order [`Grads::for_each_mut`] visits the gradients (so the two zip one to one).
-    ///
-    /// Full fine-tuning needs f32 weight storage; bf16-stored matrices are skipped there.
-    pub fn visit_params_mut<'a>(&'a mut self, mode: TrainMode, mut f: impl FnMut(String, &'a mut [f32])) {
-        use graft_kernels::WeightData;
-        fn data(w: &mut graft_kernels::Weight) -> Option<&mut [f32]> {
-            match &mut w.data {
-                WeightData::F32(v) => Some(v.as_mut_slice()),
-                WeightData::Bf16(_) => None,
-            }
-        }
-        let full = mode == TrainMode::Full;
-        if full && let Some(d) = data(&mut self.embed) {
-            f("model.embed_tokens.weight".into(), d);
-        }
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            if full {
-                f(format!("{p}.input_layernorm.weight"), &mut layer.attn_norm);
-                f(
-                    format!("{p}.post_attention_layernorm.weight"),
-                    &mut layer.mlp_norm,
-                );
-                if let Some(n) = &mut layer.q_norm {
-                    f(format!("{p}.self_attn.q_norm.weight"), n);
-                }
-                if let Some(n) = &mut layer.k_norm {
-                    f(format!("{p}.self_attn.k_norm.weight"), n);
-                }
-            }
-            for (i, (lin, lora)) in layer.linears.iter_mut().zip(layer.lora.iter_mut()).enumerate() {
-                let name = crate::model::linear_hf_name(l, i);
-                if full {
-                    if let Some(d) = data(&mut lin.w) {
-                        f(format!("{name}.weight"), d);
-                    }
-                    if let Some(b) = &mut lin.bias {
-                        f(format!("{name}.bias"), b);
-                    }
-                }
-                if mode == TrainMode::Lora
-                    && let Some(m) = lora
-                {
-                    if let Some(d) = data(&mut m.a) {
-                        f(format!("base_model.model.{name}.lora_A.weight"), d);
-                    }
-                    if let Some(d) = data(&mut m.b) {
-                        f(format!("base_model.model.{name}.lora_B.weight"), d);
-                    }
-                }
-            }
-        }
-        if full {
-            f("model.norm.weight".into(), &mut self.final_norm);
-            if let Some(h) = &mut self.lm_head
-                && let Some(d) = data(h)
-            {
-                f("lm_head.weight".into(), d);
-            }
-        }
-    }
 }

@@ -464,13 +464,6 @@ pub fn scale_grads(grads: &mut [&mut [f32]], factor: f32) {
         .for_each(|c| c.iter_mut().for_each(|x| *x *= factor));
 }
 
-/// Whether a parameter gets weight decay by default, as transformers' `Trainer` decides: not for
-/// biases and normalisation weights (names containing `bias` or `norm`), yes for everything else.
-pub fn decays_by_default(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    !(lower.contains("bias") || lower.contains("norm"))
-}
-
 /// The first non-finite value found by [`find_non_finite`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct NonFinite {
@@ -822,16 +815,11 @@ mod tests {
     }
 
     #[test]
-    fn scaling_and_default_decay() {
+    fn scaling() {
         let mut a = [2.0f32; 5];
         let mut b = [4.0f32; 3];
         scale_grads(&mut [&mut a[..], &mut b[..]], 0.25);
         assert_eq!((a[4], b[2]), (0.5, 1.0));
-        assert!(decays_by_default("model.layers.0.mlp.down_proj.lora_A.weight"));
-        assert!(decays_by_default("model.embed_tokens.weight"));
-        assert!(!decays_by_default("model.layers.0.input_layernorm.weight"));
-        assert!(!decays_by_default("model.norm.weight"));
-        assert!(!decays_by_default("model.layers.0.self_attn.q_proj.bias"));
     }
 
     #[test]

@@ -17,9 +17,7 @@ use crate::config::{
 use crate::metrics::{MetricsRecord, MetricsWriter, read_metrics, truncate_after};
 use crate::objective::sft::Sft;
 use crate::objective::{Contribution, Objective};
-use crate::optim::{
-    AdamW, AdamWHyper, Param, clip_grad_norm, decays_by_default, find_non_finite, scale_grads,
-};
+use crate::optim::{AdamW, AdamWHyper, Param, clip_grad_norm, find_non_finite, scale_grads};
 use crate::report::{RunFacts, write_report};
 use crate::rng::Rng;
 use crate::schedule::LrSchedule;
@@ -762,9 +760,9 @@ pub fn train_loop<O: Objective>(
         };
         let tensors = read_f32_file(&good.dir.join(file)).map_err(err)?;
         let mut missing = None;
-        model.visit_params_mut(mode, |name, p| match tensors.tensors.get(&name) {
+        model.visit_params_mut(mode, |id, p| match tensors.tensors.get(&id.name(mode)) {
             Some(t) if t.data.len() == p.len() => p.copy_from_slice(&t.data),
-            _ => missing = Some(name),
+            _ => missing = Some(id.name(mode)),
         });
         if let Some(name) = missing {
             return Err(err(format!(
@@ -853,16 +851,15 @@ pub fn train_loop<O: Objective>(
         // The objective's convention: sums over its units, divided by the step's units here.
         let (loss_sum, units, tokens) = (step_sum.loss_sum, step_sum.units.max(1.0), step_sum.tokens);
         let loss = loss_sum / units;
-        let mut gl: Vec<(String, &mut Vec<f32>)> = Vec::new();
-        grads.for_each_mut(|n, g| gl.push((n, g)));
+        let mut gl = model.trainable(mode, &mut grads).map_err(err)?;
         {
-            let mut slices: Vec<&mut [f32]> = gl.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
+            let mut slices: Vec<&mut [f32]> = gl.iter_mut().map(|p| p.grad.as_mut_slice()).collect();
             scale_grads(&mut slices, 1.0 / units as f32);
         }
-        if !loss.is_finite() || find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice()))).is_some()
-        {
+        let non_finite = || find_non_finite(gl.iter().map(|p| (p.name.as_str(), p.grad.as_slice())));
+        if !loss.is_finite() || non_finite().is_some() {
             let what = if loss.is_finite() {
-                find_non_finite(gl.iter().map(|(n, g)| (n.as_str(), g.as_slice())))
+                non_finite()
                     .map(|nf| format!("the gradient has {nf}"))
                     .unwrap_or_default()
             } else {
@@ -875,7 +872,7 @@ pub fn train_loop<O: Objective>(
             )));
         }
         let grad_norm = {
-            let mut slices: Vec<&mut [f32]> = gl.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
+            let mut slices: Vec<&mut [f32]> = gl.iter_mut().map(|p| p.grad.as_mut_slice()).collect();
             if cfg.batch.max_grad_norm > 0.0 {
                 clip_grad_norm(&mut slices, cfg.batch.max_grad_norm)
             } else {
@@ -894,24 +891,18 @@ pub fn train_loop<O: Objective>(
             )));
         }
         let lr = schedule.lr_at(state.step);
-        let mut values: Vec<(String, &mut [f32])> = Vec::new();
-        model.visit_params_mut(mode, |name, value| values.push((name, value)));
-        let mut params: Vec<Param<'_>> = values
+        let mut params: Vec<Param<'_>> = gl
             .iter_mut()
-            .zip(&gl)
-            .map(|((name, value), (gname, g))| {
-                debug_assert_eq!(name, gname);
-                Param {
-                    name: name.as_str(),
-                    value,
-                    grad: g.as_slice(),
-                    decay: decays_by_default(name),
-                }
+            .map(|p| Param {
+                name: p.name.as_str(),
+                value: &mut *p.value,
+                grad: p.grad.as_slice(),
+                decay: p.id.decays(),
             })
             .collect();
         opt.step(&mut params, lr).map_err(err)?;
         drop(params);
-        drop(values);
+        drop(gl);
         state.step += 1;
         state.tokens_seen += tokens as u64;
         state.last_loss = Some(loss);
@@ -1078,7 +1069,9 @@ fn save_checkpoint(
 ) -> Result<(), TrainError> {
     let mut w = CheckpointWriter::begin(run_dir, state.step).map_err(err)?;
     let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    model.visit_params_mut(mode, |name, p| named.push((name, vec![p.len()], p.to_vec())));
+    model.visit_params_mut(mode, |id, p| {
+        named.push((id.name(mode), vec![p.len()], p.to_vec()))
+    });
     let refs: Vec<TensorRef<'_>> = named
         .iter()
         .map(|(n, s, d)| TensorRef {

@@ -316,19 +316,15 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
             let out = model.forward_backward(&batch, &mut grads, 1.0 / n_trained as f32, opts);
             last_loss = out.loss_sum / n_trained as f64;
         }
-        let mut gl: Vec<&Vec<f32>> = Vec::new();
-        grads.for_each_mut(|_, g| gl.push(g));
         let _p = profile::scope("optimizer");
-        let mut values: Vec<(String, &mut [f32])> = Vec::new();
-        model.visit_params_mut(mode, |name, p| values.push((name, p)));
-        let mut params: Vec<graft_train::optim::Param<'_>> = values
+        let mut trainable = model.trainable(mode, &mut grads).map_err(anyhow::Error::msg)?;
+        let mut params: Vec<graft_train::optim::Param<'_>> = trainable
             .iter_mut()
-            .zip(&gl)
-            .map(|((name, value), g)| graft_train::optim::Param {
-                name: name.as_str(),
-                value,
-                grad: g.as_slice(),
-                decay: graft_train::optim::decays_by_default(name),
+            .map(|p| graft_train::optim::Param {
+                name: p.name.as_str(),
+                value: &mut *p.value,
+                grad: p.grad.as_slice(),
+                decay: p.id.decays(),
             })
             .collect();
         opt.step(&mut params, 1e-4)?;
