@@ -32,6 +32,17 @@ impl Architecture {
         }
     }
 
+    /// The `architectures[0]` string of this family's reward-model class
+    /// (`AutoModelForSequenceClassification`).
+    pub fn hf_sequence_classifier_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForSequenceClassification",
+            Architecture::Mistral => "MistralForSequenceClassification",
+            Architecture::Qwen2 => "Qwen2ForSequenceClassification",
+            Architecture::Qwen3 => "Qwen3ForSequenceClassification",
+        }
+    }
+
     /// The `model_type` string transformers writes for this family.
     pub fn model_type(self) -> &'static str {
         match self {
@@ -42,8 +53,12 @@ impl Architecture {
         }
     }
 
-    /// Parses an `architectures[0]` (or `model_type`) value.
+    /// Parses an `architectures[0]` (or `model_type`) value; `*ForSequenceClassification` names
+    /// the same family.
     pub fn parse(name: &str) -> Option<Architecture> {
+        if let Some(family) = name.strip_suffix("ForSequenceClassification") {
+            return Architecture::parse(&format!("{family}ForCausalLM"));
+        }
         match name {
             "LlamaForCausalLM" | "llama" => Some(Architecture::Llama),
             "MistralForCausalLM" | "mistral" => Some(Architecture::Mistral),
@@ -101,6 +116,9 @@ pub struct ModelSpec {
     pub bos_token_id: Option<u32>,
     /// All end-of-sequence ids (Llama 3 instruct models list several).
     pub eos_token_ids: Vec<u32>,
+    /// A reward model: config.json says `*ForSequenceClassification` with one label, so the
+    /// checkpoint has a `score` head (`[1, hidden]`) and no `lm_head`.
+    pub sequence_classifier: bool,
 }
 
 impl ModelSpec {
@@ -131,10 +149,27 @@ impl ModelSpec {
                 "architectures",
                 format!(
                     "unsupported architecture `{arch_name}`; expected one of LlamaForCausalLM, \
-                     MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+                     MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (or their \
+                     *ForSequenceClassification reward models)"
                 ),
             )
         })?;
+        let sequence_classifier = arch_name.ends_with("ForSequenceClassification");
+        if sequence_classifier {
+            let labels = match v.get("id2label") {
+                Some(Value::Object(m)) => m.len(),
+                _ => cfg.opt_usize("num_labels")?.unwrap_or(2),
+            };
+            if labels != 1 {
+                return Err(cfg.err(
+                    "id2label",
+                    format!(
+                        "a sequence classifier with {labels} labels; graft trains and scores reward models, \
+                         which have one (num_labels = 1)"
+                    ),
+                ));
+            }
+        }
         if let Some(act) = v.get("hidden_act").and_then(|a| a.as_str())
             && act != "silu"
         {
@@ -234,6 +269,7 @@ impl ModelSpec {
             sliding_window,
             bos_token_id: cfg.opt_usize("bos_token_id")?.map(|x| x as u32),
             eos_token_ids,
+            sequence_classifier,
         };
         Ok(spec)
     }
@@ -251,10 +287,16 @@ impl ModelSpec {
     /// Writes a `config.json` that transformers loads back to this spec.
     pub fn to_config_json(&self) -> Value {
         let mut m = serde_json::Map::new();
-        m.insert(
-            "architectures".into(),
-            serde_json::json!([self.architecture.hf_name()]),
-        );
+        let class = if self.sequence_classifier {
+            self.architecture.hf_sequence_classifier_name()
+        } else {
+            self.architecture.hf_name()
+        };
+        m.insert("architectures".into(), serde_json::json!([class]));
+        if self.sequence_classifier {
+            m.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+            m.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        }
         m.insert("model_type".into(), self.architecture.model_type().into());
         m.insert("vocab_size".into(), self.vocab_size.into());
         m.insert("hidden_size".into(), self.hidden_size.into());
@@ -347,7 +389,9 @@ impl ModelSpec {
                 0
             }
             + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let head = if self.tie_word_embeddings {
+        let head = if self.sequence_classifier {
+            h
+        } else if self.tie_word_embeddings {
             0
         } else {
             self.vocab_size * h

@@ -39,6 +39,9 @@ impl<B: Backend> Model<B> {
                 });
             }
         }
+        if let Some(w) = &adapter.score {
+            self.score = Some(self.backend.upload(w));
+        }
     }
 
     /// The active adapter as host data, for saving in PEFT format.
@@ -60,6 +63,13 @@ impl<B: Backend> Model<B> {
                 out
             })
             .collect();
-        LoraAdapter { config, layers }
+        let score = (config.saves_score())
+            .then(|| self.score.as_ref().map(|w| b.download(w)))
+            .flatten();
+        LoraAdapter {
+            config,
+            layers,
+            score,
+        }
     }
 }

@@ -69,8 +69,11 @@ pub struct Model<B: Backend> {
     pub embed: B::Weight,
     pub layers: Vec<Layer<B>>,
     pub final_norm: B::Buf,
-    /// `[vocab, hidden]`; `None` when tied to `embed`.
+    /// `[vocab, hidden]`; `None` when tied to `embed` (and in a reward model, which has none).
     pub lm_head: Option<B::Weight>,
+    /// A reward model's `score` head, `[1, hidden]` (HF `*ForSequenceClassification`, PEFT's
+    /// `modules_to_save`): reads one scalar from the final hidden state of a sequence.
+    pub score: Option<B::Buf>,
     pub rope: B::Rope,
 }
 
@@ -199,10 +202,15 @@ impl<B: Backend> Model<B> {
             });
         }
         let embed = mat("model.embed_tokens.weight", spec.vocab_size, h)?;
-        let lm_head = if spec.tie_word_embeddings {
+        let lm_head = if spec.tie_word_embeddings || spec.sequence_classifier {
             None
         } else {
             Some(mat("lm_head.weight", spec.vocab_size, h)?)
+        };
+        let score = if spec.sequence_classifier {
+            Some(b.upload(&(tensor.borrow_mut())("score.weight", &[1, h])?))
+        } else {
+            None
         };
         let final_norm = vec("model.norm.weight", h)?;
         let rope = b.rope_table(&rope_inv_freq(spec), spec.max_position_embeddings.max(1));
@@ -212,9 +220,19 @@ impl<B: Backend> Model<B> {
             layers,
             final_norm,
             lm_head,
+            score,
             rope,
             backend,
         })
+    }
+
+    /// Makes this model a reward model: a `score` head (`[1, hidden]`, `weight`) replaces the LM
+    /// head, and the spec says `*ForSequenceClassification` (so exports write that layout).
+    pub fn attach_score_head(&mut self, weight: &[f32]) {
+        assert_eq!(weight.len(), self.spec.hidden_size, "score head is [1, hidden]");
+        self.score = Some(self.backend.upload(weight));
+        self.lm_head = None;
+        self.spec.sequence_classifier = true;
     }
 
     /// The LM head matrix (the embedding when tied).
@@ -297,6 +315,13 @@ impl<B: Backend> Model<B> {
                 "lm_head.weight".into(),
                 vec![self.spec.vocab_size, self.spec.hidden_size],
                 b.weight_to_host(head),
+            ));
+        }
+        if let Some(score) = &self.score {
+            out.push((
+                "score.weight".into(),
+                vec![1, self.spec.hidden_size],
+                b.download(score),
             ));
         }
         out

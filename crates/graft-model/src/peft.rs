@@ -206,8 +206,11 @@ pub struct LoraAdapterConfig {
     pub rank_pattern: Vec<(String, usize)>,
     /// Per-module alpha overrides, matched like `rank_pattern`.
     pub alpha_pattern: Vec<(String, f32)>,
-    /// PEFT `task_type` (`CAUSAL_LM` for adapters graft writes).
+    /// PEFT `task_type` (`CAUSAL_LM`, or `SEQ_CLS` for a reward model's adapter).
     pub task_type: Option<String>,
+    /// PEFT `modules_to_save`: modules trained and saved whole next to the LoRA factors. graft
+    /// supports a reward model's head only (`score`, with PEFT's `classifier` alias).
+    pub modules_to_save: Vec<String>,
 }
 
 impl LoraAdapterConfig {
@@ -225,7 +228,21 @@ impl LoraAdapterConfig {
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
             task_type: Some("CAUSAL_LM".into()),
+            modules_to_save: Vec::new(),
         }
+    }
+
+    /// This config for a reward model's adapter: task `SEQ_CLS`, with the `score` head in
+    /// `modules_to_save` (what PEFT sets for `AutoModelForSequenceClassification`).
+    pub fn for_sequence_classification(mut self) -> LoraAdapterConfig {
+        self.task_type = Some("SEQ_CLS".into());
+        self.modules_to_save = vec!["classifier".into(), "score".into()];
+        self
+    }
+
+    /// Whether the config saves a reward model's `score` head with the adapter.
+    pub fn saves_score(&self) -> bool {
+        self.modules_to_save.iter().any(|m| m == "score")
     }
 
     /// Whether the module at `module_path` (e.g. `model.layers.0.self_attn.q_proj`) in decoder
@@ -307,7 +324,33 @@ impl LoraAdapterConfig {
             }
         };
         refuse_if("use_dora", "DoRA (use_dora)")?;
-        refuse_if("modules_to_save", "training extra full modules (modules_to_save)")?;
+        let modules_to_save = match get("modules_to_save") {
+            Value::Null => Vec::new(),
+            Value::Array(a) => {
+                let mut names = Vec::new();
+                for x in a {
+                    match x.as_str() {
+                        Some(n @ ("score" | "classifier")) => names.push(n.to_string()),
+                        _ => {
+                            return Err(err(
+                                "modules_to_save",
+                                format!(
+                                    "saving `{x}` whole is not supported; graft supports a reward model's \
+                                     head only (\"score\", \"classifier\")"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                names
+            }
+            other => {
+                return Err(err(
+                    "modules_to_save",
+                    format!("expected a list of module names, got {other}"),
+                ));
+            }
+        };
         refuse_if("fan_in_fan_out", "fan_in_fan_out (Conv1D-style weights)")?;
         refuse_if("lora_bias", "a LoRA bias on B (lora_bias)")?;
         refuse_if("target_parameters", "LoRA on parameters (target_parameters)")?;
@@ -462,6 +505,7 @@ impl LoraAdapterConfig {
             rank_pattern,
             alpha_pattern,
             task_type: opt_str("task_type")?,
+            modules_to_save,
         })
     }
 
@@ -517,7 +561,11 @@ impl LoraAdapterConfig {
             "lora_ga_config": null,
             "megatron_config": null,
             "megatron_core": "megatron.core",
-            "modules_to_save": null,
+            "modules_to_save": if self.modules_to_save.is_empty() {
+                Value::Null
+            } else {
+                json!(self.modules_to_save)
+            },
             "monteclora_config": null,
             "peft_type": "LORA",
             "qalora_group_size": 16,
@@ -620,6 +668,9 @@ pub struct LoraAdapter {
     pub config: LoraAdapterConfig,
     /// One entry per decoder layer.
     pub layers: Vec<LayerLora>,
+    /// A reward model's `score` head (`[1, hidden]`), saved whole under PEFT's
+    /// `modules_to_save` as `base_model.model.score.weight`.
+    pub score: Option<Vec<f32>>,
 }
 
 impl LoraAdapter {
@@ -644,7 +695,11 @@ impl LoraAdapter {
                 layer
             })
             .collect();
-        LoraAdapter { config, layers }
+        LoraAdapter {
+            config,
+            layers,
+            score: None,
+        }
     }
 
     /// Number of trainable values (all A and B entries).
@@ -659,6 +714,19 @@ impl LoraAdapter {
 /// The safetensors key PEFT saves for `module` in `layer` (`lora_A` or `lora_B`).
 fn peft_key(module: LoraModule, layer: usize, ab: &str) -> String {
     format!("base_model.model.{}.{ab}.weight", module.path(layer))
+}
+
+/// The key PEFT saves a reward model's `score` head under (in `modules_to_save`).
+pub const PEFT_SCORE_KEY: &str = "base_model.model.score.weight";
+
+/// Whether `key` is the saved `score` head (PEFT strips the `modules_to_save.default` infix
+/// when saving; a state dict taken from a live model still has it).
+fn is_score_key(key: &str) -> bool {
+    let rest = key.strip_prefix("base_model.model.").unwrap_or(key);
+    matches!(
+        rest,
+        "score.weight" | "score.modules_to_save.default.weight" | "score.modules_to_save.weight"
+    )
 }
 
 /// Parses a saved key into (layer, module, "lora_A" | "lora_B"), accepting the `.default`
@@ -704,13 +772,26 @@ pub fn load_peft_adapter(dir: &Path, spec: &ModelSpec) -> Result<LoraAdapter, Mo
 
     // Every key must be a LoRA A/B of a supported projection in an existing layer.
     let mut found: HashMap<(usize, LoraModule, &str), String> = HashMap::new();
+    let mut score = None;
     for key in store.names() {
+        if is_score_key(key) {
+            if !config.saves_score() {
+                return Err(ModelError::tensor(
+                    &weights_path,
+                    key,
+                    "is a reward model's score head, but adapter_config.json does not list \"score\" in modules_to_save",
+                ));
+            }
+            score = Some(store.f32(key, &[1, spec.hidden_size])?);
+            continue;
+        }
         let Some((layer, module, ab)) = parse_key(key) else {
             return Err(ModelError::tensor(
                 &weights_path,
                 key,
                 "is not a LoRA A/B weight of q/k/v/o/gate/up/down_proj; graft supports LoRA on those seven \
-                 projections only (no DoRA magnitudes, embeddings, biases or modules_to_save)",
+                 projections only (no DoRA magnitudes, embeddings or biases; modules_to_save only for a reward \
+                 model's score head)",
             ));
         };
         if layer >= spec.num_layers {
@@ -779,9 +860,17 @@ pub fn load_peft_adapter(dir: &Path, spec: &ModelSpec) -> Result<LoraAdapter, Mo
         }
         layers.push(layer);
     }
-    if layers
-        .iter()
-        .all(|l| LoraModule::ALL.iter().all(|&m| l.get(m).is_none()))
+    if config.saves_score() && score.is_none() {
+        return Err(ModelError::tensor(
+            &weights_path,
+            PEFT_SCORE_KEY,
+            "missing (adapter_config.json lists \"score\" in modules_to_save)",
+        ));
+    }
+    if score.is_none()
+        && layers
+            .iter()
+            .all(|l| LoraModule::ALL.iter().all(|&m| l.get(m).is_none()))
     {
         return Err(ModelError::tensor(
             &weights_path,
@@ -789,7 +878,11 @@ pub fn load_peft_adapter(dir: &Path, spec: &ModelSpec) -> Result<LoraAdapter, Mo
             "the adapter has no LoRA weights for this model",
         ));
     }
-    Ok(LoraAdapter { config, layers })
+    Ok(LoraAdapter {
+        config,
+        layers,
+        score,
+    })
 }
 
 /// Refuses target modules that name nothing graft can adapt (PEFT too fails when a target
@@ -899,6 +992,24 @@ pub fn save_peft_adapter(
                     tensors.push((peft_key(m, i, "lora_B"), vec![p.b.len() / r, r], &p.b));
                 }
             }
+        }
+    }
+    match (&adapter.score, config.saves_score()) {
+        (Some(w), true) => tensors.push((PEFT_SCORE_KEY.to_string(), vec![1, w.len()], w)),
+        (None, false) => {}
+        (Some(_), false) => {
+            return Err(ModelError::tensor(
+                &weights_path,
+                PEFT_SCORE_KEY,
+                "the adapter has a score head but the config's modules_to_save does not list \"score\"",
+            ));
+        }
+        (None, true) => {
+            return Err(ModelError::tensor(
+                &weights_path,
+                PEFT_SCORE_KEY,
+                "the config's modules_to_save lists \"score\" but the adapter has no score head",
+            ));
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;

@@ -43,6 +43,7 @@ fn llama(
         sliding_window: None,
         bos_token_id: None,
         eos_token_ids: vec![],
+        sequence_classifier: false,
     }
 }
 

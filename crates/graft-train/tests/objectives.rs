@@ -309,7 +309,8 @@ fn push_sequence(b: &mut Batch, seq: u32, prompt: &[u32], completion: &[u32]) {
 /// Relative norm difference of graft's gradients (divided by `units`) and a fixture's.
 fn gradient_error(grads: &mut graft_model::train::Grads<Cpu>, want: &serde_json::Value, units: f64) -> f64 {
     let mut worst = 0.0f64;
-    grads.for_each_mut(|key, g| {
+    grads.for_each_mut(|id, g| {
+        let key = id.peft_name();
         let w = floats(&want[&key]["values"]);
         assert_eq!(w.len(), g.len(), "{key}");
         let (mut num, mut den) = (0.0f64, 0.0f64);
@@ -567,4 +568,105 @@ fn first_orpo_step_matches_trl_orpo_trainer() {
         checked += 1;
     }
     assert_eq!(checked, 2);
+}
+
+/// `tests/fixtures/reward_trainer/`, made by TRL 1.16's own `RewardTrainer.compute_loss`
+/// (`scripts/gen_reward_fixture.py`): the DPO fixture's model as a sequence classifier with a
+/// LoRA adapter whose `modules_to_save` carries the score head; loss, rewards, metrics and the
+/// gradients of the LoRA factors and the head, with and without a margin column and centring,
+/// with a distinct pad id and with EOS as the pad id.
+#[test]
+fn first_reward_step_matches_trl_reward_trainer() {
+    use graft_train::objective::reward::{Reward, RewardBatch, RewardParams, RewardSlot, score_position};
+    let dir = fixture_dir("reward_trainer");
+    let fixture = read_json(&dir.join("cases.json"));
+    let loaded = graft_model::weights::load_model(&fixture_dir("dpo_trainer").join("model")).unwrap();
+    let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::F32).unwrap();
+    let base_score: Vec<f32> = floats(&fixture["score_weight"])
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    model.attach_score_head(&base_score);
+    let adapter = graft_model::peft::load_peft_adapter(&dir.join("adapter"), &model.spec).unwrap();
+    assert!(adapter.config.saves_score() && adapter.score.is_some());
+    let pairs = fixture["pairs"].as_array().unwrap();
+    let batch_for = |pad: Option<u32>, use_margin: bool| {
+        let mut b = Batch::default();
+        let mut slots = Vec::new();
+        for (k, p) in pairs.iter().enumerate() {
+            let mut at = [0usize; 2];
+            for (j, key) in ["chosen_ids", "rejected_ids"].iter().enumerate() {
+                let seq = ids(&p[key]);
+                at[j] = b.input_ids.len() + score_position(&seq, pad);
+                push_sequence(&mut b, (2 * k + j) as u32, &seq, &[]);
+            }
+            b.targets.iter_mut().for_each(|t| *t = -100);
+            slots.push(RewardSlot {
+                chosen_at: at[0],
+                rejected_at: at[1],
+                margin: if use_margin {
+                    p["margin"].as_f64().unwrap()
+                } else {
+                    0.0
+                },
+            });
+        }
+        RewardBatch {
+            batch: b,
+            pairs: slots,
+        }
+    };
+
+    // The base model alone (no adapter): TRL's `base_rewards`.
+    let plain = batch_for(Some(0), false);
+    let reward = Reward::default();
+    let c = reward.evaluate(&model, &plain, exact());
+    let positions: Vec<usize> = plain
+        .pairs
+        .iter()
+        .map(|p| p.chosen_at)
+        .chain(plain.pairs.iter().map(|p| p.rejected_at))
+        .collect();
+    let scores = model.forward_scores(&plain.batch, &positions, exact());
+    let want: Vec<f64> = floats(&fixture["base_rewards"]["chosen"])
+        .into_iter()
+        .chain(floats(&fixture["base_rewards"]["rejected"]))
+        .collect();
+    for (g, w) in scores.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 1e-5, "base reward {g} vs TRL {w}");
+    }
+    assert_eq!(c.units, 4.0);
+
+    model.set_adapter(&adapter);
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let pad = case["pad_token_id"].as_u64().map(|p| p as u32);
+        let batch = batch_for(pad, case["use_margin"].as_bool().unwrap());
+        let mut objective = Reward {
+            params: RewardParams {
+                center_rewards_coefficient: case["center_rewards_coefficient"].as_f64(),
+            },
+        };
+        let mut grads = model.new_grads(TrainMode::Lora);
+        let c = objective.forward_backward(&model, &batch, &mut grads, exact());
+        let loss = c.loss_sum / c.units;
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{name}: loss {loss} vs TRL {want}"
+        );
+        for k in ["accuracy", "margin", "min_reward", "mean_reward", "max_reward"] {
+            let (got, want) = (c.metrics[k] / c.units, case["metrics"][k].as_f64().unwrap());
+            assert!(
+                (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "{name}: {k} {got} vs {want}"
+            );
+        }
+        let worst = gradient_error(&mut grads, &case["grads"], c.units);
+        assert!(
+            worst < 1e-3,
+            "{name}: gradients differ from TRL's by {worst:.2e} (relative norm)"
+        );
+        eprintln!("{name}: loss {loss:.7} vs {want:.7}, worst grad rel err {worst:.2e}");
+    }
 }

@@ -123,6 +123,7 @@ fn build_model(dir: &Path) -> Result<ModelSpec> {
         sliding_window: None,
         bos_token_id: None,
         eos_token_ids: vec![2],
+        sequence_classifier: false,
     };
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = graft_model::weights::hf_tensor_shapes(&spec)
         .into_iter()

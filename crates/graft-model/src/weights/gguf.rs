@@ -700,6 +700,7 @@ pub(super) fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
         sliding_window: None,
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
+        sequence_classifier: false,
     };
     let tokenizer = tokenizer(&meta, bos, eos)?;
     Ok(LoadedModel {

@@ -119,6 +119,7 @@ impl Header {
             sliding_window: None,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
+            sequence_classifier: false,
         }
     }
 }

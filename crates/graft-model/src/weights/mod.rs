@@ -515,7 +515,9 @@ pub fn hf_tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
         }
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
-    if !spec.tie_word_embeddings {
+    if spec.sequence_classifier {
+        out.push(("score.weight".to_string(), vec![1, h]));
+    } else if !spec.tie_word_embeddings {
         out.push(("lm_head.weight".to_string(), vec![spec.vocab_size, h]));
     }
     out

@@ -23,6 +23,7 @@ pub mod dpo;
 pub mod kto;
 pub mod orpo;
 pub mod pairs;
+pub mod reward;
 pub mod sft;
 
 use graft_kernels::Cpu;
