@@ -128,6 +128,9 @@ pub struct Preference {
     pub rejected: Turns,
     /// Tool definitions, if any.
     pub tools: Option<Vec<Json>>,
+    /// How much more the chosen answer is preferred (TRL's optional `margin` column, used by
+    /// reward modelling).
+    pub margin: Option<f64>,
 }
 
 /// A KTO example: a completion labelled desirable or not.
@@ -1118,12 +1121,18 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
 
 fn parse_preference(obj: &Map<String, Json>) -> std::result::Result<Record, String> {
     let tools = parse_tools(obj.get("tools"), "tools")?;
+    let margin = match obj.get("margin") {
+        None | Some(Json::Null) => None,
+        Some(Json::Number(n)) => n.as_f64(),
+        Some(other) => return Err(format!("margin: expected a number, got {other}")),
+    };
     if obj.contains_key("question") && obj.contains_key("response_j") {
         return Ok(Record::Preference(Preference {
             prompt: Turns::Text(string_field(obj, "question")?),
             chosen: Turns::Text(string_field(obj, "response_j")?),
             rejected: Turns::Text(string_field(obj, "response_k")?),
             tools,
+            margin,
         }));
     }
     if let (Some(c), Some(r)) = (obj.get("chosen_messages"), obj.get("rejected_messages")) {
@@ -1135,6 +1144,7 @@ fn parse_preference(obj: &Map<String, Json>) -> std::result::Result<Record, Stri
             chosen,
             rejected,
             tools,
+            margin,
         }));
     }
     let chosen = turns_of(obj.get("chosen").ok_or("missing \"chosen\"")?, "chosen")?;
@@ -1163,6 +1173,7 @@ fn parse_preference(obj: &Map<String, Json>) -> std::result::Result<Record, Stri
         chosen,
         rejected,
         tools,
+        margin,
     }))
 }
 

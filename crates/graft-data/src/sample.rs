@@ -95,6 +95,9 @@ pub struct TokenizeOptions {
     pub append_eos: bool,
     /// Extra template variables (`enable_thinking`, …).
     pub template_kwargs: Map<String, serde_json::Value>,
+    /// Tokenize a text prompt and its completion as one string (TRL's reward trainer does;
+    /// its SFT and DPO trainers tokenize them apart).
+    pub join_prompt_text: bool,
 }
 
 impl Default for TokenizeOptions {
@@ -106,6 +109,7 @@ impl Default for TokenizeOptions {
             missing_end_of_turn: MissingEndOfTurn::default(),
             append_eos: true,
             template_kwargs: Map::new(),
+            join_prompt_text: false,
         }
     }
 }
@@ -114,13 +118,14 @@ impl TokenizeOptions {
     /// A stable description of the options, for cache keys.
     pub fn cache_key(&self) -> String {
         format!(
-            "{:?}|{:?}|{:?}|{:?}|{}|{}",
+            "{:?}|{:?}|{:?}|{:?}|{}|{}{}",
             self.loss,
             self.max_len,
             self.truncation,
             self.missing_end_of_turn,
             self.append_eos,
-            serde_json::Value::Object(self.template_kwargs.clone())
+            serde_json::Value::Object(self.template_kwargs.clone()),
+            if self.join_prompt_text { "|joined" } else { "" }
         )
     }
 }
@@ -177,7 +182,7 @@ impl TokenizedSample {
 }
 
 /// A tokenized record: one sequence, a preference pair, or a labelled KTO sequence.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum TokenizedRecord {
     /// SFT / language-modelling sequence.
     Single(TokenizedSample),
@@ -187,6 +192,8 @@ pub enum TokenizedRecord {
         chosen: TokenizedSample,
         /// Prompt + rejected.
         rejected: TokenizedSample,
+        /// The row's `margin` column (reward modelling), if any.
+        margin: Option<f64>,
     },
     /// A long plain-text row split into consecutive chunks of at most `max_len` tokens.
     Chunks(Vec<TokenizedSample>),
@@ -204,7 +211,7 @@ impl TokenizedRecord {
     pub fn samples(&self) -> Vec<&TokenizedSample> {
         match self {
             TokenizedRecord::Single(s) | TokenizedRecord::Kto { sample: s, .. } => vec![s],
-            TokenizedRecord::Pair { chosen, rejected } => vec![chosen, rejected],
+            TokenizedRecord::Pair { chosen, rejected, .. } => vec![chosen, rejected],
             TokenizedRecord::Chunks(chunks) => chunks.iter().collect(),
         }
     }
@@ -418,6 +425,15 @@ fn build_prompt_response(
 ) -> Result<BuiltSequence> {
     let train_prompt = opts.loss == LossMode::AllTokens;
     match (prompt, response) {
+        (Turns::Text(p), Turns::Text(c)) if opts.join_prompt_text => {
+            let mut seq = BuiltSequence::default();
+            seq.push_text(tok, &format!("{p}{c}"), true, true)?;
+            if opts.append_eos {
+                seq.push_eos(tok, true);
+            }
+            seq.fix_bos(tok);
+            Ok(seq)
+        }
         (Turns::Text(p), Turns::Text(c)) => {
             let mut seq = BuiltSequence::default();
             seq.push_text(tok, p, true, train_prompt)?;
@@ -512,8 +528,12 @@ pub fn tokenize_record(
     }
     let mut next = || built.next().and_then(|b| b.finish(opts));
     Ok(match record {
-        Record::Preference(_) => match (next(), next()) {
-            (Some(chosen), Some(rejected)) => Some(TokenizedRecord::Pair { chosen, rejected }),
+        Record::Preference(p) => match (next(), next()) {
+            (Some(chosen), Some(rejected)) => Some(TokenizedRecord::Pair {
+                chosen,
+                rejected,
+                margin: p.margin,
+            }),
             _ => None,
         },
         Record::Kto(k) => next().map(|sample| TokenizedRecord::Kto {

@@ -15,7 +15,7 @@ use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
 
 /// One tokenized row and where it came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TokenizedExample {
     /// Index into [`TokenizedDataset::files`].
     pub file: usize,
@@ -26,7 +26,7 @@ pub struct TokenizedExample {
 }
 
 /// A tokenized dataset.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TokenizedDataset {
     /// Source files.
     pub files: Vec<PathBuf>,
@@ -114,7 +114,7 @@ pub fn tokenize_dataset(
 }
 
 const CACHE_MAGIC: &[u8; 8] = b"GRAFTTOK";
-const CACHE_VERSION: u32 = 2;
+const CACHE_VERSION: u32 = 3;
 
 /// The cache key of a dataset path under a tokenizer, template and options.
 pub fn cache_key(
@@ -297,10 +297,17 @@ fn encode_cache(ds: &TokenizedDataset) -> Vec<u8> {
                 w.u8(0);
                 w.sample(s);
             }
-            TokenizedRecord::Pair { chosen, rejected } => {
-                w.u8(1);
+            TokenizedRecord::Pair {
+                chosen,
+                rejected,
+                margin,
+            } => {
+                w.u8(if margin.is_some() { 5 } else { 1 });
                 w.sample(chosen);
                 w.sample(rejected);
+                if let Some(m) = margin {
+                    w.u64(m.to_bits());
+                }
             }
             TokenizedRecord::Kto { sample, label } => {
                 w.u8(2 + *label as u8);
@@ -345,9 +352,14 @@ fn decode_cache(bytes: &[u8]) -> Option<TokenizedDataset> {
         let line = r.u64()? as usize;
         let record = match r.u8()? {
             0 => TokenizedRecord::Single(r.sample()?),
-            1 => TokenizedRecord::Pair {
+            k @ (1 | 5) => TokenizedRecord::Pair {
                 chosen: r.sample()?,
                 rejected: r.sample()?,
+                margin: if k == 5 {
+                    Some(f64::from_bits(r.u64()?))
+                } else {
+                    None
+                },
             },
             k @ (2 | 3) => TokenizedRecord::Kto {
                 sample: r.sample()?,
@@ -410,6 +422,16 @@ mod tests {
                     record: TokenizedRecord::Pair {
                         chosen: s.clone(),
                         rejected: s.clone(),
+                        margin: None,
+                    },
+                },
+                TokenizedExample {
+                    file: 0,
+                    line: 6,
+                    record: TokenizedRecord::Pair {
+                        chosen: s.clone(),
+                        rejected: s.clone(),
+                        margin: Some(-0.25),
                     },
                 },
                 TokenizedExample {

@@ -102,7 +102,7 @@ fn preference_and_kto_rows_tokenize_with_shared_prompts() {
     .unwrap();
     assert_eq!(dpo.examples.len(), 300);
     for e in &dpo.examples {
-        let TokenizedRecord::Pair { chosen, rejected } = &e.record else {
+        let TokenizedRecord::Pair { chosen, rejected, .. } = &e.record else {
             panic!()
         };
         let prompt_c = chosen.trained.iter().position(|&t| t).unwrap();

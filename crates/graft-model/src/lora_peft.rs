@@ -27,7 +27,8 @@ impl<B: Backend> Model<B> {
         Adapter { layers }
     }
 
-    /// Attaches a loaded PEFT adapter (replacing any active one).
+    /// Attaches a loaded PEFT adapter (replacing any active one). An adapter that carries a score
+    /// head (a reward model's, in `modules_to_save`) makes this model a reward model.
     pub fn set_adapter(&mut self, adapter: &LoraAdapter) {
         for (layer, la) in self.layers.iter_mut().zip(&adapter.layers) {
             for (i, module) in LoraModule::ALL.into_iter().enumerate() {
@@ -40,7 +41,7 @@ impl<B: Backend> Model<B> {
             }
         }
         if let Some(w) = &adapter.score {
-            self.score = Some(self.backend.upload(w));
+            self.attach_score_head(w);
         }
     }
 

@@ -106,9 +106,25 @@ pub enum Method {
     Orpo,
     /// Kahneman–Tversky Optimization on unpaired, labelled completions (`[kto]`).
     Kto,
+    /// A reward model (Bradley–Terry on preference pairs, `[reward]`): a `score` head on the
+    /// decoder, saved as `AutoModelForSequenceClassification` loads it.
+    Reward,
 }
 
 impl Method {
+    /// The method's name in a config (`method = "…"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sft => "sft",
+            Method::Dpo => "dpo",
+            Method::Cpo => "cpo",
+            Method::Simpo => "simpo",
+            Method::Orpo => "orpo",
+            Method::Kto => "kto",
+            Method::Reward => "reward",
+        }
+    }
+
     /// Whether the method trains on preference pairs.
     pub fn is_preference(self) -> bool {
         !matches!(self, Method::Sft)
@@ -642,6 +658,15 @@ pub struct OrpoConfig {
     pub beta: f64,
 }
 
+/// `[reward]`: reward modelling, with TRL's `RewardConfig` names.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    /// Weight of `mean (r_chosen + r_rejected)²`, which keeps rewards centred on 0 (TRL's
+    /// `center_rewards_coefficient`). Default: none.
+    pub center_rewards_coefficient: Option<f64>,
+}
+
 impl Default for OrpoConfig {
     fn default() -> Self {
         OrpoConfig { beta: 0.1 }
@@ -751,6 +776,8 @@ pub struct TrainConfig {
     pub orpo: OrpoConfig,
     /// `[kto]` (used with `method = "kto"`).
     pub kto: KtoConfig,
+    /// `[reward]` (used with `method = "reward"`).
+    pub reward: RewardConfig,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -872,6 +899,10 @@ pub const SECTIONS: &[(&str, &str)] = &[
         "kto",
         "Kahneman–Tversky Optimization (method = \"kto\"), with TRL's KTOConfig names and defaults.",
     ),
+    (
+        "reward",
+        "Reward modelling (method = \"reward\"), with TRL's RewardConfig names.",
+    ),
 ];
 
 /// Every valid key, in documentation order: the schema that unknown-key and type errors, `--set`
@@ -879,10 +910,11 @@ pub const SECTIONS: &[(&str, &str)] = &[
 pub const KEYS: &[KeySpec] = &[
     key(
         "method",
-        KeyKind::Choice(&["sft", "dpo", "cpo", "simpo", "orpo", "kto"]),
+        KeyKind::Choice(&["sft", "dpo", "cpo", "simpo", "orpo", "kto", "reward"]),
         "Training method: \"sft\" (supervised fine-tuning on single answers), or on prompt/chosen/rejected \
          pairs \"dpo\" (see [dpo]), \"cpo\" or \"simpo\" (reference-free, see [cpo]), \"orpo\" (reference-free with \
-         an SFT term, see [orpo]); \"kto\" on unpaired prompt/completion/label rows (see [kto]). Default: \"sft\".",
+         an SFT term, see [orpo]); \"kto\" on unpaired prompt/completion/label rows (see [kto]); \"reward\" trains a \
+         reward model (a score head) on pairs (see [reward]). Default: \"sft\".",
     ),
     key(
         "full",
@@ -1223,6 +1255,12 @@ pub const KEYS: &[KeySpec] = &[
         "kto.reference",
         KeyKind::Str,
         "The reference, as dpo.reference (\"init\", \"base\" or a path). Default: \"init\".",
+    ),
+    key(
+        "reward.center_rewards_coefficient",
+        KeyKind::Float,
+        "Weight of mean (r_chosen + r_rejected)², which keeps the rewards centred on 0 (the paper's 0.01). \
+         Default: none.",
     ),
 ];
 
@@ -1570,6 +1608,20 @@ impl TrainConfig {
             }
             Method::Kto => {
                 self.kto.params()?;
+            }
+            Method::Reward
+                if self
+                    .reward
+                    .center_rewards_coefficient
+                    .is_some_and(|c| !(c >= 0.0 && c.is_finite())) =>
+            {
+                return Err(invalid(
+                    "reward.center_rewards_coefficient",
+                    format!(
+                        "must be a non-negative number, got {}",
+                        self.reward.center_rewards_coefficient.unwrap_or_default()
+                    ),
+                ));
             }
             Method::Orpo if !(self.orpo.beta >= 0.0 && self.orpo.beta.is_finite()) => {
                 return Err(invalid(

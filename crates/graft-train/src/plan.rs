@@ -153,7 +153,7 @@ pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
         MicroBatch::Rows(r)
             if matches!(
                 cfg.method,
-                Method::Dpo | Method::Cpo | Method::Simpo | Method::Orpo
+                Method::Dpo | Method::Cpo | Method::Simpo | Method::Orpo | Method::Reward
             ) =>
         {
             2 * r * cfg.data.max_length

@@ -10,6 +10,7 @@
 use crate::config::{Method, Reference, TrainConfig};
 use crate::objective::kto::{Kto, KtoBatch, KtoSlot};
 use crate::objective::pairs::{PairBatch, PairLoss, PairObjective, PairSlot, sequence_logps};
+use crate::objective::reward::{Reward, RewardBatch, RewardParams, RewardSlot, score_position};
 use crate::rng::Rng;
 use crate::sft::{
     BatchSource, DataReader, RowCounts, RunSetup, RunSummary, TrainError, print_data_warnings, split_eval,
@@ -18,6 +19,7 @@ use crate::sft::{
 use graft_data::batch::PackedBatch;
 use graft_data::sample::{TokenizedRecord, TokenizedSample};
 use graft_data::{ChatTemplate, Tokenizer};
+use graft_kernels::cpu::cross_entropy::IGNORE_INDEX;
 use graft_model::train::{Batch, TrainMode, TrainOptions};
 use std::path::Path;
 
@@ -32,6 +34,8 @@ pub struct Pair {
     pub chosen: TokenizedSample,
     /// Prompt + rejected completion.
     pub rejected: TokenizedSample,
+    /// The row's `margin` column (reward modelling), if any.
+    pub margin: Option<f64>,
 }
 
 /// The pairs of a config's data.
@@ -72,7 +76,11 @@ pub fn prepare_pairs(
                     )
                 };
                 match &e.record {
-                    TokenizedRecord::Pair { chosen, rejected } => {
+                    TokenizedRecord::Pair {
+                        chosen,
+                        rejected,
+                        margin,
+                    } => {
                         if key == "train" {
                             reader.counts.truncated +=
                                 chosen.notes.truncated as usize + rejected.notes.truncated as usize;
@@ -93,21 +101,24 @@ pub fn prepare_pairs(
                         out.push(Pair {
                             chosen: chosen.clone(),
                             rejected: rejected.clone(),
+                            margin: *margin,
                         });
                     }
                     TokenizedRecord::Kto { .. } => {
                         return Err(err(format!(
-                            "data.{key}: {}: this is KTO data (prompt / completion / label), unpaired; method = \"dpo\" \
+                            "data.{key}: {}: this is KTO data (prompt / completion / label), unpaired; method = \"{}\" \
                              needs prompt / chosen / rejected pairs",
-                            at()
+                            at(),
+                            cfg.method.name()
                         )));
                     }
                     _ => {
                         return Err(err(format!(
-                            "data.{key}: {}: this row has a single answer, not a preference pair; method = \"dpo\" needs \
+                            "data.{key}: {}: this row has a single answer, not a preference pair; method = \"{}\" needs \
                              prompt / chosen / rejected (or OpenAI's input / preferred_output / non_preferred_output); \
                              for single answers use method = \"sft\"",
-                            at()
+                            at(),
+                            cfg.method.name()
                         )));
                     }
                 }
@@ -258,6 +269,7 @@ pub fn run_preference(
             run_pairs(setup, tok, template, cache_dir, params, false, true)
         }
         Method::Kto => run_kto(setup, tok, template, cache_dir),
+        Method::Reward => run_reward(setup, tok, template, cache_dir),
         Method::Sft => Err(err("method = \"sft\" is not a preference method")),
     }
 }
@@ -337,6 +349,109 @@ fn run_pairs<L: PairLoss>(
     train_loop(setup, PairObjective { loss }, source)
 }
 
+/// The token id a reward model's score position skips, as TRL sets it: the tokenizer's pad
+/// token, or EOS when it has none.
+pub fn reward_pad_id(tok: &Tokenizer) -> Option<u32> {
+    tok.pad_id().or_else(|| tok.eos_ids().first().copied())
+}
+
+/// Reward micro-batches of `pairs` in `order`: chosen and rejected of a pair side by side, each
+/// scored at its last non-padding token.
+fn group_reward(pairs: &[Pair], order: &[usize], cfg: &TrainConfig, pad: Option<u32>) -> Vec<RewardBatch> {
+    let groups = group_in_order(order, cfg, |i| {
+        pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len()
+    });
+    groups
+        .into_iter()
+        .map(|g| {
+            let samples: Vec<&TokenizedSample> = g
+                .iter()
+                .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
+                .collect();
+            let mut batch = to_batch(&samples);
+            batch.targets.iter_mut().for_each(|t| *t = IGNORE_INDEX);
+            let mut start = 0;
+            let mut at = Vec::with_capacity(samples.len());
+            for s in &samples {
+                at.push(start + score_position(&s.input_ids, pad));
+                start += s.input_ids.len();
+            }
+            let slots = g
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| RewardSlot {
+                    chosen_at: at[2 * k],
+                    rejected_at: at[2 * k + 1],
+                    margin: pairs[i].margin.unwrap_or(0.0),
+                })
+                .collect();
+            RewardBatch { batch, pairs: slots }
+        })
+        .collect()
+}
+
+fn run_reward(
+    setup: RunSetup<'_>,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    cache_dir: &Path,
+) -> Result<RunSummary, TrainError> {
+    let cfg = setup.cfg;
+    let mut data = prepare_pairs(cfg, tok, template, cache_dir)?;
+    // TRL's RewardTrainer drops pairs longer than max_length (a cut sequence would be scored at
+    // the wrong token), so graft drops them too instead of truncating.
+    let long = |p: &Pair| p.chosen.notes.truncated || p.rejected.notes.truncated;
+    let dropped = data.train.iter().filter(|p| long(p)).count();
+    data.train.retain(|p| !long(p));
+    data.eval.retain(|p| !long(p));
+    data.counts.truncated = 0;
+    print_data_warnings(cfg, &data.counts, &data.warnings);
+    if dropped > 0 {
+        eprintln!(
+            "warning: {dropped} training pairs are longer than data.max_length = {} and were dropped (a reward \
+             model is scored at the last token, so pairs are not cut)",
+            cfg.data.max_length
+        );
+    }
+    if data.train.is_empty() {
+        return Err(err(format!(
+            "data.train: no preference pair fits data.max_length = {}",
+            cfg.data.max_length
+        )));
+    }
+    let identical = data
+        .train
+        .iter()
+        .filter(|p| p.chosen.input_ids == p.rejected.input_ids)
+        .count();
+    if identical > 0 {
+        eprintln!(
+            "warning: {identical} training pairs have identical chosen and rejected answers; they contribute no preference"
+        );
+    }
+    let pad = reward_pad_id(tok);
+    let eval_order: Vec<usize> = (0..data.eval.len()).collect();
+    let eval = group_reward(&data.eval, &eval_order, cfg, pad);
+    let seed = cfg.train.seed;
+    let epoch = |e: u64| -> Result<Vec<RewardBatch>, TrainError> {
+        let mut order: Vec<usize> = (0..data.train.len()).collect();
+        Rng::for_stream(seed, e).shuffle(&mut order);
+        Ok(group_reward(&data.train, &order, cfg, pad))
+    };
+    let source = BatchSource {
+        samples: data.train.len(),
+        data_hash: data.data_hash.clone(),
+        epoch: &epoch,
+        eval,
+    };
+    let objective = Reward {
+        params: RewardParams {
+            center_rewards_coefficient: cfg.reward.center_rewards_coefficient,
+        },
+    };
+    train_loop(setup, objective, source)
+}
+
 /// A labelled KTO example: prompt + completion (completion trained) and whether it is desirable.
 #[derive(Clone, Debug)]
 pub struct KtoExample {
@@ -406,7 +521,7 @@ fn prepare_kto(
                             label: *label,
                         });
                     }
-                    TokenizedRecord::Pair { chosen, rejected } => {
+                    TokenizedRecord::Pair { chosen, rejected, .. } => {
                         pending_pairs.push((chosen.clone(), rejected.clone()));
                     }
                     _ => {

@@ -292,9 +292,12 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
 }
 
 /// The objective metrics plotted besides the loss (when a run logs them), with their files.
-pub const METRIC_CURVES: [(&str, &str); 2] = [
+pub const METRIC_CURVES: [(&str, &str); 4] = [
     ("rewards/margins", "rewards_margins.svg"),
     ("rewards/accuracies", "rewards_accuracies.svg"),
+    // Reward models (TRL's RewardTrainer names).
+    ("margin", "margin.svg"),
+    ("accuracy", "accuracy.svg"),
 ];
 
 /// The curve of an objective metric (`rewards/margins`): train values and the `eval_` ones.

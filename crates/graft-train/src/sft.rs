@@ -205,6 +205,7 @@ fn tokenize_options(cfg: &TrainConfig) -> TokenizeOptions {
             Truncation::Left => graft_data::sample::Truncation::KeepEnd,
             Truncation::Drop => graft_data::sample::Truncation::DropRow,
         },
+        join_prompt_text: cfg.method == Method::Reward,
         ..Default::default()
     }
 }
@@ -567,6 +568,27 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     };
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage).map_err(err)?;
     model.ensure_positions(cfg.data.max_length + 1);
+    if loaded.spec.sequence_classifier && cfg.method != Method::Reward {
+        return Err(err(format!(
+            "model.path: {} is a reward model (*ForSequenceClassification, a score head and no LM head); \
+             train it further with method = \"reward\", or start {} from a causal LM",
+            loaded.path.display(),
+            cfg.method.name()
+        )));
+    }
+    if cfg.method == Method::Reward && model.score.is_none() {
+        // A new score head on a causal LM, initialised as transformers does (normal, std 0.02);
+        // an adapter in lora.init_from that carries one replaces it below.
+        let mut rng = crate::rng::Rng::for_stream(cfg.train.seed, 0x5C0E);
+        let w: Vec<f32> = (0..loaded.spec.hidden_size)
+            .map(|_| {
+                // Box–Muller.
+                let (u, v) = (1.0 - rng.next_f64(), rng.next_f64());
+                (0.02 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect();
+        model.attach_score_head(&w);
+    }
     let (lora, peft_out) = if mode == TrainMode::Lora {
         let spec = lora_spec(cfg)?;
         let out = match &cfg.lora.init_from {
@@ -582,6 +604,11 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
                 model.init_lora(&spec, cfg.train.seed);
                 peft_config(&spec, &cfg.model.path)
             }
+        };
+        let out = if cfg.method == Method::Reward {
+            out.for_sequence_classification()
+        } else {
+            out
         };
         (Some(spec), Some(out))
     } else {
@@ -599,6 +626,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     let cache_dir = run_dir.join("cache");
     let setup = RunSetup {
         cfg,
+        pad_token_id: crate::preference::reward_pad_id(&tok),
         resume,
         stop,
         run_dir: run_dir.clone(),
@@ -637,6 +665,8 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
 pub struct RunSetup<'a> {
     /// The resolved config.
     pub cfg: &'a TrainConfig,
+    /// The tokenizer's padding id (EOS without one), written into a reward model's config.json.
+    pub pad_token_id: Option<u32>,
     /// Continue from the latest checkpoint.
     pub resume: bool,
     /// Polled once per step.
@@ -705,6 +735,7 @@ pub fn train_loop<O: Objective>(
 ) -> Result<RunSummary, TrainError> {
     let RunSetup {
         cfg,
+        pad_token_id,
         resume,
         stop,
         run_dir,
@@ -1014,7 +1045,7 @@ pub fn train_loop<O: Objective>(
         let dir = run_dir.join("model");
         let base = graft_model::hub::resolve_model_path(&cfg.model.path)
             .unwrap_or_else(|_| PathBuf::from(&cfg.model.path));
-        export_full_model(&model, &base, &dir)?;
+        export_full_model(&model, &base, &dir, pad_token_id)?;
         Some(dir)
     };
     let records = read_metrics(&metrics_path).map_err(err)?;
@@ -1105,7 +1136,14 @@ const TOKENIZER_FILES: [&str; 6] = [
 ];
 
 /// Writes `model` as a Hugging Face directory (config, safetensors, tokenizer files of `base`).
-pub fn export_full_model(model: &Model<Cpu>, base: &Path, out: &Path) -> Result<(), TrainError> {
+/// A reward model's config.json says `*ForSequenceClassification` with one label and
+/// `pad_token_id`, where its score is read.
+pub fn export_full_model(
+    model: &Model<Cpu>,
+    base: &Path,
+    out: &Path,
+    pad_token_id: Option<u32>,
+) -> Result<(), TrainError> {
     let tensors = model.named_tensors();
     let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
         .iter()
@@ -1119,6 +1157,9 @@ pub fn export_full_model(model: &Model<Cpu>, base: &Path, out: &Path) -> Result<
     if base.is_dir() && base_config.is_file() {
         std::fs::copy(&base_config, out.join("config.json"))
             .map_err(|e| err(format!("{}: {e}", base_config.display())))?;
+    }
+    if model.spec.sequence_classifier {
+        write_sequence_classifier_config(&out.join("config.json"), &model.spec, pad_token_id)?;
     }
     if base.is_dir() {
         for f in TOKENIZER_FILES {
@@ -1137,6 +1178,30 @@ pub fn export_full_model(model: &Model<Cpu>, base: &Path, out: &Path) -> Result<
         }
     }
     Ok(())
+}
+
+/// Rewrites `config.json` (written for a causal LM, or the base's own) for a reward model:
+/// the `*ForSequenceClassification` class, one label, and the padding id its score skips.
+fn write_sequence_classifier_config(
+    path: &Path,
+    spec: &graft_model::ModelSpec,
+    pad_token_id: Option<u32>,
+) -> Result<(), TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    v["architectures"] = serde_json::json!([spec.architecture.hf_sequence_classifier_name()]);
+    v["id2label"] = serde_json::json!({"0": "LABEL_0"});
+    v["label2id"] = serde_json::json!({"LABEL_0": 0});
+    if let Some(pad) = pad_token_id {
+        v["pad_token_id"] = pad.into();
+    }
+    if let Some(m) = v.as_object_mut() {
+        m.remove("num_labels");
+    }
+    let text = serde_json::to_string_pretty(&v).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    crate::checkpoint::write_atomically(path, text.as_bytes())
+        .map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
 /// `graft export merge`: the run's adapter folded into its base model, written as an HF directory.
@@ -1163,7 +1228,17 @@ pub fn export_merged(run_dir: &Path, out: &Path) -> Result<(), TrainError> {
             run_dir.display()
         )));
     }
-    export_full_model(&model, base, out)
+    let pad = if model.spec.sequence_classifier {
+        let (tok, _) = load_tokenizer(
+            &loaded,
+            cfg.model.tokenizer.as_deref().map(Path::new),
+            "model.tokenizer",
+        )?;
+        crate::preference::reward_pad_id(&tok)
+    } else {
+        None
+    };
+    export_full_model(&model, base, out, pad)
 }
 
 #[cfg(test)]

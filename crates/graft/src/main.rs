@@ -10,6 +10,7 @@ mod data_cmd;
 mod generate;
 mod model_io;
 mod quickstart;
+mod reward_cmd;
 mod serve_cmd;
 mod train_cmd;
 
@@ -46,6 +47,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the logits of a token sequence as JSON (for comparisons with other stacks).
     Logits(generate::LogitsArgs),
+    /// Score a dataset's rows with a reward model (one JSON line per row).
+    Reward(reward_cmd::RewardArgs),
     /// Benchmarks (training step throughput and memory vs PyTorch).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -75,6 +78,7 @@ fn main() {
         Command::Data(DataCommand::Inspect(args)) => data_inspect(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Logits(args) => generate::logits(&args),
+        Command::Reward(args) => reward_cmd::run(&args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {
