@@ -177,10 +177,13 @@ fn ggml_type_name(t: u32) -> String {
     name.to_string()
 }
 
-fn dtype_of(ggml_type: u32) -> Option<DType> {
+/// The graft storage type of a ggml tensor type id, if graft reads it.
+pub(super) fn dtype_of(ggml_type: u32) -> Option<DType> {
     match ggml_type {
         0 => Some(DType::F32),
         1 => Some(DType::F16),
+        2 => Some(DType::Q4_0),
+        3 => Some(DType::Q4_1),
         8 => Some(DType::Q8_0),
         30 => Some(DType::BF16),
         _ => None,
@@ -596,17 +599,19 @@ pub(super) fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
                 path,
                 &t.name,
                 format!(
-                    "({name}) has type {}, which is not supported; supported GGUF types: F32, F16, BF16, Q8_0",
+                    "({name}) has type {}, which is not supported; supported GGUF types: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
                     t.type_name()
                 ),
             )
         })?;
-        if dtype == DType::Q8_0 && t.dims.first().is_none_or(|&d| d % Q8_0_BLOCK as u64 != 0) {
+        if matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+            && t.dims.first().is_none_or(|&d| d % Q8_0_BLOCK as u64 != 0)
+        {
             return Err(ModelError::tensor(
                 path,
                 &t.name,
                 format!(
-                    "Q8_0 rows must be a multiple of {Q8_0_BLOCK} long, dims are {:?}",
+                    "{dtype} rows must be a multiple of {Q8_0_BLOCK} long, dims are {:?}",
                     t.dims
                 ),
             ));

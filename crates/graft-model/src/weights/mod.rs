@@ -41,6 +41,12 @@ pub enum DType {
     /// GGUF Q8_0: blocks of 32 values along the innermost dimension, each an f16 scale and 32
     /// int8 quants (34 bytes per block).
     Q8_0,
+    /// GGUF Q4_0: blocks of 32 values, an f16 scale `d` and 16 bytes of 4-bit quants `q`
+    /// (`x = d · (q − 8)`; low nibbles are values 0–15, high nibbles 16–31; 18 bytes).
+    Q4_0,
+    /// GGUF Q4_1: blocks of 32 values, f16 scale `d` and minimum `m`, 16 bytes of 4-bit quants
+    /// (`x = d · q + m`, nibbles as Q4_0; 20 bytes).
+    Q4_1,
 }
 
 impl DType {
@@ -50,9 +56,20 @@ impl DType {
         match self {
             DType::F32 => numel.checked_mul(4),
             DType::F16 | DType::BF16 => numel.checked_mul(2),
-            DType::Q8_0 => numel
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => numel
                 .is_multiple_of(Q8_0_BLOCK)
-                .then(|| numel / Q8_0_BLOCK * Q8_0_BLOCK_BYTES),
+                .then(|| numel / Q8_0_BLOCK * self.block_bytes()),
+        }
+    }
+
+    /// Bytes per 32-value block of a block-quantized type (plain floats: bytes per value).
+    fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => Q8_0_BLOCK_BYTES,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
         }
     }
 
@@ -63,6 +80,8 @@ impl DType {
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
         }
     }
 }
@@ -297,7 +316,9 @@ impl WeightStore {
                 return Err(ModelError::tensor(
                     &self.sources[*source].path,
                     name,
-                    format!("has type {ty}, which is not supported (supported: F32, F16, BF16, Q8_0)"),
+                    format!(
+                        "has type {ty}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+                    ),
                 ));
             }
             return Err(ModelError::tensor(
@@ -361,7 +382,7 @@ impl WeightStore {
         let chunk_bytes = match dtype {
             DType::F32 => CHUNK * 4,
             DType::F16 | DType::BF16 => CHUNK * 2,
-            DType::Q8_0 => CHUNK / Q8_0_BLOCK * Q8_0_BLOCK_BYTES,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => CHUNK / Q8_0_BLOCK * dtype.block_bytes(),
         };
         if out.len() > 4 * CHUNK {
             out.par_chunks_mut(CHUNK)
@@ -440,6 +461,25 @@ fn convert_chunk_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         DType::Q8_0 => dequantize_q8_0(bytes, out),
+        DType::Q4_0 | DType::Q4_1 => dequantize_q4(dtype == DType::Q4_1, bytes, out),
+    }
+}
+
+/// Dequantizes Q4_0 (`with_min = false`) or Q4_1 blocks into `out`, as ggml does.
+fn dequantize_q4(with_min: bool, bytes: &[u8], out: &mut [f32]) {
+    let block = if with_min { 20 } else { 18 };
+    let half = |b: &[u8]| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+    for (b, o) in bytes.chunks_exact(block).zip(out.chunks_exact_mut(Q8_0_BLOCK)) {
+        let d = half(&b[0..2]);
+        let (m, qs) = if with_min {
+            (half(&b[2..4]), &b[4..20])
+        } else {
+            (-8.0 * d, &b[2..18])
+        };
+        for (j, &q) in qs.iter().enumerate() {
+            o[j] = d * (q & 0x0F) as f32 + m;
+            o[j + 16] = d * (q >> 4) as f32 + m;
+        }
     }
 }
 

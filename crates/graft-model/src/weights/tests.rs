@@ -166,7 +166,7 @@ fn stories260k_gguf_q8_0_within_quantization_error() {
                     }
                 }
             }
-            DType::BF16 => panic!("{name}: unexpected BF16"),
+            other => panic!("{name}: unexpected {other}"),
         }
     }
     assert_eq!(
@@ -861,4 +861,51 @@ fn large_tensors_convert_in_parallel_identically() {
         )
         .unwrap();
     assert_eq!(store.f32("q", &[blocks, 32]).unwrap(), want);
+}
+
+/// `tests/fixtures/gguf_quants/cases.json` (`scripts/gen_gguf_quant_fixture.py`): blocks quantized
+/// by llama.cpp's gguf-py and the values its `dequantize` gives; graft's must be bit-identical.
+#[test]
+fn q4_blocks_dequantize_as_gguf_py_does() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf_quants/cases.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for case in v["cases"].as_array().unwrap() {
+        let dtype = gguf::dtype_of(case["ggml_type"].as_u64().unwrap() as u32).unwrap();
+        let hex = case["bytes_hex"].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let want: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(dtype.storage_bytes(want.len()), Some(bytes.len()), "{dtype}");
+        let mut got = vec![0f32; want.len()];
+        convert_chunk_f32(dtype, &bytes, &mut got);
+        assert_eq!(got, want, "{dtype}");
+    }
+}
+
+/// SmolLM2-135M-Instruct as users download it (Q4_1 GGUF, Q8_0 embeddings) loads with its
+/// architecture, and its dequantized embedding rows are finite and non-zero.
+#[test]
+fn smollm2_q4_1_gguf_loads() {
+    let Some(data) = shared_data() else { return };
+    let path = data.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let loaded = load_model(&path).unwrap();
+    assert_eq!(
+        (
+            loaded.spec.hidden_size,
+            loaded.spec.num_layers,
+            loaded.spec.vocab_size
+        ),
+        (576, 30, 49152)
+    );
+    let w = loaded
+        .weights
+        .f32("model.layers.0.mlp.down_proj.weight", &[576, 1536])
+        .unwrap();
+    assert!(w.iter().all(|x| x.is_finite()) && w.iter().any(|&x| x != 0.0));
 }
