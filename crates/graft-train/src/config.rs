@@ -2142,6 +2142,7 @@ mod tests {
                 "schedule.warmup_steps=1",
                 "train.max_steps=5",
                 "data.eval=e",
+                "reward.center_rewards_coefficient=0.01",
             ],
         )
         .unwrap();
