@@ -216,11 +216,83 @@ fn group_pairs(
 pub const REFERENCE_FILE: &str = "reference_logps.bin";
 const REFERENCE_MAGIC: &[u8; 8] = b"GRAFTREF";
 
-fn reference_key(cfg: &TrainConfig, data_hash: &str, n: usize) -> String {
+/// What the cached reference log-probs depend on: the data (its hash), how it is cut, and the
+/// content of every model file involved — the base, `lora.init_from` and a reference path — so a
+/// model or adapter rewritten in place is not compared against stale log-probs.
+fn reference_key(cfg: &TrainConfig, reference: &Reference, data_hash: &str, n: usize) -> String {
+    let model = graft_model::hub::resolve_model_path(&cfg.model.path)
+        .map(|p| content_fingerprint(&p))
+        .unwrap_or_else(|_| cfg.model.path.clone());
+    let init = cfg
+        .lora
+        .init_from
+        .as_deref()
+        .map(|p| content_fingerprint(Path::new(p)));
+    let reference = match reference {
+        Reference::Path(p) => format!("path:{}", content_fingerprint(Path::new(p))),
+        other => format!("{other:?}"),
+    };
     format!(
-        "{}|{:?}|{}|{}|{:?}|{n}",
-        cfg.model.path, cfg.dpo.reference, data_hash, cfg.data.max_length, cfg.lora.init_from
+        "model:{model}|init:{init:?}|reference:{reference}|data:{data_hash}|max_length:{}|format:{:?}|n:{n}",
+        cfg.data.max_length, cfg.data.format
     )
+}
+
+/// SHA-256 over a model file or directory (its files in name order, with their names and sizes).
+/// Files over 1 GiB contribute their first and last 64 MiB and their size (hashing tens of GB at
+/// every start would cost more than the reference pass saves).
+fn content_fingerprint(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut files: Vec<std::path::PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        let Ok(mut file) = std::fs::File::open(&f) else {
+            continue;
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        h.update(
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        h.update(len.to_le_bytes());
+        const BIG: u64 = 1 << 30;
+        const SAMPLE: u64 = 64 << 20;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut take = |file: &mut std::fs::File, mut left: u64| {
+            while left > 0 {
+                let want = left.min(buf.len() as u64) as usize;
+                match file.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        h.update(&buf[..n]);
+                        left -= n as u64;
+                    }
+                }
+            }
+        };
+        if len <= BIG {
+            take(&mut file, len);
+        } else {
+            take(&mut file, SAMPLE);
+            if file.seek(SeekFrom::Start(len - SAMPLE)).is_ok() {
+                take(&mut file, SAMPLE);
+            }
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn read_reference(path: &Path, key: &str, n: usize) -> Option<Vec<(f64, f64)>> {
@@ -294,7 +366,7 @@ fn run_pairs<L: PairLoss>(
     }
     // The reference: computed once, before any step, and kept for a resumed run.
     let all: Vec<Pair> = data.train.iter().chain(&data.eval).cloned().collect();
-    let key = reference_key(cfg, &data.data_hash, all.len());
+    let key = reference_key(cfg, &cfg.dpo.reference, &data.data_hash, all.len());
     let ref_path = setup.run_dir.join(REFERENCE_FILE);
     let refs = match read_reference(&ref_path, &key, all.len()) {
         _ if !with_reference => vec![(0.0, 0.0); all.len()],
@@ -710,7 +782,7 @@ fn run_kto(
     // Reference log-probs of every example and its KL sequence (the grouping is fixed: data order).
     let key = format!(
         "kto|{}|{}",
-        reference_key(cfg, &data_hash, train.len() + eval.len()),
+        reference_key(cfg, &cfg.kto.reference, &data_hash, train.len() + eval.len()),
         with_kl
     );
     let ref_path = setup.run_dir.join(REFERENCE_FILE);
@@ -833,5 +905,29 @@ fn with_reference_model<R>(
             model.ensure_positions(setup.cfg.data.max_length + 1);
             Ok(f(&model, opts))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_follows_content_not_names_or_times() {
+        let dir = std::env::temp_dir().join(format!("graft-fp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), b"{}").unwrap();
+        std::fs::write(dir.join("model.safetensors"), [1u8; 64]).unwrap();
+        let a = content_fingerprint(&dir);
+        assert_eq!(a, content_fingerprint(&dir));
+        // The same size, one byte different: a different fingerprint.
+        let mut w = [1u8; 64];
+        w[40] = 2;
+        std::fs::write(dir.join("model.safetensors"), w).unwrap();
+        let b = content_fingerprint(&dir);
+        assert_ne!(a, b);
+        assert_ne!(b, content_fingerprint(&dir.join("config.json")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
