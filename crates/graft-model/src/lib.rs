@@ -6,7 +6,6 @@
 
 pub mod config;
 pub mod error;
-pub mod hub;
 pub mod infer;
 pub mod lora;
 mod lora_peft;

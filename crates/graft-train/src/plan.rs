@@ -138,7 +138,7 @@ pub fn estimate(spec: &ModelSpec, input: &PlanInput) -> MemoryPlan {
 /// The plan of a config: reads only the model's `config.json` (or GGUF/llama2.c header), so a
 /// hub model can be planned before its weights are downloaded.
 pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
-    let spec = graft_model::hub::model_spec(&cfg.model.path)
+    let spec = graft_hub::hub::model_spec(&cfg.model.path)
         .map_err(|e| crate::sft::TrainError(format!("model.path: {e}")))?;
     let lora = if cfg.uses_lora() {
         Some(crate::sft::lora_spec(cfg)?)

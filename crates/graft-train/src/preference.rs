@@ -220,7 +220,7 @@ const REFERENCE_MAGIC: &[u8; 8] = b"GRAFTREF";
 /// content of every model file involved — the base, `lora.init_from` and a reference path — so a
 /// model or adapter rewritten in place is not compared against stale log-probs.
 fn reference_key(cfg: &TrainConfig, reference: &Reference, data_hash: &str, n: usize) -> String {
-    let model = graft_model::hub::resolve_model_path(&cfg.model.path)
+    let model = graft_hub::hub::resolve_model_path(&cfg.model.path)
         .map(|p| content_fingerprint(&p))
         .unwrap_or_else(|_| cfg.model.path.clone());
     let init = cfg
@@ -887,7 +887,7 @@ fn with_reference_model<R>(
         }
         Reference::Path(p) => {
             let loaded =
-                graft_model::hub::load_model_or_download(p).map_err(|e| err(format!("reference: {e}")))?;
+                graft_hub::hub::load_model_or_download(p).map_err(|e| err(format!("reference: {e}")))?;
             if loaded.spec.vocab_size != setup.model.spec.vocab_size {
                 return Err(err(format!(
                     "reference: `{p}` has a vocabulary of {} tokens, the trained model {}; the reference must share \

@@ -32,7 +32,7 @@ use graft_model::lora::LoraSpec;
 use graft_model::model::{Model, WeightStorage};
 use graft_model::peft::{LoraAdapterConfig, LoraModule, save_peft_adapter};
 use graft_model::train::{Batch, Grads, TrainMode, TrainOptions};
-use graft_model::weights::{LoadedModel, TokenizerSource, load_model};
+use graft_model::weights::{LoadedModel, load_model};
 use sha2::Digest;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -73,61 +73,14 @@ pub struct RunSummary {
 /// How many consecutive steps with a zero gradient norm count as a collapsed run.
 pub const COLLAPSE_STEPS: u64 = 10;
 
-/// Loads the tokenizer and chat template belonging to a loaded model (or `override_path`).
-/// `tokenizer_option` names the setting that gives another tokenizer where the caller takes one
-/// (`model.tokenizer` in a train config, `--tokenizer` on the command line), for error messages.
+/// The tokenizer and chat template of a loaded model (or `override_path`), as
+/// [`graft_hub::load_tokenizer`] opens them.
 pub fn load_tokenizer(
     loaded: &LoadedModel,
     override_path: Option<&Path>,
     tokenizer_option: &str,
 ) -> Result<(Tokenizer, Option<ChatTemplate>), TrainError> {
-    if let Some(p) = override_path {
-        return graft_data::load_tokenizer_and_template(p).map_err(err);
-    }
-    match &loaded.tokenizer {
-        TokenizerSource::HfDir(dir) => graft_data::load_tokenizer_and_template(dir).map_err(err),
-        TokenizerSource::Llama2cFile(file) => Ok((Tokenizer::from_llama2c_file(file).map_err(err)?, None)),
-        TokenizerSource::Gguf {
-            pieces,
-            scores,
-            token_types,
-            merges,
-            bos,
-            eos,
-            model,
-            pre,
-            chat_template,
-        } => {
-            let tok = match model.as_str() {
-                "llama" => Tokenizer::from_sentencepiece_vocab(
-                    pieces.clone(),
-                    scores.clone(),
-                    token_types.clone(),
-                    *bos,
-                    *eos,
-                )
-                .map_err(err)?,
-                "gpt2" => Tokenizer::from_gguf_bpe(pieces, token_types, merges, pre.as_deref(), *bos, *eos)
-                    .map_err(err)?,
-                other => {
-                    return Err(err(format!(
-                        "{}: GGUF tokenizer model `{other}` is not supported (SentencePiece `llama` and \
-                         byte-level BPE `gpt2` are); set {tokenizer_option} to a tokenizer.json directory",
-                        loaded.path.display()
-                    )));
-                }
-            };
-            let template = match chat_template {
-                Some(t) => Some(ChatTemplate::new(t, tok.special_tokens().clone()).map_err(err)?),
-                None => None,
-            };
-            Ok((tok, template))
-        }
-        TokenizerSource::Missing => Err(err(format!(
-            "{}: no tokenizer beside the model; set {tokenizer_option}",
-            loaded.path.display()
-        ))),
-    }
+    graft_hub::load_tokenizer(loaded, override_path, tokenizer_option).map_err(err)
 }
 
 /// The chat template `data.chat_template` names: a file (`.jinja`, or JSON holding
@@ -533,7 +486,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             .build_global();
     }
     // Model, tokenizer, data.
-    let loaded = graft_model::hub::load_model_or_download(&cfg.model.path)
+    let loaded = graft_hub::hub::load_model_or_download(&cfg.model.path)
         .map_err(|e| err(format!("model.path: {e}")))?;
     let (tok, mut template) = load_tokenizer(
         &loaded,
@@ -1043,7 +996,7 @@ pub fn train_loop<O: Objective>(
         Some(dir)
     } else {
         let dir = run_dir.join("model");
-        let base = graft_model::hub::resolve_model_path(&cfg.model.path)
+        let base = graft_hub::hub::resolve_model_path(&cfg.model.path)
             .unwrap_or_else(|_| PathBuf::from(&cfg.model.path));
         export_full_model(&model, &base, &dir, pad_token_id)?;
         Some(dir)
@@ -1209,7 +1162,7 @@ pub fn export_merged(run_dir: &Path, out: &Path) -> Result<(), TrainError> {
     let cfg_path = run_dir.join("config.toml");
     let cfg = TrainConfig::load(&cfg_path, &[]).map_err(err)?;
     let base =
-        graft_model::hub::resolve_model_path(&cfg.model.path).map_err(|e| err(format!("model.path: {e}")))?;
+        graft_hub::hub::resolve_model_path(&cfg.model.path).map_err(|e| err(format!("model.path: {e}")))?;
     let base = base.as_path();
     let loaded = load_model(base).map_err(|e| err(format!("model.path: {e}")))?;
     let mut model =

@@ -150,7 +150,7 @@ pub fn logits(args: &LogitsArgs) -> Result<()> {
         .map(|s| s.trim().parse::<u32>())
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("--ids: expected comma-separated token ids: {e}"))?;
-    let loaded = graft_model::weights::load_model(&graft_model::hub::resolve_model_path(
+    let loaded = graft_model::weights::load_model(&graft_hub::hub::resolve_model_path(
         &args.model.to_string_lossy(),
     )?)?;
     let mut model = graft_model::model::Model::from_weights(

@@ -88,7 +88,7 @@ fn main() {
 }
 
 fn data_inspect(args: &data_cmd::DataInspectArgs) -> anyhow::Result<()> {
-    let loaded = graft_model::hub::load_model_or_download(&args.model.to_string_lossy())?;
+    let loaded = graft_hub::hub::load_model_or_download(&args.model.to_string_lossy())?;
     let (tok, template) = model_io::load_tokenizer(&loaded, None)?;
     data_cmd::run_inspect(args, tok, template)
 }

@@ -20,11 +20,7 @@ pub fn load_tokenizer(
     loaded: &LoadedModel,
     override_path: Option<&Path>,
 ) -> Result<(Tokenizer, Option<ChatTemplate>)> {
-    Ok(graft_train::sft::load_tokenizer(
-        loaded,
-        override_path,
-        "--tokenizer",
-    )?)
+    Ok(graft_hub::load_tokenizer(loaded, override_path, "--tokenizer")?)
 }
 
 /// Opens `path` (and `adapter`, a PEFT adapter directory) for inference.
@@ -34,7 +30,7 @@ pub fn open(
     adapter: Option<&Path>,
     storage: WeightStorage,
 ) -> Result<OpenModel> {
-    let loaded = load_model(&graft_model::hub::resolve_model_path(&path.to_string_lossy())?)?;
+    let loaded = load_model(&graft_hub::hub::resolve_model_path(&path.to_string_lossy())?)?;
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage)?;
     if let Some(dir) = adapter {
         let a = graft_model::peft::load_peft_adapter(dir, &loaded.spec)?;

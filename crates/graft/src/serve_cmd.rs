@@ -90,8 +90,8 @@ pub fn default_model_name(path: &std::path::Path) -> String {
 /// End-of-sequence ids from a model directory's `generation_config.json` (`eos_token_id`, a
 /// number or a list), which instruct models use to stop at their end-of-turn token.
 pub fn generation_eos_ids(model: &std::path::Path) -> Vec<u32> {
-    let dir = graft_model::hub::resolve_model_path(&model.to_string_lossy())
-        .unwrap_or_else(|_| model.to_path_buf());
+    let dir =
+        graft_hub::hub::resolve_model_path(&model.to_string_lossy()).unwrap_or_else(|_| model.to_path_buf());
     let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else {
         return Vec::new();
     };

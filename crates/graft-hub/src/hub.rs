@@ -18,8 +18,8 @@
 //! `{HF_ENDPOINT}/{repo}/resolve/{revision}/{file}` (feature `hub`, on by default), sending
 //! `Authorization: Bearer $HF_TOKEN` (or the token saved by `huggingface-cli login`).
 
-use crate::error::ModelError;
-use crate::weights::{LoadedModel, load_model};
+use graft_model::error::ModelError;
+use graft_model::weights::{LoadedModel, load_model};
 use std::path::{Path, PathBuf};
 
 /// Files every graft model needs.
@@ -198,16 +198,16 @@ pub fn resolve_model_path_with(spec: &str, cfg: &HubConfig) -> Result<PathBuf, M
 /// The architecture of a model path or hub id without its weights: a directory's `config.json`
 /// (weights need not be there yet), a GGUF or llama2.c file's header; for a hub id only
 /// `config.json` is fetched (what `graft train --plan` needs to plan before a download).
-pub fn model_spec(spec: &str) -> Result<crate::config::ModelSpec, ModelError> {
+pub fn model_spec(spec: &str) -> Result<graft_model::config::ModelSpec, ModelError> {
     model_spec_with(spec, &HubConfig::from_env())
 }
 
 /// [`model_spec`] with explicit settings.
-pub fn model_spec_with(spec: &str, cfg: &HubConfig) -> Result<crate::config::ModelSpec, ModelError> {
+pub fn model_spec_with(spec: &str, cfg: &HubConfig) -> Result<graft_model::config::ModelSpec, ModelError> {
     let local = Path::new(spec);
     if !spec.is_empty() && local.exists() {
         if local.is_dir() {
-            return crate::config::ModelSpec::from_config_file(&local.join("config.json"));
+            return graft_model::config::ModelSpec::from_config_file(&local.join("config.json"));
         }
         return Ok(load_model(local)?.spec);
     }
@@ -221,13 +221,13 @@ pub fn model_spec_with(spec: &str, cfg: &HubConfig) -> Result<crate::config::Mod
     if let Some(commit) = cached_commit(&repo_dir, &id) {
         let config = repo_dir.join("snapshots").join(&commit).join("config.json");
         if config.is_file() {
-            return crate::config::ModelSpec::from_config_file(&config);
+            return graft_model::config::ModelSpec::from_config_file(&config);
         }
     }
     if cfg.offline {
         return Err(offline_error(&id, &repo_dir, "config.json"));
     }
-    crate::config::ModelSpec::from_config_file(&download_config(&id, &repo_dir, cfg, spec)?)
+    graft_model::config::ModelSpec::from_config_file(&download_config(&id, &repo_dir, cfg, spec)?)
 }
 
 /// Resolves `spec` with [`resolve_model_path`] and opens it with [`load_model`].
@@ -390,7 +390,7 @@ mod net {
             if let Some(parent) = ref_path.parent() {
                 mkdir(parent)?;
             }
-            crate::weights::write_file_atomically(&ref_path, commit.as_bytes())?;
+            graft_model::weights::write_file_atomically(&ref_path, commit.as_bytes())?;
         }
         Ok((first, commit, snapshot))
     }
@@ -1002,18 +1002,18 @@ mod tests {
 
     /// Writes a tiny random model (config.json + model.safetensors) and tokenizer files to `dir`.
     pub(super) fn write_tiny_model(dir: &Path) {
-        let spec = crate::shapes::named_shape("tiny").unwrap();
-        let shapes = crate::weights::hf_tensor_shapes(&spec);
+        let spec = graft_model::shapes::named_shape("tiny").unwrap();
+        let shapes = graft_model::weights::hf_tensor_shapes(&spec);
         let values: Vec<Vec<f32>> = shapes
             .iter()
-            .map(|(name, shape)| crate::shapes::random_tensor(name, shape, 7))
+            .map(|(name, shape)| graft_model::shapes::random_tensor(name, shape, 7))
             .collect();
         let tensors: Vec<(String, Vec<usize>, &[f32])> = shapes
             .iter()
             .zip(&values)
             .map(|((n, s), v)| (n.clone(), s.clone(), v.as_slice()))
             .collect();
-        crate::weights::save_hf_model_dir(dir, &spec, &tensors).unwrap();
+        graft_model::weights::save_hf_model_dir(dir, &spec, &tensors).unwrap();
         std::fs::write(
             dir.join("tokenizer.json"),
             r#"{"version":"1.0","model":{"type":"BPE"}}"#,
@@ -1347,11 +1347,12 @@ mod download_tests {
         std::fs::write(single.join("generation_config.json"), r#"{"eos_token_id": 2}"#).unwrap();
         let sharded = dir.join("sharded");
         write_tiny_model(&sharded);
-        let store = crate::weights::open_hf_weights(&sharded).unwrap();
+        let store = graft_model::weights::open_hf_weights(&sharded).unwrap();
         let names: Vec<String> = store.names().iter().map(|s| s.to_string()).collect();
-        let spec = crate::shapes::named_shape("tiny").unwrap();
-        let shapes: HashMap<String, Vec<usize>> =
-            crate::weights::hf_tensor_shapes(&spec).into_iter().collect();
+        let spec = graft_model::shapes::named_shape("tiny").unwrap();
+        let shapes: HashMap<String, Vec<usize>> = graft_model::weights::hf_tensor_shapes(&spec)
+            .into_iter()
+            .collect();
         let values: Vec<Vec<f32>> = names.iter().map(|n| store.f32(n, &shapes[n]).unwrap()).collect();
         let mut weight_map = serde_json::Map::new();
         let half = names.len() / 2;
@@ -1363,7 +1364,7 @@ mod download_tests {
                     (names[i].clone(), shapes[&names[i]].clone(), values[i].as_slice())
                 })
                 .collect();
-            crate::weights::save_safetensors(&sharded.join(&shard), &tensors, None).unwrap();
+            graft_model::weights::save_safetensors(&sharded.join(&shard), &tensors, None).unwrap();
         }
         drop(store);
         std::fs::remove_file(sharded.join("model.safetensors")).unwrap();
@@ -1444,7 +1445,7 @@ mod download_tests {
         assert_eq!(loaded.spec.num_layers, 2);
         assert!(matches!(
             loaded.tokenizer,
-            crate::weights::TokenizerSource::HfDir(_)
+            graft_model::weights::TokenizerSource::HfDir(_)
         ));
 
         // Second resolve: no network at all.
