@@ -170,6 +170,9 @@ pub fn resolve_model_path_with(spec: &str, cfg: &HubConfig) -> Result<PathBuf, M
     if !spec.is_empty() && local.exists() {
         return Ok(local.to_path_buf());
     }
+    if spec.starts_with(crate::ollama::PREFIX) {
+        return Ok(crate::ollama::resolve(spec)?.gguf);
+    }
     let Some(id) = HubId::parse(spec) else {
         return Err(ModelError::format(
             local,
@@ -204,6 +207,9 @@ pub fn model_spec(spec: &str) -> Result<graft_model::config::ModelSpec, ModelErr
 
 /// [`model_spec`] with explicit settings.
 pub fn model_spec_with(spec: &str, cfg: &HubConfig) -> Result<graft_model::config::ModelSpec, ModelError> {
+    if spec.starts_with(crate::ollama::PREFIX) {
+        return Ok(load_model(&crate::ollama::resolve(spec)?.gguf)?.spec);
+    }
     let local = Path::new(spec);
     if !spec.is_empty() && local.exists() {
         if local.is_dir() {

@@ -924,7 +924,7 @@ pub const KEYS: &[KeySpec] = &[
     key_ex(
         "model.path",
         KeyKind::Str,
-        "Model directory (config.json, tokenizer, *.safetensors) or Hugging Face hub id. Required.",
+        "Model directory (config.json, tokenizer, *.safetensors), Hugging Face hub id (org/name[@revision]), GGUF or llama2.c file, or ollama:NAME[:TAG] (a model in Ollama's local store). Required.",
         "\"HuggingFaceTB/SmolLM2-135M-Instruct\"",
     ),
     key_ex(

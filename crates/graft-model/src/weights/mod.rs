@@ -662,6 +662,8 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
                     "a bare .safetensors file has no config; pass the directory holding it and config.json",
                 ));
             }
+            // Ollama's blobs (`sha256-…`) and other renamed GGUF files: known by their magic.
+            _ if starts_with_gguf_magic(path) => gguf::load_gguf(path)?,
             _ => {
                 return Err(ModelError::format(
                     path,
@@ -672,6 +674,15 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
     };
     loaded.weights.check_against(&loaded.spec)?;
     Ok(loaded)
+}
+
+fn starts_with_gguf_magic(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
 }
 
 /// Memory-maps a whole file read-only.
