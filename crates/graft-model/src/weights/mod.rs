@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 /// Quantized types pack each row (the innermost dimension) into blocks of
 /// [`DType::block_size`] values taking [`DType::block_bytes`] bytes; rows must be a multiple of
 /// the block size.
+#[allow(non_camel_case_types)] // ggml's names: Q4_K, IQ4_NL, …
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE float32.
@@ -52,17 +53,52 @@ pub enum DType {
     /// GGUF Q4_1: blocks of 32 values, f16 scale `d` and minimum `m`, 16 bytes of 4-bit quants
     /// (`x = q · d + m`, nibbles as Q4_0; 20 bytes).
     Q4_1,
+    /// GGUF Q5_0: blocks of 32 values, f16 `d`, 32 fifth bits, 4-bit low parts
+    /// (`x = (q − 16) · d`; 22 bytes).
+    Q5_0,
+    /// GGUF Q5_1: blocks of 32 values, f16 `d` and `m`, 5-bit quants as Q5_0 (`x = q · d + m`;
+    /// 24 bytes).
+    Q5_1,
+    /// GGUF Q2_K: 256-value super-blocks of 16 sub-blocks, 4-bit sub-block scales and minimums,
+    /// 2-bit quants, f16 `d` and `dmin` (84 bytes).
+    Q2_K,
+    /// GGUF Q3_K: 256-value super-blocks of 16 sub-blocks, 6-bit signed sub-block scales, 3-bit
+    /// quants, f16 `d` (110 bytes).
+    Q3_K,
+    /// GGUF Q4_K: 256-value super-blocks of 8 sub-blocks, 6-bit sub-block scales and minimums,
+    /// 4-bit quants, f16 `d` and `dmin` (144 bytes).
+    Q4_K,
+    /// GGUF Q5_K: as Q4_K with 5-bit quants (176 bytes).
+    Q5_K,
+    /// GGUF Q6_K: 256-value super-blocks of 16 sub-blocks, int8 sub-block scales, 6-bit quants,
+    /// f16 `d` (210 bytes).
+    Q6_K,
+    /// GGUF IQ4_NL: blocks of 32 values, f16 `d` and 4-bit indices into a fixed table of 16
+    /// non-linear levels (18 bytes).
+    IQ4_NL,
+    /// GGUF IQ4_XS: 256-value super-blocks of 8 sub-blocks, 6-bit signed sub-block scales, f16
+    /// `d`, 4-bit indices into IQ4_NL's levels (136 bytes).
+    IQ4_XS,
 }
 
 impl DType {
     /// Every type graft reads, plain floats first.
-    pub const ALL: [DType; 6] = [
+    pub const ALL: [DType; 15] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q8_0,
         DType::Q4_0,
         DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+        DType::IQ4_NL,
+        DType::IQ4_XS,
     ];
 
     /// Bytes taken by `numel` elements, or `None` if `numel` is not a whole number of the type's
@@ -74,11 +110,15 @@ impl DType {
             .flatten()
     }
 
-    /// Values per block: 32 for Q8_0, Q4_0 and Q4_1, 1 for plain floats.
+    /// Values per block: 32 for Q4_0 … Q8_0 and IQ4_NL, 256 (a super-block) for the K-quants and
+    /// IQ4_XS, 1 for plain floats.
     pub const fn block_size(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => quants::QK,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => quants::QK,
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+                quants::QK_K
+            }
         }
     }
 
@@ -90,10 +130,19 @@ impl DType {
             DType::Q8_0 => quants::Q8_0_BYTES,
             DType::Q4_0 => quants::Q4_0_BYTES,
             DType::Q4_1 => quants::Q4_1_BYTES,
+            DType::Q5_0 => quants::Q5_0_BYTES,
+            DType::Q5_1 => quants::Q5_1_BYTES,
+            DType::Q2_K => quants::Q2_K_BYTES,
+            DType::Q3_K => quants::Q3_K_BYTES,
+            DType::Q4_K => quants::Q4_K_BYTES,
+            DType::Q5_K => quants::Q5_K_BYTES,
+            DType::Q6_K => quants::Q6_K_BYTES,
+            DType::IQ4_NL => quants::IQ4_NL_BYTES,
+            DType::IQ4_XS => quants::IQ4_XS_BYTES,
         }
     }
 
-    /// The conventional (ggml) name of this type: `F32`, `BF16`, `Q8_0`, ….
+    /// The conventional (ggml) name of this type: `F32`, `BF16`, `Q8_0`, `Q4_K`, `IQ4_XS`, ….
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
@@ -102,6 +151,15 @@ impl DType {
             DType::Q8_0 => "Q8_0",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
+            DType::Q2_K => "Q2_K",
+            DType::Q3_K => "Q3_K",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+            DType::IQ4_NL => "IQ4_NL",
+            DType::IQ4_XS => "IQ4_XS",
         }
     }
 }
@@ -401,7 +459,7 @@ impl WeightStore {
         // every type, so each chunk of `out` lines up with a whole number of blocks of `bytes`
         // (rows, hence tensors, are whole blocks; `insert` checked the byte count).
         const CHUNK: usize = 1 << 16;
-        const _: () = assert!(CHUNK.is_multiple_of(quants::QK));
+        const _: () = assert!(CHUNK.is_multiple_of(quants::QK) && CHUNK.is_multiple_of(quants::QK_K));
         let chunk_bytes = CHUNK / dtype.block_size() * dtype.block_bytes();
         if out.len() > 4 * CHUNK {
             out.par_chunks_mut(CHUNK)
@@ -482,6 +540,15 @@ fn convert_chunk_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         DType::Q8_0 => quants::dequantize_q8_0(bytes, out),
         DType::Q4_0 => quants::dequantize_q4_0(bytes, out),
         DType::Q4_1 => quants::dequantize_q4_1(bytes, out),
+        DType::Q5_0 => quants::dequantize_q5_0(bytes, out),
+        DType::Q5_1 => quants::dequantize_q5_1(bytes, out),
+        DType::Q2_K => quants::dequantize_q2_k(bytes, out),
+        DType::Q3_K => quants::dequantize_q3_k(bytes, out),
+        DType::Q4_K => quants::dequantize_q4_k(bytes, out),
+        DType::Q5_K => quants::dequantize_q5_k(bytes, out),
+        DType::Q6_K => quants::dequantize_q6_k(bytes, out),
+        DType::IQ4_NL => quants::dequantize_iq4_nl(bytes, out),
+        DType::IQ4_XS => quants::dequantize_iq4_xs(bytes, out),
     }
 }
 
