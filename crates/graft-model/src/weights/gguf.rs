@@ -6,9 +6,7 @@
 //! n_dims, u64 dims innermost-first, u32 ggml type, u64 offset into the data section), then the
 //! data section at the next multiple of `general.alignment` (default 32).
 
-use super::{
-    Backing, DType, Entry, LoadedModel, Q8_0_BLOCK, TensorInfo, TokenizerSource, WeightStore, map_file,
-};
+use super::{Backing, DType, Entry, LoadedModel, TensorInfo, TokenizerSource, WeightStore, map_file};
 use crate::config::{Architecture, ModelSpec, RopeScaling};
 use crate::error::ModelError;
 use std::collections::HashMap;
@@ -179,15 +177,24 @@ fn ggml_type_name(t: u32) -> String {
 
 /// The graft storage type of a ggml tensor type id, if graft reads it.
 pub(super) fn dtype_of(ggml_type: u32) -> Option<DType> {
-    match ggml_type {
-        0 => Some(DType::F32),
-        1 => Some(DType::F16),
-        2 => Some(DType::Q4_0),
-        3 => Some(DType::Q4_1),
-        8 => Some(DType::Q8_0),
-        30 => Some(DType::BF16),
-        _ => None,
-    }
+    Some(match ggml_type {
+        0 => DType::F32,
+        1 => DType::F16,
+        2 => DType::Q4_0,
+        3 => DType::Q4_1,
+        6 => DType::Q5_0,
+        7 => DType::Q5_1,
+        8 => DType::Q8_0,
+        10 => DType::Q2_K,
+        11 => DType::Q3_K,
+        12 => DType::Q4_K,
+        13 => DType::Q5_K,
+        14 => DType::Q6_K,
+        20 => DType::IQ4_NL,
+        23 => DType::IQ4_XS,
+        30 => DType::BF16,
+        _ => return None,
+    })
 }
 
 /// A bounds-checked little-endian cursor over the file bytes.
@@ -595,23 +602,25 @@ pub(super) fn load_gguf(path: &Path) -> Result<LoadedModel, ModelError> {
             .collect::<Option<_>>()
             .ok_or_else(|| ModelError::tensor(path, &t.name, format!("dims {:?} overflow", t.dims)))?;
         let dtype = dtype_of(t.ggml_type).ok_or_else(|| {
+            let supported: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
             ModelError::tensor(
                 path,
                 &t.name,
                 format!(
-                    "({name}) has type {}, which is not supported; supported GGUF types: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
-                    t.type_name()
+                    "({name}) has type {}, which is not supported; supported GGUF types: {}",
+                    t.type_name(),
+                    supported.join(", ")
                 ),
             )
         })?;
-        if matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
-            && t.dims.first().is_none_or(|&d| d % Q8_0_BLOCK as u64 != 0)
-        {
+        let block = dtype.block_size() as u64;
+        if block > 1 && t.dims.first().is_none_or(|&d| d % block != 0) {
             return Err(ModelError::tensor(
                 path,
                 &t.name,
                 format!(
-                    "{dtype} rows must be a multiple of {Q8_0_BLOCK} long, dims are {:?}",
+                    "({name}) has type {dtype}, whose rows must be a multiple of its block size {block}, but dims \
+                     (innermost first) are {:?}",
                     t.dims
                 ),
             ));

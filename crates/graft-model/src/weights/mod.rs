@@ -13,6 +13,7 @@
 
 mod gguf;
 mod llama2c;
+mod quants;
 mod safetensors_io;
 #[cfg(test)]
 mod tests;
@@ -29,7 +30,13 @@ use half::{bf16, f16};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Element type of a stored tensor.
+/// Element type of a stored tensor: a plain float, or one of ggml's block-quantized types (read
+/// from GGUF files; block layouts and dequantization in `quants.rs`).
+///
+/// Quantized types pack each row (the innermost dimension) into blocks of
+/// [`DType::block_size`] values taking [`DType::block_bytes`] bytes; rows must be a multiple of
+/// the block size.
+#[allow(non_camel_case_types)] // ggml's names: Q4_K, IQ4_NL, …
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE float32.
@@ -38,42 +45,104 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
-    /// GGUF Q8_0: blocks of 32 values along the innermost dimension, each an f16 scale and 32
-    /// int8 quants (34 bytes per block).
+    /// GGUF Q8_0: blocks of 32 values, an f16 scale `d` and 32 int8 quants (`x = q · d`; 34 bytes).
     Q8_0,
     /// GGUF Q4_0: blocks of 32 values, an f16 scale `d` and 16 bytes of 4-bit quants `q`
-    /// (`x = d · (q − 8)`; low nibbles are values 0–15, high nibbles 16–31; 18 bytes).
+    /// (`x = (q − 8) · d`; low nibbles are values 0–15, high nibbles 16–31; 18 bytes).
     Q4_0,
     /// GGUF Q4_1: blocks of 32 values, f16 scale `d` and minimum `m`, 16 bytes of 4-bit quants
-    /// (`x = d · q + m`, nibbles as Q4_0; 20 bytes).
+    /// (`x = q · d + m`, nibbles as Q4_0; 20 bytes).
     Q4_1,
+    /// GGUF Q5_0: blocks of 32 values, f16 `d`, 32 fifth bits, 4-bit low parts
+    /// (`x = (q − 16) · d`; 22 bytes).
+    Q5_0,
+    /// GGUF Q5_1: blocks of 32 values, f16 `d` and `m`, 5-bit quants as Q5_0 (`x = q · d + m`;
+    /// 24 bytes).
+    Q5_1,
+    /// GGUF Q2_K: 256-value super-blocks of 16 sub-blocks, 4-bit sub-block scales and minimums,
+    /// 2-bit quants, f16 `d` and `dmin` (84 bytes).
+    Q2_K,
+    /// GGUF Q3_K: 256-value super-blocks of 16 sub-blocks, 6-bit signed sub-block scales, 3-bit
+    /// quants, f16 `d` (110 bytes).
+    Q3_K,
+    /// GGUF Q4_K: 256-value super-blocks of 8 sub-blocks, 6-bit sub-block scales and minimums,
+    /// 4-bit quants, f16 `d` and `dmin` (144 bytes).
+    Q4_K,
+    /// GGUF Q5_K: as Q4_K with 5-bit quants (176 bytes).
+    Q5_K,
+    /// GGUF Q6_K: 256-value super-blocks of 16 sub-blocks, int8 sub-block scales, 6-bit quants,
+    /// f16 `d` (210 bytes).
+    Q6_K,
+    /// GGUF IQ4_NL: blocks of 32 values, f16 `d` and 4-bit indices into a fixed table of 16
+    /// non-linear levels (18 bytes).
+    IQ4_NL,
+    /// GGUF IQ4_XS: 256-value super-blocks of 8 sub-blocks, 6-bit signed sub-block scales, f16
+    /// `d`, 4-bit indices into IQ4_NL's levels (136 bytes).
+    IQ4_XS,
 }
 
 impl DType {
-    /// Bytes taken by `numel` elements, or `None` if `numel` does not fit the type's blocks or
-    /// overflows.
+    /// Every type graft reads, plain floats first.
+    pub const ALL: [DType; 15] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+        DType::IQ4_NL,
+        DType::IQ4_XS,
+    ];
+
+    /// Bytes taken by `numel` elements, or `None` if `numel` is not a whole number of the type's
+    /// blocks or overflows.
     pub fn storage_bytes(self, numel: usize) -> Option<usize> {
+        numel
+            .is_multiple_of(self.block_size())
+            .then(|| (numel / self.block_size()).checked_mul(self.block_bytes()))
+            .flatten()
+    }
+
+    /// Values per block: 32 for Q4_0 … Q8_0 and IQ4_NL, 256 (a super-block) for the K-quants and
+    /// IQ4_XS, 1 for plain floats.
+    pub const fn block_size(self) -> usize {
         match self {
-            DType::F32 => numel.checked_mul(4),
-            DType::F16 | DType::BF16 => numel.checked_mul(2),
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => numel
-                .is_multiple_of(Q8_0_BLOCK)
-                .then(|| numel / Q8_0_BLOCK * self.block_bytes()),
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => quants::QK,
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+                quants::QK_K
+            }
         }
     }
 
-    /// Bytes per 32-value block of a block-quantized type (plain floats: bytes per value).
-    fn block_bytes(self) -> usize {
+    /// Bytes per block (plain floats: bytes per value).
+    pub const fn block_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::Q8_0 => Q8_0_BLOCK_BYTES,
-            DType::Q4_0 => 18,
-            DType::Q4_1 => 20,
+            DType::Q8_0 => quants::Q8_0_BYTES,
+            DType::Q4_0 => quants::Q4_0_BYTES,
+            DType::Q4_1 => quants::Q4_1_BYTES,
+            DType::Q5_0 => quants::Q5_0_BYTES,
+            DType::Q5_1 => quants::Q5_1_BYTES,
+            DType::Q2_K => quants::Q2_K_BYTES,
+            DType::Q3_K => quants::Q3_K_BYTES,
+            DType::Q4_K => quants::Q4_K_BYTES,
+            DType::Q5_K => quants::Q5_K_BYTES,
+            DType::Q6_K => quants::Q6_K_BYTES,
+            DType::IQ4_NL => quants::IQ4_NL_BYTES,
+            DType::IQ4_XS => quants::IQ4_XS_BYTES,
         }
     }
 
-    /// The conventional name of this type (`F32`, `F16`, `BF16`, `Q8_0`).
+    /// The conventional (ggml) name of this type: `F32`, `BF16`, `Q8_0`, `Q4_K`, `IQ4_XS`, ….
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
@@ -82,6 +151,15 @@ impl DType {
             DType::Q8_0 => "Q8_0",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
+            DType::Q2_K => "Q2_K",
+            DType::Q3_K => "Q3_K",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+            DType::IQ4_NL => "IQ4_NL",
+            DType::IQ4_XS => "IQ4_XS",
         }
     }
 }
@@ -91,11 +169,6 @@ impl std::fmt::Display for DType {
         f.write_str(self.name())
     }
 }
-
-/// Values per Q8_0 block.
-pub(crate) const Q8_0_BLOCK: usize = 32;
-/// Bytes per Q8_0 block: an f16 scale and 32 int8 quants.
-pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// Name, shape and element type of one tensor, as the store exposes it (HF name and shape).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +228,8 @@ pub struct WeightStore {
     sources: Vec<Source>,
     entries: Vec<Entry>,
     index: HashMap<String, usize>,
-    /// Tensors present in the files in a type the store cannot convert: name → (type, source).
+    /// Tensors present in safetensors files in a type the store cannot convert (integers, f64, …):
+    /// name → (type, source). GGUF files with such tensors fail to open instead.
     unsupported: HashMap<String, (String, usize)>,
 }
 
@@ -249,7 +323,11 @@ impl WeightStore {
             ModelError::tensor(
                 path,
                 name,
-                format!("{} elements cannot be stored as {}", numel, entry.info.dtype),
+                format!(
+                    "{numel} elements cannot be stored as {} (blocks of {} values)",
+                    entry.info.dtype,
+                    entry.info.dtype.block_size()
+                ),
             )
         })?;
         if expected != entry.len {
@@ -317,7 +395,7 @@ impl WeightStore {
                     &self.sources[*source].path,
                     name,
                     format!(
-                        "has type {ty}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+                        "has type {ty}, which is not supported (supported in safetensors files: F32, F16, BF16)"
                     ),
                 ));
             }
@@ -377,13 +455,12 @@ impl WeightStore {
         use rayon::prelude::*;
         let bytes = self.bytes_of(entry);
         let dtype = entry.info.dtype;
-        // Large tensors convert in parallel chunks (a multiple of the Q8_0 block).
+        // Large tensors convert in parallel chunks of CHUNK values: a whole number of blocks of
+        // every type, so each chunk of `out` lines up with a whole number of blocks of `bytes`
+        // (rows, hence tensors, are whole blocks; `insert` checked the byte count).
         const CHUNK: usize = 1 << 16;
-        let chunk_bytes = match dtype {
-            DType::F32 => CHUNK * 4,
-            DType::F16 | DType::BF16 => CHUNK * 2,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => CHUNK / Q8_0_BLOCK * dtype.block_bytes(),
-        };
+        const _: () = assert!(CHUNK.is_multiple_of(quants::QK) && CHUNK.is_multiple_of(quants::QK_K));
+        let chunk_bytes = CHUNK / dtype.block_size() * dtype.block_bytes();
         if out.len() > 4 * CHUNK {
             out.par_chunks_mut(CHUNK)
                 .zip(bytes.par_chunks(chunk_bytes))
@@ -396,8 +473,8 @@ impl WeightStore {
         }
     }
 
-    /// A converted bf16 copy of a tensor in HF layout (f32/f16/Q8_0 values rounded to nearest
-    /// even). Errors as [`WeightStore::f32`].
+    /// A converted bf16 copy of a tensor in HF layout (f32, f16 and dequantized values rounded to
+    /// nearest even). Errors as [`WeightStore::f32`].
     pub fn bf16(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<bf16>, ModelError> {
         let entry = self.entry(name, expected_shape)?;
         match entry.info.dtype {
@@ -442,7 +519,7 @@ fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
 
-/// Converts raw little-endian values of `dtype` into `out` (as many as both hold).
+/// Converts raw little-endian values of `dtype` into `out` (as many whole blocks as both hold).
 fn convert_chunk_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         DType::F32 => {
@@ -460,39 +537,18 @@ fn convert_chunk_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
             }
         }
-        DType::Q8_0 => dequantize_q8_0(bytes, out),
-        DType::Q4_0 | DType::Q4_1 => dequantize_q4(dtype == DType::Q4_1, bytes, out),
-    }
-}
-
-/// Dequantizes Q4_0 (`with_min = false`) or Q4_1 blocks into `out`, as ggml does.
-fn dequantize_q4(with_min: bool, bytes: &[u8], out: &mut [f32]) {
-    let block = if with_min { 20 } else { 18 };
-    let half = |b: &[u8]| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-    for (b, o) in bytes.chunks_exact(block).zip(out.chunks_exact_mut(Q8_0_BLOCK)) {
-        let d = half(&b[0..2]);
-        let (m, qs) = if with_min {
-            (half(&b[2..4]), &b[4..20])
-        } else {
-            (-8.0 * d, &b[2..18])
-        };
-        for (j, &q) in qs.iter().enumerate() {
-            o[j] = d * (q & 0x0F) as f32 + m;
-            o[j + 16] = d * (q >> 4) as f32 + m;
-        }
-    }
-}
-
-/// Dequantizes Q8_0 blocks (`bytes.len() / 34` of them) into `out`.
-fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
-    for (block, o) in bytes
-        .chunks_exact(Q8_0_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(Q8_0_BLOCK))
-    {
-        let d = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-        for (x, &q) in o.iter_mut().zip(&block[2..]) {
-            *x = d * (q as i8) as f32;
-        }
+        DType::Q8_0 => quants::dequantize_q8_0(bytes, out),
+        DType::Q4_0 => quants::dequantize_q4_0(bytes, out),
+        DType::Q4_1 => quants::dequantize_q4_1(bytes, out),
+        DType::Q5_0 => quants::dequantize_q5_0(bytes, out),
+        DType::Q5_1 => quants::dequantize_q5_1(bytes, out),
+        DType::Q2_K => quants::dequantize_q2_k(bytes, out),
+        DType::Q3_K => quants::dequantize_q3_k(bytes, out),
+        DType::Q4_K => quants::dequantize_q4_k(bytes, out),
+        DType::Q5_K => quants::dequantize_q5_k(bytes, out),
+        DType::Q6_K => quants::dequantize_q6_k(bytes, out),
+        DType::IQ4_NL => quants::dequantize_iq4_nl(bytes, out),
+        DType::IQ4_XS => quants::dequantize_iq4_xs(bytes, out),
     }
 }
 

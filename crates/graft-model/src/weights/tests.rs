@@ -508,77 +508,84 @@ impl GgufBuilder {
 
 /// A complete tiny qwen2 GGUF (hidden 8, 2 heads of 4, 1 kv head, 1 layer, vocab 16).
 fn tiny_qwen2_gguf() -> (GgufBuilder, Vec<NamedTensor>) {
+    qwen2_gguf(8, 12)
+}
+
+/// A complete qwen2 GGUF of hidden size `h` (2 heads of `h / 2`, 1 kv head), MLP size `ffn`,
+/// 1 layer, vocab 16; f32 tensors `k * 100 + i` for the `k`-th tensor.
+fn qwen2_gguf(h: usize, ffn: usize) -> (GgufBuilder, Vec<NamedTensor>) {
     let mut g = GgufBuilder::new("qwen2");
-    g.kv_u32("qwen2.embedding_length", 8);
-    g.kv_u32("qwen2.feed_forward_length", 12);
+    g.kv_u32("qwen2.embedding_length", h as u32);
+    g.kv_u32("qwen2.feed_forward_length", ffn as u32);
     g.kv_u32("qwen2.block_count", 1);
     g.kv_u32("qwen2.attention.head_count", 2);
     g.kv_u32("qwen2.attention.head_count_kv", 1);
     g.kv_u32("qwen2.context_length", 64);
     g.kv_f32("qwen2.attention.layer_norm_rms_epsilon", 1e-6);
     g.kv_f32("qwen2.rope.freq_base", 1e6);
+    let kv = h / 2;
     let names = [
-        ("token_embd.weight", "model.embed_tokens.weight", vec![16, 8]),
-        ("output_norm.weight", "model.norm.weight", vec![8]),
+        ("token_embd.weight", "model.embed_tokens.weight", vec![16, h]),
+        ("output_norm.weight", "model.norm.weight", vec![h]),
         (
             "blk.0.attn_norm.weight",
             "model.layers.0.input_layernorm.weight",
-            vec![8],
+            vec![h],
         ),
         (
             "blk.0.ffn_norm.weight",
             "model.layers.0.post_attention_layernorm.weight",
-            vec![8],
+            vec![h],
         ),
         (
             "blk.0.attn_q.weight",
             "model.layers.0.self_attn.q_proj.weight",
-            vec![8, 8],
+            vec![h, h],
         ),
         (
             "blk.0.attn_q.bias",
             "model.layers.0.self_attn.q_proj.bias",
-            vec![8],
+            vec![h],
         ),
         (
             "blk.0.attn_k.weight",
             "model.layers.0.self_attn.k_proj.weight",
-            vec![4, 8],
+            vec![kv, h],
         ),
         (
             "blk.0.attn_k.bias",
             "model.layers.0.self_attn.k_proj.bias",
-            vec![4],
+            vec![kv],
         ),
         (
             "blk.0.attn_v.weight",
             "model.layers.0.self_attn.v_proj.weight",
-            vec![4, 8],
+            vec![kv, h],
         ),
         (
             "blk.0.attn_v.bias",
             "model.layers.0.self_attn.v_proj.bias",
-            vec![4],
+            vec![kv],
         ),
         (
             "blk.0.attn_output.weight",
             "model.layers.0.self_attn.o_proj.weight",
-            vec![8, 8],
+            vec![h, h],
         ),
         (
             "blk.0.ffn_gate.weight",
             "model.layers.0.mlp.gate_proj.weight",
-            vec![12, 8],
+            vec![ffn, h],
         ),
         (
             "blk.0.ffn_up.weight",
             "model.layers.0.mlp.up_proj.weight",
-            vec![12, 8],
+            vec![ffn, h],
         ),
         (
             "blk.0.ffn_down.weight",
             "model.layers.0.mlp.down_proj.weight",
-            vec![8, 12],
+            vec![h, ffn],
         ),
     ];
     let mut hf = vec![];
@@ -623,20 +630,7 @@ fn gguf_errors_name_the_tensor_or_field() {
     let e = load_model(&path).unwrap_err().to_string();
     assert!(e.contains("general.architecture") && e.contains("phi3"), "{e}");
 
-    // Unsupported tensor type (Q4_K = 12): named with its HF name too.
-    let (mut g, _) = tiny_qwen2_gguf();
-    let t = g
-        .tensors
-        .iter_mut()
-        .find(|t| t.0 == "blk.0.ffn_up.weight")
-        .unwrap();
-    t.2 = 12;
-    std::fs::write(&path, g.build()).unwrap();
-    let e = load_model(&path).unwrap_err().to_string();
-    assert!(
-        e.contains("blk.0.ffn_up.weight") && e.contains("Q4_K") && e.contains("mlp.up_proj"),
-        "{e}"
-    );
+    // Unsupported tensor types: `gguf_unsupported_or_misaligned_quant_types_are_named`.
 
     // A missing tensor.
     let (mut g, _) = tiny_qwen2_gguf();
@@ -861,31 +855,189 @@ fn large_tensors_convert_in_parallel_identically() {
         )
         .unwrap();
     assert_eq!(store.f32("q", &[blocks, 32]).unwrap(), want);
+
+    // Every quantized type, rows of 512 values (two K-quant super-blocks): the chunked parallel
+    // conversion equals one serial pass. Random bytes, so compare bits (NaNs included).
+    let rows = 5 * (1 << 16) / 512 + 3;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for dtype in DType::ALL.into_iter().filter(|d| d.block_size() > 1) {
+        let len = dtype.storage_bytes(rows * 512).unwrap();
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        let mut serial = vec![0f32; rows * 512];
+        convert_chunk_f32(dtype, &bytes, &mut serial);
+        let mut store = WeightStore::new(Path::new("mem"));
+        let source = store.add_source(Path::new("mem"), Backing::Owned(bytes));
+        let info = TensorInfo {
+            name: "q".into(),
+            shape: vec![rows, 512],
+            dtype,
+        };
+        let entry = Entry {
+            info,
+            source,
+            offset: 0,
+            len,
+            rope_heads: None,
+        };
+        store.insert(entry, Path::new("mem")).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&store.f32("q", &[rows, 512]).unwrap()),
+            bits(&serial),
+            "{dtype}"
+        );
+    }
 }
 
-/// `tests/fixtures/gguf_quants/cases.json` (`scripts/gen_gguf_quant_fixture.py`): blocks quantized
-/// by llama.cpp's gguf-py and the values its `dequantize` gives; graft's must be bit-identical.
-#[test]
-fn q4_blocks_dequantize_as_gguf_py_does() {
+/// The cases of `tests/fixtures/gguf_quants/cases.json`: (ggml type id, type, block bytes, values).
+fn gguf_quant_cases() -> Vec<(u32, DType, Vec<u8>, Vec<f32>)> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf_quants/cases.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    for case in v["cases"].as_array().unwrap() {
-        let dtype = gguf::dtype_of(case["ggml_type"].as_u64().unwrap() as u32).unwrap();
+    let cases = v["cases"].as_array().unwrap().iter().map(|case| {
+        let ty = case["type"].as_str().unwrap();
+        let dtype = *DType::ALL.iter().find(|d| d.name() == ty).unwrap();
         let hex = case["bytes_hex"].as_str().unwrap();
         let bytes: Vec<u8> = (0..hex.len() / 2)
             .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
             .collect();
-        let want: Vec<f32> = case["values"]
+        let values: Vec<f32> = case["values"]
             .as_array()
             .unwrap()
             .iter()
             .map(|x| x.as_f64().unwrap() as f32)
             .collect();
+        (case["ggml_type"].as_u64().unwrap() as u32, dtype, bytes, values)
+    });
+    cases.collect()
+}
+
+/// `tests/fixtures/gguf_quants/cases.json` (`scripts/gen_gguf_quant_fixture.py`): blocks of every
+/// quantized type graft reads (quantized by llama.cpp's gguf-py where it can, random bytes with
+/// sane f16 scales where it cannot) and the values gguf-py's `dequantize` gives; graft's must be
+/// bit-identical.
+#[test]
+fn quant_blocks_dequantize_as_gguf_py_does() {
+    let mut covered = Vec::new();
+    for (ggml_type, dtype, bytes, want) in gguf_quant_cases() {
+        assert_eq!(gguf::dtype_of(ggml_type), Some(dtype));
         assert_eq!(dtype.storage_bytes(want.len()), Some(bytes.len()), "{dtype}");
+        assert!(
+            want.len() >= 2 * dtype.block_size(),
+            "{dtype}: fewer than 2 blocks"
+        );
         let mut got = vec![0f32; want.len()];
         convert_chunk_f32(dtype, &bytes, &mut got);
         assert_eq!(got, want, "{dtype}");
+        // Also the sign of zeros.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{dtype}");
+        covered.push(dtype);
     }
+    for dtype in DType::ALL.into_iter().filter(|d| d.block_size() > 1) {
+        assert!(covered.contains(&dtype), "no fixture case for {dtype}");
+    }
+}
+
+/// A GGUF file with K-quant and IQ4_XS tensors (the fixture's two super-blocks as a `[2, 256]` MLP
+/// weight) loads; those tensors read back as gguf-py dequantizes them, the others unchanged.
+#[test]
+fn gguf_with_k_quant_tensors_loads() {
+    let dir = scratch("ggufkquant");
+    let path = dir.join("m.gguf");
+    let cases = gguf_quant_cases();
+    let (mut g, mut hf) = qwen2_gguf(256, 2);
+    for (gguf_name, hf_name, ty) in [
+        (
+            "blk.0.ffn_gate.weight",
+            "model.layers.0.mlp.gate_proj.weight",
+            DType::Q4_K,
+        ),
+        (
+            "blk.0.ffn_up.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            DType::IQ4_XS,
+        ),
+    ] {
+        let (ggml_type, _, bytes, values) = cases.iter().find(|c| c.1 == ty).unwrap();
+        let t = g.tensors.iter_mut().find(|t| t.0 == gguf_name).unwrap();
+        (t.2, t.3) = (*ggml_type, bytes.clone());
+        hf.iter_mut().find(|t| t.0 == hf_name).unwrap().2 = values.clone();
+    }
+    std::fs::write(&path, g.build()).unwrap();
+    let m = load_model(&path).unwrap();
+    assert_eq!(
+        m.weights.info("model.layers.0.mlp.up_proj.weight").unwrap().dtype,
+        DType::IQ4_XS
+    );
+    for (name, shape, v) in &hf {
+        assert_eq!(&m.weights.f32(name, shape).unwrap(), v, "{name}");
+    }
+    // bf16 goes through the f32 values.
+    let gate = "model.layers.0.mlp.gate_proj.weight";
+    let want: Vec<bf16> = hf
+        .iter()
+        .find(|t| t.0 == gate)
+        .unwrap()
+        .2
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
+    assert_eq!(m.weights.bf16(gate, &[2, 256]).unwrap(), want);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A GGUF tensor in a type graft does not read, or whose rows are not whole blocks, fails to load
+/// with an error naming the tensor (GGUF and HF names), its type and, for the latter, the block size.
+#[test]
+fn gguf_unsupported_or_misaligned_quant_types_are_named() {
+    let dir = scratch("ggufquanterr");
+    let path = dir.join("m.gguf");
+    let set_type = |g: &mut GgufBuilder, name: &str, ty: u32| {
+        g.tensors.iter_mut().find(|t| t.0 == name).unwrap().2 = ty;
+    };
+
+    // IQ2_XXS (16) is a known ggml type graft does not read; the error lists what it does read.
+    let (mut g, _) = tiny_qwen2_gguf();
+    set_type(&mut g, "blk.0.ffn_up.weight", 16);
+    std::fs::write(&path, g.build()).unwrap();
+    let e = load_model(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.0.ffn_up.weight") && e.contains("mlp.up_proj") && e.contains("has type IQ2_XXS"),
+        "{e}"
+    );
+    for dtype in DType::ALL {
+        assert!(e.contains(dtype.name()), "{dtype} not listed: {e}");
+    }
+
+    // A type id ggml does not have.
+    let (mut g, _) = tiny_qwen2_gguf();
+    set_type(&mut g, "blk.0.attn_q.weight", 99);
+    std::fs::write(&path, g.build()).unwrap();
+    let e = load_model(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.0.attn_q.weight") && e.contains("unknown type 99"),
+        "{e}"
+    );
+
+    // Rows of 8 values are not whole blocks of Q4_K (256) or Q5_0 (32).
+    for (ty, name, block) in [(12, "Q4_K", "256"), (6, "Q5_0", "32")] {
+        let (mut g, _) = tiny_qwen2_gguf();
+        set_type(&mut g, "blk.0.ffn_gate.weight", ty);
+        std::fs::write(&path, g.build()).unwrap();
+        let e = load_model(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("blk.0.ffn_gate.weight") && e.contains(name) && e.contains(block),
+            "{e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// SmolLM2-135M-Instruct as users download it (Q4_1 GGUF, Q8_0 embeddings) loads with its
