@@ -514,6 +514,16 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
     } else {
         TrainMode::Full
     };
+    if mode == TrainMode::Full
+        && let Some((name, dtype)) = loaded.weights.quantized_type()
+    {
+        return Err(err(format!(
+            "model.path: {} holds quantized weights ({name} is {dtype}); full fine-tuning would train \
+             dequantized copies that cannot be written back to {dtype} without loss. Train a LoRA adapter on it \
+             (full = false, QLoRA-style), or fully fine-tune the f16/bf16 model it was made from",
+            loaded.path.display()
+        )));
+    }
     let storage = if mode == TrainMode::Lora && precision == Precision::Fast {
         WeightStorage::Bf16
     } else {

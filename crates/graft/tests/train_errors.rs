@@ -326,3 +326,54 @@ fn inference_commands_name_their_own_tokenizer_flag() {
         "a CLI command hints at its flag: {err}"
     );
 }
+
+/// A quantized GGUF base (stories260K Q8_0) trains a LoRA adapter; full fine-tuning it is refused
+/// with a message that names the tensor, its type and what to do instead.
+#[test]
+fn quantized_bases_train_lora_and_refuse_full_fine_tuning() {
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/models/stories260K/stories260K-Q8_0.gguf");
+    if !gguf.is_file() {
+        eprintln!("skipping: {} not found", gguf.display());
+        return;
+    }
+    let root = tmp("quantized-base");
+    let cfg = prepare(&root);
+    let text = root.join("stories.jsonl");
+    write_lines(
+        &text,
+        &(0..16)
+            .map(|i| serde_json::json!({"text": format!("Once upon a time there was a cat number {i}.")}))
+            .collect::<Vec<_>>(),
+    );
+    let sets = |full: bool| {
+        [
+            format!("model.path=\"{}\"", gguf.display()),
+            format!("data.train=\"{}\"", text.display()),
+            "data.eval=[]".to_string(),
+            format!("full={full}"),
+            "train.max_steps=2".into(),
+            "train.save_every=0".into(),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect::<Vec<_>>()
+    };
+    let err = fails(
+        graft()
+            .arg("train")
+            .arg(&cfg)
+            .args(sets(true))
+            .args(out_dir(&root.join("full"))),
+    );
+    assert!(
+        err.contains("quantized weights") && err.contains("Q8_0") && err.contains("full = false"),
+        "{err}"
+    );
+    ok(graft()
+        .arg("train")
+        .arg(&cfg)
+        .args(sets(false))
+        .args(out_dir(&root.join("lora"))));
+    assert!(root.join("lora/adapter/adapter_config.json").exists());
+}

@@ -363,6 +363,16 @@ impl WeightStore {
         &self.origin
     }
 
+    /// The block-quantized type of the first quantized tensor (by name), if any: a quantized
+    /// base (GGUF Q4_K_M, …), whose weights a full fine-tune could not write back losslessly.
+    pub fn quantized_type(&self) -> Option<(&str, DType)> {
+        self.entries
+            .iter()
+            .filter(|e| e.info.dtype.block_size() > 1)
+            .map(|e| (e.info.name.as_str(), e.info.dtype))
+            .min_by_key(|(n, _)| *n)
+    }
+
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.entries.iter().map(|e| e.info.name.as_str()).collect();
