@@ -60,6 +60,7 @@ pub mod optim;
 pub mod plan;
 pub mod preference;
 pub mod report;
+pub mod reward_fns;
 pub mod rng;
 pub mod schedule;
 pub mod sft;
