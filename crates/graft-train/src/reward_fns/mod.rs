@@ -16,11 +16,13 @@
 //! | `length` | closeness to a target length, or under a maximum ([`length`]) | `target` or `max`, `unit` (`chars`/`words`) |
 //! | `json_valid` | the completion (or its ```` ```json ```` block) parses ([`json`]) | — |
 //! | `json_schema` | ... and validates against a JSON Schema ([`json`]) | `schema`, or `column` (`schema`) |
+//! | `code_tests` | HumanEval-style tests pass in a sandbox ([`code`]) | `timeout_s` (10), `memory_mb` (1024), `prepend_prompt`, `python` |
 //!
-//! A sample that cannot be scored (a missing column) gives a
+//! A sample that cannot be scored (a missing column, a sandbox that cannot be set up) gives a
 //! [`RewardError`] naming the function and the problem; the trainer decides whether that fails the
 //! run or scores 0.
 
+pub mod code;
 pub mod format;
 pub mod json;
 pub mod length;
@@ -80,6 +82,7 @@ pub const KNOWN: &[&str] = &[
     "length",
     "json_valid",
     "json_schema",
+    "code_tests",
 ];
 
 /// Builds the reward function called `name` with its options `args` (a JSON object, or `null`
@@ -96,6 +99,7 @@ pub fn from_config(name: &str, args: &Value) -> Result<Box<dyn RewardFn>, String
         "length" => Box::new(length::Length::from_options(&mut opts)?),
         "json_valid" => Box::new(json::JsonValid),
         "json_schema" => Box::new(json::JsonSchema::from_options(&mut opts)?),
+        "code_tests" => Box::new(code::CodeTests::from_options(&mut opts)?),
         _ => {
             return Err(format!(
                 "unknown reward function `{name}` (known: {})",
