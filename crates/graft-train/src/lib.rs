@@ -3,14 +3,17 @@
 //! The engine (`graft-model`, `graft-kernels`) computes a loss and its gradients for a micro-batch;
 //! this crate turns that into a run: the configuration a user writes, the optimizer that updates the
 //! weights, the learning-rate schedule, checkpoints that resume bit-identically, the metrics log and
-//! the report at the end. Nothing here depends on the engine: parameters and gradients are plain
-//! `f32` slices with names.
+//! the report at the end.
 //!
 //! # Modules
 //! - [`config`]: [`TrainConfig`](config::TrainConfig), the TOML file behind `graft train CONFIG.toml`,
 //!   with `--set key=value` overrides, defaults, validation and "did you mean" errors.
-//! - [`objective`]: what a step minimises, from per-token log-probs — [`objective::sft`] and
-//!   [`objective::dpo`] (every TRL loss type) — and the one normalisation convention.
+//! - [`objective`]: what a step minimises, from per-token log-probs (or a reward model's scores) —
+//!   SFT, DPO (every TRL loss type), CPO/SimPO, ORPO, KTO, reward models — and the one
+//!   normalisation convention.
+//! - [`preference`]: preference, KTO and reward-model runs (pairs, reference log-probs, batches).
+//! - [`reward_fns`]: the reward functions RL scores completions with (math answers, text and regex
+//!   matches, formats, length, JSON and JSON Schema, sandboxed code tests).
 //! - [`optim`]: AdamW (as `torch.optim.AdamW`), global-norm gradient clipping, non-finite checks.
 //! - [`schedule`]: learning-rate schedules as in transformers (cosine / linear / constant with
 //!   warmup, optional floor).

@@ -9,7 +9,7 @@
 //! `cl = c − c_ref`, `rl = r − r_ref` and `δ = cl − rl`; rewards are `β·cl` and `β·rl`, and
 //! `rewards/accuracies` counts `β·cl > β·rl` (strict, as TRL). The batch loss is
 //! `Σ_k w_k · mean_pairs(loss_k)`; its derivative w.r.t. each pair's `c` and `r` comes from
-//! forward-mode differentiation of exactly those formulas ([`Ad`]), so every loss type, including
+//! forward-mode differentiation of exactly those formulas (`ad::Ad`), so every loss type, including
 //! the batch-sorting `aot` ones, gets its exact gradient without a hand-derived formula each.
 
 use super::ad::{Ad, mean, sorted};

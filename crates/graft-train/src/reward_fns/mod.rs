@@ -12,7 +12,7 @@
 //! | `exact_match` | trimmed completion equals a column ([`text`]) | `column` (`answer`), `case_sensitive` (true) |
 //! | `contains` | completion contains a text or a column's value ([`text`]) | `text` or `column`, `case_sensitive` (true) |
 //! | `regex` | completion matches a pattern anywhere ([`text`]) | `pattern` |
-//! | `format` | the whole completion has a structure ([`format`]) | `pattern` (`<think>…</think><answer>…</answer>`) |
+//! | `format` | the whole completion has a structure ([`mod@format`]) | `pattern` (`<think>…</think><answer>…</answer>`) |
 //! | `length` | closeness to a target length, or under a maximum ([`length`]) | `target` or `max`, `unit` (`chars`/`words`) |
 //! | `json_valid` | the completion (or its ```` ```json ```` block) parses ([`json`]) | — |
 //! | `json_schema` | ... and validates against a JSON Schema ([`json`]) | `schema`, or `column` (`schema`) |
