@@ -315,16 +315,7 @@ impl<B: Backend> Model<B> {
                 ..Default::default()
             },
         );
-        let mut xf = b.zeros(t * self.spec.hidden_size);
-        let mut rstd = b.zeros(t);
-        b.rmsnorm_forward(
-            &mut xf,
-            &mut rstd,
-            &x,
-            &self.final_norm,
-            self.spec.hidden_size,
-            self.spec.rms_norm_eps,
-        );
+        let (xf, _) = self.final_norm_forward(&x);
         let mut logits = b.zeros(t * self.spec.vocab_size);
         b.linear_forward(&mut logits, &xf, self.head(), t, false, precision);
         b.download(&logits)
@@ -357,26 +348,35 @@ impl<B: Backend> Model<B> {
     }
 
     fn run(&self, batch: &Batch, opts: TrainOptions) -> ForwardOutput {
-        let b = &self.backend;
-        let (t, hd) = (batch.len(), self.spec.hidden_size);
         self.check_positions(batch);
         let (x, _) = self.trunk_forward(batch, false, opts);
-        let mut xf = b.zeros(t * hd);
-        let mut rstdf = b.zeros(t);
-        b.rmsnorm_forward(
-            &mut xf,
-            &mut rstdf,
-            &x,
-            &self.final_norm,
-            hd,
-            self.spec.rms_norm_eps,
-        );
-        let ce = b.lm_head_cross_entropy(&xf, self.head(), &batch.targets, None, opts.precision);
+        let (xf, _) = self.final_norm_forward(&x);
+        let ce = self
+            .backend
+            .lm_head_cross_entropy(&xf, self.head(), &batch.targets, None, opts.precision);
         ForwardOutput {
             loss_sum: ce.loss_sum,
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
         }
+    }
+
+    /// The final RMSNorm of the trunk's output `x`: the normed states and their `rstd`.
+    fn final_norm_forward(&self, x: &B::Buf) -> (B::Buf, B::Buf) {
+        let b = &self.backend;
+        let hd = self.spec.hidden_size;
+        let t = b.len(x) / hd;
+        let mut xf = b.zeros(t * hd);
+        let mut rstdf = b.zeros(t);
+        b.rmsnorm_forward(
+            &mut xf,
+            &mut rstdf,
+            x,
+            &self.final_norm,
+            hd,
+            self.spec.rms_norm_eps,
+        );
+        (xf, rstdf)
     }
 
     fn check_positions(&self, batch: &Batch) {
@@ -389,20 +389,9 @@ impl<B: Backend> Model<B> {
 
     /// Trunk forward keeping what backward needs, and the final norm.
     fn forward_trunk(&self, batch: &Batch, opts: TrainOptions) -> PendingBackward<B> {
-        let b = &self.backend;
-        let (t, hd) = (batch.len(), self.spec.hidden_size);
         self.check_positions(batch);
         let (x, acts) = self.trunk_forward(batch, true, opts);
-        let mut xf = b.zeros(t * hd);
-        let mut rstdf = b.zeros(t);
-        b.rmsnorm_forward(
-            &mut xf,
-            &mut rstdf,
-            &x,
-            &self.final_norm,
-            hd,
-            self.spec.rms_norm_eps,
-        );
+        let (xf, rstdf) = self.final_norm_forward(&x);
         PendingBackward {
             x,
             acts,
@@ -510,21 +499,10 @@ impl<B: Backend> Model<B> {
     /// final hidden state at token `positions[s]` of the batch (HF's sequence classifiers read
     /// the last non-padding token). Panics if the model has no score head.
     pub fn forward_scores(&self, batch: &Batch, positions: &[usize], opts: TrainOptions) -> Vec<f32> {
-        let b = &self.backend;
-        let (t, hd) = (batch.len(), self.spec.hidden_size);
         self.check_positions(batch);
         let (x, _) = self.trunk_forward(batch, false, opts);
-        let mut xf = b.zeros(t * hd);
-        let mut rstdf = b.zeros(t);
-        b.rmsnorm_forward(
-            &mut xf,
-            &mut rstdf,
-            &x,
-            &self.final_norm,
-            hd,
-            self.spec.rms_norm_eps,
-        );
-        self.read_scores(&b.download(&xf), positions)
+        let (xf, _) = self.final_norm_forward(&x);
+        self.read_scores(&self.backend.download(&xf), positions)
     }
 
     /// The first half of a reward-model training step: the scores at `positions` (as

@@ -152,6 +152,27 @@ pub fn prepare_pairs(
     })
 }
 
+/// Pairs (in `order`) grouped into micro-batches, each with its samples: the chosen and rejected
+/// sequence of every pair, side by side.
+fn pair_groups<'a>(
+    pairs: &'a [Pair],
+    order: &[usize],
+    cfg: &TrainConfig,
+) -> Vec<(Vec<usize>, Vec<&'a TokenizedSample>)> {
+    group_in_order(order, cfg, |i| {
+        pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len()
+    })
+    .into_iter()
+    .map(|g| {
+        let samples = g
+            .iter()
+            .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
+            .collect();
+        (g, samples)
+    })
+    .collect()
+}
+
 /// Groups pairs (in `order`) into micro-batches: `rows` pairs each, or as many as fit `budget`
 /// tokens. Reference log-probs come from `refs` (indexed like `pairs`).
 /// With `train_prompt` (ORPO) the chosen sequences get a target at every position, and the
@@ -163,16 +184,9 @@ fn group_pairs(
     cfg: &TrainConfig,
     train_prompt: bool,
 ) -> Vec<PairBatch> {
-    let groups = group_in_order(order, cfg, |i| {
-        pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len()
-    });
-    groups
+    pair_groups(pairs, order, cfg)
         .into_iter()
-        .map(|g| {
-            let samples: Vec<&TokenizedSample> = g
-                .iter()
-                .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
-                .collect();
+        .map(|(g, samples)| {
             let (batch, completion) = if train_prompt {
                 let whole: Vec<TokenizedSample> = samples
                     .iter()
@@ -430,16 +444,9 @@ pub fn reward_pad_id(tok: &Tokenizer) -> Option<u32> {
 /// Reward micro-batches of `pairs` in `order`: chosen and rejected of a pair side by side, each
 /// scored at its last non-padding token.
 fn group_reward(pairs: &[Pair], order: &[usize], cfg: &TrainConfig, pad: Option<u32>) -> Vec<RewardBatch> {
-    let groups = group_in_order(order, cfg, |i| {
-        pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len()
-    });
-    groups
+    pair_groups(pairs, order, cfg)
         .into_iter()
-        .map(|g| {
-            let samples: Vec<&TokenizedSample> = g
-                .iter()
-                .flat_map(|&i| [&pairs[i].chosen, &pairs[i].rejected])
-                .collect();
+        .map(|(g, samples)| {
             let mut batch = to_batch(&samples);
             batch.targets.iter_mut().for_each(|t| *t = IGNORE_INDEX);
             let mut start = 0;

@@ -10,6 +10,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use graft_data::batch::PackedBatch;
 use graft_data::dataset::{LoadOptions, load};
 use graft_data::sample::{TokenizeOptions, TokenizedRecord, TokenizedSample};
 use graft_data::tokenized::tokenize_dataset;
@@ -44,12 +45,6 @@ pub struct RewardArgs {
     /// bf16 matmuls (faster, scores differ in the third digit); default f32.
     #[arg(long)]
     pub fast: bool,
-}
-
-/// A sequence to score and the row it belongs to.
-struct Item {
-    row: usize,
-    sample: TokenizedSample,
 }
 
 /// Runs `graft reward`.
@@ -92,28 +87,13 @@ pub fn run(args: &RewardArgs) -> Result<()> {
     if tokenized.examples.is_empty() {
         bail!("--data {}: no rows to score", args.data.display());
     }
-    // Each row's sequences, then one score per sequence.
-    let mut items = Vec::new();
-    for (row, e) in tokenized.examples.iter().enumerate() {
+    // Each row's sequences in row order (a pair's chosen then rejected), one score each.
+    let mut items: Vec<&TokenizedSample> = Vec::new();
+    for e in &tokenized.examples {
         match &e.record {
-            TokenizedRecord::Pair { chosen, rejected, .. } => {
-                items.push(Item {
-                    row,
-                    sample: chosen.clone(),
-                });
-                items.push(Item {
-                    row,
-                    sample: rejected.clone(),
-                });
-            }
-            TokenizedRecord::Single(s) | TokenizedRecord::Kto { sample: s, .. } => items.push(Item {
-                row,
-                sample: s.clone(),
-            }),
-            TokenizedRecord::Chunks(c) => items.push(Item {
-                row,
-                sample: c[0].clone(),
-            }),
+            TokenizedRecord::Pair { chosen, rejected, .. } => items.extend([chosen, rejected]),
+            TokenizedRecord::Single(s) | TokenizedRecord::Kto { sample: s, .. } => items.push(s),
+            TokenizedRecord::Chunks(c) => items.push(&c[0]),
         }
     }
     let pad = graft_train::preference::reward_pad_id(&tok);
@@ -131,20 +111,24 @@ pub fn run(args: &RewardArgs) -> Result<()> {
     while start < items.len() {
         let mut end = start;
         let mut used = 0;
-        while end < items.len() && (end == start || used + items[end].sample.input_ids.len() <= budget) {
-            used += items[end].sample.input_ids.len();
+        while end < items.len() && (end == start || used + items[end].input_ids.len() <= budget) {
+            used += items[end].input_ids.len();
             end += 1;
         }
-        let mut batch = Batch::default();
-        let mut at = Vec::new();
-        for (k, it) in items[start..end].iter().enumerate() {
-            at.push(batch.input_ids.len() + score_position(&it.sample.input_ids, pad));
-            for (p, &id) in it.sample.input_ids.iter().enumerate() {
-                batch.input_ids.push(id);
-                batch.positions.push(p as u32);
-                batch.seq_ids.push(k as u32);
-                batch.targets.push(-100);
-            }
+        let samples = &items[start..end];
+        let packed = PackedBatch::from_samples(samples);
+        let batch = Batch {
+            input_ids: packed.input_ids,
+            positions: packed.positions,
+            seq_ids: packed.seq_ids,
+            // Scores only: the LM head is not used.
+            targets: vec![-100; packed.targets.len()],
+        };
+        let mut at = Vec::with_capacity(samples.len());
+        let mut offset = 0;
+        for s in samples {
+            at.push(offset + score_position(&s.input_ids, pad));
+            offset += s.input_ids.len();
         }
         let s = model.forward_scores(&batch, &at, topts);
         scores[start..end].copy_from_slice(&s);
@@ -153,7 +137,7 @@ pub fn run(args: &RewardArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let (mut pairs, mut correct, mut margin_sum) = (0usize, 0usize, 0f64);
     let mut k = 0;
-    for (row, e) in tokenized.examples.iter().enumerate() {
+    for e in &tokenized.examples {
         let file = tokenized.files.get(e.file).map(|f| f.display().to_string());
         let line = e.line;
         let value = match &e.record {
@@ -174,7 +158,6 @@ pub fn run(args: &RewardArgs) -> Result<()> {
                 json!({"file": file, "line": line, "score": scores[k - 1] as f64})
             }
         };
-        debug_assert!(items[k - 1].row == row);
         writeln!(out, "{value}")?;
     }
     if pairs > 0 {

@@ -5,43 +5,13 @@
 
 mod common;
 
-use common::{fails, graft, ok, out_dir, prepare, tmp};
+use common::{fails, graft, ok, out_dir, prepare, records, tmp, write_reverse_pairs};
 use std::path::Path;
-
-/// Writes `n` pairs "reverse: w" → chosen "a" + reversed w, rejected "b" + reversed w (every
-/// third row with a `margin` column).
-fn write_pairs(path: &Path, n: usize, seed: u64) {
-    let mut s = seed;
-    let mut text = String::new();
-    for i in 0..n {
-        let len = 3 + (s % 4) as usize;
-        let word: String = (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (b'a' + ((s >> 33) % 26) as u8) as char
-            })
-            .collect();
-        let reversed: String = word.chars().rev().collect();
-        let mut row = serde_json::json!({
-            "prompt": [{"role": "user", "content": format!("reverse: {word}")}],
-            "chosen": [{"role": "assistant", "content": format!("a{reversed}")}],
-            "rejected": [{"role": "assistant", "content": format!("b{reversed}")}],
-        });
-        if i % 3 == 0 {
-            row["margin"] = serde_json::json!(0.5);
-        }
-        text.push_str(&row.to_string());
-        text.push('\n');
-    }
-    std::fs::write(path, text).unwrap();
-}
 
 fn sets(root: &Path, extra: &[&str]) -> Vec<String> {
     let (train, eval) = (root.join("pairs.jsonl"), root.join("pairs-eval.jsonl"));
-    write_pairs(&train, 240, 11);
-    write_pairs(&eval, 32, 99);
+    write_reverse_pairs(&train, 240, 11, Some(3));
+    write_reverse_pairs(&eval, 32, 99, Some(3));
     [
         "method=reward",
         "full=false",
@@ -62,14 +32,6 @@ fn sets(root: &Path, extra: &[&str]) -> Vec<String> {
     ])
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
-}
-
-fn records(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// The `chosen` / `rejected` scores `graft reward` prints for `data`.
