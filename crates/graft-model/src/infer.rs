@@ -3,7 +3,7 @@
 //! [`Model::forward_batch`] runs a step for several sequences, each bringing its new tokens (a
 //! whole prompt for prefill, one token for decode) and its own [`KvCache`]. The matrix products
 //! run once over all rows of the step; attention runs per sequence over its cache. This is the
-//! primitive under `graft generate` and the server's continuous batching.
+//! primitive under the generation core ([`crate::generation`]).
 
 use crate::lora::{Adapter, LoraLinear};
 use crate::model::{DOWN, GATE, K, Layer, Model, O, Q, UP, V};
@@ -259,60 +259,4 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` was reached (or the context is full).
     Length,
-}
-
-impl<B: Backend> Model<B> {
-    /// Generates up to `max_tokens` tokens after `prompt`, calling `on_token` for each new token
-    /// (return `false` to stop early). Stop tokens end generation and are not returned.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        max_tokens: usize,
-        sampling: crate::sample::SamplingParams,
-        stop_tokens: &[u32],
-        precision: Precision,
-        mut on_token: impl FnMut(u32) -> bool,
-    ) -> (Vec<u32>, FinishReason) {
-        let capacity = prompt.len() + max_tokens;
-        self.ensure_positions(capacity);
-        let mut cache = self.new_cache(capacity);
-        let mut sampler = crate::sample::Sampler::new(sampling);
-        let mut out = Vec::new();
-        if prompt.is_empty() || max_tokens == 0 {
-            return (out, FinishReason::Length);
-        }
-        let mut logits = self
-            .forward_batch(
-                &mut [SeqStep {
-                    cache: &mut cache,
-                    tokens: prompt,
-                    adapter: None,
-                }],
-                precision,
-            )
-            .remove(0);
-        loop {
-            let next = sampler.sample(&logits);
-            if stop_tokens.contains(&next) {
-                return (out, FinishReason::Stop);
-            }
-            out.push(next);
-            if !on_token(next) {
-                return (out, FinishReason::Stop);
-            }
-            if out.len() >= max_tokens {
-                return (out, FinishReason::Length);
-            }
-            logits = self
-                .forward_batch(
-                    &mut [SeqStep {
-                        cache: &mut cache,
-                        tokens: &[next],
-                        adapter: None,
-                    }],
-                    precision,
-                )
-                .remove(0);
-        }
-    }
 }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod infer;
 pub mod lora;
 mod lora_peft;
