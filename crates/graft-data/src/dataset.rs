@@ -257,6 +257,34 @@ fn is_data_file(p: &Path) -> bool {
     name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".txt")
 }
 
+/// The JSON rows of a file or folder (`.jsonl`, `.json`, gzipped or not), each with its place
+/// (`file:line`), for datasets read column by column (GRPO / RLOO prompts). A line that is not
+/// valid JSON, or a `.txt` file, is an error naming the place.
+pub fn json_rows(path: &Path) -> Result<Vec<(String, Json)>> {
+    let mut out = Vec::new();
+    for file in dataset_files(path)? {
+        let place = file.display().to_string();
+        match raw_rows(&file)? {
+            RawRows::Text(_) => {
+                return Err(Error::invalid(
+                    place,
+                    "is a text file; this method reads rows of JSON (e.g. {\"prompt\": ...})",
+                ));
+            }
+            RawRows::Json(rows) => {
+                for (line, row) in rows {
+                    let at = format!("{place}:{line}");
+                    match row {
+                        Ok(v) => out.push((at, v)),
+                        Err(why) => return Err(Error::invalid(at, why)),
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Loads a file or folder.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset> {
     let mut ds = Dataset::default();

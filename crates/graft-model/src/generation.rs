@@ -117,8 +117,9 @@ pub trait GenSink<T> {
     /// A new token of the sequence tagged `tag` (stop tokens are not reported). Return `false`
     /// to end the sequence here (its client went away); it then gets no `finished` call.
     fn token(&mut self, tag: &mut T, id: u32, logprobs: Option<TokenLogprobs>) -> bool;
-    /// The sequence ended normally, after `generated` tokens.
-    fn finished(&mut self, tag: T, reason: FinishReason, generated: usize);
+    /// The sequence ended normally, after `generated` tokens; `stop` is the stop token that
+    /// ended it (not reported as a token), if one did.
+    fn finished(&mut self, tag: T, reason: FinishReason, generated: usize, stop: Option<u32>);
     /// The sequence could not be run (prompt too long, engine failure).
     fn failed(&mut self, tag: T, message: String);
 }
@@ -131,6 +132,9 @@ pub struct StepStats {
     /// Tokens sampled (stop tokens included).
     pub sampled: usize,
 }
+
+/// How a sequence ended: why, and the stop token that ended it (`None`: the sink refused a token).
+type Ending = Option<(FinishReason, Option<u32>)>;
 
 struct Running<B: Backend, T> {
     req: GenRequest<T>,
@@ -260,7 +264,7 @@ impl<B: Backend, T: SeqTag<B>> Generator<B, T> {
             }
             req.max_tokens = req.max_tokens.min(room);
             if req.max_tokens == 0 {
-                sink.finished(req.tag, FinishReason::Length, 0);
+                sink.finished(req.tag, FinishReason::Length, 0, None);
                 continue;
             }
             let initial = (req.prompt.len() + req.max_tokens.min(64)).min(self.config.max_context);
@@ -358,7 +362,7 @@ impl<B: Backend, T: SeqTag<B>> Generator<B, T> {
             }
         };
         let mut logits = logits.into_iter();
-        let mut done: Vec<Option<Option<FinishReason>>> = vec![None; self.active.len()];
+        let mut done: Vec<Option<Ending>> = vec![None; self.active.len()];
         for (i, (a, &(n, samples))) in self.active.iter_mut().zip(&plan).enumerate() {
             if n == 0 {
                 continue;
@@ -379,9 +383,9 @@ impl<B: Backend, T: SeqTag<B>> Generator<B, T> {
         let mut kept = Vec::with_capacity(self.active.len());
         for (a, d) in self.active.drain(..).zip(done) {
             match d {
-                Some(reason) => {
-                    if let Some(reason) = reason {
-                        sink.finished(a.req.tag, reason, a.generated);
+                Some(end) => {
+                    if let Some((reason, stop)) = end {
+                        sink.finished(a.req.tag, reason, a.generated, stop);
                     }
                 }
                 None => kept.push(a),
@@ -399,14 +403,14 @@ impl<B: Backend, T: SeqTag<B>> Generator<B, T> {
         }
     }
 
-    /// Samples the next token of `a`. `None`: it goes on; `Some(Some(reason))`: it finished;
-    /// `Some(None)`: the sink refused the token (no `finished` call).
+    /// Samples the next token of `a`. `None`: it goes on; `Some(Some((reason, stop)))`: it
+    /// finished; `Some(None)`: the sink refused the token (no `finished` call).
     fn sample_one(
         a: &mut Running<B, T>,
         row: &mut [f32],
         sink: &mut impl GenSink<T>,
         max_context: usize,
-    ) -> Option<Option<FinishReason>> {
+    ) -> Option<Ending> {
         let req = &mut a.req;
         let raw: Option<Vec<f32>> = (matches!(req.logprobs, Some(LogprobMode::Raw(_)))
             && req.penalties.active())
@@ -435,7 +439,7 @@ impl<B: Backend, T: SeqTag<B>> Generator<B, T> {
         }
         let id = a.sampler.sample(row);
         if req.stop_tokens.contains(&id) {
-            return Some(Some(FinishReason::Stop));
+            return Some(Some((FinishReason::Stop, Some(id))));
         }
         let logprobs = match req.logprobs {
             None => None,
@@ -457,7 +461,7 @@ impl<B: Backend, T: SeqTag<B>> Generator<B, T> {
             *a.seen.entry(id).or_insert(0) += 1;
         }
         if a.generated >= req.max_tokens || a.cache.len + 1 > max_context {
-            return Some(Some(FinishReason::Length));
+            return Some(Some((FinishReason::Length, None)));
         }
         None
     }
@@ -496,7 +500,7 @@ impl<B: Backend> Model<B> {
                     false
                 }
             }
-            fn finished(&mut self, _: (), reason: FinishReason, _: usize) {
+            fn finished(&mut self, _: (), reason: FinishReason, _: usize, _: Option<u32>) {
                 self.reason = reason;
             }
             fn failed(&mut self, _: (), _: String) {

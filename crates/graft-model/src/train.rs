@@ -89,6 +89,10 @@ pub struct TrainOptions {
     /// Run the base weights alone, as if no adapter were attached (forward only: a preference
     /// objective's reference under LoRA costs no second copy of the model).
     pub without_adapters: bool,
+    /// Divide the logits by this before the log-softmax (GRPO / RLOO: the sampling temperature,
+    /// so the trainer's log-probs are those of the distribution the rollouts were drawn from).
+    /// `None` or 1: the model's own logits.
+    pub temperature: Option<f32>,
 }
 
 /// Result of a forward (and backward) pass.
@@ -282,13 +286,19 @@ impl<B: Backend> Model<B> {
         opts: TrainOptions,
     ) -> (ForwardOutput, PendingBackward<B>) {
         let pending = self.forward_trunk(batch, opts);
-        let ce = self.backend.lm_head_cross_entropy(
-            &pending.xf,
-            self.head(),
-            &batch.targets,
-            None,
-            opts.precision,
-        );
+        let scaled;
+        let xf = match opts.temperature.filter(|&t| t != 1.0) {
+            Some(t) => {
+                let mut x = self.backend.zeros(self.backend.len(&pending.xf));
+                self.backend.axpy(&mut x, 1.0 / t, &pending.xf);
+                scaled = x;
+                &scaled
+            }
+            None => &pending.xf,
+        };
+        let ce = self
+            .backend
+            .lm_head_cross_entropy(xf, self.head(), &batch.targets, None, opts.precision);
         let out = ForwardOutput {
             loss_sum: ce.loss_sum,
             num_trained: ce.num_trained,
@@ -350,7 +360,8 @@ impl<B: Backend> Model<B> {
     fn run(&self, batch: &Batch, opts: TrainOptions) -> ForwardOutput {
         self.check_positions(batch);
         let (x, _) = self.trunk_forward(batch, false, opts);
-        let (xf, _) = self.final_norm_forward(&x);
+        let (mut xf, _) = self.final_norm_forward(&x);
+        self.apply_temperature(&mut xf, opts);
         let ce = self
             .backend
             .lm_head_cross_entropy(&xf, self.head(), &batch.targets, None, opts.precision);
@@ -358,6 +369,13 @@ impl<B: Backend> Model<B> {
             loss_sum: ce.loss_sum,
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
+        }
+    }
+
+    /// Scales the head's input by `1 / opts.temperature` (logits `(x/T) Wᵀ = (x Wᵀ)/T`).
+    fn apply_temperature(&self, x: &mut B::Buf, opts: TrainOptions) {
+        if let Some(t) = opts.temperature.filter(|&t| t != 1.0 && t > 0.0) {
+            self.backend.scale(x, 1.0 / t);
         }
     }
 
@@ -424,6 +442,8 @@ impl<B: Backend> Model<B> {
         } else {
             grads.embed.as_mut()
         };
+        let mut xf = xf;
+        self.apply_temperature(&mut xf, opts);
         let ce = b.lm_head_cross_entropy(
             &xf,
             self.head(),
@@ -432,6 +452,8 @@ impl<B: Backend> Model<B> {
             opts.precision,
         );
         drop(xf);
+        // logits = (xf / T) Wᵀ, so ∂/∂xf carries the same 1/T.
+        self.apply_temperature(&mut dxf, opts);
         self.trunk_backward(batch, x, acts, rstdf, dxf, grads, opts);
         ForwardOutput {
             loss_sum: ce.loss_sum,

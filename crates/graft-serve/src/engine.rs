@@ -298,7 +298,7 @@ impl GenSink<ServeTag> for ServeSink<'_> {
         sent
     }
 
-    fn finished(&mut self, tag: ServeTag, reason: FinishReason, _generated: usize) {
+    fn finished(&mut self, tag: ServeTag, reason: FinishReason, _generated: usize, _stop: Option<u32>) {
         let _ = tag.events.send(SeqEvent::Finished {
             index: tag.index,
             reason,

@@ -109,6 +109,10 @@ pub enum Method {
     /// A reward model (Bradley–Terry on preference pairs, `[reward]`): a `score` head on the
     /// decoder, saved as `AutoModelForSequenceClassification` loads it.
     Reward,
+    /// Group Relative Policy Optimization on prompts, scored by `[[rewards]]` (`[grpo]`).
+    Grpo,
+    /// REINFORCE Leave-One-Out on prompts, scored by `[[rewards]]` (`[rloo]`).
+    Rloo,
 }
 
 impl Method {
@@ -122,12 +126,19 @@ impl Method {
             Method::Orpo => "orpo",
             Method::Kto => "kto",
             Method::Reward => "reward",
+            Method::Grpo => "grpo",
+            Method::Rloo => "rloo",
         }
     }
 
-    /// Whether the method trains on preference pairs.
+    /// Whether the method trains on preference pairs or labelled completions.
     pub fn is_preference(self) -> bool {
-        !matches!(self, Method::Sft)
+        !matches!(self, Method::Sft | Method::Grpo | Method::Rloo)
+    }
+
+    /// Whether the method learns from its own generations (GRPO, RLOO).
+    pub fn is_rl(self) -> bool {
+        matches!(self, Method::Grpo | Method::Rloo)
     }
 }
 
@@ -234,6 +245,8 @@ pub struct DataConfig {
     pub skip_invalid: bool,
     /// Fraction of the training data held out for evaluation when `eval` is empty. Default: 0.
     pub eval_fraction: f64,
+    /// The column holding the prompt of GRPO / RLOO rows. Default: `prompt`.
+    pub prompt_column: String,
 }
 
 impl Default for DataConfig {
@@ -249,6 +262,7 @@ impl Default for DataConfig {
             truncation: Truncation::Right,
             skip_invalid: false,
             eval_fraction: 0.0,
+            prompt_column: "prompt".into(),
         }
     }
 }
@@ -667,6 +681,149 @@ pub struct RewardConfig {
     pub center_rewards_coefficient: Option<f64>,
 }
 
+/// `[grpo]`: Group Relative Policy Optimization, with TRL's `GRPOConfig` names and defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoConfig {
+    /// Completions generated per prompt (the group). Default: 8.
+    pub num_generations: usize,
+    /// Tokens generated per completion at most. Default: 256.
+    pub max_completion_length: usize,
+    /// Sampling temperature (also divides the trainer's logits). Default: 1.0.
+    pub temperature: f64,
+    /// Nucleus sampling mass. Default: 1.0.
+    pub top_p: f64,
+    /// Keep the k most likely tokens (0 = off). Default: 0.
+    pub top_k: usize,
+    /// KL coefficient against the reference (0: no reference pass at all). Default: 0.0.
+    pub beta: f64,
+    /// Lower clipping range ε of the ratio. Default: 0.2.
+    pub epsilon: f64,
+    /// Upper clipping range (DAPO's ε_high). Default: `epsilon`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// Upper bound of the unclipped ratio (two-sided clipping, INTELLECT-2). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+    /// `grpo`, `bnpo`, `dr_grpo` or `dapo` (the loss normalisation). Default: `dapo`.
+    pub loss_type: String,
+    /// Advantage scaling: `group` (per-group std), `batch` (std of the whole batch) or `none`.
+    /// Default: `group`.
+    pub scale_rewards: String,
+    /// Optimizer steps per generation batch (μ; > 1 keeps old-policy log-probs). Default: 1.
+    pub num_iterations: usize,
+    /// Importance ratio per `token` or per `sequence` (GSPO). Default: `token`.
+    pub importance_sampling_level: String,
+    /// Exclude completions cut at `max_completion_length` from the loss. Default: false.
+    pub mask_truncated_completions: bool,
+    /// Weight of each `[[rewards]]` entry, in order. Default: 1 each.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward_weights: Option<Vec<f64>>,
+    /// Log sample completions with their rewards every this many steps (0 = never). Default: 10.
+    pub log_completions_every: u64,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            num_generations: 8,
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            delta: None,
+            loss_type: "dapo".into(),
+            scale_rewards: "group".into(),
+            num_iterations: 1,
+            importance_sampling_level: "token".into(),
+            mask_truncated_completions: false,
+            reward_weights: None,
+            log_completions_every: 10,
+        }
+    }
+}
+
+/// `[rloo]`: REINFORCE Leave-One-Out, with TRL's `RLOOConfig` names and defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RlooConfig {
+    /// Completions generated per prompt. Default: 2.
+    pub num_generations: usize,
+    /// Tokens generated per completion at most. Default: 256.
+    pub max_completion_length: usize,
+    /// Sampling temperature (also divides the trainer's logits). Default: 1.0.
+    pub temperature: f64,
+    /// Nucleus sampling mass. Default: 1.0.
+    pub top_p: f64,
+    /// Keep the k most likely tokens (0 = off). Default: 0.
+    pub top_k: usize,
+    /// KL coefficient: the sequence KL to the reference is subtracted from the reward. Default: 0.05.
+    pub beta: f64,
+    /// Lower clipping range ε of the ratio. Default: 0.2.
+    pub epsilon: f64,
+    /// Upper clipping range. Default: `epsilon`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// Normalise the advantages over the batch (mean 0, std 1). Default: false.
+    pub normalize_advantages: bool,
+    /// Optimizer steps per generation batch. Default: 1.
+    pub num_iterations: usize,
+    /// Exclude completions cut at `max_completion_length` from the loss. Default: false.
+    pub mask_truncated_completions: bool,
+    /// Weight of each `[[rewards]]` entry, in order. Default: 1 each.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward_weights: Option<Vec<f64>>,
+    /// Log sample completions with their rewards every this many steps (0 = never). Default: 10.
+    pub log_completions_every: u64,
+}
+
+impl Default for RlooConfig {
+    fn default() -> Self {
+        RlooConfig {
+            num_generations: 2,
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            beta: 0.05,
+            epsilon: 0.2,
+            epsilon_high: None,
+            normalize_advantages: false,
+            num_iterations: 1,
+            mask_truncated_completions: false,
+            reward_weights: None,
+            log_completions_every: 10,
+        }
+    }
+}
+
+/// What to do when a reward function cannot score a sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRewardError {
+    /// Stop the run with an error naming the sample and the function.
+    #[default]
+    Fail,
+    /// Score the sample 0 and count it (`rewards/<name>/errors`).
+    Zero,
+}
+
+/// One `[[rewards]]` entry: a reward function by name with its options.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RewardFnConfig {
+    /// The function (`math`, `format`, `command`, …; see `graft_train::reward_fns`).
+    pub name: String,
+    /// A sample it cannot score fails the run (`fail`) or scores 0 (`zero`). Default: `fail`.
+    #[serde(default)]
+    pub on_error: OnRewardError,
+    /// The function's own options.
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
 impl Default for OrpoConfig {
     fn default() -> Self {
         OrpoConfig { beta: 0.1 }
@@ -778,6 +935,13 @@ pub struct TrainConfig {
     pub kto: KtoConfig,
     /// `[reward]` (used with `method = "reward"`).
     pub reward: RewardConfig,
+    /// `[grpo]` (used with `method = "grpo"`).
+    pub grpo: GrpoConfig,
+    /// `[rloo]` (used with `method = "rloo"`).
+    pub rloo: RlooConfig,
+    /// `[[rewards]]`: the reward functions GRPO and RLOO score completions with.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardFnConfig>,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -903,6 +1067,16 @@ pub const SECTIONS: &[(&str, &str)] = &[
         "reward",
         "Reward modelling (method = \"reward\"), with TRL's RewardConfig names.",
     ),
+    (
+        "grpo",
+        "Group Relative Policy Optimization (method = \"grpo\"), with TRL's GRPOConfig names and defaults. \
+         Completions are scored by the [[rewards]] tables.",
+    ),
+    (
+        "rloo",
+        "REINFORCE Leave-One-Out (method = \"rloo\"), with TRL's RLOOConfig names and defaults. Completions \
+         are scored by the [[rewards]] tables.",
+    ),
 ];
 
 /// Every valid key, in documentation order: the schema that unknown-key and type errors, `--set`
@@ -910,11 +1084,14 @@ pub const SECTIONS: &[(&str, &str)] = &[
 pub const KEYS: &[KeySpec] = &[
     key(
         "method",
-        KeyKind::Choice(&["sft", "dpo", "cpo", "simpo", "orpo", "kto", "reward"]),
+        KeyKind::Choice(&[
+            "sft", "dpo", "cpo", "simpo", "orpo", "kto", "reward", "grpo", "rloo",
+        ]),
         "Training method: \"sft\" (supervised fine-tuning on single answers), or on prompt/chosen/rejected \
          pairs \"dpo\" (see [dpo]), \"cpo\" or \"simpo\" (reference-free, see [cpo]), \"orpo\" (reference-free with \
          an SFT term, see [orpo]); \"kto\" on unpaired prompt/completion/label rows (see [kto]); \"reward\" trains a \
-         reward model (a score head) on pairs (see [reward]). Default: \"sft\".",
+         reward model (a score head) on pairs (see [reward]); \"grpo\" and \"rloo\" learn from their own \
+         completions to prompt-only rows, scored by [[rewards]] (see [grpo], [rloo]). Default: \"sft\".",
     ),
     key(
         "full",
@@ -1004,6 +1181,12 @@ pub const KEYS: &[KeySpec] = &[
         "data.eval_fraction",
         KeyKind::Float,
         "Fraction of the training data held out for evaluation when `eval` is not given (0 = none). Default: 0.",
+    ),
+    key(
+        "data.prompt_column",
+        KeyKind::Str,
+        "GRPO / RLOO: the column holding each row's prompt (a string, or a list of messages rendered with the chat \
+         template and its generation prompt); every other column reaches the reward functions. Default: \"prompt\".",
     ),
     key(
         "lora.enabled",
@@ -1262,6 +1445,156 @@ pub const KEYS: &[KeySpec] = &[
         "Weight of mean (r_chosen + r_rejected)², which keeps the rewards centred on 0 (the paper's 0.01). \
          Default: none.",
     ),
+    key(
+        "grpo.num_generations",
+        KeyKind::Int,
+        "Completions sampled per prompt (the group); at least 2. batch.micro_batch_rows × batch.grad_accum completions make one step, so that must be a multiple of it. Default: 8.",
+    ),
+    key(
+        "grpo.max_completion_length",
+        KeyKind::Int,
+        "Tokens generated per completion at most. Default: 256.",
+    ),
+    key(
+        "grpo.temperature",
+        KeyKind::Float,
+        "Sampling temperature; the trainer divides its logits by it too. Default: 1.0.",
+    ),
+    key(
+        "grpo.top_p",
+        KeyKind::Float,
+        "Nucleus sampling mass, in (0, 1]. Default: 1.0.",
+    ),
+    key(
+        "grpo.top_k",
+        KeyKind::Int,
+        "Sample from the k most likely tokens (0 = all). Default: 0.",
+    ),
+    key(
+        "grpo.beta",
+        KeyKind::Float,
+        "KL coefficient against the reference (the base without the adapter, or the initial weights); 0 skips the reference pass entirely. Default: 0.0.",
+    ),
+    key(
+        "grpo.epsilon",
+        KeyKind::Float,
+        "Lower clipping range of the importance ratio. Default: 0.2.",
+    ),
+    key_ex(
+        "grpo.epsilon_high",
+        KeyKind::Float,
+        "Upper clipping range (DAPO's clip-higher). Default: epsilon.",
+        "0.28",
+    ),
+    key_ex(
+        "grpo.delta",
+        KeyKind::Float,
+        "Upper bound of the unclipped ratio (two-sided clipping); > 1 + epsilon_high. Default: none.",
+        "4.0",
+    ),
+    key(
+        "grpo.loss_type",
+        KeyKind::Choice(&["grpo", "bnpo", "dr_grpo", "dapo"]),
+        "Loss normalisation: \"grpo\" (each completion's token mean, averaged), \"bnpo\" (token mean over the micro-batch), \"dr_grpo\" (sum over micro-batch rows × max_completion_length), \"dapo\" (token sum over the step's completion tokens). Default: \"dapo\".",
+    ),
+    key(
+        "grpo.scale_rewards",
+        KeyKind::Choice(&["group", "batch", "none"]),
+        "Divide advantages by the std of the group's rewards, of the whole batch's, or not at all (Dr. GRPO). Default: \"group\".",
+    ),
+    key(
+        "grpo.num_iterations",
+        KeyKind::Int,
+        "Optimizer steps on each batch of completions (μ); above 1 the ratio is taken against the log-probs at generation time. Default: 1.",
+    ),
+    key(
+        "grpo.importance_sampling_level",
+        KeyKind::Choice(&["token", "sequence"]),
+        "Importance ratio per token, or one per completion from its mean log-ratio (GSPO). Default: \"token\".",
+    ),
+    key(
+        "grpo.mask_truncated_completions",
+        KeyKind::Bool,
+        "Leave completions cut at max_completion_length out of the loss. Default: false.",
+    ),
+    key_ex(
+        "grpo.reward_weights",
+        KeyKind::FloatList,
+        "Weight of each [[rewards]] entry, in order. Default: 1 each.",
+        "[1.0, 0.5]",
+    ),
+    key(
+        "grpo.log_completions_every",
+        KeyKind::Int,
+        "Write sample completions with their rewards to completions.jsonl every this many steps (0 = never). Default: 10.",
+    ),
+    key(
+        "rloo.num_generations",
+        KeyKind::Int,
+        "Completions sampled per prompt (the group); at least 2. batch.micro_batch_rows × batch.grad_accum completions make one step, so that must be a multiple of it. Default: 2.",
+    ),
+    key(
+        "rloo.max_completion_length",
+        KeyKind::Int,
+        "Tokens generated per completion at most. Default: 256.",
+    ),
+    key(
+        "rloo.temperature",
+        KeyKind::Float,
+        "Sampling temperature; the trainer divides its logits by it too. Default: 1.0.",
+    ),
+    key(
+        "rloo.top_p",
+        KeyKind::Float,
+        "Nucleus sampling mass, in (0, 1]. Default: 1.0.",
+    ),
+    key(
+        "rloo.top_k",
+        KeyKind::Int,
+        "Sample from the k most likely tokens (0 = all). Default: 0.",
+    ),
+    key(
+        "rloo.beta",
+        KeyKind::Float,
+        "KL coefficient: beta × the sequence's KL to the reference is subtracted from its reward. Default: 0.05.",
+    ),
+    key(
+        "rloo.epsilon",
+        KeyKind::Float,
+        "Lower clipping range of the importance ratio. Default: 0.2.",
+    ),
+    key_ex(
+        "rloo.epsilon_high",
+        KeyKind::Float,
+        "Upper clipping range (DAPO's clip-higher). Default: epsilon.",
+        "0.28",
+    ),
+    key(
+        "rloo.normalize_advantages",
+        KeyKind::Bool,
+        "Normalise the advantages over the batch to mean 0, std 1. Default: false.",
+    ),
+    key(
+        "rloo.num_iterations",
+        KeyKind::Int,
+        "Optimizer steps on each batch of completions (μ); above 1 the ratio is taken against the log-probs at generation time. Default: 1.",
+    ),
+    key(
+        "rloo.mask_truncated_completions",
+        KeyKind::Bool,
+        "Leave completions cut at max_completion_length out of the loss. Default: false.",
+    ),
+    key_ex(
+        "rloo.reward_weights",
+        KeyKind::FloatList,
+        "Weight of each [[rewards]] entry, in order. Default: 1 each.",
+        "[1.0, 0.5]",
+    ),
+    key(
+        "rloo.log_completions_every",
+        KeyKind::Int,
+        "Write sample completions with their rewards to completions.jsonl every this many steps (0 = never). Default: 10.",
+    ),
 ];
 
 fn spec(path: &str) -> Option<&'static KeySpec> {
@@ -1422,7 +1755,9 @@ fn check_table(table: &Table, prefix: &str, origin: &str) -> Result<(), ConfigEr
         } else {
             format!("{prefix}.{k}")
         };
-        if prefix.is_empty() && is_section(&path) {
+        if prefix.is_empty() && path == "rewards" {
+            check_rewards(v, origin)?;
+        } else if prefix.is_empty() && is_section(&path) {
             match v {
                 Value::Table(t) => check_table(t, &path, origin)?,
                 other => {
@@ -1441,6 +1776,62 @@ fn check_table(table: &Table, prefix: &str, origin: &str) -> Result<(), ConfigEr
                 suggestion: suggest(&path),
                 key: path,
                 origin: origin.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks `[[rewards]]`: a list of tables, each with a `name` and an optional `on_error`; the
+/// function's own options are checked when it is built (`reward_fns::from_config`).
+fn check_rewards(v: &Value, origin: &str) -> Result<(), ConfigError> {
+    let expected = "a list of tables ([[rewards]] with name = \"…\" and the function's options)";
+    let Value::Array(items) = v else {
+        return Err(ConfigError::Type {
+            key: "rewards".into(),
+            origin: origin.to_string(),
+            expected: expected.into(),
+            found: describe(v),
+        });
+    };
+    for (i, item) in items.iter().enumerate() {
+        let key = format!("rewards[{i}]");
+        let Value::Table(t) = item else {
+            return Err(ConfigError::Type {
+                key,
+                origin: origin.to_string(),
+                expected: expected.into(),
+                found: describe(item),
+            });
+        };
+        match t.get("name") {
+            Some(Value::String(_)) => {}
+            Some(other) => {
+                return Err(ConfigError::Type {
+                    key: format!("{key}.name"),
+                    origin: origin.to_string(),
+                    expected: "a reward function's name".into(),
+                    found: describe(other),
+                });
+            }
+            None => {
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "needs name = \"…\", one of {}",
+                        crate::reward_fns::KNOWN.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(e) = t.get("on_error")
+            && !matches!(e.as_str(), Some("fail" | "zero"))
+        {
+            return Err(ConfigError::Type {
+                key: format!("{key}.on_error"),
+                origin: origin.to_string(),
+                expected: "\"fail\" or \"zero\"".into(),
+                found: describe(e),
             });
         }
     }
@@ -1622,6 +2013,18 @@ impl TrainConfig {
                         self.reward.center_rewards_coefficient.unwrap_or_default()
                     ),
                 ));
+            }
+            Method::Grpo | Method::Rloo => {
+                let (key, message) = match crate::rl::RlSettings::from_config(self) {
+                    Ok(_) => (String::new(), String::new()),
+                    Err(e) => match e.split_once(": ") {
+                        Some((k, m)) => (k.to_string(), m.to_string()),
+                        None => (self.method.name().to_string(), e),
+                    },
+                };
+                if !message.is_empty() {
+                    return Err(invalid(&key, message));
+                }
             }
             Method::Orpo if !(self.orpo.beta >= 0.0 && self.orpo.beta.is_finite()) => {
                 return Err(invalid(

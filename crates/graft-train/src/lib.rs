@@ -64,6 +64,7 @@ pub mod plan;
 pub mod preference;
 pub mod report;
 pub mod reward_fns;
+pub mod rl;
 pub mod rng;
 pub mod schedule;
 pub mod sft;

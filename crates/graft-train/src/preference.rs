@@ -356,7 +356,10 @@ pub fn run_preference(
         }
         Method::Kto => run_kto(setup, tok, template, cache_dir),
         Method::Reward => run_reward(setup, tok, template, cache_dir),
-        Method::Sft => Err(err("method = \"sft\" is not a preference method")),
+        Method::Sft | Method::Grpo | Method::Rloo => Err(err(format!(
+            "method = \"{}\" is not a preference method",
+            cfg.method.name()
+        ))),
     }
 }
 

@@ -292,12 +292,15 @@ pub fn loss_curve_svg(records: &[MetricsRecord]) -> String {
 }
 
 /// The objective metrics plotted besides the loss (when a run logs them), with their files.
-pub const METRIC_CURVES: [(&str, &str); 4] = [
+pub const METRIC_CURVES: [(&str, &str); 6] = [
     ("rewards/margins", "rewards_margins.svg"),
     ("rewards/accuracies", "rewards_accuracies.svg"),
     // Reward models (TRL's RewardTrainer names).
     ("margin", "margin.svg"),
     ("accuracy", "accuracy.svg"),
+    // GRPO / RLOO.
+    ("reward", "reward.svg"),
+    ("completions/mean_length", "completion_length.svg"),
 ];
 
 /// The curve of an objective metric (`rewards/margins`): train values and the `eval_` ones.

@@ -530,6 +530,20 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
         WeightStorage::F32
     };
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage).map_err(err)?;
+    // RL with a KL term under full fine-tuning compares with a frozen copy of the start (under
+    // LoRA the base without the adapter is the reference, at no cost).
+    let rl_beta = match cfg.method {
+        Method::Grpo => cfg.grpo.beta,
+        Method::Rloo => cfg.rloo.beta,
+        _ => 0.0,
+    };
+    let rl_reference = if mode == TrainMode::Full && rl_beta != 0.0 {
+        let mut r = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, storage).map_err(err)?;
+        r.ensure_positions(cfg.data.max_length + 1);
+        Some(r)
+    } else {
+        None
+    };
     model.ensure_positions(cfg.data.max_length + 1);
     if loaded.spec.sequence_classifier && cfg.method != Method::Reward {
         return Err(err(format!(
@@ -620,6 +634,7 @@ pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummar
             };
             train_loop(setup, Sft, source)
         }
+        m if m.is_rl() => crate::rl::run_rl(setup, &tok, template.as_ref(), rl_reference),
         _ => crate::preference::run_preference(setup, &tok, template.as_ref(), &cache_dir),
     }
 }
@@ -718,7 +733,10 @@ pub fn train_loop<O: Objective>(
             cfg.data.max_length
         )));
     }
-    let accum = cfg.batch.grad_accum.max(1);
+    let accum = objective
+        .micro_batches_per_step()
+        .unwrap_or(cfg.batch.grad_accum)
+        .max(1);
     let steps_per_epoch = batches_per_epoch.div_ceil(accum) as u64;
     let total_steps = cfg
         .train
@@ -765,6 +783,13 @@ pub fn train_loop<O: Objective>(
             )));
         }
         let opt = AdamW::read_state_file(hyper, &good.dir.join(OPTIMIZER_FILE)).map_err(err)?;
+        let objective_state = good.dir.join(OBJECTIVE_STATE_FILE);
+        if objective_state.exists() {
+            let bad = |e: String| err(format!("{}: {e}", objective_state.display()));
+            let text = std::fs::read_to_string(&objective_state).map_err(|e| bad(e.to_string()))?;
+            let v = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            objective.restore(v).map_err(bad)?;
+        }
         truncate_after(&metrics_path, state.step).map_err(err)?;
         eprintln!(
             "resuming {} from step {} of {}",
@@ -839,7 +864,15 @@ pub fn train_loop<O: Objective>(
                     ^ (state.step << 16 | micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 lora_dropout: lora.as_ref().map_or(0.0, |l| l.dropout),
                 without_adapters: false,
+                temperature: None,
             };
+            objective.prepare_step(&model, batch, opts).map_err(|e| {
+                err(format!(
+                    "step {}: {e}. {}",
+                    state.step + 1,
+                    kept_checkpoint_note(&run_dir)
+                ))
+            })?;
             step_sum.add(&objective.forward_backward(&model, batch, &mut grads, opts));
         }
         // The objective's convention: sums over its units, divided by the step's units here.
@@ -873,7 +906,11 @@ pub fn train_loop<O: Objective>(
                 crate::optim::global_grad_norm(&slices.iter().map(|s| &**s).collect::<Vec<_>>())
             }
         };
-        zero_grad_steps = if grad_norm == 0.0 { zero_grad_steps + 1 } else { 0 };
+        zero_grad_steps = if grad_norm == 0.0 && objective.zero_gradient_is_collapse() {
+            zero_grad_steps + 1
+        } else {
+            0
+        };
         if zero_grad_steps >= COLLAPSE_STEPS.min(total_steps) {
             return Err(err(format!(
                 "step {}: training collapsed: the gradient norm has been 0 for {zero_grad_steps} steps (loss {loss:.4}; \
@@ -980,12 +1017,14 @@ pub fn train_loop<O: Objective>(
             || state.step == total_steps
             || (cfg.train.save_every > 0 && state.step.is_multiple_of(cfg.train.save_every))
         {
-            save_checkpoint(&run_dir, &mut model, mode, &opt, &state, cfg).map_err(|e| {
-                err(format!(
-                    "saving the checkpoint of step {} failed (earlier checkpoints are intact): {e}",
-                    state.step
-                ))
-            })?;
+            save_checkpoint(&run_dir, &mut model, mode, &opt, &state, cfg, objective.state()).map_err(
+                |e| {
+                    err(format!(
+                        "saving the checkpoint of step {} failed (earlier checkpoints are intact): {e}",
+                        state.step
+                    ))
+                },
+            )?;
         }
         if stop_now {
             // The caller says how to continue (once).
@@ -1053,6 +1092,9 @@ fn kept_checkpoint_note(run_dir: &Path) -> String {
     }
 }
 
+/// The file an objective's own resume state goes to in a checkpoint ([`Objective::state`]).
+pub const OBJECTIVE_STATE_FILE: &str = "objective_state.json";
+
 fn save_checkpoint(
     run_dir: &Path,
     model: &mut Model<Cpu>,
@@ -1060,6 +1102,7 @@ fn save_checkpoint(
     opt: &AdamW,
     state: &TrainerState,
     cfg: &TrainConfig,
+    objective_state: Option<serde_json::Value>,
 ) -> Result<(), TrainError> {
     let mut w = CheckpointWriter::begin(run_dir, state.step).map_err(err)?;
     let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
@@ -1083,6 +1126,9 @@ fn save_checkpoint(
     opt.write_state_file(&w.path(OPTIMIZER_FILE).map_err(err)?)
         .map_err(err)?;
     w.write_json(TRAINER_STATE_FILE, state).map_err(err)?;
+    if let Some(v) = &objective_state {
+        w.write_json(OBJECTIVE_STATE_FILE, v).map_err(err)?;
+    }
     w.commit(&cfg.hash()).map_err(err)?;
     checkpoint::prune_checkpoints(run_dir, cfg.train.keep_checkpoints).map_err(err)?;
     Ok(())

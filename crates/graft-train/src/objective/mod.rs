@@ -20,6 +20,7 @@
 pub(crate) mod ad;
 pub mod cpo;
 pub mod dpo;
+pub mod grpo;
 pub mod kto;
 pub mod orpo;
 pub mod pairs;
@@ -88,6 +89,42 @@ impl Contribution {
 pub trait Objective {
     /// One micro-batch: the packed tokens plus whatever the loss needs to know about them.
     type Batch;
+
+    /// Micro-batches per optimizer step, when the objective decides it (`None`: the config's
+    /// `batch.grad_accum`). RL returns 1: its batch is a whole generation batch.
+    fn micro_batches_per_step(&self) -> Option<usize> {
+        None
+    }
+
+    /// What must survive a resume besides the weights and the optimizer (RL: the completions of
+    /// a generation batch that later steps still train on); saved in each checkpoint.
+    fn state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Restores what [`Objective::state`] saved.
+    fn restore(&mut self, _state: serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether a zero gradient for many steps means the run collapsed (true for losses on fixed
+    /// data). RL returns false: a batch whose groups all scored alike has no advantage and
+    /// rightly no gradient.
+    fn zero_gradient_is_collapse(&self) -> bool {
+        true
+    }
+
+    /// Work a micro-batch needs before its forward that may fail on user input: RL samples and
+    /// scores its completions here (a reward function that cannot score a sample stops the run
+    /// with the sample's place). Runs before every [`Objective::forward_backward`].
+    fn prepare_step(
+        &mut self,
+        _model: &Model<Cpu>,
+        _batch: &Self::Batch,
+        _opts: TrainOptions,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Forward and backward of one micro-batch: accumulates `∂ loss_sum / ∂θ` into `grads`.
     fn forward_backward(
