@@ -687,7 +687,7 @@ pub struct RewardConfig {
 pub struct GrpoConfig {
     /// Completions generated per prompt (the group). Default: 8.
     pub num_generations: usize,
-    /// Tokens generated per completion at most. Default: 256.
+    /// Tokens generated per completion at most. Default: 512.
     pub max_completion_length: usize,
     /// Sampling temperature (also divides the trainer's logits). Default: 1.0.
     pub temperature: f64,
@@ -727,7 +727,7 @@ impl Default for GrpoConfig {
     fn default() -> Self {
         GrpoConfig {
             num_generations: 8,
-            max_completion_length: 256,
+            max_completion_length: 512,
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
@@ -752,7 +752,7 @@ impl Default for GrpoConfig {
 pub struct RlooConfig {
     /// Completions generated per prompt. Default: 2.
     pub num_generations: usize,
-    /// Tokens generated per completion at most. Default: 256.
+    /// Tokens generated per completion at most. Default: 512.
     pub max_completion_length: usize,
     /// Sampling temperature (also divides the trainer's logits). Default: 1.0.
     pub temperature: f64,
@@ -784,7 +784,7 @@ impl Default for RlooConfig {
     fn default() -> Self {
         RlooConfig {
             num_generations: 2,
-            max_completion_length: 256,
+            max_completion_length: 512,
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
@@ -1453,7 +1453,7 @@ pub const KEYS: &[KeySpec] = &[
     key(
         "grpo.max_completion_length",
         KeyKind::Int,
-        "Tokens generated per completion at most. Default: 256.",
+        "Tokens generated per completion at most. Default: 512.",
     ),
     key(
         "grpo.temperature",
@@ -1536,7 +1536,7 @@ pub const KEYS: &[KeySpec] = &[
     key(
         "rloo.max_completion_length",
         KeyKind::Int,
-        "Tokens generated per completion at most. Default: 256.",
+        "Tokens generated per completion at most. Default: 512.",
     ),
     key(
         "rloo.temperature",

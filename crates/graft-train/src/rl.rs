@@ -533,8 +533,9 @@ impl Objective for Rl<'_> {
                 };
                 let mut a = rloo_advantages(&combined, self.group, beta, kl.as_deref(), normalize);
                 if let Some(kl) = &kl {
-                    a.metrics
-                        .insert("kl", kl.iter().sum::<f64>() / kl.len().max(1) as f64);
+                    // TRL logs the token mean of the first-order KL.
+                    let tokens: f64 = masks.iter().flatten().sum();
+                    a.metrics.insert("kl", kl.iter().sum::<f64>() / tokens.max(1.0));
                 }
                 a
             }
@@ -613,12 +614,7 @@ impl Objective for Rl<'_> {
             temperature: Some(self.temperature),
             ..opts
         };
-        // TRL divides grpo / bnpo / dr_grpo by the gradient-accumulation steps; DAPO's
-        // normaliser already spans the whole generation batch.
-        let accum_scale = match self.loss.loss_type {
-            LossType::Dapo => 1.0,
-            _ => 1.0 / self.micro_batches as f64,
-        };
+        let accum_scale = self.loss.accumulation_scale(self.micro_batches);
         let mut total = Contribution::default();
         let mut loss = 0.0;
         let mut metric_sums: BTreeMap<&'static str, f64> = BTreeMap::new();
@@ -1043,11 +1039,12 @@ impl RlSettings {
                     beta: r.beta,
                     normalize: r.normalize_advantages,
                 },
-                // RLOO: the KL sits in the reward; the loss is each completion's token mean.
+                // RLOO: the KL sits in the reward; the loss is the mean over completions of the
+                // clipped surrogate on the summed sequence log-probs.
                 LossType::Grpo,
                 0.0,
                 None,
-                ImportanceLevel::Token,
+                ImportanceLevel::SequenceSum,
             )
         };
         Ok(RlSettings {

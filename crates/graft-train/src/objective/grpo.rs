@@ -50,6 +50,10 @@ pub enum ImportanceLevel {
     Token,
     /// One ratio per completion, from its mean token log-ratio (GSPO).
     Sequence,
+    /// One ratio per completion, from its summed log-ratio (RLOO's sequence log-probs); with
+    /// [`LossType::Grpo`] the loss is the mean over completions of the clipped surrogate. (Both
+    /// sequence levels count completions, not tokens, in the clip metrics.)
+    SequenceSum,
 }
 
 /// The clipped-surrogate loss's settings.
@@ -99,6 +103,16 @@ pub struct LossOutput {
 }
 
 impl PolicyLoss {
+    /// The factor TRL applies to a micro-batch's loss under gradient accumulation over
+    /// `micro_batches`: grpo, bnpo and dr_grpo divide by it; DAPO's normaliser already spans the
+    /// whole generation batch.
+    pub fn accumulation_scale(&self, micro_batches: usize) -> f64 {
+        match self.loss_type {
+            LossType::Dapo => 1.0,
+            _ => 1.0 / micro_batches.max(1) as f64,
+        }
+    }
+
     /// The loss of one micro-batch. `num_items_in_batch` is DAPO's normaliser: the completion
     /// tokens (mask sum) of the whole generation batch.
     pub fn compute(&self, x: &LossInputs<'_>, num_items_in_batch: f64) -> LossOutput {
@@ -129,13 +143,22 @@ impl PolicyLoss {
             let w = row_weight(i);
             let n_tok: f64 = m.iter().sum::<f64>().max(1.0);
             // Log importance weight per token (sequence level: one shared value).
-            let seq_lr = (0..lp.len()).map(|t| (lp[t] - old(t)) * m[t]).sum::<f64>() / n_tok;
+            let lr_sum = (0..lp.len()).map(|t| (lp[t] - old(t)) * m[t]).sum::<f64>();
+            let seq_lr = match self.level {
+                ImportanceLevel::SequenceSum => lr_sum,
+                _ => lr_sum / n_tok,
+            };
+            // ∂ seq_lr / ∂ lp_t = m_t · this.
+            let seq_scale = match self.level {
+                ImportanceLevel::SequenceSum => 1.0,
+                _ => 1.0 / n_tok,
+            };
             // For the sequence level, ∂loss/∂(seq log-weight), accumulated over tokens.
             let mut d_seq = 0.0;
             for t in 0..lp.len() {
                 let lr = match self.level {
                     ImportanceLevel::Token => lp[t] - old(t),
-                    ImportanceLevel::Sequence => seq_lr,
+                    _ => seq_lr,
                 };
                 let c = lr.exp();
                 // Branch 1: min(c, δ) · A; branch 2: clip(c, lo, hi) · A (torch.clamp passes the
@@ -175,31 +198,44 @@ impl PolicyLoss {
                     ImportanceLevel::Token => {
                         out.d_logp[i][t] += w * m[t] * (d_lr + d_lp_direct);
                     }
-                    ImportanceLevel::Sequence => {
+                    _ => {
                         out.d_logp[i][t] += w * m[t] * d_lp_direct;
                         d_seq += w * m[t] * d_lr;
                     }
                 }
                 let is_low = c < lo && a < 0.0;
                 let is_high = c > hi && a > 0.0;
-                low += f64::from(u8::from(is_low)) * m[t];
-                high += f64::from(u8::from(is_high)) * m[t];
-                region += f64::from(u8::from(is_low || is_high)) * m[t];
+                if self.level == ImportanceLevel::Token {
+                    low += f64::from(u8::from(is_low)) * m[t];
+                    high += f64::from(u8::from(is_high)) * m[t];
+                    region += f64::from(u8::from(is_low || is_high)) * m[t];
+                }
             }
-            if self.level == ImportanceLevel::Sequence {
-                // seq_lr = Σ_t m_t (lp_t − old_t) / n.
+            if self.level != ImportanceLevel::Token {
+                // One ratio per completion: the clip metrics count completions (as TRL).
+                let c = seq_lr.exp();
+                let (is_low, is_high) = (c < lo && a < 0.0, c > hi && a > 0.0);
+                low += f64::from(u8::from(is_low));
+                high += f64::from(u8::from(is_high));
+                region += f64::from(u8::from(is_low || is_high));
+            }
+            if self.level != ImportanceLevel::Token {
                 for (d, &mt) in out.d_logp[i].iter_mut().zip(m) {
-                    *d += d_seq * mt / n_tok;
+                    *d += d_seq * mt * seq_scale;
                 }
             }
         }
         let denom = mask_sum.max(1.0);
+        let clip_denom = match self.level {
+            ImportanceLevel::Token => denom,
+            _ => b.max(1) as f64,
+        };
         if self.beta != 0.0 {
             out.metrics.insert("kl", kl_sum / denom);
         }
-        out.metrics.insert("clip_ratio/low_mean", low / denom);
-        out.metrics.insert("clip_ratio/high_mean", high / denom);
-        out.metrics.insert("clip_ratio/region_mean", region / denom);
+        out.metrics.insert("clip_ratio/low_mean", low / clip_denom);
+        out.metrics.insert("clip_ratio/high_mean", high / clip_denom);
+        out.metrics.insert("clip_ratio/region_mean", region / clip_denom);
         out
     }
 }
@@ -250,7 +286,7 @@ pub fn grpo_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Ad
     let group = group.max(1);
     let batch_std = std(rewards);
     let mut adv = Vec::with_capacity(rewards.len());
-    let (mut std_sum, mut zero_std) = (0.0, 0usize);
+    let mut zero_std = 0usize;
     for g in rewards.chunks(group) {
         let m = mean(g);
         let group_std = std(g);
@@ -258,7 +294,6 @@ pub fn grpo_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Ad
             ScaleRewards::Batch => batch_std,
             _ => group_std,
         };
-        std_sum += s * g.len() as f64;
         // torch.isclose(std, 0): |std| <= 1e-8.
         if s.abs() <= 1e-8 {
             zero_std += g.len();
@@ -274,7 +309,7 @@ pub fn grpo_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Ad
     let n = rewards.len().max(1) as f64;
     let mut metrics = BTreeMap::new();
     metrics.insert("reward", mean(rewards));
-    metrics.insert("reward_std", std_sum / n);
+    metrics.insert("reward_std", batch_std);
     metrics.insert("frac_reward_zero_std", zero_std as f64 / n);
     Advantages {
         advantages: adv,
@@ -299,7 +334,7 @@ pub fn rloo_advantages(
         _ => rewards.to_vec(),
     };
     let mut adv = Vec::with_capacity(rewards.len());
-    let (mut std_sum, mut zero_std) = (0.0, 0usize);
+    let mut zero_std = 0usize;
     for (g, raw) in shaped.chunks(group).zip(rewards.chunks(group)) {
         let sum: f64 = g.iter().sum();
         let k = g.len() as f64;
@@ -307,7 +342,6 @@ pub fn rloo_advantages(
             adv.push(r - (sum - r) / (k - 1.0).max(1.0));
         }
         let s = std(raw);
-        std_sum += s * raw.len() as f64;
         if s.abs() <= 1e-8 {
             zero_std += raw.len();
         }
@@ -319,7 +353,7 @@ pub fn rloo_advantages(
     let n = rewards.len().max(1) as f64;
     let mut metrics = BTreeMap::new();
     metrics.insert("reward", mean(rewards));
-    metrics.insert("reward_std", std_sum / n);
+    metrics.insert("reward_std", std(rewards));
     metrics.insert("frac_reward_zero_std", zero_std as f64 / n);
     Advantages {
         advantages: adv,
@@ -378,7 +412,11 @@ mod tests {
         let reference = vec![vec![-1.1, -2.2, -0.4], vec![-0.35, -0.5, -0.2]];
         let mask = vec![vec![1.0, 1.0, 1.0], vec![1.0, 1.0, 0.0]];
         let adv = [0.8, -1.2];
-        for level in [ImportanceLevel::Token, ImportanceLevel::Sequence] {
+        for level in [
+            ImportanceLevel::Token,
+            ImportanceLevel::Sequence,
+            ImportanceLevel::SequenceSum,
+        ] {
             for lt in [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo] {
                 let p = PolicyLoss {
                     beta: 0.04,
