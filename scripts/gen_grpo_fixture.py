@@ -1,4 +1,5 @@
-"""GRPO loss fixtures from TRL's own `GRPOTrainer._compute_loss`.
+"""GRPO and RLOO loss fixtures from TRL's own `GRPOTrainer._compute_loss` and
+`RLOOTrainer._compute_loss`.
 
 For fixed per-token log-probs (a leaf tensor standing in for the model's), old-policy and
 reference log-probs, advantages and completion masks, this calls TRL 1.16's loss code on a
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 import trl
-from trl import GRPOTrainer
+from trl import GRPOTrainer, RLOOTrainer
 
 torch.manual_seed(0)
 B, T = 5, 6
@@ -122,6 +123,60 @@ for lt in ["grpo", "bnpo", "dr_grpo", "dapo"]:
     cases.append(case(f"{lt}-beta", cfg(lt, beta=0.04)))
     cases.append(case(f"{lt}-clip-higher-delta-accum2", cfg(lt, beta=0.04, epsilon_high=0.28, delta=1.5), accum=2))
     cases.append(case(f"{lt}-sequence", cfg(lt, beta=0.04, level="sequence")))
+
+
+def rloo_case(name, epsilon_high=0.2, padded=True):
+    """RLOO: the clipped surrogate on summed sequence log-probs, old log-probs as sequence sums."""
+    t = RLOOTrainer.__new__(RLOOTrainer)
+    t.epsilon_low = 0.2
+    t.epsilon_high = epsilon_high
+    t.aux_loss_enabled = False
+    t.accelerator = types.SimpleNamespace(
+        num_processes=1,
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        reduce=lambda x, reduction="sum": x,
+    )
+    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    t.model = types.SimpleNamespace(training=True)
+    logp = (-torch.rand(B, T, dtype=torch.float64) * 0.5).requires_grad_(True)
+    mask = torch.ones(B, T, dtype=torch.float64)
+    if padded:
+        mask[1, 4:] = 0
+        mask[3, 2:] = 0
+    old_logps = (logp.detach() * mask).sum(1) + 0.2 * torch.randn(B, dtype=torch.float64)
+    adv = torch.randn(B, dtype=torch.float64)
+    t._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_logps": old_logps,
+    }
+    loss = t._compute_loss(t.model, inputs)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in t._metrics["train"].items() if k.startswith("clip_ratio/") and k.endswith("_mean")}
+    return {
+        "name": name,
+        "trainer": "rloo",
+        "config": {"epsilon": 0.2, "epsilon_high": epsilon_high},
+        "grad_accum": 1,
+        "inputs": {
+            "per_token_logps": logp.detach().tolist(),
+            "old_logps": old_logps.tolist(),
+            "advantages": adv.tolist(),
+            "completion_mask": mask.tolist(),
+        },
+        "expected": {"loss": loss.item(), "d_per_token_logps": logp.grad.tolist(), "metrics": metrics},
+    }
+
+
+for c in cases:
+    c["trainer"] = "grpo"
+rloo_cases = [rloo_case("rloo"), rloo_case("rloo-clip-higher", epsilon_high=0.28), rloo_case("rloo-unpadded", padded=False)]
+cases += rloo_cases
 out = Path(__file__).resolve().parent.parent / "tests/fixtures/grpo_loss/cases.json"
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps({"trl_version": trl.__version__, "dtype": "float64", "cases": cases}, indent=1))
