@@ -103,6 +103,8 @@ pub struct ForwardOutput {
     pub num_trained: usize,
     /// log p(target) per token, 0 where ignored.
     pub logprobs: Vec<f32>,
+    /// Entropy of the predicted distribution per token (at the temperature), 0 where ignored.
+    pub entropies: Vec<f32>,
 }
 
 /// Gradient buffers of one linear projection.
@@ -303,6 +305,7 @@ impl<B: Backend> Model<B> {
             loss_sum: ce.loss_sum,
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
+            entropies: ce.entropies,
         };
         (out, pending)
     }
@@ -369,6 +372,7 @@ impl<B: Backend> Model<B> {
             loss_sum: ce.loss_sum,
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
+            entropies: ce.entropies,
         }
     }
 
@@ -459,6 +463,7 @@ impl<B: Backend> Model<B> {
             loss_sum: ce.loss_sum,
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
+            entropies: ce.entropies,
         }
     }
 

@@ -1069,13 +1069,11 @@ pub const SECTIONS: &[(&str, &str)] = &[
     ),
     (
         "grpo",
-        "Group Relative Policy Optimization (method = \"grpo\"), with TRL's GRPOConfig names and defaults. \
-         Completions are scored by the [[rewards]] tables.",
+        "GRPO (method = \"grpo\"), with TRL's GRPOConfig names and defaults; rewards: [[rewards]].",
     ),
     (
         "rloo",
-        "REINFORCE Leave-One-Out (method = \"rloo\"), with TRL's RLOOConfig names and defaults. Completions \
-         are scored by the [[rewards]] tables.",
+        "RLOO (method = \"rloo\"), with TRL's RLOOConfig names and defaults; rewards: [[rewards]].",
     ),
 ];
 
@@ -2247,6 +2245,14 @@ impl TrainConfig {
                 (None, None) => out.push_str(&format!("# {name} =\n")),
             }
         }
+        out.push_str(
+            "\n# [[rewards]]: the reward functions of method = \"grpo\" / \"rloo\", one table each, e.g.\n\
+             # [[rewards]]\n\
+             # name = \"math\"       # math, exact_match, contains, regex, format, length, json_valid, json_schema,\n\
+             #                     # code_tests\n\
+             # column = \"answer\"   # the function's own options\n\
+             # on_error = \"fail\"   # a sample it cannot score stops the run, or \"zero\" scores it 0\n",
+        );
         out
     }
 }
@@ -2546,6 +2552,11 @@ mod tests {
                 "train.max_steps=5",
                 "data.eval=e",
                 "reward.center_rewards_coefficient=0.01",
+                "grpo.delta=4.0",
+                "grpo.epsilon_high=0.28",
+                "grpo.reward_weights=[1.0]",
+                "rloo.epsilon_high=0.28",
+                "rloo.reward_weights=[1.0]",
             ],
         )
         .unwrap();

@@ -12,6 +12,7 @@
 //!   SFT, DPO (every TRL loss type), CPO/SimPO, ORPO, KTO, reward models — and the one
 //!   normalisation convention.
 //! - [`preference`]: preference, KTO and reward-model runs (pairs, reference log-probs, batches).
+//! - [`rl`]: GRPO and RLOO runs (prompts, rollouts on the live weights, advantages, the policy step).
 //! - [`reward_fns`]: the reward functions RL scores completions with (math answers, text and regex
 //!   matches, formats, length, JSON and JSON Schema, sandboxed code tests).
 //! - [`optim`]: AdamW (as `torch.optim.AdamW`), global-norm gradient clipping, non-finite checks.

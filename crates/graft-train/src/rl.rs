@@ -221,6 +221,67 @@ fn nan_mean_std(x: &[f64]) -> (f64, f64) {
 }
 
 impl<'a> Rl<'a> {
+    /// The objective of an RL run: `p` from [`RlSettings::from_config`], the reward functions of
+    /// `cfg.rewards`, sampling with `stop_tokens` on the live model, the KL reference a separate
+    /// `reference` model under full fine-tuning (`None`: the base without the adapter).
+    pub fn new(
+        cfg: &TrainConfig,
+        p: &RlSettings,
+        prompts: &'a [PromptRow],
+        tok: &'a Tokenizer,
+        stop_tokens: Vec<u32>,
+        reference: Option<&'a Model<Cpu>>,
+    ) -> Result<Rl<'a>, TrainError> {
+        let mut rewards = Vec::with_capacity(cfg.rewards.len());
+        for (i, r) in cfg.rewards.iter().enumerate() {
+            let args = serde_json::to_value(&r.options).map_err(err)?;
+            let f = crate::reward_fns::from_config(&r.name, &args)
+                .map_err(|e| err(format!("rewards[{i}]: {e}")))?;
+            let name = f.name().to_string();
+            rewards.push(RewardSlot {
+                f,
+                weight: p.reward_weights.as_ref().map_or(1.0, |w| w[i]),
+                on_error: r.on_error,
+                mean_key: leak(format!("rewards/{name}/mean")),
+                std_key: leak(format!("rewards/{name}/std")),
+                errors_key: leak(format!("rewards/{name}/errors")),
+            });
+        }
+        Ok(Rl {
+            algorithm: p.algorithm,
+            loss: PolicyLoss {
+                loss_type: p.loss_type,
+                beta: p.loss_beta,
+                epsilon_low: p.epsilon,
+                epsilon_high: p.epsilon_high,
+                delta: p.delta,
+                level: p.level,
+                max_completion_length: p.max_completion,
+            },
+            group: p.group,
+            rows: p.rows,
+            micro_batches: p.micro_batches,
+            num_iterations: p.num_iterations,
+            prompts,
+            rewards,
+            tok,
+            stop_tokens,
+            sampling: SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                seed: 0,
+            },
+            temperature: p.temperature,
+            max_completion: p.max_completion,
+            mask_truncated: p.mask_truncated,
+            seed: cfg.train.seed,
+            reference,
+            completions_log: None,
+            prepared: None,
+        })
+    }
+
     /// The seed of completion `j` of generation batch `generation`.
     fn sample_seed(&self, generation: u64, j: usize) -> u64 {
         let mut s = self.seed ^ 0x5EED_0F6E_4E00_u64.wrapping_mul(generation.wrapping_add(1));
@@ -306,7 +367,7 @@ impl<'a> Rl<'a> {
         let mut scores = vec![vec![0.0; self.rewards.len()]; rollouts.len()];
         let mut errors = vec![0usize; self.rewards.len()];
         for (f, slot) in self.rewards.iter().enumerate() {
-            let got: Vec<_> = samples.iter().map(|s| slot.f.score(s)).collect();
+            let got = slot.f.score_batch(&samples);
             for (j, res) in got.into_iter().enumerate() {
                 scores[j][f] = match res {
                     Ok(x) => x,
@@ -630,6 +691,15 @@ impl Objective for Rl<'_> {
                 .map(|a| a.iter().map(|&i| out.logprobs[i] as f64).collect())
                 .collect();
             let masks: Vec<Vec<f64>> = chunk.iter().map(|r| self.mask_of(r)).collect();
+            // TRL's `entropy`: the masked token mean of the micro-batch, averaged over micro-batches.
+            let (mut h_sum, mut h_n) = (0.0f64, 0.0f64);
+            for (a, m) in at.iter().zip(&masks) {
+                for (&i, &mt) in a.iter().zip(m) {
+                    h_sum += out.entropies[i] as f64 * mt;
+                    h_n += mt;
+                }
+            }
+            *metric_sums.entry("entropy").or_insert(0.0) += h_sum / h_n.max(1.0);
             for ((r, lp), m) in chunk.iter().zip(&logp).zip(&masks) {
                 for (t, &s) in r.sampled_logp.iter().enumerate() {
                     if s.is_finite() && m[t] > 0.0 {
@@ -726,21 +796,6 @@ pub fn run_rl(
             )));
         }
     }
-    let mut rewards = Vec::with_capacity(cfg.rewards.len());
-    for (i, r) in cfg.rewards.iter().enumerate() {
-        let args = serde_json::to_value(&r.options).map_err(err)?;
-        let f =
-            crate::reward_fns::from_config(&r.name, &args).map_err(|e| err(format!("rewards[{i}]: {e}")))?;
-        let name = f.name().to_string();
-        rewards.push(RewardSlot {
-            f,
-            weight: p.reward_weights.as_ref().map_or(1.0, |w| w[i]),
-            on_error: r.on_error,
-            mean_key: leak(format!("rewards/{name}/mean")),
-            std_key: leak(format!("rewards/{name}/std")),
-            errors_key: leak(format!("rewards/{name}/errors")),
-        });
-    }
     let mut stop_tokens: Vec<u32> = tok.eos_ids().to_vec();
     stop_tokens.extend(setup.model.spec.eos_token_ids.iter().copied());
     stop_tokens.sort_unstable();
@@ -785,15 +840,6 @@ pub fn run_rl(
         }
         h.hex()
     };
-    let loss = PolicyLoss {
-        loss_type: p.loss_type,
-        beta: p.loss_beta,
-        epsilon_low: p.epsilon,
-        epsilon_high: p.epsilon_high,
-        delta: p.delta,
-        level: p.level,
-        max_completion_length: p.max_completion,
-    };
     eprintln!(
         "{}: {} prompts, {} per step × {} generations = {} completions per step ({} micro-batches of {}), \
          up to {} tokens each, rewards: {}",
@@ -805,37 +851,14 @@ pub fn run_rl(
         p.micro_batches,
         p.rows,
         p.max_completion,
-        rewards
+        cfg.rewards
             .iter()
-            .map(|r| format!("{} (×{})", r.f.name(), r.weight))
+            .map(|r| r.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let objective = Rl {
-        algorithm: p.algorithm,
-        loss,
-        group: p.group,
-        rows: p.rows,
-        micro_batches: p.micro_batches,
-        num_iterations: mu,
-        prompts: &prompts,
-        rewards,
-        tok,
-        stop_tokens,
-        sampling: SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            seed: 0,
-        },
-        temperature: p.temperature,
-        max_completion: p.max_completion,
-        mask_truncated: p.mask_truncated,
-        seed,
-        reference: reference.as_ref(),
-        completions_log: Some((setup.run_dir.join("completions.jsonl"), p.log_completions_every)),
-        prepared: None,
-    };
+    let mut objective = Rl::new(cfg, &p, &prompts, tok, stop_tokens, reference.as_ref())?;
+    objective.completions_log = Some((setup.run_dir.join("completions.jsonl"), p.log_completions_every));
     if !setup.resume {
         let _ = std::fs::remove_file(setup.run_dir.join("completions.jsonl"));
     }

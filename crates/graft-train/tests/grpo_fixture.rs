@@ -22,7 +22,11 @@ fn matrix(v: &Value) -> Option<Vec<Vec<f64>>> {
 }
 
 fn vector(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn close(name: &str, what: &str, got: f64, want: f64) {
@@ -78,7 +82,10 @@ fn check_rloo(name: &str, c: &Value) {
     }
     for (k, v) in exp["metrics"].as_object().unwrap() {
         let got = out.metrics.get(k.as_str()).copied().unwrap_or(f64::NAN);
-        assert!((got - v.as_f64().unwrap()).abs() <= 1e-6, "{name}: {k} {got} vs TRL {v}");
+        assert!(
+            (got - v.as_f64().unwrap()).abs() <= 1e-6,
+            "{name}: {k} {got} vs TRL {v}"
+        );
     }
 }
 

@@ -25,47 +25,52 @@ pub enum BenchCommand {
 pub struct TrainBenchArgs {
     /// Model shape: smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, stories260k, tiny.
     #[arg(long, default_value = "smollm2-135m")]
-    shape: String,
+    pub shape: String,
     /// LoRA rank (on all seven linear projections, alpha = 2·rank).
     #[arg(long, default_value_t = 16, conflicts_with = "full")]
-    lora_rank: usize,
+    pub lora_rank: usize,
     /// Full fine-tuning instead of LoRA.
     #[arg(long)]
-    full: bool,
+    pub full: bool,
     /// Sequences per step (with `--method dpo`: preference pairs, two sequences each).
     #[arg(long, default_value_t = 4)]
-    batch: usize,
+    pub batch: usize,
     /// Tokens per sequence (with `--method dpo`: prompt + completion).
     #[arg(long, default_value_t = 512)]
-    seq: usize,
-    /// The objective: `sft` (next-token loss on every token) or `dpo` (sigmoid DPO on pairs whose
+    pub seq: usize,
+    /// The objective: `sft` (next-token loss on every token), `dpo` (sigmoid DPO on pairs whose
     /// chosen and rejected completions share a `--prompt-len` prompt; the reference log-probs
     /// computed once before the timed steps, as `graft train` does; the peer is TRL's
-    /// DPOTrainer, `scripts/bench_trl_dpo.py`).
+    /// DPOTrainer, `scripts/bench_trl_dpo.py`) or `grpo` (`--batch` prompts × `--generations`
+    /// completions of `--seq − --prompt-len` tokens, rollouts included; the peer is TRL's
+    /// GRPOTrainer, `scripts/bench_trl_grpo.py`).
     #[arg(long, default_value = "sft")]
-    method: String,
-    /// Prompt tokens of each pair (`--method dpo`).
+    pub method: String,
+    /// Prompt tokens of each pair (`--method dpo`) or prompt (`--method grpo`).
     #[arg(long, default_value_t = 128)]
-    prompt_len: usize,
+    pub prompt_len: usize,
+    /// Completions per prompt (`--method grpo`).
+    #[arg(long, default_value_t = 4)]
+    pub generations: usize,
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
-    steps: usize,
+    pub steps: usize,
     /// Activation checkpointing.
     #[arg(long)]
-    checkpointing: bool,
+    pub checkpointing: bool,
     /// Use exact f32 matrix products instead of bf16 (fast) ones.
     #[arg(long)]
-    exact: bool,
+    pub exact: bool,
     /// Skip the PyTorch comparison.
     #[arg(long)]
-    no_torch: bool,
+    pub no_torch: bool,
     /// Python with torch, transformers and peft (default: $GRAFT_PYTHON or python3).
     #[arg(long)]
-    python: Option<String>,
+    pub python: Option<String>,
     /// PyTorch configurations to try: `all` (fp32/bf16 × checkpointing off/on, best is compared),
     /// `fp32` or `bf16`.
     #[arg(long, default_value = "all")]
-    torch_configs: String,
+    pub torch_configs: String,
 }
 
 /// Runs a benchmark subcommand.
@@ -207,7 +212,8 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     let dpo = match args.method.as_str() {
         "sft" => false,
         "dpo" => true,
-        other => bail!("--method: expected sft or dpo, got `{other}`"),
+        "grpo" => return crate::bench_grpo::run(args),
+        other => bail!("--method: expected sft, dpo or grpo, got `{other}`"),
     };
     if dpo && args.prompt_len + 2 > args.seq {
         bail!(
@@ -465,7 +471,7 @@ fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
 
 /// Runs the peer script `scripts/<script>` with the Python of `--python` / `$GRAFT_PYTHON` and
 /// returns the JSON line it prints last; `None` (after saying why) when it is missing or fails.
-fn run_peer(
+pub fn run_peer(
     args: &TrainBenchArgs,
     script: &str,
     peer: &str,

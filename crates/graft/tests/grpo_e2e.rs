@@ -124,6 +124,7 @@ fn grpo_raises_a_target_word_reward_on_stories260k() {
         "completions/clipped_ratio",
         "clip_ratio/region_mean",
         "sampling/sampling_logp_difference/mean",
+        "entropy",
     ] {
         assert!(m[key].is_number(), "metrics.jsonl lacks {key}: {m}");
     }

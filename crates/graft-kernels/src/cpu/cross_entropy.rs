@@ -7,7 +7,7 @@
 //! log-probs (DPO) calls this twice: once without gradients for the log-probs, then with them.
 
 use super::gemm_bf16::{MatData, MatRef, PackedB, gemm_bf16_packed};
-use super::math::{exp_sub_sum, row_max, scale_row};
+use super::math::{exp_sub_sum_dot, row_max, scale_row};
 use super::matmul::{
     Precision, Weight, WeightData, linear_backward_input, linear_backward_weight, linear_forward,
 };
@@ -25,6 +25,9 @@ pub struct CrossEntropyOutput {
     pub num_trained: usize,
     /// `log p(target)` per token (0 where the target is ignored).
     pub logprobs: Vec<f32>,
+    /// The entropy of the predicted distribution per token (0 where the target is ignored):
+    /// GRPO / RLOO log its mean.
+    pub entropies: Vec<f32>,
 }
 
 /// Gradient outputs requested from [`lm_head_cross_entropy`].
@@ -59,6 +62,7 @@ pub fn lm_head_cross_entropy(
     }
     let rows: Vec<usize> = (0..t).filter(|&i| targets[i] >= 0).collect();
     let mut logprobs = vec![0.0f32; t];
+    let mut entropies = vec![0.0f32; t];
     let mut loss_sum = 0.0f64;
     if let Some(g) = grads.as_mut() {
         g.d_hidden.fill(0.0);
@@ -112,26 +116,28 @@ pub fn lm_head_cross_entropy(
             None => linear_forward(logits, h, head, c, false, precision),
         }
         let d_logp = grads.as_ref().map(|g| g.d_logp);
-        let lp: Vec<f32> = logits
+        let lp: Vec<(f32, f32)> = logits
             .par_chunks_mut(vocab)
             .zip(chunk.par_iter())
             .map(|(row, &i)| {
                 let tgt = targets[i] as usize;
                 let target_logit = row[tgt];
                 let mx = row_max(row);
-                let sum = exp_sub_sum(row, mx);
+                let (sum, dot) = exp_sub_sum_dot(row, mx);
                 let lse = mx + sum.ln();
+                let entropy = sum.ln() - dot / sum;
                 if let Some(d) = d_logp {
                     // ∂L/∂logits = −d_logp · (onehot − softmax) = s · softmax − s · onehot.
                     let s = -d[i];
                     scale_row(row, s / sum);
                     row[tgt] -= s;
                 }
-                target_logit - lse
+                (target_logit - lse, entropy)
             })
             .collect();
-        for (&i, &l) in chunk.iter().zip(&lp) {
+        for (&i, &(l, h)) in chunk.iter().zip(&lp) {
             logprobs[i] = l;
+            entropies[i] = h;
             loss_sum -= l as f64;
         }
         if let Some(g) = grads.as_mut() {
@@ -160,6 +166,7 @@ pub fn lm_head_cross_entropy(
         loss_sum,
         num_trained: rows.len(),
         logprobs,
+        entropies,
     }
 }
 
@@ -195,6 +202,28 @@ mod tests {
             Precision::Exact,
         );
         assert_eq!(out.num_trained, 5);
+        // Entropy per trained token, against the softmax computed directly.
+        for (i, &tg) in targets.iter().enumerate() {
+            let z: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    (0..dim)
+                        .map(|k| (hidden[i * dim + k] * w[v * dim + k]) as f64)
+                        .sum()
+                })
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = z.iter().map(|x| (x - m).exp()).sum();
+            let h: f64 = -z
+                .iter()
+                .map(|x| ((x - m).exp() / s) * ((x - m) - s.ln()))
+                .sum::<f64>();
+            let want = if tg >= 0 { h } else { 0.0 };
+            assert!(
+                (out.entropies[i] as f64 - want).abs() < 1e-5,
+                "token {i}: {} vs {want}",
+                out.entropies[i]
+            );
+        }
         assert!((out.loss_sum - run(&hidden, &w, 100)).abs() < 1e-5);
         let e = 1e-2f32;
         for i in 0..t * dim {

@@ -70,6 +70,32 @@ fn exp_sub_sum_body(row: &mut [f32], shift: f32) -> f32 {
 }
 
 #[inline(always)]
+fn exp_sub_sum_dot_body(row: &mut [f32], shift: f32) -> (f32, f32) {
+    let mut acc = [0.0f32; LANES];
+    let mut dot = [0.0f32; LANES];
+    let n = row.len() / LANES * LANES;
+    let (head, tail) = row.split_at_mut(n);
+    for c in head.chunks_exact_mut(LANES) {
+        for j in 0..LANES {
+            let d = c[j] - shift;
+            let e = exp_f32(d);
+            c[j] = e;
+            acc[j] += e;
+            dot[j] += e * d;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    let mut w: f32 = dot.iter().sum();
+    for x in tail {
+        let d = *x - shift;
+        *x = exp_f32(d);
+        s += *x;
+        w += *x * d;
+    }
+    (s, w)
+}
+
+#[inline(always)]
 fn scale_body(row: &mut [f32], s: f32) {
     for x in row {
         *x *= s;
@@ -109,6 +135,10 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
     pub unsafe fn exp_sub_sum(row: &mut [f32], shift: f32) -> f32 {
         super::exp_sub_sum_body(row, shift)
+    }
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
+    pub unsafe fn exp_sub_sum_dot(row: &mut [f32], shift: f32) -> (f32, f32) {
+        super::exp_sub_sum_dot_body(row, shift)
     }
     #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
     pub unsafe fn scale(row: &mut [f32], s: f32) {
@@ -153,6 +183,17 @@ pub fn exp_sub_sum(row: &mut [f32], shift: f32) -> f32 {
         return unsafe { avx512::exp_sub_sum(row, shift) };
     }
     exp_sub_sum_body(row, shift)
+}
+
+/// [`exp_sub_sum`] that also returns `Σ e^(x − shift)·(x − shift)`: with the sum `S`, the
+/// softmax's entropy is `ln S − that / S` (one pass, for the entropy of a row of logits).
+pub fn exp_sub_sum_dot(row: &mut [f32], shift: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { avx512::exp_sub_sum_dot(row, shift) };
+    }
+    exp_sub_sum_dot_body(row, shift)
 }
 
 /// Multiplies every element by `s`.

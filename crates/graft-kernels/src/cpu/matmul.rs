@@ -269,6 +269,15 @@ pub fn linear_forward(
     accumulate: bool,
     precision: Precision,
 ) {
+    // Decode: a few rows against bf16 weights is a matrix-vector product bound by reading the
+    // weights once; the tiled GEMM would pack (copy) the whole weight for each call.
+    if let WeightData::Bf16(wd) = &w.data
+        && (1..=GEMV_MAX_ROWS).contains(&t)
+        && precision.effective() == Precision::Fast
+    {
+        gemv_bf16(y, x, wd, w.rows, w.cols, t, accumulate);
+        return;
+    }
     matmul(
         y,
         w.rows,
@@ -277,6 +286,100 @@ pub fn linear_forward(
         accumulate,
         precision,
     );
+}
+
+/// Rows up to which [`linear_forward`] on bf16 weights runs as matrix-vector products.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `y[t×out] (+)= bf16(x)[t×in] · wᵀ` for a few rows `t`, parallel over output rows: each
+/// weight row is read once for all `t` inputs. Inputs are rounded to bf16 as the bf16 GEMM
+/// rounds them, products accumulate in f32.
+fn gemv_bf16(y: &mut [f32], x: &[f32], w: &[bf16], out: usize, inp: usize, t: usize, accumulate: bool) {
+    use rayon::prelude::*;
+    let xr: Vec<f32> = x[..t * inp].iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let threads = rayon::current_num_threads().max(1);
+    let block = out.div_ceil(threads * 4).max(16);
+    // Results per output block, row-major [rows of block][t], then scattered into y.
+    let parts: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let (n0, n1) = (b * block, ((b + 1) * block).min(out));
+            let mut acc = vec![0.0f32; (n1 - n0) * t];
+            for n in n0..n1 {
+                let row = &w[n * inp..(n + 1) * inp];
+                gemv_row(&xr, inp, t, row, &mut acc[(n - n0) * t..(n - n0 + 1) * t]);
+            }
+            (n0, acc)
+        })
+        .collect();
+    for (n0, acc) in parts {
+        let rows = acc.len() / t;
+        for r in 0..rows {
+            for m in 0..t {
+                let dst = &mut y[m * out + n0 + r];
+                let v = acc[r * t + m];
+                *dst = if accumulate { *dst + v } else { v };
+            }
+        }
+    }
+}
+
+/// `out[m] = Σ_k x[m·inp + k] · row[k]` for the `t` input rows: each chunk of the bf16 weight
+/// row is widened once and multiplied into all `t` rows.
+fn gemv_row(x: &[f32], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the CPU supports the features the functions are compiled for; `x` holds
+        // `t · inp` values, `row` `inp`, `out` `t` (checked by the callers' slicing).
+        unsafe {
+            match t {
+                1 => return gemv_row_avx512::<1>(x, inp, row, out),
+                2 => return gemv_row_avx512::<2>(x, inp, row, out),
+                3 => return gemv_row_avx512::<3>(x, inp, row, out),
+                4 => return gemv_row_avx512::<4>(x, inp, row, out),
+                5 => return gemv_row_avx512::<5>(x, inp, row, out),
+                6 => return gemv_row_avx512::<6>(x, inp, row, out),
+                7 => return gemv_row_avx512::<7>(x, inp, row, out),
+                8 => return gemv_row_avx512::<8>(x, inp, row, out),
+                _ => {}
+            }
+        }
+    }
+    for m in 0..t {
+        out[m] = x[m * inp..(m + 1) * inp]
+            .iter()
+            .zip(row)
+            .map(|(a, b)| a * b.to_f32())
+            .sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+unsafe fn gemv_row_avx512<const T: usize>(x: &[f32], inp: usize, row: &[bf16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= T * inp && row.len() >= inp && out.len() >= T);
+    let mut acc = [_mm512_setzero_ps(); T];
+    let n16 = inp / 16 * 16;
+    let mut k = 0;
+    while k < n16 {
+        // SAFETY: k + 16 <= inp, so the loads stay inside `row` and each input row.
+        unsafe {
+            let wb = _mm256_loadu_si256(row.as_ptr().add(k) as *const __m256i);
+            let wf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(wb)));
+            for (m, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_loadu_ps(x.as_ptr().add(m * inp + k)), wf, *a);
+            }
+        }
+        k += 16;
+    }
+    for (m, a) in acc.iter().enumerate() {
+        let mut s = _mm512_reduce_add_ps(*a);
+        for kk in n16..inp {
+            s += x[m * inp + kk] * row[kk].to_f32();
+        }
+        out[m] = s;
+    }
 }
 
 /// `dx[t×in] (+)= dy[t×out] · w`.
@@ -387,6 +490,46 @@ pub fn matmul_strided(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn few_row_bf16_products_match_the_exact_product_of_the_rounded_inputs() {
+        // The decode path (matrix-vector products) against f32 products of the same bf16-rounded
+        // inputs, on odd shapes, with and without accumulation.
+        for &(t, inp, out) in &[
+            (1usize, 577usize, 131usize),
+            (3, 64, 49),
+            (8, 33, 1000),
+            (5, 16, 7),
+        ] {
+            let x: Vec<f32> = (0..t * inp)
+                .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.013)
+                .collect();
+            let wf: Vec<f32> = (0..out * inp)
+                .map(|i| ((i * 17 % 89) as f32 - 44.0) * 0.021)
+                .collect();
+            let w = Weight::bf16_from_f32(&wf, out, inp);
+            let wr = w.to_f32();
+            let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            for accumulate in [false, true] {
+                let mut y = vec![0.5f32; t * out];
+                linear_forward(&mut y, &x, &w, t, accumulate, Precision::Fast);
+                for m in 0..t {
+                    for n in 0..out {
+                        let want: f64 = (0..inp)
+                            .map(|k| xr[m * inp + k] as f64 * wr[n * inp + k] as f64)
+                            .sum::<f64>()
+                            + if accumulate { 0.5 } else { 0.0 };
+                        let got = y[m * out + n] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "t {t} [{m}][{n}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     use super::*;
 
     fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {

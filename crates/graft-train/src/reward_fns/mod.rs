@@ -17,12 +17,16 @@
 //! | `json_valid` | the completion (or its ```` ```json ```` block) parses ([`json`]) | — |
 //! | `json_schema` | ... and validates against a JSON Schema ([`json`]) | `schema`, or `column` (`schema`) |
 //! | `code_tests` | HumanEval-style tests pass in a sandbox ([`code`]) | `timeout_s` (10), `memory_mb` (1024), `prepend_prompt`, `python` |
+//! | `command` | a long-lived process speaking JSON lines ([`external`]) | `command`, `cwd`, `timeout_s` (60) |
+//! | `http` | an HTTP endpoint scoring a batch ([`external`]) | `url`, `headers`, `api_key_env`, `timeout_s` (60) |
+//! | `judge` | an LLM judge behind an OpenAI-compatible chat API ([`external`]) | `base_url`, `model`, `prompt`, `system`, `scale` (10), `max_tokens` (16), `temperature` (0), `parallel` (4), `api_key_env`, `headers`, `timeout_s` (60) |
 //!
 //! A sample that cannot be scored (a missing column, a sandbox that cannot be set up) gives a
 //! [`RewardError`] naming the function and the problem; the trainer decides whether that fails the
 //! run or scores 0.
 
 pub mod code;
+pub mod external;
 pub mod format;
 pub mod json;
 pub mod length;
@@ -70,6 +74,12 @@ pub trait RewardFn: Send + Sync {
     fn name(&self) -> &str;
     /// The completion's score, or why this sample cannot be scored.
     fn score(&self, s: &Sample) -> Result<f64, RewardError>;
+
+    /// Scores of a batch of samples, in order. External scorers answer a whole batch per round
+    /// trip; the default calls [`RewardFn::score`] for each.
+    fn score_batch(&self, samples: &[Sample]) -> Vec<Result<f64, RewardError>> {
+        samples.iter().map(|s| self.score(s)).collect()
+    }
 }
 
 /// The names [`from_config`] knows.
@@ -83,6 +93,9 @@ pub const KNOWN: &[&str] = &[
     "json_valid",
     "json_schema",
     "code_tests",
+    "command",
+    "http",
+    "judge",
 ];
 
 /// Builds the reward function called `name` with its options `args` (a JSON object, or `null`
@@ -100,6 +113,9 @@ pub fn from_config(name: &str, args: &Value) -> Result<Box<dyn RewardFn>, String
         "json_valid" => Box::new(json::JsonValid),
         "json_schema" => Box::new(json::JsonSchema::from_options(&mut opts)?),
         "code_tests" => Box::new(code::CodeTests::from_options(&mut opts)?),
+        "command" => Box::new(external::CommandReward::from_options(&mut opts)?),
+        "http" => Box::new(external::HttpReward::from_options(&mut opts)?),
+        "judge" => Box::new(external::JudgeReward::from_options(&mut opts)?),
         _ => {
             return Err(format!(
                 "unknown reward function `{name}` (known: {})",
