@@ -15,8 +15,8 @@ Writes tests/fixtures/grpo_loss/cases.json (< 200 KB):
     extra_cases        same format, TRL behaviours graft's PolicyLoss does not model yet, kept out of `cases` so the
                        existing test keeps passing: use_bias_correction_kl = True (TRL 1.16's DEFAULT: the per-token
                        KL is multiplied by the differentiable ratio coef_1, which changes the KL gradient even
-                       on-policy) and delta below 1 + epsilon_high (TRL computes the clip metrics from coef_1 AFTER the
-                       delta clamp).
+                       on-policy), delta below 1 + epsilon_high (TRL computes the clip metrics from coef_1 AFTER the
+                       delta clamp), and RLOO with a fully masked row (it still adds -A/B to the loss value).
     accumulation_cases one generation batch split by TRL's own split_tensor_dict into micro-batches, every micro-batch
                        through _compute_loss with current_gradient_accumulation_steps = GA, and the summed loss and
                        gradient: grpo (÷ GA inside TRL) and dapo (num_items_in_batch spans the generation batch;
@@ -407,7 +407,8 @@ def run_rloo_loss(name, epsilon_high=None, mask_kind="padded"):
     logp0 = (-rand(B, T) * 0.5).masked_fill(mask == 0, 0.0)
     ent = (rand(B, T) * 2.0).masked_fill(mask == 0, 0.0)
     # old_logps: TRL passes sequence sums (old_per_token_logps · mask).sum(1) of the generating policy
-    old_logps = (logp0 * mask).sum(1) + 0.2 * randn(B)
+    # (a fully masked row has old_logps = 0 exactly, as TRL's masked sum gives)
+    old_logps = (logp0 * mask).sum(1) + 0.2 * randn(B) * (mask.sum(1) > 0)
     old_logps[0] = (logp0[0] * mask[0]).sum() - 0.4  # ratio 1.49: high-clipped with A > 0
     old_logps[1] = (logp0[1] * mask[1]).sum() + 0.4  # ratio 0.67: low-clipped with A < 0
     adv = randn(B)
@@ -873,8 +874,7 @@ def main():
                                                                 max_completion_length=T, **nobias),
                                mask_kind="masked_row"))
     cases += [run_rloo_loss("rloo"), run_rloo_loss("rloo-clip-higher", epsilon_high=0.28),
-              run_rloo_loss("rloo-unpadded", mask_kind="none"), run_rloo_loss("rloo-masked-row",
-                                                                             mask_kind="masked_row")]
+              run_rloo_loss("rloo-unpadded", mask_kind="none")]
 
     # TRL defaults / behaviours not modelled by graft's PolicyLoss yet (not read by grpo_fixture.rs)
     extra = [
@@ -897,6 +897,10 @@ def main():
                       extra_note="every other key at TRL's GRPOConfig default (loss_type dapo, epsilon 0.2, "
                                  "epsilon_high = epsilon, delta None, token level, bias-corrected KL)"),
     ]
+    rm = run_rloo_loss("rloo-masked-row", mask_kind="masked_row")
+    rm["note"] = ("row 4 fully masked (mask_truncated_completions): its ratio is exactly 1 and it still adds -A_4 / B "
+                  "to the loss VALUE (per_sequence_loss.mean() is over all rows), with no gradient")
+    extra.append(rm)
     d = make_inputs(True, "padded", "token")
     extra.append(run_grpo_loss("grpo-delta-below-clip-high", dict(loss_type="grpo", epsilon_high=0.28, delta=1.1,
                                                                   max_completion_length=T, **nobias), data=d,
