@@ -87,6 +87,28 @@ impl Sampler {
         if p.temperature == 0.0 || p.top_k == 1 {
             return argmax(logits);
         }
+        if p.top_k == 0 && p.top_p >= 1.0 {
+            // Plain temperature sampling: the whole distribution, no ranking needed (the
+            // candidates are walked in vocabulary order instead of sorting a vocabulary-sized list
+            // for every token).
+            let inv_t = 1.0 / p.temperature;
+            let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+            let z: f64 = logits.iter().map(|&l| ((l * inv_t - mx) as f64).exp()).sum();
+            let target = self.uniform() * z;
+            let mut acc = 0.0;
+            let mut last = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                let q = ((l * inv_t - mx) as f64).exp();
+                if q > 0.0 {
+                    last = i;
+                }
+                acc += q;
+                if target < acc {
+                    return i as u32;
+                }
+            }
+            return last as u32;
+        }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()

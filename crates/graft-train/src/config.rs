@@ -714,6 +714,8 @@ pub struct GrpoConfig {
     pub num_iterations: usize,
     /// Importance ratio per `token` or per `sequence` (GSPO). Default: `token`.
     pub importance_sampling_level: String,
+    /// Multiply the per-token KL by the importance ratio (unbiased reverse-KL gradient). Default: true.
+    pub use_bias_correction_kl: bool,
     /// Exclude completions cut at `max_completion_length` from the loss. Default: false.
     pub mask_truncated_completions: bool,
     /// Weight of each `[[rewards]]` entry, in order. Default: 1 each.
@@ -739,6 +741,7 @@ impl Default for GrpoConfig {
             scale_rewards: "group".into(),
             num_iterations: 1,
             importance_sampling_level: "token".into(),
+            use_bias_correction_kl: true,
             mask_truncated_completions: false,
             reward_weights: None,
             log_completions_every: 10,
@@ -1509,6 +1512,12 @@ pub const KEYS: &[KeySpec] = &[
         "grpo.importance_sampling_level",
         KeyKind::Choice(&["token", "sequence"]),
         "Importance ratio per token, or one per completion from its mean log-ratio (GSPO). Default: \"token\".",
+    ),
+    key(
+        "grpo.use_bias_correction_kl",
+        KeyKind::Bool,
+        "Multiply the KL term by the importance ratio, so its gradient is the unbiased reverse-KL gradient (as TRL). \
+         Default: true.",
     ),
     key(
         "grpo.mask_truncated_completions",

@@ -60,6 +60,7 @@ fn check_rloo(name: &str, c: &Value) {
         epsilon_high: cfg["epsilon_high"].as_f64().unwrap(),
         delta: None,
         level: ImportanceLevel::SequenceSum,
+        bias_correction_kl: false,
         max_completion_length: 0,
     };
     let out = loss.compute(
@@ -96,8 +97,15 @@ fn policy_loss_matches_trl_on_every_loss_type() {
         "/../../tests/fixtures/grpo_loss/cases.json"
     );
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let cases = fixture["cases"].as_array().unwrap();
-    assert!(cases.len() >= 20);
+    // `extra_cases` holds TRL's defaults graft follows too (the bias-corrected KL), besides two
+    // documented differences left out here: a fully masked RLOO row (TRL adds −A/B to the loss
+    // value, same gradient) and delta below 1 + epsilon_high (graft refuses that config).
+    let extra = fixture["extra_cases"].as_array().unwrap().iter().filter(|c| {
+        let n = c["name"].as_str().unwrap();
+        n != "rloo-masked-row" && n != "grpo-delta-below-clip-high"
+    });
+    let cases: Vec<&Value> = fixture["cases"].as_array().unwrap().iter().chain(extra).collect();
+    assert!(cases.len() >= 30);
     for c in cases {
         let name = c["name"].as_str().unwrap();
         let cfg = &c["config"];
@@ -115,6 +123,7 @@ fn policy_loss_matches_trl_on_every_loss_type() {
                 "token" => ImportanceLevel::Token,
                 _ => ImportanceLevel::Sequence,
             },
+            bias_correction_kl: cfg["use_bias_correction_kl"].as_bool().unwrap_or(false),
             max_completion_length: cfg["max_completion_length"].as_u64().unwrap() as usize,
         };
         let inp = &c["inputs"];
@@ -162,4 +171,82 @@ fn policy_loss_matches_trl_on_every_loss_type() {
             assert!((got - want).abs() <= 1e-6, "{name}: {k} {got} vs TRL {want}");
         }
     }
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+/// Advantages and reward metrics against TRL's `_generate_and_score_completions` (float32 there):
+/// GRPO's group / batch / no scaling, truncated completions masked, μ = 2; RLOO's leave-one-out
+/// baseline with the KL penalty and with batch normalisation. (Cases with `None` rewards,
+/// `normalize_then_sum` or `reward_clip_range` — TRL options graft does not offer — are skipped.)
+#[test]
+fn advantages_match_trl() {
+    use graft_train::objective::grpo::{ScaleRewards, combine_rewards, grpo_advantages, rloo_advantages};
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/grpo_loss/cases.json"
+    );
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut checked = 0;
+    for c in fixture["advantage_cases"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        let per_func = &c["rewards_per_func"];
+        let unsupported = per_func.to_string().contains("null")
+            || c["multi_objective_aggregation"]
+                .as_str()
+                .is_some_and(|m| m != "sum_then_normalize")
+            || !c["reward_clip_range"].is_null();
+        if unsupported {
+            continue;
+        }
+        let per_func = matrix(per_func).unwrap();
+        let weights: Vec<f64> = match c["reward_weights"].as_array() {
+            Some(w) => w.iter().map(f).collect(),
+            None => vec![1.0; per_func[0].len()],
+        };
+        let rewards = combine_rewards(&per_func, &weights);
+        let group = c["num_generations"].as_u64().unwrap() as usize;
+        let a = if c["trainer"] == "grpo" {
+            let scale = match c["scale_rewards"].as_str().unwrap() {
+                "group" => ScaleRewards::Group,
+                "batch" => ScaleRewards::Batch,
+                _ => ScaleRewards::None,
+            };
+            grpo_advantages(&rewards, group, scale)
+        } else {
+            let kl: Option<Vec<f64>> = c["expected_kl_per_sequence"]
+                .as_array()
+                .map(|v| v.iter().map(f).collect());
+            rloo_advantages(
+                &rewards,
+                group,
+                f(&c["beta"]),
+                kl.as_deref(),
+                c["normalize_advantages"].as_bool().unwrap(),
+            )
+        };
+        for (i, (got, want)) in a
+            .advantages
+            .iter()
+            .zip(c["expected_advantages"].as_array().unwrap())
+            .enumerate()
+        {
+            assert!(
+                (got - f(want)).abs() < 2e-5,
+                "{name}: advantage {i}: {got} vs TRL {want}"
+            );
+        }
+        for k in ["reward", "reward_std", "frac_reward_zero_std"] {
+            let want = f(&c["expected_metrics"][k]);
+            assert!(
+                (a.metrics[k] - want).abs() < 2e-5,
+                "{name}: {k} {} vs TRL {want}",
+                a.metrics[k]
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} advantage cases checked");
 }

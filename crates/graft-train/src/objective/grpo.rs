@@ -71,6 +71,9 @@ pub struct PolicyLoss {
     pub delta: Option<f64>,
     /// Ratio per token or per sequence.
     pub level: ImportanceLevel,
+    /// Multiply the per-token KL by the importance ratio (TRL's `use_bias_correction_kl`, on by
+    /// default there): the KL gradient becomes the unbiased reverse-KL gradient.
+    pub bias_correction_kl: bool,
     /// `max_completion_length` (Dr. GRPO's normaliser).
     pub max_completion_length: usize,
 }
@@ -184,14 +187,21 @@ impl PolicyLoss {
                     (v1, 0.5 * (dc1 + dc2) * a)
                 };
                 let mut loss_t = -v;
-                let d_lr = -dv_dc * c; // ∂ℓ/∂(log-weight)
+                let mut d_lr = -dv_dc * c; // ∂ℓ/∂(log-weight)
                 let mut d_lp_direct = 0.0;
                 if self.beta != 0.0 {
                     let r = x.reference.expect("reference log-probs with beta > 0")[i][t];
                     let kl = (r - lp[t]).exp() - (r - lp[t]) - 1.0;
-                    loss_t += self.beta * kl;
-                    d_lp_direct += self.beta * (1.0 - (r - lp[t]).exp());
-                    kl_sum += kl * m[t];
+                    let d_kl = 1.0 - (r - lp[t]).exp();
+                    // With the bias correction the term is c · KL: ∂/∂ log p through KL, and
+                    // through c (∂c/∂ log-weight = c).
+                    let w_kl = if self.bias_correction_kl { c } else { 1.0 };
+                    loss_t += self.beta * w_kl * kl;
+                    d_lp_direct += self.beta * w_kl * d_kl;
+                    if self.bias_correction_kl {
+                        d_lr += self.beta * kl * c;
+                    }
+                    kl_sum += w_kl * kl * m[t];
                 }
                 out.loss += w * m[t] * loss_t;
                 match self.level {
@@ -335,15 +345,15 @@ pub fn rloo_advantages(
     };
     let mut adv = Vec::with_capacity(rewards.len());
     let mut zero_std = 0usize;
-    for (g, raw) in shaped.chunks(group).zip(rewards.chunks(group)) {
+    for g in shaped.chunks(group) {
         let sum: f64 = g.iter().sum();
         let k = g.len() as f64;
         for &r in g {
             adv.push(r - (sum - r) / (k - 1.0).max(1.0));
         }
-        let s = std(raw);
-        if s.abs() <= 1e-8 {
-            zero_std += raw.len();
+        // TRL counts zero-std groups of the KL-shaped rewards.
+        if std(g).abs() <= 1e-8 {
+            zero_std += g.len();
         }
     }
     if normalize {
@@ -374,6 +384,7 @@ mod tests {
             epsilon_high: 0.2,
             delta: None,
             level: ImportanceLevel::Token,
+            bias_correction_kl: false,
             max_completion_length: 4,
         }
     }
@@ -423,6 +434,7 @@ mod tests {
                     epsilon_high: 0.28,
                     delta: Some(1.5),
                     level,
+                    bias_correction_kl: lt == LossType::Dapo || level == ImportanceLevel::Sequence,
                     ..loss(lt)
                 };
                 let f = |lp: &[Vec<f64>]| {

@@ -287,6 +287,11 @@ pub(crate) mod tests {
                 "contains" => json!({"text": "x"}),
                 "regex" => json!({"pattern": "x"}),
                 "length" => json!({"max": 10}),
+                "command" => json!({"command": "cat"}),
+                "http" => json!({"url": "http://127.0.0.1:9/score"}),
+                "judge" => {
+                    json!({"base_url": "http://127.0.0.1:9/v1", "model": "m", "prompt": "{completion}"})
+                }
                 _ => Value::Null,
             };
             let f = from_config(name, &args).unwrap_or_else(|e| panic!("{name}: {e}"));
