@@ -760,7 +760,7 @@ pub fn run_rl(
     mut setup: RunSetup<'_>,
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
-    reference: Option<Model<Cpu>>,
+    mut reference: Option<Model<Cpu>>,
 ) -> Result<RunSummary, TrainError> {
     let cfg: &TrainConfig = setup.cfg;
     let p = RlSettings::from_config(cfg).map_err(err)?;
@@ -803,7 +803,6 @@ pub fn run_rl(
     stop_tokens.dedup();
     let longest = prompts.iter().map(|r| r.ids.len()).max().unwrap_or(0);
     setup.model.ensure_positions(longest + p.max_completion + 1);
-    let mut reference = reference;
     if let Some(r) = reference.as_mut() {
         r.ensure_positions(longest + p.max_completion + 1);
     }
@@ -811,6 +810,12 @@ pub fn run_rl(
     let per_step = p.rows * p.micro_batches;
     let prompts_per_step = per_step / p.group;
     let n_prompts = prompts.len();
+    if n_prompts < prompts_per_step {
+        return Err(err(format!(
+            "data.train: {n_prompts} prompts, but one step samples {per_step} completions = {prompts_per_step} prompts ×              {} generations (batch.micro_batch_rows × batch.grad_accum); add prompts or make the step smaller",
+            p.group
+        )));
+    }
     let seed = cfg.train.seed;
     let mu = p.num_iterations;
     let batches_per_epoch = (n_prompts / prompts_per_step).max(1);
@@ -818,11 +823,7 @@ pub fn run_rl(
         let mut order: Vec<usize> = (0..n_prompts).collect();
         Rng::for_stream(seed, 0x6E7E_0000 ^ e).shuffle(&mut order);
         let mut out = Vec::new();
-        for (i, c) in order
-            .chunks(prompts_per_step.min(n_prompts))
-            .take(batches_per_epoch)
-            .enumerate()
-        {
+        for (i, c) in order.chunks(prompts_per_step).take(batches_per_epoch).enumerate() {
             for it in 0..mu {
                 out.push(RlBatch {
                     generation: e * batches_per_epoch as u64 + i as u64,

@@ -275,6 +275,17 @@ fn rl_config_and_reward_errors_name_the_key_or_the_sample() {
             .args(base(&["grpo.loss_type=\"ppo\""])),
     );
     assert!(e.contains("grpo.loss_type"), "{e}");
+    // Fewer prompts than one step samples.
+    let e = fails(
+        graft()
+            .arg("train")
+            .arg(&with_reward)
+            .args(base(&["batch.micro_batch_rows=64"])),
+    );
+    assert!(
+        e.contains("data.train: 8 prompts") && e.contains("16 prompts"),
+        "{e}"
+    );
     // The prompt column is missing: the place and the key to set.
     let e = fails(
         graft()
