@@ -352,7 +352,15 @@ impl<'a> Rl<'a> {
 
     /// Scores every rollout with every reward function: `[completion][function]` (NaN where a
     /// function could not score and `on_error = "zero"` did not apply), and the error counts.
-    fn score(&self, rollouts: &[Rollout], texts: &[String]) -> Result<(Vec<Vec<f64>>, Vec<usize>), String> {
+    ///
+    /// With `strict = false` (evaluation) a sample a function cannot score is NaN (left out of the
+    /// means) and counted, whatever its `on_error`.
+    fn score(
+        &self,
+        rollouts: &[Rollout],
+        texts: &[String],
+        strict: bool,
+    ) -> Result<(Vec<Vec<f64>>, Vec<usize>), String> {
         let samples: Vec<Sample<'_>> = rollouts
             .iter()
             .zip(texts)
@@ -373,6 +381,10 @@ impl<'a> Rl<'a> {
                 scores[j][f] = match res {
                     Ok(x) => x,
                     Err(e) => match slot.on_error {
+                        _ if !strict => {
+                            errors[f] += 1;
+                            f64::NAN
+                        }
                         OnRewardError::Zero => {
                             errors[f] += 1;
                             0.0
@@ -390,6 +402,26 @@ impl<'a> Rl<'a> {
             }
         }
         Ok((scores, errors))
+    }
+
+    /// `rewards/<name>/mean|std` (NaN scores left out) and, where samples could not be scored,
+    /// `rewards/<name>/errors` (always with `all_errors`, else only for `on_error = "zero"`).
+    fn reward_fn_metrics(
+        &self,
+        scores: &[Vec<f64>],
+        errors: &[usize],
+        all_errors: bool,
+        metrics: &mut BTreeMap<&'static str, f64>,
+    ) {
+        for (f, slot) in self.rewards.iter().enumerate() {
+            let col: Vec<f64> = scores.iter().map(|s| s[f]).collect();
+            let (m, s) = nan_mean_std(&col);
+            metrics.insert(slot.mean_key, m);
+            metrics.insert(slot.std_key, s);
+            if slot.on_error == OnRewardError::Zero || (all_errors && errors[f] > 0) {
+                metrics.insert(slot.errors_key, errors[f] as f64);
+            }
+        }
     }
 
     /// Packs rollouts `range` into one training batch: prompt + completion per row, targets on
@@ -470,6 +502,44 @@ impl<'a> Rl<'a> {
             let _ = writeln!(f, "{line}");
         }
     }
+}
+
+/// TRL's `completions/*` length metrics of a batch of rollouts.
+fn completion_metrics(rollouts: &[Rollout], metrics: &mut BTreeMap<&'static str, f64>) {
+    let lengths: Vec<f64> = rollouts.iter().map(|r| r.ids.len() as f64).collect();
+    let term: Vec<f64> = rollouts
+        .iter()
+        .filter(|r| !r.truncated)
+        .map(|r| r.ids.len() as f64)
+        .collect();
+    let n = lengths.len().max(1) as f64;
+    let stat = |v: &[f64], f: fn(f64, f64) -> f64, init: f64| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().copied().fold(init, f)
+        }
+    };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    metrics.insert("completions/mean_length", mean(&lengths));
+    metrics.insert("completions/min_length", stat(&lengths, f64::min, f64::INFINITY));
+    metrics.insert("completions/max_length", stat(&lengths, f64::max, 0.0));
+    metrics.insert(
+        "completions/clipped_ratio",
+        (lengths.len() - term.len()) as f64 / n,
+    );
+    metrics.insert("completions/mean_terminated_length", mean(&term));
+    metrics.insert(
+        "completions/min_terminated_length",
+        stat(&term, f64::min, f64::INFINITY),
+    );
+    metrics.insert("completions/max_terminated_length", stat(&term, f64::max, 0.0));
 }
 
 impl Objective for Rl<'_> {
@@ -553,7 +623,7 @@ impl Objective for Rl<'_> {
         };
         let rollouts = self.rollout(model, batch, opts);
         let texts: Vec<String> = rollouts.iter().map(|r| self.tok.decode(&r.ids, true)).collect();
-        let (scores, errors) = self.score(&rollouts, &texts)?;
+        let (scores, errors) = self.score(&rollouts, &texts, true)?;
         let weights: Vec<f64> = self.rewards.iter().map(|s| s.weight).collect();
         let combined = combine_rewards(&scores, &weights);
         let needs_old =
@@ -603,49 +673,8 @@ impl Objective for Rl<'_> {
             }
         };
         let mut metrics: BTreeMap<&'static str, f64> = reward_metrics;
-        for (f, slot) in self.rewards.iter().enumerate() {
-            let col: Vec<f64> = scores.iter().map(|s| s[f]).collect();
-            let (m, s) = nan_mean_std(&col);
-            metrics.insert(slot.mean_key, m);
-            metrics.insert(slot.std_key, s);
-            if slot.on_error == OnRewardError::Zero {
-                metrics.insert(slot.errors_key, errors[f] as f64);
-            }
-        }
-        let lengths: Vec<f64> = rollouts.iter().map(|r| r.ids.len() as f64).collect();
-        let term: Vec<f64> = rollouts
-            .iter()
-            .filter(|r| !r.truncated)
-            .map(|r| r.ids.len() as f64)
-            .collect();
-        let n = lengths.len().max(1) as f64;
-        let stat = |v: &[f64], f: fn(f64, f64) -> f64, init: f64| {
-            if v.is_empty() {
-                0.0
-            } else {
-                v.iter().copied().fold(init, f)
-            }
-        };
-        metrics.insert("completions/mean_length", lengths.iter().sum::<f64>() / n);
-        metrics.insert("completions/min_length", stat(&lengths, f64::min, f64::INFINITY));
-        metrics.insert("completions/max_length", stat(&lengths, f64::max, 0.0));
-        metrics.insert(
-            "completions/clipped_ratio",
-            (lengths.len() - term.len()) as f64 / n,
-        );
-        metrics.insert(
-            "completions/mean_terminated_length",
-            if term.is_empty() {
-                0.0
-            } else {
-                term.iter().sum::<f64>() / term.len() as f64
-            },
-        );
-        metrics.insert(
-            "completions/min_terminated_length",
-            stat(&term, f64::min, f64::INFINITY),
-        );
-        metrics.insert("completions/max_terminated_length", stat(&term, f64::max, 0.0));
+        self.reward_fn_metrics(&scores, &errors, true, &mut metrics);
+        completion_metrics(&rollouts, &mut metrics);
         let num_items: f64 = masks.iter().flatten().sum();
         let prep = Prepared {
             generation: batch.generation,
@@ -750,8 +779,34 @@ impl Objective for Rl<'_> {
         total
     }
 
-    fn evaluate(&self, _model: &Model<Cpu>, _batch: &RlBatch, _opts: TrainOptions) -> Contribution {
-        Contribution::default()
+    /// Completions to held-out prompts, sampled as in training (from their own seeds), scored:
+    /// the reward metrics (logged as `eval_reward`, `eval_rewards/<name>/mean`, …). Samples a
+    /// function cannot score are left out and counted (`eval_rewards/<name>/errors`).
+    fn evaluate(&self, model: &Model<Cpu>, batch: &RlBatch, opts: TrainOptions) -> Contribution {
+        let rollouts = self.rollout(model, batch, opts);
+        let texts: Vec<String> = rollouts.iter().map(|r| self.tok.decode(&r.ids, true)).collect();
+        let (scores, errors) = self
+            .score(&rollouts, &texts, false)
+            .expect("non-strict scoring does not fail");
+        let weights: Vec<f64> = self.rewards.iter().map(|s| s.weight).collect();
+        // A completion no function could score is left out, as TRL leaves unscorable rows out.
+        let combined: Vec<f64> = combine_rewards(&scores, &weights)
+            .into_iter()
+            .zip(&scores)
+            .map(|(r, s)| if s.iter().all(|x| x.is_nan()) { f64::NAN } else { r })
+            .collect();
+        let (mean, std) = nan_mean_std(&combined);
+        let mut metrics = BTreeMap::new();
+        metrics.insert("reward", mean);
+        metrics.insert("reward_std", std);
+        self.reward_fn_metrics(&scores, &errors, true, &mut metrics);
+        completion_metrics(&rollouts, &mut metrics);
+        Contribution {
+            loss_sum: 0.0,
+            units: 1.0,
+            tokens: 0,
+            metrics: metrics.into_iter().filter(|(_, v)| v.is_finite()).collect(),
+        }
     }
 }
 
@@ -764,22 +819,24 @@ pub fn run_rl(
 ) -> Result<RunSummary, TrainError> {
     let cfg: &TrainConfig = setup.cfg;
     let p = RlSettings::from_config(cfg).map_err(err)?;
-    if !cfg.data.eval.is_empty() || cfg.data.eval_fraction > 0.0 {
-        return Err(err(format!(
-            "data.eval: method = \"{}\" does not evaluate on held-out prompts yet; remove data.eval / data.eval_fraction \
-             (the training rewards are logged every step)",
-            cfg.method.name()
-        )));
-    }
     let max_prompt = cfg.data.max_length.saturating_sub(p.max_completion).max(1);
-    let (prompts, truncated) = load_prompts(
+    let (train, mut truncated) = load_prompts(
         &cfg.data.train,
         &cfg.data.prompt_column,
         tok,
         template,
         max_prompt,
     )?;
-    if prompts.is_empty() {
+    // Held-out prompts: data.eval, or data.eval_fraction of the training rows.
+    let (train, held_out) = if cfg.data.eval.is_empty() {
+        crate::sft::split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
+    } else {
+        let (eval, t) = load_prompts(&cfg.data.eval, &cfg.data.prompt_column, tok, template, max_prompt)
+            .map_err(|e| err(e.0.replacen("data.train", "data.eval", 1)))?;
+        truncated += t;
+        (train, eval)
+    };
+    if train.is_empty() {
         return Err(err("data.train: no prompts"));
     }
     if truncated > 0 {
@@ -788,6 +845,9 @@ pub fn run_rl(
              and keep their last {max_prompt} tokens"
         );
     }
+    // One list for the objective: the training prompts, then the held-out ones.
+    let n_prompts = train.len();
+    let prompts: Vec<PromptRow> = train.into_iter().chain(held_out).collect();
     let vocab = setup.model.spec.vocab_size;
     for row in &prompts {
         if let Some(&bad) = row.ids.iter().find(|&&id| id as usize >= vocab) {
@@ -809,7 +869,6 @@ pub fn run_rl(
     // A generation batch: rows × grad_accum completions, num_generations per prompt.
     let per_step = p.rows * p.micro_batches;
     let prompts_per_step = per_step / p.group;
-    let n_prompts = prompts.len();
     if n_prompts < prompts_per_step {
         return Err(err(format!(
             "data.train: {n_prompts} prompts, but one step samples {per_step} completions = {prompts_per_step} prompts ×              {} generations (batch.micro_batch_rows × batch.grad_accum); add prompts or make the step smaller",
@@ -864,11 +923,22 @@ pub fn run_rl(
     if !setup.resume {
         let _ = std::fs::remove_file(setup.run_dir.join("completions.jsonl"));
     }
+    // Evaluation batches of held-out prompts, each sampled from its own seeds.
+    let eval: Vec<RlBatch> = (n_prompts..prompts.len())
+        .collect::<Vec<_>>()
+        .chunks(prompts_per_step)
+        .enumerate()
+        .map(|(i, c)| RlBatch {
+            generation: u64::MAX - i as u64,
+            iteration: 0,
+            prompts: c.to_vec(),
+        })
+        .collect();
     let source = BatchSource {
         samples: n_prompts,
         data_hash,
         epoch: &epoch,
-        eval: Vec::new(),
+        eval,
     };
     train_loop(setup, objective, source)
 }

@@ -971,10 +971,15 @@ pub fn train_loop<O: Objective>(
                 state.best_eval = Some(e);
                 state.best_eval_step = Some(state.step);
             }
-            progress(
-                &format!("step {}/{} | eval loss {e:.4}", state.step, total_steps),
-                tty,
-            );
+            // RL evaluates by reward (its loss is not a measure of quality).
+            let shown = match eval
+                .as_ref()
+                .and_then(|c| c.mean_metrics().get("reward").copied())
+            {
+                Some(r) => format!("eval reward {r:.4}"),
+                None => format!("eval loss {e:.4}"),
+            };
+            progress(&format!("step {}/{} | {shown}", state.step, total_steps), tty);
             if tty {
                 eprintln!();
             }

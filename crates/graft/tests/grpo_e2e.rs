@@ -103,10 +103,25 @@ fn grpo_raises_a_target_word_reward_on_stories260k() {
     let Some(model) = stories() else { return };
     let root = tmp("grpo-learns");
     let cfg = config(&root, &model, "");
-    ok(graft().arg("train").arg(&cfg));
+    // 8 of the 64 prompts held out, evaluated at steps 6 and 12.
+    ok(graft().arg("train").arg(&cfg).args([
+        "--set",
+        "data.eval_fraction=0.125",
+        "--set",
+        "train.eval_every=6",
+    ]));
     let run = root.join("run");
     let r = rewards(&run);
     assert_eq!(r.len(), 12);
+    let evals: Vec<f64> = records(&run.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m["eval_reward"].as_f64())
+        .collect();
+    assert_eq!(evals.len(), 2, "eval_reward at steps 6 and 12");
+    assert!(
+        evals[1] >= 0.5,
+        "held-out prompts get the target word too: {evals:?}"
+    );
     let first = (r[0] + r[1]) / 2.0;
     let last = r[8..].iter().sum::<f64>() / 4.0;
     assert!(
