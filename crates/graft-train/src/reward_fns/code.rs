@@ -258,7 +258,7 @@ unsafe extern "C" {
 }
 
 /// SIGKILLs the process group `pgid` (the child was started as its leader).
-fn kill_group(pgid: u32) {
+pub(crate) fn kill_group(pgid: u32) {
     const SIGKILL: i32 = 9;
     if let Ok(pgid) = i32::try_from(pgid)
         && pgid > 1

@@ -17,9 +17,9 @@
 //! | `json_valid` | the completion (or its ```` ```json ```` block) parses ([`json`]) | — |
 //! | `json_schema` | ... and validates against a JSON Schema ([`json`]) | `schema`, or `column` (`schema`) |
 //! | `code_tests` | HumanEval-style tests pass in a sandbox ([`code`]) | `timeout_s` (10), `memory_mb` (1024), `prepend_prompt`, `python` |
-//! | `command` | a long-lived process speaking JSON lines ([`external`]) | `command`, `cwd`, `timeout_s` (60) |
-//! | `http` | an HTTP endpoint scoring a batch ([`external`]) | `url`, `headers`, `api_key_env`, `timeout_s` (60) |
-//! | `judge` | an LLM judge behind an OpenAI-compatible chat API ([`external`]) | `base_url`, `model`, `prompt`, `system`, `scale` (10), `max_tokens` (16), `temperature` (0), `parallel` (4), `api_key_env`, `headers`, `timeout_s` (60) |
+//! | `command` | a long-lived process answering a JSON line per sample ([`external`]) | `command` (`[program, args...]` or a line for `sh -c`), `cwd`, `timeout_s` (60, per batch) |
+//! | `http` | an HTTP endpoint scoring a batch per POST ([`external`]) | `url`, `headers`, `api_key_env`, `timeout_s` (60) |
+//! | `judge` | an LLM judge behind an OpenAI-compatible chat API ([`external`]) | `base_url`, `model`, `prompt` (template: `{prompt}`, `{completion}`, `{column}`), `system`, `scale` (10), `max_tokens` (16), `temperature` (0), `parallel` (4), `api_key_env`, `headers`, `timeout_s` (60, per request) |
 //!
 //! A sample that cannot be scored (a missing column, a sandbox that cannot be set up) gives a
 //! [`RewardError`] naming the function and the problem; the trainer decides whether that fails the
@@ -287,7 +287,8 @@ pub(crate) mod tests {
                 "contains" => json!({"text": "x"}),
                 "regex" => json!({"pattern": "x"}),
                 "length" => json!({"max": 10}),
-                "command" => json!({"command": "cat"}),
+                // Nothing starts or connects until the first batch.
+                "command" => json!({"command": ["python3", "score.py"]}),
                 "http" => json!({"url": "http://127.0.0.1:9/score"}),
                 "judge" => {
                     json!({"base_url": "http://127.0.0.1:9/v1", "model": "m", "prompt": "{completion}"})
