@@ -137,9 +137,12 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         };
         let t0 = Instant::now();
         grads.zero(&model.backend);
+        // Per-op time of the rollouts of the timed steps.
+        graft_kernels::profile::set_enabled(step > 0);
         objective
             .prepare_step(&model, &batch, opts)
             .map_err(anyhow::Error::msg)?;
+        graft_kernels::profile::set_enabled(false);
         let t_roll = t0.elapsed().as_secs_f64();
         let c = objective.forward_backward(&model, &batch, &mut grads, opts);
         let mut trainable = model
@@ -166,6 +169,16 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
             steps.push(dt);
             rollouts.push((t_roll, generated));
         }
+    }
+    let roll_total: f64 = rollouts.iter().map(|r| r.0).sum();
+    println!("rollout time by op over {} timed steps:", steps.len());
+    for (op, d, calls) in graft_kernels::profile::totals() {
+        println!(
+            "  {op:<24} {:>8.3} s/step {:>5.1}%  ({} calls/step)",
+            d.as_secs_f64() / steps.len() as f64,
+            100.0 * d.as_secs_f64() / roll_total.max(1e-9),
+            calls / steps.len() as u64
+        );
     }
     let mean = steps.iter().sum::<f64>() / steps.len() as f64;
     let roll_tps =

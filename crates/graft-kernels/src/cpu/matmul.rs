@@ -278,6 +278,43 @@ pub fn linear_forward(
         gemv_bf16(y, x, wd, w.rows, w.cols, t, accumulate);
         return;
     }
+    // The same for small f32 weights (decode's LoRA factors: rank × hidden): the tiled GEMM's
+    // setup costs more than the product.
+    if let WeightData::F32(wd) = &w.data
+        && (1..=GEMV_MAX_ROWS).contains(&t)
+        && w.rows * w.cols <= SMALL_F32_GEMV
+    {
+        let (out, inp) = (w.rows, w.cols);
+        if inp <= 64 {
+            // Short rows (LoRA's B: hidden × rank): y_m += Σ_j x_m[j] · column j, columns
+            // contiguous after one transpose, so each step is a long vector update.
+            let mut cols = vec![0.0f32; inp * out];
+            for n in 0..out {
+                for j in 0..inp {
+                    cols[j * out + n] = wd[n * inp + j];
+                }
+            }
+            for m in 0..t {
+                let ym = &mut y[m * out..(m + 1) * out];
+                if !accumulate {
+                    ym.fill(0.0);
+                }
+                for j in 0..inp {
+                    axpy_f32(ym, x[m * inp + j], &cols[j * out..(j + 1) * out]);
+                }
+            }
+            return;
+        }
+        for m in 0..t {
+            let xm = &x[m * inp..(m + 1) * inp];
+            for n in 0..out {
+                let v = dot_f32(xm, &wd[n * inp..(n + 1) * inp]);
+                let dst = &mut y[m * out + n];
+                *dst = if accumulate { *dst + v } else { v };
+            }
+        }
+        return;
+    }
     matmul(
         y,
         w.rows,
@@ -291,12 +328,73 @@ pub fn linear_forward(
 /// Rows up to which [`linear_forward`] on bf16 weights runs as matrix-vector products.
 pub const GEMV_MAX_ROWS: usize = 8;
 
+/// f32 weights up to this many elements run few-row products on one thread, without the GEMM.
+const SMALL_F32_GEMV: usize = 1 << 16;
+
+/// `y += a · x` (vectorised by the compiler).
+fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { axpy_f32_avx512(y, a, x) };
+    }
+    axpy_f32_body(y, a, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn axpy_f32_avx512(y: &mut [f32], a: f32, x: &[f32]) {
+    axpy_f32_body(y, a, x)
+}
+
+#[inline(always)]
+fn axpy_f32_body(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(x, *y);
+    }
+}
+
+/// `Σ x[i] · w[i]` in f32 with 16 partial sums (vectorised by the compiler).
+fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { dot_f32_avx512(x, w) };
+    }
+    dot_f32_body(x, w)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn dot_f32_avx512(x: &[f32], w: &[f32]) -> f32 {
+    dot_f32_body(x, w)
+}
+
+#[inline(always)]
+fn dot_f32_body(x: &[f32], w: &[f32]) -> f32 {
+    const L: usize = 16;
+    let n = x.len().min(w.len());
+    let mut acc = [0.0f32; L];
+    let (xc, wc) = (x[..n].chunks_exact(L), w[..n].chunks_exact(L));
+    let (xt, wt) = (xc.remainder(), wc.remainder());
+    for (a, b) in xc.zip(wc) {
+        for j in 0..L {
+            acc[j] = a[j].mul_add(b[j], acc[j]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in xt.iter().zip(wt) {
+        s += a * b;
+    }
+    s
+}
+
 /// `y[t×out] (+)= bf16(x)[t×in] · wᵀ` for a few rows `t`, parallel over output rows: each
 /// weight row is read once for all `t` inputs. Inputs are rounded to bf16 as the bf16 GEMM
 /// rounds them, products accumulate in f32.
 fn gemv_bf16(y: &mut [f32], x: &[f32], w: &[bf16], out: usize, inp: usize, t: usize, accumulate: bool) {
     use rayon::prelude::*;
-    let xr: Vec<f32> = x[..t * inp].iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let xr: Vec<bf16> = x[..t * inp].iter().map(|&v| bf16::from_f32(v)).collect();
     let threads = rayon::current_num_threads().max(1);
     let block = out.div_ceil(threads * 4).max(16);
     // Results per output block, row-major [rows of block][t], then scattered into y.
@@ -324,9 +422,9 @@ fn gemv_bf16(y: &mut [f32], x: &[f32], w: &[bf16], out: usize, inp: usize, t: us
     }
 }
 
-/// `out[m] = Σ_k x[m·inp + k] · row[k]` for the `t` input rows: each chunk of the bf16 weight
-/// row is widened once and multiplied into all `t` rows.
-fn gemv_row(x: &[f32], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
+/// `out[m] = Σ_k x[m·inp + k] · row[k]` for the `t` bf16 input rows: each 32-value chunk of the
+/// weight row meets all `t` rows in one `vdpbf16ps` each (products exact in f32, as the GEMM's).
+fn gemv_row(x: &[bf16], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {
         // SAFETY: the CPU supports the features the functions are compiled for; `x` holds
@@ -349,34 +447,38 @@ fn gemv_row(x: &[f32], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
         out[m] = x[m * inp..(m + 1) * inp]
             .iter()
             .zip(row)
-            .map(|(a, b)| a * b.to_f32())
+            .map(|(a, b)| a.to_f32() * b.to_f32())
             .sum();
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-unsafe fn gemv_row_avx512<const T: usize>(x: &[f32], inp: usize, row: &[bf16], out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
+unsafe fn gemv_row_avx512<const T: usize>(x: &[bf16], inp: usize, row: &[bf16], out: &mut [f32]) {
     use std::arch::x86_64::*;
     assert!(x.len() >= T * inp && row.len() >= inp && out.len() >= T);
+    let bh = |v: __m512i| -> __m512bh {
+        // SAFETY: both are 512-bit plain-data vector types; every bit pattern is valid.
+        unsafe { core::mem::transmute::<__m512i, __m512bh>(v) }
+    };
     let mut acc = [_mm512_setzero_ps(); T];
-    let n16 = inp / 16 * 16;
+    let n32 = inp / 32 * 32;
     let mut k = 0;
-    while k < n16 {
-        // SAFETY: k + 16 <= inp, so the loads stay inside `row` and each input row.
+    while k < n32 {
+        // SAFETY: k + 32 <= inp, so the loads stay inside `row` and each input row.
         unsafe {
-            let wb = _mm256_loadu_si256(row.as_ptr().add(k) as *const __m256i);
-            let wf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(wb)));
+            let w = bh(_mm512_loadu_si512(row.as_ptr().add(k) as *const __m512i));
             for (m, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_loadu_ps(x.as_ptr().add(m * inp + k)), wf, *a);
+                let xv = bh(_mm512_loadu_si512(x.as_ptr().add(m * inp + k) as *const __m512i));
+                *a = _mm512_dpbf16_ps(*a, xv, w);
             }
         }
-        k += 16;
+        k += 32;
     }
     for (m, a) in acc.iter().enumerate() {
         let mut s = _mm512_reduce_add_ps(*a);
-        for kk in n16..inp {
-            s += x[m * inp + kk] * row[kk].to_f32();
+        for kk in n32..inp {
+            s += x[m * inp + kk].to_f32() * row[kk].to_f32();
         }
         out[m] = s;
     }
@@ -490,6 +592,42 @@ pub fn matmul_strided(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn few_row_small_f32_products_match_the_naive_product() {
+        // LoRA's factors at decode: rank × hidden (long rows) and hidden × rank (short rows).
+        for &(t, inp, out) in &[
+            (1usize, 576usize, 16usize),
+            (8, 16, 576),
+            (3, 17, 33),
+            (5, 100, 7),
+        ] {
+            let x: Vec<f32> = (0..t * inp)
+                .map(|i| ((i * 29 % 83) as f32 - 41.0) * 0.017)
+                .collect();
+            let wf: Vec<f32> = (0..out * inp)
+                .map(|i| ((i * 13 % 71) as f32 - 35.0) * 0.023)
+                .collect();
+            let w = Weight::f32(wf.clone(), out, inp);
+            for accumulate in [false, true] {
+                let mut y = vec![0.25f32; t * out];
+                linear_forward(&mut y, &x, &w, t, accumulate, Precision::Exact);
+                for m in 0..t {
+                    for n in 0..out {
+                        let want: f64 = (0..inp)
+                            .map(|k| x[m * inp + k] as f64 * wf[n * inp + k] as f64)
+                            .sum::<f64>()
+                            + if accumulate { 0.25 } else { 0.0 };
+                        let got = y[m * out + n] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "t {t} [{m}][{n}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn few_row_bf16_products_match_the_exact_product_of_the_rounded_inputs() {
