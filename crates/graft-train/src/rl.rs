@@ -18,7 +18,7 @@
 use crate::config::{Method, OnRewardError, TrainConfig};
 use crate::objective::grpo::{
     Advantages, ImportanceLevel, LossInputs, LossType, PolicyLoss, ScaleRewards, combine_rewards,
-    grpo_advantages, rloo_advantages,
+    grpo_advantages, nan_mean_std, rloo_advantages,
 };
 use crate::objective::{Contribution, Objective};
 use crate::reward_fns::{RewardFn, Sample};
@@ -206,20 +206,6 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-fn nan_mean_std(x: &[f64]) -> (f64, f64) {
-    let v: Vec<f64> = x.iter().copied().filter(|v| !v.is_nan()).collect();
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let m = v.iter().sum::<f64>() / v.len() as f64;
-    let s = if v.len() < 2 {
-        f64::NAN
-    } else {
-        (v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
-    };
-    (m, s)
-}
-
 impl<'a> Rl<'a> {
     /// The objective of an RL run: `p` from [`RlSettings::from_config`], the reward functions of
     /// `cfg.rewards`, sampling with `stop_tokens` on the live model, the KL reference a separate
@@ -402,6 +388,17 @@ impl<'a> Rl<'a> {
             }
         }
         Ok((scores, errors))
+    }
+
+    /// The completions' text, as the reward functions see it (special tokens skipped, as TRL).
+    fn texts(&self, rollouts: &[Rollout]) -> Vec<String> {
+        rollouts.iter().map(|r| self.tok.decode(&r.ids, true)).collect()
+    }
+
+    /// `Σ_f w_f r_f` per completion.
+    fn combined(&self, scores: &[Vec<f64>]) -> Vec<f64> {
+        let weights: Vec<f64> = self.rewards.iter().map(|s| s.weight).collect();
+        combine_rewards(scores, &weights)
     }
 
     /// `rewards/<name>/mean|std` (NaN scores left out) and, where samples could not be scored,
@@ -622,10 +619,9 @@ impl Objective for Rl<'_> {
             ..opts
         };
         let rollouts = self.rollout(model, batch, opts);
-        let texts: Vec<String> = rollouts.iter().map(|r| self.tok.decode(&r.ids, true)).collect();
+        let texts = self.texts(&rollouts);
         let (scores, errors) = self.score(&rollouts, &texts, true)?;
-        let weights: Vec<f64> = self.rewards.iter().map(|s| s.weight).collect();
-        let combined = combine_rewards(&scores, &weights);
+        let combined = self.combined(&scores);
         let needs_old =
             self.num_iterations > 1 || matches!(self.algorithm, Algorithm::Rloo { beta, .. } if beta != 0.0);
         let old = needs_old.then(|| self.logprobs(model, &rollouts, gen_opts));
@@ -784,13 +780,13 @@ impl Objective for Rl<'_> {
     /// function cannot score are left out and counted (`eval_rewards/<name>/errors`).
     fn evaluate(&self, model: &Model<Cpu>, batch: &RlBatch, opts: TrainOptions) -> Contribution {
         let rollouts = self.rollout(model, batch, opts);
-        let texts: Vec<String> = rollouts.iter().map(|r| self.tok.decode(&r.ids, true)).collect();
+        let texts = self.texts(&rollouts);
         let (scores, errors) = self
             .score(&rollouts, &texts, false)
             .expect("non-strict scoring does not fail");
-        let weights: Vec<f64> = self.rewards.iter().map(|s| s.weight).collect();
         // A completion no function could score is left out, as TRL leaves unscorable rows out.
-        let combined: Vec<f64> = combine_rewards(&scores, &weights)
+        let combined: Vec<f64> = self
+            .combined(&scores)
             .into_iter()
             .zip(&scores)
             .map(|(r, s)| if s.iter().all(|x| x.is_nan()) { f64::NAN } else { r })

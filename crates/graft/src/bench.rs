@@ -443,14 +443,7 @@ fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
     let best = &v["best"];
     let t_tps = best["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     let t_rss = best["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
-    let lean = v["configs"]
-        .as_array()
-        .map(|c| {
-            c.iter()
-                .filter_map(|x| x["peak_rss_mb"].as_f64())
-                .fold(f64::INFINITY, f64::min)
-        })
-        .unwrap_or(f64::NAN);
+    let lean = leanest_peer_rss_mb(&v);
     println!(
         "trl {} (best config: {} {}): {t_tps:.1} tokens/s, peak RSS {t_rss:.0} MB (leanest config {lean:.0} MB)",
         v["trl"],
@@ -467,6 +460,18 @@ fn compare_trl_dpo(args: &TrainBenchArgs, tps: f64, rss: f64) -> Result<()> {
         rss / lean
     );
     Ok(())
+}
+
+/// The lowest peak RSS among a peer report's `configs` (the leanest configuration it ran).
+pub fn leanest_peer_rss_mb(report: &serde_json::Value) -> f64 {
+    report["configs"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter_map(|x| x["peak_rss_mb"].as_f64())
+                .fold(f64::INFINITY, f64::min)
+        })
+        .unwrap_or(f64::NAN)
 }
 
 /// Runs the peer script `scripts/<script>` with the Python of `--python` / `$GRAFT_PYTHON` and

@@ -3,7 +3,7 @@
 //! GRPOTrainer (transformers generation + PEFT, `scripts/bench_trl_grpo.py`) on the same shape,
 //! prompt length, completions per prompt and completion length, in one invocation.
 
-use crate::bench::{TrainBenchArgs, cpu_model, peak_rss_mb, run_peer};
+use crate::bench::{TrainBenchArgs, cpu_model, leanest_peer_rss_mb, peak_rss_mb, run_peer};
 use anyhow::{Result, bail};
 use graft_kernels::{Cpu, Precision};
 use graft_model::lora::LoraSpec;
@@ -221,14 +221,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     let t_step = best["mean_step_s"].as_f64().unwrap_or(f64::NAN);
     let t_roll = best["rollout_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     let t_rss = best["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
-    let lean = v["configs"]
-        .as_array()
-        .map(|c| {
-            c.iter()
-                .filter_map(|x| x["peak_rss_mb"].as_f64())
-                .fold(f64::INFINITY, f64::min)
-        })
-        .unwrap_or(f64::NAN);
+    let lean = leanest_peer_rss_mb(&v);
     println!(
         "trl {} GRPOTrainer (best config: {}): step {t_step:.2} s, rollouts {t_roll:.1} tokens/s, peak RSS {t_rss:.0} MB \
          (leanest config {lean:.0} MB)",

@@ -289,6 +289,14 @@ fn std(x: &[f64]) -> f64 {
     (x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
 }
 
+/// Mean and unbiased std of the values that are not NaN (TRL's `nanmean` / `nanstd`); NaN for
+/// too few values.
+pub fn nan_mean_std(x: &[f64]) -> (f64, f64) {
+    let v: Vec<f64> = x.iter().copied().filter(|v| !v.is_nan()).collect();
+    let m = if v.is_empty() { f64::NAN } else { mean(&v) };
+    (m, std(&v))
+}
+
 /// GRPO's advantages: each reward minus its group's mean, divided by the group's (or the
 /// batch's) std + 1e-4 unless `scale` is [`ScaleRewards::None`]. Completions come grouped:
 /// `group` consecutive completions per prompt.
