@@ -13,6 +13,7 @@
 
 mod gguf;
 mod llama2c;
+pub mod quantize;
 mod quants;
 mod safetensors_io;
 #[cfg(test)]
