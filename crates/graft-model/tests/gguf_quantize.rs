@@ -1,0 +1,221 @@
+//! `weights::quantize` against llama.cpp itself: `tests/fixtures/gguf_quantize/cases.json`, written by
+//! `scripts/gen_gguf_quantize_fixture.py` (gguf-py's quantizers and llama.cpp's `llama_model_quantize`).
+//!
+//! The inputs are regenerated here from the formula in that script's docstring ([`values`]); every
+//! type llama.cpp chose must be [`tensor_types`]'s, every tensor's bytes [`quantize`]'s, and
+//! quantize → dequantize must stay within the type's error.
+
+use graft_model::weights::DType;
+use graft_model::weights::quantize::{FileType, ModelFacts, dequantize, quantize, tensor_types};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+fn fixture() -> Option<Value> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf_quantize/cases.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Some(serde_json::from_str(&text).expect("cases.json parses")),
+        Err(e) => {
+            eprintln!("skipping: {} not readable ({e})", path.display());
+            None
+        }
+    }
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xCBF2_9CE4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+    })
+}
+
+/// The script's formula data for tensor `name`: `n` values in rows of `row`.
+fn values(name: &str, n: usize, row: usize) -> Vec<f32> {
+    let seed = fnv1a64(name.as_bytes());
+    let mut v: Vec<f32> = (1..=n as u64)
+        .map(|i| {
+            let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let x = ((z >> 40) as i64 - (1 << 23)) as f32 * (2.0f32).powi(-27);
+            if z & 0xFF == 0 { x * 16.0 } else { x }
+        })
+        .collect();
+    if n >= 3 * row {
+        v[row..row + 32].fill(0.0);
+        v[2 * row..2 * row + 16].fill(1.0 / 32.0);
+    }
+    v
+}
+
+fn dtype(name: &str) -> DType {
+    DType::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .unwrap_or_else(|| panic!("unknown type {name}"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn f32s_from_hex(s: &str) -> Vec<f32> {
+    (0..s.len() / 8)
+        .map(|i| f32::from_bits(u32::from_str_radix(&s[8 * i..8 * i + 8], 16).unwrap()))
+        .collect()
+}
+
+/// Largest |error| allowed for a quantized value, as a fraction of the tensor's largest |value|
+/// (F16/BF16: of the value itself).
+fn tolerance(t: DType) -> f32 {
+    match t {
+        DType::F32 => 0.0,
+        DType::F16 => 1.0 / 2048.0,
+        DType::BF16 => 1.0 / 256.0,
+        DType::Q8_0 => 0.01,
+        DType::Q6_K => 0.03,
+        DType::Q5_0 | DType::Q5_1 | DType::Q5_K => 0.07,
+        _ => 0.15,
+    }
+}
+
+#[test]
+fn legacy_types_match_gguf_py() {
+    let Some(fx) = fixture() else { return };
+    let lg = &fx["legacy"];
+    let x = f32s_from_hex(lg["input_f32_hex"].as_str().unwrap());
+    let extra = f32s_from_hex(lg["float_extra_f32_hex"].as_str().unwrap());
+    let nan = f32s_from_hex(lg["bf16_nan_f32_hex"].as_str().unwrap());
+    let row = lg["row_len"].as_u64().unwrap() as usize;
+    let outputs = lg["outputs"].as_object().unwrap();
+    assert_eq!(outputs.len(), 7);
+    for (name, want) in outputs {
+        let t = dtype(name);
+        let (input, row) = match t {
+            DType::F16 => ([x.clone(), extra.clone()].concat(), x.len() + extra.len()),
+            DType::BF16 => (
+                [x.clone(), extra.clone(), nan.clone()].concat(),
+                x.len() + extra.len() + nan.len(),
+            ),
+            _ => (x.clone(), row),
+        };
+        let got = quantize(t, &input, row).unwrap();
+        assert_eq!(hex(&got), want.as_str().unwrap(), "{name}");
+    }
+}
+
+#[test]
+fn type_mix_matches_llama_cpp() {
+    let Some(fx) = fixture() else { return };
+    for (mname, m) in fx["models"].as_object().unwrap() {
+        let f = &m["facts"];
+        let facts = ModelFacts {
+            n_layers: f["n_layers"].as_u64().unwrap() as usize,
+            n_head: f["n_head"].as_u64().unwrap() as usize,
+            n_head_kv: f["n_head_kv"].as_u64().unwrap() as usize,
+        };
+        let tensors: Vec<(String, Vec<u64>)> = m["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let dims = t[1]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap())
+                    .collect();
+                (t[0].as_str().unwrap().to_string(), dims)
+            })
+            .collect();
+        let file_types = m["file_types"].as_object().unwrap();
+        assert_eq!(file_types.len(), FileType::ALL.len());
+        for (fname, rec) in file_types {
+            let ft = FileType::parse(fname).unwrap();
+            assert_eq!(
+                ft.general_file_type() as u64,
+                rec["general.file_type"].as_u64().unwrap(),
+                "{fname}"
+            );
+            let got = tensor_types(ft, &facts, &tensors);
+            let want = rec["types"].as_object().unwrap();
+            assert_eq!(want.len(), tensors.len());
+            let bad: Vec<String> = tensors
+                .iter()
+                .zip(&got)
+                .filter(|((n, _), t)| want[n.as_str()].as_str().unwrap() != t.name())
+                .map(|((n, _), t)| format!("{n}: {t}, llama.cpp {}", want[n.as_str()]))
+                .collect();
+            assert!(bad.is_empty(), "model {mname} {fname}:\n{}", bad.join("\n"));
+        }
+    }
+}
+
+#[test]
+fn tensor_bytes_match_llama_cpp() {
+    let Some(fx) = fixture() else { return };
+    let mut checked: BTreeMap<String, usize> = BTreeMap::new();
+    let mut bad = Vec::new();
+    for (mname, m) in fx["models"].as_object().unwrap() {
+        let dims: HashMap<&str, Vec<usize>> = m["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let d = t[1]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect();
+                (t[0].as_str().unwrap(), d)
+            })
+            .collect();
+        let mut inputs: HashMap<&str, Vec<f32>> = HashMap::new();
+        for (key, rec) in m["tensor_bytes"].as_object().unwrap() {
+            let (name, tname) = key.split_once(' ').unwrap();
+            let t = dtype(tname);
+            let d = &dims[name];
+            let (row, n) = (d[0], d.iter().product::<usize>());
+            let x = inputs.entry(name).or_insert_with(|| values(name, n, row));
+            let got = quantize(t, x, row).unwrap_or_else(|e| panic!("{mname} {key}: {e}"));
+            let want_fnv = rec[0].as_str().unwrap();
+            let want_first = rec[1].as_str().unwrap();
+            let first = &got[..want_first.len() / 2];
+            if format!("{:016x}", fnv1a64(&got)) != want_fnv || hex(first) != want_first {
+                bad.push(format!(
+                    "{mname} {key}: first block\n  graft     {}\n  llama.cpp {want_first}",
+                    hex(first)
+                ));
+            }
+            *checked.entry(tname.to_string()).or_default() += 1;
+
+            let back = dequantize(t, &got, n).unwrap();
+            let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let tol = tolerance(t);
+            let relative = matches!(t, DType::F16 | DType::BF16);
+            for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+                // F16: relative, plus half the smallest subnormal (2^-25) for values below its normal range.
+                let limit = if relative {
+                    tol * a.abs() + (2.0f32).powi(-25)
+                } else {
+                    tol * amax
+                };
+                assert!((a - b).abs() <= limit, "{mname} {key}: value {i}: {a} -> {b}");
+            }
+        }
+    }
+    eprintln!("checked tensors per type: {checked:?}");
+    assert!(
+        bad.is_empty(),
+        "{} tensors differ from llama.cpp:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    for t in [
+        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+    ] {
+        assert!(checked.contains_key(t), "fixture has no {t} tensor");
+    }
+}
