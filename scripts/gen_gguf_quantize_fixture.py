@@ -11,12 +11,13 @@ Writes tests/fixtures/gguf_quantize/cases.json with two parts:
   writes every NaN as 0x7E00 | sign, numpy keeps payload bits; graft's unit tests cover ggml's rule).
 - `models`: two tiny f32 llama GGUFs written with gguf-py's GGUFWriter and quantized by llama.cpp's own
   `llama_model_quantize` (llama-cpp-python, which builds the llama.cpp it vendors) to every file type graft writes
-  (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k), default parameters, no imatrix. Model `a`: 8 layers (so
+  (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; `file_types`), and to q2_k and q3_k_m (`extra_file_types`,
+  for their Q2_K / Q3_K tensors), default parameters, no imatrix. Model `a`: 8 layers (so
   `use_more_bits` splits attn_v / ffn_down), hidden 256, ffn 512, 4 heads / 2 kv heads, vocab 256, tied embeddings (no
   output.weight). Model `b`: 4 layers, hidden 64 (every K-quant falls back to a 32-block type), ffn 80 (ffn_down rows
   of 80 fit no block: F16), 4 / 2 heads, vocab 256, its own output.weight. Per model: `facts`, the input tensors
   (`[name, dims]`, dims innermost first, in file order), per file type the `general.file_type` llama.cpp wrote and
-  the type it chose for every tensor, and per distinct (tensor, type) the FNV-1a-64 of the tensor's bytes and the hex
+  the type it chose for every tensor (a list in the order of `tensors`), and per distinct (tensor, type) the FNV-1a-64 of the tensor's bytes and the hex
   of its first block (first 16 bytes for F32/F16/BF16).
 
 Tensor values (both parts' formula data) are exactly reproducible in Rust: for a tensor named `name` with `n`
@@ -65,6 +66,13 @@ FTYPES = {
     "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
     "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
     "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+}
+
+# Quantized only for their tensors' bytes (graft's quantize supports Q2_K and Q3_K; `graft export` does not offer
+# these file types): Q2_K brings Q2_K and Q3_K tensors, Q3_K_M Q3_K, Q4_K and Q5_K.
+EXTRA_FTYPES = {
+    "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
+    "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
 }
 
 MODELS = {
@@ -210,8 +218,8 @@ def main() -> None:
         for mname, cfg in MODELS.items():
             src = Path(tmp) / f"{mname}-input.gguf"
             tensors = write_model(src, cfg)
-            mix, blobs = {}, {}
-            for fname, ftype in FTYPES.items():
+            mix, extra, blobs = {}, {}, {}
+            for fname, ftype in {**FTYPES, **EXTRA_FTYPES}.items():
                 dst = Path(tmp) / f"{mname}-out-{fname}.gguf"
                 quantize_model(src, dst, ftype)
                 r = GGUFReader(str(dst))
@@ -225,13 +233,16 @@ def main() -> None:
                     entry = [f"{fnv1a64(raw):016x}", first_block(ty, raw)]
                     assert blobs.setdefault(key, entry) == entry, key
                 assert set(types) == {n for n, _ in tensors}, mname
-                mix[fname] = {"general.file_type": int(ft.parts[ft.data[0]][0]), "types": types}
+                # Types in the order of `tensors` (llama.cpp writes its output sorted by layer, then name).
+                rec = {"general.file_type": int(ft.parts[ft.data[0]][0]), "types": [types[n] for n, _ in tensors]}
+                (mix if fname in FTYPES else extra)[fname] = rec
                 dst.unlink()
             models[mname] = {
                 "facts": {"n_layers": cfg["n_layers"], "n_head": cfg["n_head"], "n_head_kv": cfg["n_head_kv"]},
                 "config": cfg,
                 "tensors": tensors,
                 "file_types": mix,
+                "extra_file_types": extra,
                 "tensor_bytes": dict(sorted(blobs.items())),
             }
 
@@ -241,7 +252,7 @@ def main() -> None:
         "legacy": legacy,
         "models": models,
     }
-    text = json.dumps(doc, indent=0, sort_keys=False) + "\n"
+    text = json.dumps(doc, indent=0, separators=(",", ":")) + "\n"
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(text)
     print(f"wrote {OUT}: {len(text)} bytes in {time.time() - t0:.1f} s")

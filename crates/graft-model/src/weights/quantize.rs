@@ -14,7 +14,8 @@
 
 use super::DType;
 use super::quants::{
-    Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES, QK, QK_K,
+    Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES,
+    Q6_K_BYTES, Q8_0_BYTES, QK, QK_K,
 };
 use half::f16;
 use rayon::prelude::*;
@@ -337,7 +338,7 @@ fn fallback(t: DType, ncols: u64) -> DType {
 
 /// Quantizes `src` (whole rows of `row_len` values) to `dtype`, returning the bytes ggml stores.
 ///
-/// Supports F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, each as ggml's
+/// Supports F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, each as ggml's
 /// reference (no importance matrix) conversion; other types are an error naming the type, as are a
 /// `row_len` that is not a positive multiple of the type's block size and a `src` that is not whole
 /// rows. Rows are quantized in parallel; the result does not depend on it (blocks are independent).
@@ -363,10 +364,12 @@ pub fn quantize(dtype: DType, src: &[f32], row_len: usize) -> Result<Vec<u8>, St
         DType::Q4_1 => quantize_q4_1,
         DType::Q5_0 => quantize_q5_0,
         DType::Q5_1 => quantize_q5_1,
+        DType::Q2_K => quantize_q2_k,
+        DType::Q3_K => quantize_q3_k,
         DType::Q4_K => quantize_q4_k,
         DType::Q5_K => quantize_q5_k,
         DType::Q6_K => quantize_q6_k,
-        DType::Q2_K | DType::Q3_K | DType::IQ4_NL | DType::IQ4_XS => {
+        DType::IQ4_NL | DType::IQ4_XS => {
             return Err(format!("quantizing to {dtype} is not supported"));
         }
     };
@@ -573,18 +576,20 @@ fn quantize_q5_1(x: &[f32], y: &mut [u8]) {
 }
 
 /// ggml's `make_qkx2_quants`: a scale and (non-positive) offset for `x` with quants `0..=nmax`,
-/// minimizing the `weights`-weighted squared error over `nstep + 1` candidate scales
-/// `(nmax + rmin + rdelta·is) / (max − min)`, each refined by weighted least squares. Writes the
-/// quants to `l`; returns `(scale, −offset)`.
+/// minimizing the `weights`-weighted squared (`use_mad`: absolute) error over `nstep + 1`
+/// candidate scales `(nmax + rmin + 0.1·is) / (max − min)`, each refined by weighted least
+/// squares. Writes the quants to `l`; returns `(scale, −offset)`.
 fn make_qkx2_quants(
     nmax: i32,
     x: &[f32],
     weights: &[f32],
     l: &mut [u8],
     rmin: f32,
-    rdelta: f32,
     nstep: i32,
+    use_mad: bool,
 ) -> (f32, f32) {
+    let rdelta = 0.1f32;
+    let err = |d: f32| if use_mad { d.abs() } else { d * d };
     let n = x.len();
     let mut min = x[0];
     let mut max = x[0];
@@ -615,7 +620,7 @@ fn make_qkx2_quants(
         let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         l[i] = q as u8;
         let diff = scale * q as f32 + min - x[i];
-        best_error += weights[i] * (diff * diff);
+        best_error += weights[i] * err(diff);
     }
     let mut laux = [0u8; 32];
     let laux = &mut laux[..n];
@@ -641,7 +646,7 @@ fn make_qkx2_quants(
             let mut cur_error = 0.0f32;
             for i in 0..n {
                 let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                cur_error += weights[i] * (diff * diff);
+                cur_error += weights[i] * err(diff);
             }
             if cur_error < best_error {
                 l.copy_from_slice(laux);
@@ -652,6 +657,189 @@ fn make_qkx2_quants(
         }
     }
     (scale, -min)
+}
+
+/// Packs 256 two-bit quants as Q2_K/Q3_K store them: value `128h + 32j + l` in bits `2j..2j+2`
+/// of byte `32h + l`.
+fn pack_2bit(l: &[u8; QK_K], qs: &mut [u8]) {
+    for h in 0..2 {
+        for i in 0..32 {
+            let q = |j: usize| l[128 * h + 32 * j + i];
+            qs[32 * h + i] = q(0) | (q(1) << 2) | (q(2) << 4) | (q(3) << 6);
+        }
+    }
+}
+
+/// Q2_K (`quantize_row_q2_K_ref`): sixteen sub-blocks of 16 fitted by [`make_qkx2_quants`]
+/// (weights `|x|`, absolute error), 4-bit scales and minimums against the largest of each, then
+/// every value requantized to `0..=3` against the stored ones.
+fn quantize_q2_k(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!((x.len(), y.len()), (QK_K, Q2_K_BYTES));
+    let mut l = [0u8; QK_K];
+    let mut scales = [0.0f32; QK_K / 16];
+    let mut mins = [0.0f32; QK_K / 16];
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    let mut weights = [0.0f32; 16];
+    for j in 0..QK_K / 16 {
+        let xs = &x[16 * j..16 * j + 16];
+        for (w, &v) in weights.iter_mut().zip(xs) {
+            *w = v.abs();
+        }
+        let (scale, min) = make_qkx2_quants(3, xs, &weights, &mut l[16 * j..16 * j + 16], -0.5, 15, true);
+        scales[j] = scale;
+        mins[j] = min;
+        if scale > max_scale {
+            max_scale = scale;
+        }
+        if min > max_min {
+            max_min = min;
+        }
+    }
+    let sc = &mut y[0..16];
+    sc.fill(0);
+    let d = if max_scale > 0.0 {
+        let iscale = 15.0 / max_scale;
+        for (s, &v) in sc.iter_mut().zip(&scales) {
+            *s = nearest_int(iscale * v) as u8;
+        }
+        max_scale / 15.0
+    } else {
+        0.0
+    };
+    let dmin = if max_min > 0.0 {
+        let iscale = 15.0 / max_min;
+        for (s, &v) in sc.iter_mut().zip(&mins) {
+            *s |= (nearest_int(iscale * v) << 4) as u8;
+        }
+        max_min / 15.0
+    } else {
+        0.0
+    };
+    let d = put_f16(y, 80, d);
+    let dmin = put_f16(y, 82, dmin);
+    for ((&s, xs), ls) in y[0..16]
+        .iter()
+        .zip(x.chunks_exact(16))
+        .zip(l.chunks_exact_mut(16))
+    {
+        let dl = d * (s & 0x0F) as f32;
+        if dl == 0.0 {
+            continue;
+        }
+        let dm = dmin * (s >> 4) as f32;
+        for (q, &v) in ls.iter_mut().zip(xs) {
+            *q = nearest_int((v + dm) / dl).clamp(0, 3) as u8;
+        }
+    }
+    pack_2bit(&l, &mut y[16..80]);
+}
+
+/// ggml's `make_q3_quants` as Q3_K calls it (`do_rmse`): a signed scale for `x` with quants
+/// `−nmax..nmax`, from `−nmax / max` refined by up to five rounds of single-quant changes that
+/// raise the `x²`-weighted fit. Writes the quants, offset by `nmax`, to `l`; returns the scale.
+fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (max, amax) = signed_absmax(x);
+    if amax < 1e-15 {
+        l.fill(0);
+        return 0.0;
+    }
+    let iscale = -nmax as f32 / max;
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for (q, &v) in l.iter_mut().zip(x) {
+        let li = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        *q = li as i8;
+        let w = v * v;
+        sumlx += w * v * li as f32;
+        suml2 += w * li as f32 * li as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (q, &v) in l.iter_mut().zip(x) {
+            let w = v * v;
+            let old = *q as f32;
+            let mut slx = sumlx - w * v * old;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * old * old;
+                let new_l = nearest_int(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != *q as i32 {
+                    slx += w * v * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        *q = new_l as i8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for q in l.iter_mut() {
+        *q += nmax as i8;
+    }
+    if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
+}
+
+/// Q3_K (`quantize_row_q3_K_ref`): sixteen sub-blocks of 16 fitted by [`make_q3_quants`], 6-bit
+/// signed scales against the largest in magnitude (`d = max_scale / −32`), then every value
+/// requantized to `−4..4` against the stored scales; the quants' third bits go to `hmask`.
+fn quantize_q3_k(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!((x.len(), y.len()), (QK_K, Q3_K_BYTES));
+    let mut l = [0i8; QK_K];
+    let mut scales = [0.0f32; QK_K / 16];
+    let (mut max_scale, mut amax) = (0.0f32, 0.0f32);
+    for j in 0..QK_K / 16 {
+        let s = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
+        scales[j] = s;
+        if s.abs() > amax {
+            amax = s.abs();
+            max_scale = s;
+        }
+    }
+    y.fill(0);
+    let d = if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        let sc = &mut y[96..108];
+        for (j, &s) in scales.iter().enumerate() {
+            // ggml keeps the low byte of the int (an int8_t) before clamping.
+            let q = ((nearest_int(iscale * s) as i8).clamp(-32, 31) + 32) as u8;
+            if j < 8 {
+                sc[j] = q & 0x0F;
+            } else {
+                sc[j - 8] |= (q & 0x0F) << 4;
+            }
+            sc[8 + j % 4] |= (q >> 4) << (2 * (j / 4));
+        }
+        1.0 / iscale
+    } else {
+        0.0
+    };
+    let d = put_f16(y, 108, d);
+    for j in 0..QK_K / 16 {
+        let sc = &y[96..108];
+        let low = if j < 8 { sc[j] & 0x0F } else { sc[j - 8] >> 4 };
+        let s = (low | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32;
+        let dl = d * s as f32;
+        if dl == 0.0 {
+            continue;
+        }
+        for i in 16 * j..16 * j + 16 {
+            l[i] = (nearest_int(x[i] / dl).clamp(-4, 3) + 4) as i8;
+        }
+    }
+    let mut low = [0u8; QK_K];
+    for (j, (&q, o)) in l.iter().zip(low.iter_mut()).enumerate() {
+        let mut q = q as u8;
+        if q > 3 {
+            y[j % 32] |= 1 << (j / 32);
+            q -= 4;
+        }
+        *o = q;
+    }
+    pack_2bit(&low, &mut y[32..96]);
 }
 
 /// The shared body of Q4_K and Q5_K (`quantize_row_q4_K_ref` / `quantize_row_q5_K_ref`): eight
@@ -674,8 +862,15 @@ fn quantize_k_scales(x: &[f32], y: &mut [u8], nmax: i32, rmin: f32, nstep: i32) 
         for (w, &v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let (scale, min) =
-            make_qkx2_quants(nmax, xs, &weights, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep);
+        let (scale, min) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            rmin,
+            nstep,
+            false,
+        );
         scales[j] = scale;
         mins[j] = min;
         if scale > max_scale {
@@ -877,7 +1072,7 @@ mod tests {
     #[test]
     fn errors_not_panics() {
         let x = vec![0.5f32; 512];
-        for t in [DType::Q2_K, DType::Q3_K, DType::IQ4_NL, DType::IQ4_XS] {
+        for t in [DType::IQ4_NL, DType::IQ4_XS] {
             let e = quantize(t, &x, 256).unwrap_err();
             assert!(e.contains(t.name()), "{e}");
         }
@@ -972,6 +1167,8 @@ mod tests {
             DType::Q4_1,
             DType::Q5_0,
             DType::Q5_1,
+            DType::Q2_K,
+            DType::Q3_K,
             DType::Q4_K,
             DType::Q5_K,
             DType::Q6_K,
@@ -1007,6 +1204,8 @@ mod tests {
             (DType::Q4_0, 0.13),
             (DType::Q4_1, 0.08),
             (DType::Q4_K, 0.1),
+            (DType::Q3_K, 0.3),
+            (DType::Q2_K, 0.6),
         ] {
             let b = quantize(t, &x, 512).unwrap();
             let back = dequant(t, &b, x.len());
