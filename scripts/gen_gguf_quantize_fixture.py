@@ -17,8 +17,8 @@ Writes tests/fixtures/gguf_quantize/cases.json with two parts:
   output.weight). Model `b`: 4 layers, hidden 64 (every K-quant falls back to a 32-block type), ffn 80 (ffn_down rows
   of 80 fit no block: F16), 4 / 2 heads, vocab 256, its own output.weight. Per model: `facts`, the input tensors
   (`[name, dims]`, dims innermost first, in file order), per file type the `general.file_type` llama.cpp wrote and
-  the type it chose for every tensor (a list in the order of `tensors`), and per distinct (tensor, type) the FNV-1a-64 of the tensor's bytes and the hex
-  of its first block (first 16 bytes for F32/F16/BF16).
+  the type it chose for every tensor (a list in the order of `tensors`), and per distinct (tensor, type) the
+  FNV-1a-64 of the tensor's bytes and the hex of its first block (first 16 bytes for F32/F16/BF16).
 
 Tensor values (both parts' formula data) are exactly reproducible in Rust: for a tensor named `name` with `n`
 values in GGUF order (row-major, rows of dims[0]), value `i` (0-based) is

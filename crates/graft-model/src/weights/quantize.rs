@@ -338,10 +338,11 @@ fn fallback(t: DType, ncols: u64) -> DType {
 
 /// Quantizes `src` (whole rows of `row_len` values) to `dtype`, returning the bytes ggml stores.
 ///
-/// Supports F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, each as ggml's
-/// reference (no importance matrix) conversion; other types are an error naming the type, as are a
-/// `row_len` that is not a positive multiple of the type's block size and a `src` that is not whole
-/// rows. Rows are quantized in parallel; the result does not depend on it (blocks are independent).
+/// Supports F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, each
+/// as ggml's reference (no importance matrix) conversion; other types (IQ4_NL, IQ4_XS) are an error
+/// naming the type, as are a `row_len` that is not a positive multiple of the type's block size and
+/// a `src` that is not whole rows. Rows are quantized in parallel; the result does not depend on it
+/// (blocks are independent).
 pub fn quantize(dtype: DType, src: &[f32], row_len: usize) -> Result<Vec<u8>, String> {
     let block: fn(&[f32], &mut [u8]) = match dtype {
         DType::F32 => |x, y| {
