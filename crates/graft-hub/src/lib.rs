@@ -7,6 +7,7 @@
 //! * [`ollama`] — `ollama:NAME[:TAG]` → the GGUF blob in Ollama's local store.
 //! * [`open`] — the tokenizer and chat template that belong to a loaded model.
 
+pub mod gguf_tokenizer;
 pub mod hub;
 pub mod ollama;
 pub mod open;

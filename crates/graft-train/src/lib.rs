@@ -58,6 +58,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod metrics;
 pub mod objective;
 pub mod optim;

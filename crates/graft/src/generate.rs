@@ -50,6 +50,9 @@ pub struct GenerateArgs {
     /// Do not stop at end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Print one JSON object (`prompt_ids`, `ids`, `text`, `finish_reason`) instead of streaming text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Runs `graft generate`, streaming the completion to stdout.
@@ -111,6 +114,19 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let model = &mut m.model;
+    if args.json {
+        let (ids, reason) =
+            model.generate(&prompt_ids, args.max_tokens, sampling, &stop, precision, |_| true);
+        let text = m.tokenizer.decode(&ids, true);
+        let reason = match reason {
+            graft_model::infer::FinishReason::Stop => "stop",
+            graft_model::infer::FinishReason::Length => "length",
+        };
+        let v =
+            serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": text, "finish_reason": reason});
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
     model.generate(&prompt_ids, args.max_tokens, sampling, &stop, precision, |id| {
         if let Some(text) = stream.step(id) {
             let _ = out.write_all(text.as_bytes());

@@ -297,7 +297,15 @@ fn merged_export_keeps_the_base_config_json() {
 #[test]
 fn quickstart_keeps_the_previous_run() {
     let root = tmp("quickstart-again");
-    let args = ["quickstart", "--steps", "2", "--eval-words", "2", "--out"];
+    let args = [
+        "quickstart",
+        "--toy",
+        "--steps",
+        "2",
+        "--eval-words",
+        "2",
+        "--out",
+    ];
     ok(graft().args(args).arg(&root));
     let second = ok(graft().args(args).arg(&root));
     assert!(second.contains("previous quickstart run was moved"), "{second}");

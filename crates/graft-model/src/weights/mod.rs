@@ -12,6 +12,8 @@
 //! keep the interleaved order and are permuted on access (see [`rope_interleaved_to_half`]).
 
 mod gguf;
+mod gguf_export;
+mod gguf_write;
 mod llama2c;
 pub mod quantize;
 mod quants;
@@ -20,6 +22,8 @@ mod safetensors_io;
 mod tests;
 
 pub use gguf::{GgufFile, GgufTensor, GgufValue, parse_gguf, read_gguf};
+pub use gguf_export::{gguf_architecture, save_gguf_lora, save_gguf_model};
+pub use gguf_write::{GgufTensorSpec, write_gguf};
 pub use safetensors_io::{
     open_hf_weights, open_safetensors, save_hf_model_dir, save_safetensors, save_safetensors_bf16,
     write_file_atomically,
@@ -579,6 +583,27 @@ pub fn rope_interleaved_to_half<T: Copy>(data: &mut [T], heads: usize, rows: usi
             for j in 0..2 {
                 let dst_row = h * hd + j * hd / 2 + i;
                 let src_row = h * hd + 2 * i + j;
+                data[dst_row * cols..(dst_row + 1) * cols]
+                    .copy_from_slice(&src[src_row * cols..(src_row + 1) * cols]);
+            }
+        }
+    }
+}
+
+/// The inverse of [`rope_interleaved_to_half`]: Hugging Face's rotate-half row order back into
+/// the interleaved order GGUF `llama` files store (what llama.cpp's converter writes).
+pub fn rope_half_to_interleaved<T: Copy>(data: &mut [T], heads: usize, rows: usize) {
+    if rows == 0 || heads == 0 {
+        return;
+    }
+    let cols = data.len() / rows;
+    let hd = rows / heads;
+    let src = data.to_vec();
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let dst_row = h * hd + 2 * i + j;
+                let src_row = h * hd + j * hd / 2 + i;
                 data[dst_row * cols..(dst_row + 1) * cols]
                     .copy_from_slice(&src[src_row * cols..(src_row + 1) * cols]);
             }

@@ -45,7 +45,14 @@ pub fn fails(cmd: &mut Command) -> String {
 /// Writes the quickstart's model, data and config into `dir`; returns the config path.
 pub fn prepare(dir: &Path) -> PathBuf {
     ok(graft()
-        .args(["quickstart", "--prepare-only", "--eval-words", "4", "--out"])
+        .args([
+            "quickstart",
+            "--toy",
+            "--prepare-only",
+            "--eval-words",
+            "4",
+            "--out",
+        ])
         .arg(dir));
     dir.join("quickstart.toml")
 }

@@ -1,5 +1,5 @@
-//! `graft quickstart`: an offline, few-minute demonstration of real learning. graft builds a
-//! small Llama-architecture model with a character-level tokenizer and a chat template, writes a
+//! The offline fallback of `graft quickstart`, when no pretrained chat model can be had: graft
+//! builds a small Llama-architecture model with a character-level tokenizer and a chat template, writes a
 //! synthetic task (reverse a word) as an OpenAI-format chat dataset, measures exact-match
 //! accuracy of greedy answers on held-out words, fine-tunes through the normal `graft train`
 //! pipeline, and measures again.
@@ -13,24 +13,9 @@ use graft_model::{Architecture, ModelSpec, RopeScaling};
 use graft_train::config::TrainConfig;
 use graft_train::signal::StopFlag;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Arguments of `graft quickstart`.
-#[derive(clap::Args)]
-pub struct QuickstartArgs {
-    /// Where to put the model, data and run.
-    #[arg(long, default_value = "runs/quickstart")]
-    out: PathBuf,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 300)]
-    steps: u64,
-    /// Held-out words to score before and after.
-    #[arg(long, default_value_t = 100)]
-    eval_words: usize,
-    /// Only write the model, data and config (then `graft train OUT/quickstart.toml`).
-    #[arg(long)]
-    prepare_only: bool,
-}
+use super::QuickstartArgs;
 
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 const TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
@@ -194,8 +179,8 @@ fn accuracy(dir: &Path, words: &[String], examples: usize) -> Result<f64> {
     Ok(right as f64 / words.len() as f64)
 }
 
-/// Runs the quickstart.
-pub fn run(args: &QuickstartArgs) -> Result<()> {
+/// Runs the toy quickstart.
+pub(super) fn run(args: &QuickstartArgs) -> Result<()> {
     let out = &args.out;
     let base = out.join("base-model");
     let data = out.join("data");
@@ -281,7 +266,7 @@ dir = "{run}"
         base = base.display(),
         train = data.join("train.jsonl").display(),
         eval = data.join("eval.jsonl").display(),
-        steps = args.steps,
+        steps = args.steps.unwrap_or(300),
         run = run_dir.display(),
     );
     let cfg_path = out.join("quickstart.toml");
