@@ -321,12 +321,17 @@ pub fn ollama_chat(template: &ChatTemplate, tok: &Tokenizer) -> Result<OllamaCha
         Message::new("system", SENTINEL_SYSTEM),
         Message::new("user", SENTINEL_USER),
     ];
-    let rendered = template
-        .render_text(&with_system, None, true, &Default::default())
-        .map_err(|e| err(format!("rendering the chat template: {e}")))?;
-    let family = if rendered.contains("<|im_start|>system\n") {
+    let render = |messages: &[Message]| {
+        template
+            .render_text(messages, None, true, &Default::default())
+            .map_err(|e| err(format!("rendering the chat template: {e}")))
+    };
+    let lone = render(&[Message::new("user", SENTINEL_USER)])?;
+    // Some templates refuse a system message (Mistral, Llama 2 variants): judge by the lone user.
+    let rendered = render(&with_system).unwrap_or_else(|_| lone.clone());
+    let family = if rendered.contains("<|im_start|>user\n") {
         ChatFamily::ChatMl
-    } else if rendered.contains("<|start_header_id|>system<|end_header_id|>") {
+    } else if rendered.contains("<|start_header_id|>user<|end_header_id|>") {
         ChatFamily::Llama3
     } else if rendered.contains("<start_of_turn>user\n") {
         ChatFamily::Gemma
@@ -344,14 +349,6 @@ pub fn ollama_chat(template: &ChatTemplate, tok: &Tokenizer) -> Result<OllamaCha
             rendered.chars().take(400).collect::<String>()
         )));
     };
-    let lone = template
-        .render_text(
-            &[Message::new("user", SENTINEL_USER)],
-            None,
-            true,
-            &Default::default(),
-        )
-        .map_err(|e| err(format!("rendering the chat template: {e}")))?;
     let system = default_system(family, &lone);
     let (template, mut stops) = match family {
         ChatFamily::ChatMl => (
@@ -373,8 +370,11 @@ pub fn ollama_chat(template: &ChatTemplate, tok: &Tokenizer) -> Result<OllamaCha
         ),
         ChatFamily::Gemma => (
             concat!(
-                "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n",
-                "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"
+                // Gemma has no system turn: the system text opens the next user turn.
+                "{{- $system := \"\" }}{{- range .Messages }}{{- if eq .Role \"system\" }}{{ $system = .Content }}",
+                "{{- else }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n",
+                "{{ if and $system (eq .Role \"user\") }}{{ $system }}\n\n{{ $system = \"\" }}{{ end }}",
+                "{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n"
             )
             .to_string(),
             vec!["<start_of_turn>".into(), "<end_of_turn>".into()],
@@ -413,4 +413,57 @@ fn default_system(family: ChatFamily, lone: &str) -> Option<String> {
     let len = before_user[start..].find(close)?;
     let s = before_user[start..start + len].trim();
     (!s.is_empty()).then(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graft_data::SpecialTokens;
+
+    /// Every real template of the families graft translates (tagged by Ollama's own template
+    /// names in `../shared/data/chat_templates/ollama/index.json`) is recognised as its family;
+    /// the others are refused with a message, never mistranslated.
+    #[test]
+    fn real_templates_map_to_their_ollama_family() {
+        let index = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/data/chat_templates/ollama/index.json");
+        let Ok(text) = std::fs::read_to_string(&index) else {
+            eprintln!("skipping: {} not found (needs ../shared/data)", index.display());
+            return;
+        };
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let tok = Tokenizer::from_tokenizer_json_bytes(
+            br#"{"version":"1.0","model":{"type":"BPE","vocab":{"a":0},"merges":[]}}"#,
+        )
+        .unwrap();
+        let mut recognised = 0;
+        for e in &entries {
+            let name = e["name"].as_str().unwrap();
+            let special = SpecialTokens {
+                bos_token: Some("<s>".into()),
+                eos_token: Some("</s>".into()),
+                ..Default::default()
+            };
+            let Ok(t) = ChatTemplate::new(e["template"].as_str().unwrap(), special) else {
+                continue;
+            };
+            let expected = match name {
+                "chatml" => Some("<|im_start|>"),
+                "llama3-instruct" => Some("<|start_header_id|>"),
+                "gemma-instruct" | "gemma3-instruct" => Some("<start_of_turn>"),
+                "zephyr" | "phi-3" => Some("<|assistant|>"),
+                _ => None,
+            };
+            match (ollama_chat(&t, &tok), expected) {
+                (Ok(c), Some(marker)) => {
+                    assert!(c.template.contains(marker), "{name}: {}", c.template);
+                    recognised += 1;
+                }
+                (Ok(c), None) => panic!("{name} is not a family graft knows, yet it became {}", c.template),
+                (Err(e), Some(_)) => panic!("{name}: {e}"),
+                (Err(e), None) => assert!(e.to_string().contains("--template"), "{e}"),
+            }
+        }
+        assert!(recognised >= 15, "{recognised}");
+    }
 }

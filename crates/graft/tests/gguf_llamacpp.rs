@@ -348,3 +348,38 @@ fn export_errors_name_the_problem() {
     let e = common::fails(graft().args(["export", "gguf-lora"]).arg(&root));
     assert!(e.contains("run directory") && e.contains("config.toml"), "{e}");
 }
+
+/// `graft export ollama` on a ChatML model: the GGUF and a Modelfile with Ollama's template,
+/// the end-of-turn stops and the template's default system prompt.
+#[test]
+fn ollama_export_writes_a_modelfile_for_the_chat_format() {
+    let Some(smol) = shared("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let root = tmp("ollama-export");
+    let dir = root.join("ollama");
+    let text = ok(graft()
+        .args(["export", "ollama"])
+        .arg(&smol)
+        .args(["--name", "smol-test", "--quant", "q8_0", "--out"])
+        .arg(&dir)
+        .env("PATH", ""));
+    assert!(text.contains("ollama create smol-test"), "{text}");
+    let m = std::fs::read_to_string(dir.join("Modelfile")).unwrap();
+    assert!(m.starts_with("FROM ./model.gguf\n"), "{m}");
+    assert!(
+        m.contains("TEMPLATE \"\"\"{{- range $i, $_ := .Messages }}<|im_start|>{{ .Role }}\n"),
+        "{m}"
+    );
+    assert!(m.contains("{{ end }}<|im_start|>assistant\n\"\"\""), "{m}");
+    assert!(m.contains("PARAMETER stop \"<|im_end|>\""), "{m}");
+    assert!(
+        m.contains("SYSTEM \"\"\"You are a helpful AI assistant named SmolLM, trained by Hugging Face\"\"\""),
+        "{m}"
+    );
+    let file = graft_model::weights::read_gguf(&dir.join("model.gguf")).unwrap();
+    assert_eq!(
+        file.metadata.get("general.file_type"),
+        Some(&graft_model::weights::GgufValue::U32(7))
+    );
+}
