@@ -241,3 +241,89 @@ fn pre_name(pre: &Value) -> Result<&'static str, OpenError> {
          llama.cpp would split text differently"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graft_data::TiktokenSpec;
+    use std::path::PathBuf;
+
+    fn shared(rel: &str) -> Option<PathBuf> {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/data")
+            .join(rel);
+        p.exists().then_some(p).or_else(|| {
+            eprintln!("skipping: {rel} not found (needs ../shared/data)");
+            None
+        })
+    }
+
+    fn get<'a>(keys: &'a [(String, GgufValue)], k: &str) -> Option<&'a GgufValue> {
+        keys.iter().find(|(key, _)| key == k).map(|(_, v)| v)
+    }
+
+    /// Llama 3's and Qwen2.5's byte-level vocabularies become `gpt2` with their own `pre`
+    /// names, every rank a token, the added specials control tokens, the embedding's extra rows
+    /// unused padding.
+    #[test]
+    fn tiktoken_vocabularies_name_their_pre_tokenizer() {
+        for (rel, spec, pre, vocab) in [
+            (
+                "tokenizers/llama3/tokenizer.model",
+                TiktokenSpec::llama3(),
+                "llama-bpe",
+                128256,
+            ),
+            (
+                "tokenizers/qwen2.5/qwen.tiktoken",
+                TiktokenSpec::qwen2(),
+                "qwen2",
+                151936,
+            ),
+        ] {
+            let Some(path) = shared(rel) else { return };
+            let tok = Tokenizer::from_tiktoken_file(&path, &spec).unwrap();
+            let keys = from_pipeline(&tok, vocab).unwrap();
+            assert_eq!(get(&keys, "tokenizer.ggml.model"), Some(&s("gpt2")), "{rel}");
+            assert_eq!(get(&keys, "tokenizer.ggml.pre"), Some(&s(pre)), "{rel}");
+            let Some(GgufValue::Array(tokens)) = get(&keys, "tokenizer.ggml.tokens") else {
+                panic!()
+            };
+            let Some(GgufValue::Array(types)) = get(&keys, "tokenizer.ggml.token_type") else {
+                panic!()
+            };
+            assert_eq!((tokens.len(), types.len()), (vocab, vocab), "{rel}");
+            let bos_or_first_special = tok.bos_id().unwrap_or(151643) as usize;
+            assert_eq!(types[bos_or_first_special], GgufValue::I32(CONTROL), "{rel}");
+            assert_eq!(types[0], GgufValue::I32(NORMAL), "{rel}");
+            let Some(GgufValue::Array(merges)) = get(&keys, "tokenizer.ggml.merges") else {
+                panic!()
+            };
+            assert!(merges.len() > 100_000, "{rel}: {} merges", merges.len());
+            // The round trip: graft's own GGUF reader builds the same tokenizer from these keys.
+            let pieces: Vec<String> = tokens.iter().map(|v| v.as_str().unwrap().to_string()).collect();
+            let types: Vec<i32> = types.iter().map(|v| v.as_i64().unwrap() as i32).collect();
+            let merges: Vec<String> = merges.iter().map(|v| v.as_str().unwrap().to_string()).collect();
+            let back =
+                Tokenizer::from_gguf_bpe(&pieces, &types, &merges, Some(pre), tok.bos_id(), None).unwrap();
+            for text in [
+                "Hello, world! 12345 apples",
+                "  indented\n\tcode() {}",
+                "naïve café 日本語",
+            ] {
+                assert_eq!(
+                    back.encode(text, false).unwrap().ids,
+                    tok.encode(text, false).unwrap().ids,
+                    "{rel}: {text:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_pre_tokenizers_are_named() {
+        let pre: Value = serde_json::json!({"type": "Whitespace"});
+        let e = pre_name(&pre).unwrap_err().to_string();
+        assert!(e.contains("Whitespace") && e.contains("llama-bpe"), "{e}");
+    }
+}
