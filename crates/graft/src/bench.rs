@@ -18,6 +18,8 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// Serving throughput and latency with many LoRA adapters resident.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// Prompt processing and single-stream decode on GGUF files, graft and llama.cpp side by side.
+    Decode(crate::bench_decode::DecodeBenchArgs),
 }
 
 /// Arguments of `graft bench train`.
@@ -78,6 +80,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(args) => train(&args),
         BenchCommand::Serve(args) => crate::bench_serve::run(&args),
+        BenchCommand::Decode(args) => crate::bench_decode::run(&args),
     }
 }
 
@@ -488,6 +491,17 @@ pub fn run_peer(
         .clone()
         .or_else(|| std::env::var("GRAFT_PYTHON").ok())
         .unwrap_or_else(|| "python3".into());
+    run_peer_with(&python, script, peer, packages, add_args)
+}
+
+/// [`run_peer`] with an explicit Python.
+pub fn run_peer_with(
+    python: &str,
+    script: &str,
+    peer: &str,
+    packages: &str,
+    add_args: impl FnOnce(&mut std::process::Command) -> Result<()>,
+) -> Result<Option<serde_json::Value>> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../scripts")
         .join(script);
@@ -495,7 +509,7 @@ pub fn run_peer(
         eprintln!("(skipping the {peer} comparison: {} not found)", path.display());
         return Ok(None);
     }
-    let mut cmd = std::process::Command::new(&python);
+    let mut cmd = std::process::Command::new(python);
     cmd.arg(&path);
     add_args(&mut cmd)?;
     eprintln!("running the {peer} reference: {python} {} …", path.display());

@@ -4,6 +4,7 @@
 //! crates (`graft-model`, `graft-data`, `graft-train`, `graft-serve`).
 
 mod bench;
+mod bench_decode;
 mod bench_grpo;
 mod bench_serve;
 mod chat_cmd;
