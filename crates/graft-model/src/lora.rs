@@ -152,17 +152,7 @@ impl<B: Backend> Model<B> {
                     let lin = &mut layer.linears[i];
                     let mut w = b.weight_to_host(&lin.w);
                     let (av, bv) = (b.weight_to_host(&m.a), b.weight_to_host(&m.b));
-                    for o in 0..lin.out {
-                        for k in 0..m.r {
-                            let coef = m.scale * bv[o * m.r + k];
-                            if coef != 0.0 {
-                                let arow = &av[k * lin.inp..(k + 1) * lin.inp];
-                                for (wv, &a) in w[o * lin.inp..(o + 1) * lin.inp].iter_mut().zip(arow) {
-                                    *wv += coef * a;
-                                }
-                            }
-                        }
-                    }
+                    crate::peft::add_lora_delta(&mut w, &av, &bv, m.r, m.scale, lin.inp);
                     let buf = b.upload(&w);
                     b.weight_update(&mut lin.w, &buf);
                 }

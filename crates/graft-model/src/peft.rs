@@ -610,6 +610,24 @@ impl LoraPair {
     }
 }
 
+/// Adds one LoRA pair's `scale · B A` to the `[out, inp]` row-major weight `w` in place (`a`:
+/// `[r, inp]`, `b`: `[out, r]`), in f32, row by row — the one merge every export uses.
+pub fn add_lora_delta(w: &mut [f32], a: &[f32], b: &[f32], r: usize, scale: f32, inp: usize) {
+    if inp == 0 || r == 0 {
+        return;
+    }
+    for (o, wrow) in w.chunks_exact_mut(inp).enumerate() {
+        for k in 0..r {
+            let coef = scale * b[o * r + k];
+            if coef != 0.0 {
+                for (wv, &x) in wrow.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                    *wv += coef * x;
+                }
+            }
+        }
+    }
+}
+
 /// The LoRA pairs of one decoder layer (`None` where a projection has no adapter).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LayerLora {

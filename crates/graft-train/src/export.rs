@@ -11,8 +11,6 @@
 use crate::config::TrainConfig;
 use crate::sft::{TrainError, config_chat_template, load_tokenizer};
 use graft_data::{ChatTemplate, Message, Tokenizer};
-use graft_kernels::Cpu;
-use graft_model::model::{Model, WeightStorage};
 use graft_model::peft::{LoraAdapter, load_peft_adapter};
 use graft_model::weights::quantize::FileType;
 use graft_model::weights::{DType, LoadedModel, load_model, save_gguf_lora, save_gguf_model};
@@ -108,19 +106,52 @@ fn open_source(run_or_model: &str) -> Result<ExportSource, TrainError> {
 }
 
 impl ExportSource {
-    /// The model with the run's result applied (adapter merged, or the full fine-tune's weights).
-    fn merged_model(&self) -> Result<Model<Cpu>, TrainError> {
-        if let Some(dir) = &self.full_model {
-            let full = load_model(dir).map_err(err)?;
-            return Model::from_weights(Cpu, &full.spec, &full.weights, WeightStorage::F32).map_err(err);
+    /// The exported model's tensors (HF names and shapes) and a reader of each one's f32 values
+    /// with the run's adapter merged in: one tensor in memory at a time, read from the
+    /// (memory-mapped) base or full fine-tune.
+    fn merged_tensors(&self) -> Result<MergedTensors<'_>, TrainError> {
+        let full = match &self.full_model {
+            Some(dir) => Some(load_model(dir).map_err(err)?),
+            None => None,
+        };
+        let spec = full.as_ref().map_or(&self.base.spec, |f| &f.spec).clone();
+        Ok(MergedTensors {
+            list: graft_model::weights::hf_tensor_shapes(&spec),
+            spec,
+            full,
+            source: self,
+        })
+    }
+}
+
+/// See [`ExportSource::merged_tensors`].
+struct MergedTensors<'a> {
+    spec: graft_model::ModelSpec,
+    list: Vec<(String, Vec<usize>)>,
+    full: Option<LoadedModel>,
+    source: &'a ExportSource,
+}
+
+impl MergedTensors<'_> {
+    fn read(&self, i: usize) -> Result<Vec<f32>, graft_model::ModelError> {
+        let (name, shape) = &self.list[i];
+        let store = self
+            .full
+            .as_ref()
+            .map_or(&self.source.base.weights, |f| &f.weights);
+        let mut w = store.f32(name, shape)?;
+        if let Some(adapter) = &self.source.adapter
+            && let Some(rest) = name.strip_prefix("model.layers.")
+            && let Some((layer, module)) = rest.split_once('.')
+            && let (Ok(layer), Some(module)) = (layer.parse::<usize>(), module.strip_suffix(".weight"))
+            && let Some(m) = graft_model::peft::LoraModule::ALL
+                .into_iter()
+                .find(|m| m.path(layer) == format!("model.layers.{layer}.{module}"))
+            && let Some(pair) = adapter.layers.get(layer).and_then(|l| l.get(m))
+        {
+            graft_model::peft::add_lora_delta(&mut w, &pair.a, &pair.b, pair.r, pair.scale, shape[1]);
         }
-        let mut model =
-            Model::from_weights(Cpu, &self.base.spec, &self.base.weights, WeightStorage::F32).map_err(err)?;
-        if let Some(a) = &self.adapter {
-            model.set_adapter(a);
-            model.merge_adapter();
-        }
-        Ok(model)
+        Ok(w)
     }
 }
 
@@ -147,23 +178,27 @@ fn count_types(types: &[(String, DType)]) -> Vec<(DType, usize)> {
 }
 
 fn write_merged_gguf(src: &ExportSource, out: &Path, ftype: FileType) -> Result<GgufExport, TrainError> {
-    let model = src.merged_model()?;
+    let tensors = src.merged_tensors()?;
     let tok_meta = graft_hub::gguf_tokenizer::gguf_tokenizer_metadata(
         &src.base,
         &src.tokenizer,
         src.template.as_ref(),
-        model.spec.vocab_size,
+        tensors.spec.vocab_size,
     )
     .map_err(|e| err(format!("{}: tokenizer: {e}", src.base.path.display())))?;
-    let tensors = model.named_tensors();
-    let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
-        .iter()
-        .map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice()))
-        .collect();
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
     }
-    let types = save_gguf_model(out, &model.spec, &refs, ftype, &src.name, &tok_meta).map_err(err)?;
+    let types = save_gguf_model(
+        out,
+        &tensors.spec,
+        &tensors.list,
+        |i| tensors.read(i),
+        ftype,
+        &src.name,
+        &tok_meta,
+    )
+    .map_err(err)?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     Ok(GgufExport {
         path: out.to_path_buf(),

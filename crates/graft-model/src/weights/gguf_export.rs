@@ -164,14 +164,16 @@ fn quantize_err<'a>(path: &'a Path, name: &'a str) -> impl Fn(String) -> ModelEr
     move |e| ModelError::tensor(path, name, e)
 }
 
-/// Writes the model with `spec` and HF-named f32 `tensors` (`(name, shape, data)`, shapes as
-/// transformers has them) as one GGUF file of file type `ftype`, with `extra` metadata (the
-/// tokenizer and chat template) after the model's own keys. Returns the type each GGUF tensor
-/// was written in, by GGUF name.
+/// Writes the model with `spec` as one GGUF file of file type `ftype`, with `extra` metadata (the
+/// tokenizer and chat template) after the model's own keys. `tensors` are HF names and shapes (as
+/// transformers has them); `fetch(i)` gives tensor `i`'s f32 values when it is written, so only
+/// one tensor is in memory at a time. Returns the type each GGUF tensor was written in, by GGUF
+/// name.
 pub fn save_gguf_model(
     path: &Path,
     spec: &ModelSpec,
-    tensors: &[(String, Vec<usize>, &[f32])],
+    tensors: &[(String, Vec<usize>)],
+    mut fetch: impl FnMut(usize) -> Result<Vec<f32>, ModelError>,
     ftype: FileType,
     name: &str,
     extra: &[(String, GgufValue)],
@@ -182,16 +184,9 @@ pub fn save_gguf_model(
 
     // (GGUF name, dims innermost-first, index into `tensors` or None for rope_freqs).
     let mut layout: Vec<(String, Vec<u64>, Option<usize>)> = Vec::with_capacity(tensors.len() + 1);
-    for (i, (hf, shape, data)) in tensors.iter().enumerate() {
+    for (i, (hf, shape)) in tensors.iter().enumerate() {
         let gguf = gguf_name(hf)
             .ok_or_else(|| ModelError::tensor(path, hf, "has no GGUF counterpart in llama.cpp's naming"))?;
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(ModelError::tensor(
-                path,
-                hf,
-                format!("shape {shape:?} does not match {} values", data.len()),
-            ));
-        }
         layout.push((gguf, shape.iter().rev().map(|&d| d as u64).collect(), Some(i)));
     }
     let rope_factors = llama3_rope_factors(spec);
@@ -221,16 +216,19 @@ pub fn save_gguf_model(
             let f = rope_factors.as_deref().unwrap_or(&[]);
             return quantize::quantize(types[i], f, row_len).map_err(quantize_err(path, gguf));
         };
-        let (hf, shape, data) = &tensors[source];
-        match interleaved_heads(spec, hf) {
-            Some(heads) => {
-                let mut permuted = data.to_vec();
-                rope_half_to_interleaved(&mut permuted, heads, shape[0]);
-                quantize::quantize(types[i], &permuted, row_len)
-            }
-            None => quantize::quantize(types[i], data, row_len),
+        let (hf, shape) = &tensors[source];
+        let mut data = fetch(source)?;
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(ModelError::tensor(
+                path,
+                hf,
+                format!("shape {shape:?} does not match {} values", data.len()),
+            ));
         }
-        .map_err(quantize_err(path, gguf))
+        if let Some(heads) = interleaved_heads(spec, hf) {
+            rope_half_to_interleaved(&mut data, heads, shape[0]);
+        }
+        quantize::quantize(types[i], &data, row_len).map_err(quantize_err(path, gguf))
     })?;
     Ok(specs.into_iter().map(|s| (s.name, s.dtype)).collect())
 }
