@@ -857,7 +857,7 @@ fn rope_scaling(
 }
 
 /// The divisor Llama 3 scaling applies to one inverse frequency.
-fn llama3_factor(freq: f64, factor: f64, low: f64, high: f64, original: f64) -> f64 {
+pub(super) fn llama3_factor(freq: f64, factor: f64, low: f64, high: f64, original: f64) -> f64 {
     let wavelen = 2.0 * std::f64::consts::PI / freq;
     let (low_wavelen, high_wavelen) = (original / low, original / high);
     if wavelen < high_wavelen {

@@ -111,24 +111,18 @@ fn llama3_rope_factors(spec: &ModelSpec) -> Option<Vec<f32>> {
     else {
         return None;
     };
-    let original = original_max_position_embeddings as f64;
-    let (low, high, factor) = (low_freq_factor as f64, high_freq_factor as f64, factor as f64);
-    let (low_wavelen, high_wavelen) = (original / low, original / high);
     let hd = spec.head_dim;
     Some(
         (0..hd / 2)
             .map(|i| {
                 let freq = 1.0 / (spec.rope_theta as f64).powf(2.0 * i as f64 / hd as f64);
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                let f = if wavelen < high_wavelen {
-                    1.0
-                } else if wavelen > low_wavelen {
-                    factor
-                } else {
-                    let smooth = (original / wavelen - low) / (high - low);
-                    1.0 / ((1.0 - smooth) / factor + smooth)
-                };
-                f as f32
+                super::gguf::llama3_factor(
+                    freq,
+                    factor as f64,
+                    low_freq_factor as f64,
+                    high_freq_factor as f64,
+                    original_max_position_embeddings as f64,
+                ) as f32
             })
             .collect(),
     )
@@ -309,4 +303,56 @@ pub fn save_gguf_lora(
         };
         Ok(values.iter().flat_map(|x| x.to_le_bytes()).collect())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::{named_shape, random_tensor};
+    use crate::weights::{hf_tensor_shapes, load_model};
+
+    /// An f32 export reads back as the same spec and the same weights, for a `llama` model with
+    /// Llama 3 RoPE scaling (q/k rows re-interleaved, factors as `rope_freqs.weight`) and for
+    /// qwen2 with biases and a tied head.
+    #[test]
+    fn f32_exports_read_back_as_written() {
+        let dir = std::env::temp_dir().join(format!("graft-gguf-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut llama = named_shape("tiny").unwrap();
+        llama.rope_scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        };
+        llama.max_position_embeddings = 512;
+        let mut qwen = named_shape("tiny").unwrap();
+        qwen.architecture = Architecture::Qwen2;
+        qwen.qkv_bias = true;
+        qwen.tie_word_embeddings = true;
+        for (i, spec) in [llama, qwen].into_iter().enumerate() {
+            let list = hf_tensor_shapes(&spec);
+            let data: Vec<Vec<f32>> = list.iter().map(|(n, s)| random_tensor(n, s, 7)).collect();
+            let path = dir.join(format!("m{i}.gguf"));
+            save_gguf_model(
+                &path,
+                &spec,
+                &list,
+                |k| Ok(data[k].clone()),
+                FileType::F32,
+                "t",
+                &[],
+            )
+            .unwrap();
+            let back = load_model(&path).unwrap();
+            let mut want = spec.clone();
+            want.bos_token_id = None;
+            want.eos_token_ids.clear();
+            assert_eq!(back.spec, want, "{:?}", spec.architecture);
+            for ((n, s), d) in list.iter().zip(&data) {
+                assert_eq!(&back.weights.f32(n, s).unwrap(), d, "{n}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
