@@ -55,14 +55,9 @@ fn graft_side(path: &std::path::Path, prompt: usize, tokens: usize) -> Result<(f
     let ids = prompt_ids(loaded.spec.vocab_size, prompt);
     let greedy = SamplingParams::default();
     // Warm-up (page-in, thread pool), then the timed runs.
-    model.generate(
-        &ids[..ids.len().min(16)],
-        2,
-        greedy,
-        &[],
-        Precision::Fast,
-        |_| true,
-    );
+    model.generate(&ids[..ids.len().min(16)], 2, greedy, &[], Precision::Fast, |_| {
+        true
+    });
     let t = Instant::now();
     model.generate(&ids, 1, greedy, &[], Precision::Fast, |_| true);
     let first = t.elapsed().as_secs_f64();
