@@ -766,10 +766,13 @@ fn parse_key(key: &str) -> Option<(usize, LoraModule, &'static str)> {
     (module.block() == block).then_some((layer, module, ab))
 }
 
-/// Loads a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`) for a
-/// model with `spec`. Every A/B shape is checked against the spec and the config's rank; errors
+/// Loads a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`) — or a
+/// llama.cpp LoRA `.gguf` file — for a model with `spec`. Every A/B shape is checked against the spec and the config's rank; errors
 /// name the key or config field.
 pub fn load_peft_adapter(dir: &Path, spec: &ModelSpec) -> Result<LoraAdapter, ModelError> {
+    if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return crate::weights::gguf::load_gguf_lora(dir, spec);
+    }
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
     let value: Value = serde_json::from_str(&text)

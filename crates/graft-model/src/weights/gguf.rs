@@ -937,3 +937,126 @@ fn tokenizer(meta: &Meta, bos: Option<u32>, eos: Option<u32>) -> Result<Tokenize
         chat_template: meta.opt_str("tokenizer.chat_template")?,
     })
 }
+
+/// Reads a llama.cpp LoRA adapter GGUF (`general.type = adapter`, `adapter.type = lora`, tensors
+/// `blk.N.<module>.weight.lora_a` / `.lora_b`, as `convert_lora_to_gguf.py` and `graft export
+/// gguf-lora` write them) for a base with `spec`: each pair's scale is llama.cpp's
+/// `adapter.lora.alpha / r` (1 without an alpha), q/k B rows of `llama` models go back to HF's
+/// rotate-half order. Errors name the file and the tensor or key.
+pub(crate) fn load_gguf_lora(path: &Path, spec: &ModelSpec) -> Result<crate::peft::LoraAdapter, ModelError> {
+    use crate::peft::{LoraAdapter, LoraAdapterConfig, LoraModule, LoraPair};
+    let map = map_file(path)?;
+    let file = parse_gguf(path, &map)?;
+    let meta = Meta { file: &file, path };
+    if meta.opt_str("general.type")?.as_deref() != Some("adapter")
+        || meta.opt_str("adapter.type")?.as_deref() != Some("lora")
+    {
+        return Err(meta.err(
+            "general.type",
+            "not a LoRA adapter GGUF (expected general.type = adapter and adapter.type = lora)",
+        ));
+    }
+    let arch = meta.opt_str("general.architecture")?.unwrap_or_default();
+    let base_arch = super::gguf_export::gguf_architecture(spec.architecture);
+    if arch != base_arch {
+        return Err(meta.err(
+            "general.architecture",
+            format!("the adapter is for `{arch}`, the base model is `{base_arch}`"),
+        ));
+    }
+    let alpha = meta.opt_f64("adapter.lora.alpha")?.unwrap_or(0.0) as f32;
+    let tensor = |t: &GgufTensor| -> Result<Vec<f32>, ModelError> {
+        let dtype = dtype_of(t.ggml_type).ok_or_else(|| {
+            ModelError::tensor(
+                path,
+                &t.name,
+                format!("has type {}, which graft does not read", t.type_name()),
+            )
+        })?;
+        let n: u64 = t.dims.iter().product();
+        let len = dtype.storage_bytes(n as usize).ok_or_else(|| {
+            ModelError::tensor(path, &t.name, format!("dims {:?} are not whole blocks", t.dims))
+        })?;
+        let start = t.offset as usize;
+        let bytes = map
+            .get(start..start.saturating_add(len))
+            .ok_or_else(|| ModelError::tensor(path, &t.name, "data lies beyond the end of the file"))?;
+        super::quantize::dequantize(dtype, bytes, n as usize)
+            .map_err(|e| ModelError::tensor(path, &t.name, e))
+    };
+    let mut adapter = LoraAdapter::zeros(LoraAdapterConfig::new(1, 1.0, &[]), spec);
+    let mut modules = Vec::new();
+    let mut first_rank = None;
+    for t in &file.tensors {
+        let Some(base) = t.name.strip_suffix(".lora_a") else {
+            if !t.name.ends_with(".lora_b") {
+                return Err(ModelError::tensor(
+                    path,
+                    &t.name,
+                    "is neither a lora_a nor a lora_b tensor",
+                ));
+            }
+            continue;
+        };
+        let b_name = format!("{base}.lora_b");
+        let b = file
+            .tensors
+            .iter()
+            .find(|x| x.name == b_name)
+            .ok_or_else(|| ModelError::tensor(path, &t.name, format!("has no `{b_name}`")))?;
+        let hf = hf_name(base)
+            .ok_or_else(|| ModelError::tensor(path, &t.name, "names no projection graft knows"))?;
+        let rest = hf.strip_prefix("model.layers.").unwrap_or("");
+        let (layer, module) = rest.split_once('.').unwrap_or(("", ""));
+        let layer: usize = layer
+            .parse()
+            .map_err(|_| ModelError::tensor(path, &t.name, "is not in a layer"))?;
+        let module = module.strip_suffix(".weight").unwrap_or(module);
+        let m = LoraModule::ALL
+            .into_iter()
+            .find(|m| m.path(layer) == format!("model.layers.{layer}.{module}"))
+            .ok_or_else(|| ModelError::tensor(path, &t.name, "is not a LoRA-able projection"))?;
+        if layer >= spec.num_layers {
+            return Err(ModelError::tensor(
+                path,
+                &t.name,
+                format!("layer {layer} of a {}-layer model", spec.num_layers),
+            ));
+        }
+        let (out, inp) = m.dims(spec);
+        let r = t.dims.get(1).copied().unwrap_or(0) as usize;
+        if t.dims != [inp as u64, r as u64] || b.dims != [r as u64, out as u64] || r == 0 {
+            return Err(ModelError::tensor(
+                path,
+                &t.name,
+                format!(
+                    "dims {:?} / {:?}; expected [{inp}, r] and [r, {out}] for {hf}",
+                    t.dims, b.dims
+                ),
+            ));
+        }
+        let a = tensor(t)?;
+        let mut bv = tensor(b)?;
+        if base_arch == "llama" {
+            match m {
+                LoraModule::Q => super::rope_interleaved_to_half(&mut bv, spec.num_heads, out),
+                LoraModule::K => super::rope_interleaved_to_half(&mut bv, spec.num_kv_heads, out),
+                _ => {}
+            }
+        }
+        let scale = if alpha == 0.0 { 1.0 } else { alpha / r as f32 };
+        *adapter.layers[layer].get_mut(m) = Some(LoraPair { a, b: bv, r, scale });
+        if !modules.contains(&m) {
+            modules.push(m);
+        }
+        first_rank.get_or_insert(r);
+    }
+    let Some(r) = first_rank else {
+        return Err(ModelError::format(
+            path,
+            "the adapter has no lora_a/lora_b tensors",
+        ));
+    };
+    adapter.config = LoraAdapterConfig::new(r, if alpha == 0.0 { r as f32 } else { alpha }, &modules);
+    Ok(adapter)
+}

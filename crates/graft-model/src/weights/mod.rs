@@ -11,7 +11,7 @@
 //! weights), and q/k rows in HF's rotate-half RoPE order: llama2.c files and GGUF `llama` files
 //! keep the interleaved order and are permuted on access (see [`rope_interleaved_to_half`]).
 
-mod gguf;
+pub(crate) mod gguf;
 mod gguf_export;
 mod gguf_write;
 mod llama2c;
