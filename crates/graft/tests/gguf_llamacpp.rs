@@ -8,7 +8,8 @@
 //!   near tie (top-2 logits within 0.5 in graft) is not a failure.
 //! - `graft export gguf-lora` and the merged export of a LoRA run on stories260K (a
 //!   SentencePiece tokenizer from an HF folder): llama.cpp with `--lora` on the base, llama.cpp on
-//!   the merged file and graft with the PEFT adapter give the same greedy tokens.
+//!   the merged file, graft with the PEFT adapter and graft with the adapter GGUF read back give
+//!   the same greedy tokens.
 //!
 //! Needs `../shared/data` and a Python with `llama_cpp` (`GRAFT_LLAMACPP_PYTHON`, default
 //! `python3`); skips with the reason otherwise.
@@ -281,6 +282,18 @@ fn lora_gguf_applies_in_llama_cpp_as_in_graft() {
         tuned,
         "merged export"
     );
+    // graft reads the llama.cpp adapter back (`--adapter FILE.gguf`) as the same adapter.
+    let (_, from_gguf) = graft_greedy(&model, Some(&lora), prompt, false, 20);
+    assert_eq!(from_gguf, tuned, "graft with --adapter adapter.gguf");
+    let e = common::fails(
+        graft()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .arg("--adapter")
+            .arg(&base_gguf)
+            .args(["--prompt", "x"]),
+    );
+    assert!(e.contains("not a LoRA adapter GGUF"), "{e}");
 }
 
 /// Without llama.cpp: an f32 export reads back into exactly the logits of its source (an HF
