@@ -84,6 +84,16 @@ impl LoraModule {
         format!("model.layers.{layer}.{}.{}", self.block(), self.name())
     }
 
+    /// The layer and module of an HF weight name (`model.layers.3.self_attn.q_proj.weight`), if
+    /// it is one of the seven LoRA-able projections.
+    pub fn of_weight(name: &str) -> Option<(usize, LoraModule)> {
+        let rest = name.strip_prefix("model.layers.")?.strip_suffix(".weight")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let (block, module) = rest.split_once('.')?;
+        let m = LoraModule::from_name(module)?;
+        (m.block() == block).then_some((layer.parse().ok()?, m))
+    }
+
     /// `(out_features, in_features)` of the projection for `spec`.
     pub fn dims(self, spec: &ModelSpec) -> (usize, usize) {
         let (h, f) = (spec.hidden_size, spec.intermediate_size);

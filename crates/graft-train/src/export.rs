@@ -141,12 +141,7 @@ impl MergedTensors<'_> {
             .map_or(&self.source.base.weights, |f| &f.weights);
         let mut w = store.f32(name, shape)?;
         if let Some(adapter) = &self.source.adapter
-            && let Some(rest) = name.strip_prefix("model.layers.")
-            && let Some((layer, module)) = rest.split_once('.')
-            && let (Ok(layer), Some(module)) = (layer.parse::<usize>(), module.strip_suffix(".weight"))
-            && let Some(m) = graft_model::peft::LoraModule::ALL
-                .into_iter()
-                .find(|m| m.path(layer) == format!("model.layers.{layer}.{module}"))
+            && let Some((layer, m)) = graft_model::peft::LoraModule::of_weight(name)
             && let Some(pair) = adapter.layers.get(layer).and_then(|l| l.get(m))
         {
             graft_model::peft::add_lora_delta(&mut w, &pair.a, &pair.b, pair.r, pair.scale, shape[1]);

@@ -48,28 +48,22 @@ fn prompt_ids(vocab: usize, n: usize) -> Vec<u32> {
         .collect()
 }
 
-/// (prompt tokens/s, decode tokens/s) of graft on one file.
-fn graft_side(path: &std::path::Path, prompt: usize, tokens: usize) -> Result<(f64, f64, u64)> {
-    let loaded = graft_model::weights::load_model(path)?;
+/// (prompt tokens/s, decode tokens/s) of graft on the model `loaded` for the prompt `ids`.
+fn graft_side(loaded: &graft_model::weights::LoadedModel, ids: &[u32], tokens: usize) -> Result<(f64, f64)> {
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::Bf16)?;
-    let ids = prompt_ids(loaded.spec.vocab_size, prompt);
     let greedy = SamplingParams::default();
     // Warm-up (page-in, thread pool), then the timed runs.
     model.generate(&ids[..ids.len().min(16)], 2, greedy, &[], Precision::Fast, |_| {
         true
     });
     let t = Instant::now();
-    model.generate(&ids, 1, greedy, &[], Precision::Fast, |_| true);
+    model.generate(ids, 1, greedy, &[], Precision::Fast, |_| true);
     let first = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (out, _) = model.generate(&ids, tokens + 1, greedy, &[], Precision::Fast, |_| true);
+    let (out, _) = model.generate(ids, tokens + 1, greedy, &[], Precision::Fast, |_| true);
     let all = t.elapsed().as_secs_f64();
     let decode = (out.len().saturating_sub(1)) as f64 / (all - first).max(1e-9);
-    Ok((
-        prompt as f64 / first,
-        decode,
-        crate::bench::peak_rss_mb().unwrap_or(0.0) as u64,
-    ))
+    Ok((ids.len() as f64 / first, decode))
 }
 
 /// Runs `graft bench decode`.
@@ -91,8 +85,11 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
         "file", "graft pp t/s", "llama pp", "ratio", "graft tg t/s", "llama tg", "ratio"
     );
     for path in &args.models {
-        let (pp, tg, _) = graft_side(path, args.prompt, args.tokens)
-            .with_context(|| format!("graft on {}", path.display()))?;
+        let loaded = graft_model::weights::load_model(path).with_context(|| path.display().to_string())?;
+        let ids = prompt_ids(loaded.spec.vocab_size, args.prompt);
+        let (pp, tg) =
+            graft_side(&loaded, &ids, args.tokens).with_context(|| format!("graft on {}", path.display()))?;
+        drop(loaded);
         let peer = if args.no_peer {
             None
         } else {
@@ -102,10 +99,6 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
                 "llama.cpp",
                 "llama-cpp-python",
                 |cmd| {
-                    let ids = prompt_ids(
-                        graft_model::weights::load_model(path)?.spec.vocab_size,
-                        args.prompt,
-                    );
                     let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
                     cmd.arg(path)
                         .args(["--ids", &ids.join(","), "--tokens", &args.tokens.to_string()])

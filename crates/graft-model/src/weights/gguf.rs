@@ -1006,15 +1006,7 @@ pub(crate) fn load_gguf_lora(path: &Path, spec: &ModelSpec) -> Result<crate::pef
             .ok_or_else(|| ModelError::tensor(path, &t.name, format!("has no `{b_name}`")))?;
         let hf = hf_name(base)
             .ok_or_else(|| ModelError::tensor(path, &t.name, "names no projection graft knows"))?;
-        let rest = hf.strip_prefix("model.layers.").unwrap_or("");
-        let (layer, module) = rest.split_once('.').unwrap_or(("", ""));
-        let layer: usize = layer
-            .parse()
-            .map_err(|_| ModelError::tensor(path, &t.name, "is not in a layer"))?;
-        let module = module.strip_suffix(".weight").unwrap_or(module);
-        let m = LoraModule::ALL
-            .into_iter()
-            .find(|m| m.path(layer) == format!("model.layers.{layer}.{module}"))
+        let (layer, m) = LoraModule::of_weight(&hf)
             .ok_or_else(|| ModelError::tensor(path, &t.name, "is not a LoRA-able projection"))?;
         if layer >= spec.num_layers {
             return Err(ModelError::tensor(

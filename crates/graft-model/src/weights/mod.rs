@@ -572,27 +572,17 @@ fn convert_chunk_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 /// rotate-half layout (pairs `(i, i + head_dim/2)`): HF row `h*hd + j*hd/2 + i` = interleaved row
 /// `h*hd + 2i + j`. `rows` must be a multiple of `heads` with an even quotient.
 pub fn rope_interleaved_to_half<T: Copy>(data: &mut [T], heads: usize, rows: usize) {
-    if rows == 0 || heads == 0 {
-        return;
-    }
-    let cols = data.len() / rows;
-    let hd = rows / heads;
-    let src = data.to_vec();
-    for h in 0..heads {
-        for i in 0..hd / 2 {
-            for j in 0..2 {
-                let dst_row = h * hd + j * hd / 2 + i;
-                let src_row = h * hd + 2 * i + j;
-                data[dst_row * cols..(dst_row + 1) * cols]
-                    .copy_from_slice(&src[src_row * cols..(src_row + 1) * cols]);
-            }
-        }
-    }
+    permute_rope_rows(data, heads, rows, true);
 }
 
 /// The inverse of [`rope_interleaved_to_half`]: Hugging Face's rotate-half row order back into
 /// the interleaved order GGUF `llama` files store (what llama.cpp's converter writes).
 pub fn rope_half_to_interleaved<T: Copy>(data: &mut [T], heads: usize, rows: usize) {
+    permute_rope_rows(data, heads, rows, false);
+}
+
+/// Moves row `h*hd + 2i + j` (interleaved) to `h*hd + j*hd/2 + i` (rotate-half), or back.
+fn permute_rope_rows<T: Copy>(data: &mut [T], heads: usize, rows: usize, to_half: bool) {
     if rows == 0 || heads == 0 {
         return;
     }
@@ -602,8 +592,13 @@ pub fn rope_half_to_interleaved<T: Copy>(data: &mut [T], heads: usize, rows: usi
     for h in 0..heads {
         for i in 0..hd / 2 {
             for j in 0..2 {
-                let dst_row = h * hd + 2 * i + j;
-                let src_row = h * hd + j * hd / 2 + i;
+                let half = h * hd + j * hd / 2 + i;
+                let interleaved = h * hd + 2 * i + j;
+                let (dst_row, src_row) = if to_half {
+                    (half, interleaved)
+                } else {
+                    (interleaved, half)
+                };
                 data[dst_row * cols..(dst_row + 1) * cols]
                     .copy_from_slice(&src[src_row * cols..(src_row + 1) * cols]);
             }

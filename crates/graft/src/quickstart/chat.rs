@@ -10,8 +10,6 @@ use graft_kernels::{Cpu, Precision};
 use graft_model::model::{Model, WeightStorage};
 use graft_model::sample::SamplingParams;
 use graft_model::weights::load_model;
-use graft_train::config::TrainConfig;
-use graft_train::signal::StopFlag;
 use serde_json::json;
 use std::path::Path;
 
@@ -294,27 +292,9 @@ dir = {run}
         "   plus {} of the model's own answers to general requests, so it keeps them",
         kept.len()
     );
-    if run_dir.exists() {
-        let previous = out.join("run-previous");
-        let _ = std::fs::remove_dir_all(&previous);
-        std::fs::rename(&run_dir, &previous)?;
-        eprintln!(
-            "   the previous quickstart run was moved to {} (this run replaces the one before it)",
-            previous.display()
-        );
-    }
+    super::set_aside_previous_run(out, &run_dir)?;
     eprintln!("3. fine-tuning with LoRA: {}", cfg_path.display());
-    let cfg = TrainConfig::load(&cfg_path, &[])?;
-    let stop = StopFlag::install()?;
-    let summary = graft_train::sft::run(&cfg, false, &stop)?;
-    if summary.interrupted {
-        eprintln!(
-            "stopped by {}; continue with: graft train --resume {}",
-            summary.signal.unwrap_or("a signal"),
-            run_dir.display()
-        );
-        std::process::exit(130);
-    }
+    let summary = super::train(&cfg_path, &run_dir)?;
     let adapter = run_dir.join("adapter");
     if !adapter.join("adapter_config.json").exists() {
         bail!("{}: the run wrote no adapter", run_dir.display());

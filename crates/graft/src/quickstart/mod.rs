@@ -9,7 +9,9 @@ mod chat;
 mod toy;
 
 use anyhow::Result;
-use std::path::PathBuf;
+use graft_train::config::TrainConfig;
+use graft_train::signal::StopFlag;
+use std::path::{Path, PathBuf};
 
 /// The chat model the quickstart uses when `--model` is not given.
 pub const DEFAULT_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -55,4 +57,35 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
             toy::run(args)
         }
     }
+}
+
+/// Moves an earlier quickstart run out of the way (to `run-previous`) rather than replacing it
+/// silently.
+fn set_aside_previous_run(out: &Path, run_dir: &Path) -> Result<()> {
+    if run_dir.exists() {
+        let previous = out.join("run-previous");
+        let _ = std::fs::remove_dir_all(&previous);
+        std::fs::rename(run_dir, &previous)?;
+        eprintln!(
+            "   the previous quickstart run was moved to {} (this run replaces the one before it)",
+            previous.display()
+        );
+    }
+    Ok(())
+}
+
+/// Trains the run `cfg_path` describes; on Ctrl-C says how to resume and exits with 130.
+fn train(cfg_path: &Path, run_dir: &Path) -> Result<graft_train::sft::RunSummary> {
+    let cfg = TrainConfig::load(cfg_path, &[])?;
+    let stop = StopFlag::install()?;
+    let summary = graft_train::sft::run(&cfg, false, &stop)?;
+    if summary.interrupted {
+        eprintln!(
+            "stopped by {}; continue with: graft train --resume {}",
+            summary.signal.unwrap_or("a signal"),
+            run_dir.display()
+        );
+        std::process::exit(130);
+    }
+    Ok(summary)
 }

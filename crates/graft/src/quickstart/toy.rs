@@ -10,8 +10,6 @@ use graft_model::model::{Model, WeightStorage};
 use graft_model::sample::SamplingParams;
 use graft_model::shapes::random_tensor;
 use graft_model::{Architecture, ModelSpec, RopeScaling};
-use graft_train::config::TrainConfig;
-use graft_train::signal::StopFlag;
 use serde_json::json;
 use std::path::Path;
 
@@ -217,15 +215,8 @@ pub(super) fn run(args: &QuickstartArgs) -> Result<()> {
         eprintln!("   accuracy before fine-tuning: {:.1}%", 100.0 * before);
     }
     let run_dir = out.join("run");
-    if run_dir.exists() && !args.prepare_only {
-        // Keep the last run rather than silently replacing it.
-        let previous = out.join("run-previous");
-        let _ = std::fs::remove_dir_all(&previous);
-        std::fs::rename(&run_dir, &previous)?;
-        eprintln!(
-            "   the previous quickstart run was moved to {} (this run replaces the one before it)",
-            previous.display()
-        );
+    if !args.prepare_only {
+        super::set_aside_previous_run(out, &run_dir)?;
     }
     let config = format!(
         r#"# Written by `graft quickstart`; run it again with `graft train {cfg}`.
@@ -280,17 +271,7 @@ dir = "{run}"
         return Ok(());
     }
     eprintln!("3. fine-tuning with {}", cfg_path.display());
-    let cfg = TrainConfig::load(&cfg_path, &[])?;
-    let stop = StopFlag::install()?;
-    let summary = graft_train::sft::run(&cfg, false, &stop)?;
-    if summary.interrupted {
-        eprintln!(
-            "stopped by {}; continue with: graft train --resume {}",
-            summary.signal.unwrap_or("a signal"),
-            run_dir.display()
-        );
-        std::process::exit(130);
-    }
+    let summary = super::train(&cfg_path, &run_dir)?;
     let after = accuracy(&run_dir.join("model"), &eval_words, 5)?;
     println!(
         "quickstart: reverse-a-word accuracy on {} held-out words: {:.1}% before → {:.1}% after fine-tuning (eval loss {})",
