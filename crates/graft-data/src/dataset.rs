@@ -499,6 +499,7 @@ pub fn detect_row_format(row: &Json) -> Option<DatasetFormat> {
             DatasetFormat::Kto
         } else if has("chosen_messages") && has("rejected_messages")
             || has("chosen") && has("rejected")
+            || has("preferred_output") && has("non_preferred_output")
             || has("question") && has("response_j") && has("response_k")
         {
             DatasetFormat::Preference
@@ -1147,7 +1148,49 @@ pub fn parse_row(v: &Json, format: DatasetFormat) -> std::result::Result<Record,
     }
 }
 
+/// OpenAI's DPO fine-tuning rows: `{"input": {"messages", "tools"?}, "preferred_output":
+/// [assistant message], "non_preferred_output": [assistant message]}`.
+fn parse_openai_preference(obj: &Map<String, Json>) -> std::result::Result<Record, String> {
+    let input = match obj.get("input") {
+        Some(Json::Object(i)) => i,
+        Some(other) => {
+            return Err(format!(
+                "input: expected an object with \"messages\", got {}",
+                kind(other)
+            ));
+        }
+        None => {
+            return Err(
+                "missing \"input\" (OpenAI DPO rows: input, preferred_output, non_preferred_output)".into(),
+            );
+        }
+    };
+    let (prompt, _) = parse_messages(
+        input.get("messages").ok_or("input: missing \"messages\"")?,
+        "input.messages",
+    )?;
+    let tools = parse_tools(input.get("tools"), "input.tools")?;
+    let output = |field: &str| -> std::result::Result<Turns, String> {
+        let v = obj.get(field).ok_or(format!("missing \"{field}\""))?;
+        let (m, _) = parse_messages(v, field)?;
+        if m.iter().any(|m| m.role != "assistant") {
+            return Err(format!("{field}: expected assistant messages only"));
+        }
+        Ok(Turns::Chat(m))
+    };
+    Ok(Record::Preference(Preference {
+        prompt: Turns::Chat(prompt),
+        chosen: output("preferred_output")?,
+        rejected: output("non_preferred_output")?,
+        tools,
+        margin: None,
+    }))
+}
+
 fn parse_preference(obj: &Map<String, Json>) -> std::result::Result<Record, String> {
+    if obj.contains_key("preferred_output") {
+        return parse_openai_preference(obj);
+    }
     let tools = parse_tools(obj.get("tools"), "tools")?;
     let margin = match obj.get("margin") {
         None | Some(Json::Null) => None,
@@ -1222,6 +1265,40 @@ mod tests {
     }
 
     #[test]
+    fn openai_dpo_rows() {
+        let row = json!({
+            "input": {"messages": [{"role": "user", "content": "Hi"}], "tools": []},
+            "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+            "non_preferred_output": [{"role": "assistant", "content": "Go away."}]
+        });
+        let Record::Preference(p) = parse_row(&row, DatasetFormat::Preference).unwrap() else {
+            panic!("not a preference")
+        };
+        assert_eq!(p.prompt, Turns::Chat(vec![Message::new("user", "Hi")]));
+        assert_eq!(p.chosen, Turns::Chat(vec![Message::new("assistant", "Hello!")]));
+        assert_eq!(
+            p.rejected,
+            Turns::Chat(vec![Message::new("assistant", "Go away.")])
+        );
+        let bad = json!({
+            "input": {"messages": [{"role": "user", "content": "Hi"}]},
+            "preferred_output": [{"role": "user", "content": "x"}],
+            "non_preferred_output": [{"role": "assistant", "content": "y"}]
+        });
+        let e = parse_row(&bad, DatasetFormat::Preference).unwrap_err();
+        assert!(
+            e.contains("preferred_output: expected assistant messages only"),
+            "{e}"
+        );
+        let e = parse_row(
+            &json!({"preferred_output": [], "non_preferred_output": []}),
+            DatasetFormat::Preference,
+        )
+        .unwrap_err();
+        assert!(e.contains("missing \"input\""), "{e}");
+    }
+
+    #[test]
     fn detects_formats() {
         let cases = [
             (json!({"messages": []}), DatasetFormat::OpenAiChat),
@@ -1245,6 +1322,10 @@ mod tests {
             ),
             (json!({"text": ""}), DatasetFormat::Text),
             (json!({"chosen": "", "rejected": ""}), DatasetFormat::Preference),
+            (
+                json!({"input": {}, "preferred_output": [], "non_preferred_output": []}),
+                DatasetFormat::Preference,
+            ),
         ];
         for (row, f) in cases {
             assert_eq!(detect_row_format(&row), Some(f), "{row}");

@@ -203,6 +203,15 @@ impl ApiError {
     }
 }
 
+/// The API error of a jobs-service failure.
+pub fn jobs_error(e: graft_jobs::JobsError) -> ApiError {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut out = ApiError::from_status(status, e.message);
+    out.param = e.param;
+    out.code = e.code;
+    out
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.message, self.status)

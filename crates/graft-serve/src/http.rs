@@ -10,6 +10,7 @@ use crate::api::{
 };
 use crate::error::ApiError;
 use crate::middleware;
+use crate::middleware::Project;
 use crate::service;
 use crate::state::AppState;
 use axum::Router;
@@ -19,7 +20,7 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, middleware as mw};
+use axum::{Extension, Json, middleware as mw};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -53,13 +54,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/v1/models", get(list_models))
-        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/models/{*id}", get(get_model).delete(delete_model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/adapters", post(load_adapter).get(list_adapters))
         .route("/v1/adapters/{name}", delete(unload_adapter))
         .route("/v1/load_lora_adapter", post(load_lora_adapter))
         .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
+        .merge(crate::jobs_http::routes(state.max_file_bytes))
         .route_layer(mw::from_fn_with_state(state.clone(), middleware::require_api_key));
     let routes = Router::new()
         .route("/health", get(health))
@@ -102,52 +104,85 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn list_models(State(st): State<Arc<AppState>>) -> Answer {
-    json(service::list_models(&st))
+/// The request's project (set by the API-key layer).
+type Proj = Extension<Project>;
+
+async fn list_models(State(st): State<Arc<AppState>>, Extension(p): Proj) -> Answer {
+    json(service::list_models(&st, &p.0)?)
 }
 
-async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Answer {
-    json(service::get_model(&st, &id)?)
+async fn get_model(State(st): State<Arc<AppState>>, Extension(p): Proj, Path(id): Path<String>) -> Answer {
+    json(service::get_model(&st, &p.0, &id)?)
 }
 
-async fn chat_completions(State(st): State<Arc<AppState>>, Parsed(req): Parsed<ChatRequest>) -> Answer {
-    service::chat(&st, req)?.respond().await
+async fn delete_model(State(st): State<Arc<AppState>>, Extension(p): Proj, Path(id): Path<String>) -> Answer {
+    json(service::delete_model(&st, &p.0, &id)?)
 }
 
-async fn completions(State(st): State<Arc<AppState>>, Parsed(req): Parsed<CompletionRequest>) -> Answer {
-    service::completion(&st, req)?.respond().await
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
+    Parsed(req): Parsed<ChatRequest>,
+) -> Answer {
+    service::chat(&st, &p.0, req)?.respond().await
 }
 
-async fn tokenize(State(st): State<Arc<AppState>>, Parsed(req): Parsed<TokenizeRequest>) -> Answer {
-    json(service::tokenize(&st, req)?)
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
+    Parsed(req): Parsed<CompletionRequest>,
+) -> Answer {
+    service::completion(&st, &p.0, req)?.respond().await
 }
 
-async fn detokenize(State(st): State<Arc<AppState>>, Parsed(req): Parsed<DetokenizeRequest>) -> Answer {
-    json(service::detokenize(&st, req)?)
+async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
+    Parsed(req): Parsed<TokenizeRequest>,
+) -> Answer {
+    json(service::tokenize(&st, &p.0, req)?)
 }
 
-async fn list_adapters(State(st): State<Arc<AppState>>) -> Answer {
-    json(service::list_adapters(&st))
+async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
+    Parsed(req): Parsed<DetokenizeRequest>,
+) -> Answer {
+    json(service::detokenize(&st, &p.0, req)?)
 }
 
-async fn load_adapter(State(st): State<Arc<AppState>>, Parsed(req): Parsed<LoadAdapterRequest>) -> Answer {
-    json(service::load_adapter(&st, req).await?)
+async fn list_adapters(State(st): State<Arc<AppState>>, Extension(p): Proj) -> Answer {
+    json(service::list_adapters(&st, &p.0))
+}
+
+async fn load_adapter(
+    State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
+    Parsed(req): Parsed<LoadAdapterRequest>,
+) -> Answer {
+    json(service::load_adapter(&st, &p.0, req).await?)
 }
 
 async fn load_lora_adapter(
     State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
     Parsed(LoadLoraAdapterRequest(req)): Parsed<LoadLoraAdapterRequest>,
 ) -> Answer {
-    json(service::load_adapter(&st, req).await?)
+    json(service::load_adapter(&st, &p.0, req).await?)
 }
 
-async fn unload_adapter(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Answer {
-    json(service::unload_adapter(&st, &name, "name")?)
+async fn unload_adapter(
+    State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
+    Path(name): Path<String>,
+) -> Answer {
+    json(service::unload_adapter(&st, &p.0, &name, "name")?)
 }
 
 async fn unload_lora_adapter(
     State(st): State<Arc<AppState>>,
+    Extension(p): Proj,
     Parsed(req): Parsed<UnloadLoraAdapterRequest>,
 ) -> Answer {
-    json(service::unload_adapter(&st, &req.name, "lora_name")?)
+    json(service::unload_adapter(&st, &p.0, &req.name, "lora_name")?)
 }

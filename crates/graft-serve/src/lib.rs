@@ -30,6 +30,7 @@ pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod jobs_http;
 pub mod metrics;
 pub mod middleware;
 pub mod registry;
@@ -86,11 +87,16 @@ pub struct ServeOptions {
     pub health_timeout: std::time::Duration,
     /// After a shutdown signal, how long open requests may finish before they are cut.
     pub shutdown_grace: std::time::Duration,
+    /// Largest file upload accepted by `POST /v1/files`, in bytes.
+    pub max_file_bytes: usize,
+    /// The fine-tuning API (`--jobs`): its state directory, workers and threads. The base
+    /// model's names and context are filled in from the served model.
+    pub jobs: Option<graft_jobs::JobsConfig>,
 }
 
 impl ServeOptions {
     /// Defaults: batch 32, queue 256, prefill chunk 512, fast precision, no keys, 2 MiB bodies,
-    /// 5 s health timeout, 30 s shutdown grace.
+    /// 5 s health timeout, 30 s shutdown grace, 512 MiB uploads.
     pub fn new(base_name: impl Into<String>) -> ServeOptions {
         ServeOptions {
             base_name: base_name.into(),
@@ -107,6 +113,8 @@ impl ServeOptions {
             max_body_bytes: 2 << 20,
             health_timeout: std::time::Duration::from_secs(5),
             shutdown_grace: std::time::Duration::from_secs(30),
+            max_file_bytes: 512 << 20,
+            jobs: None,
         }
     }
 }
@@ -135,6 +143,16 @@ pub fn build_state(
     let kv_budget_tokens = options.kv_cache_tokens.unwrap_or_else(|| {
         available_memory_bytes().map_or(usize::MAX, |m| (m / 2 / bytes_per_token).max(max_context))
     });
+    let jobs = match &options.jobs {
+        Some(cfg) => {
+            let mut cfg = cfg.clone();
+            cfg.base_model = options.base_name.clone();
+            cfg.base_aliases = options.base_aliases.clone();
+            cfg.context = max_context;
+            Some(graft_jobs::Jobs::open(cfg).map_err(|e| format!("--jobs: {e}"))?)
+        }
+        None => None,
+    };
     let model = Arc::new(model);
     let mut roots = options.adapter_roots.clone();
     if let Some(d) = &options.adapters_dir {
@@ -181,6 +199,8 @@ pub fn build_state(
         health_timeout: options.health_timeout,
         drain: Arc::new(drain::Drain::new()),
         shutdown_grace: options.shutdown_grace,
+        max_file_bytes: options.max_file_bytes,
+        jobs,
     }))
 }
 
@@ -234,6 +254,10 @@ pub async fn serve(
     tokio::select! {
         r = std::future::IntoFuture::into_future(server) => r?,
         () = give_up => {}
+    }
+    // Running fine-tuning jobs save a checkpoint and go back to the queue.
+    if let Some(jobs) = state.jobs.clone() {
+        let _ = tokio::task::spawn_blocking(move || jobs.shutdown()).await;
     }
     Ok(ShutdownReport {
         cut: state.drain.cut_count(),

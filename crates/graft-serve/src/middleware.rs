@@ -17,27 +17,44 @@ pub fn check_api_key(api_keys: &[String], headers: &HeaderMap) -> Result<(), Api
     if api_keys.is_empty() {
         return Ok(());
     }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    match given {
+    match bearer(headers) {
         None => Err(ApiError::unauthorized(
             "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
         )),
-        Some(k) if api_keys.iter().any(|a| a == k) => Ok(()),
+        Some(k) if api_keys.contains(&k) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("Incorrect API key provided.")),
     }
 }
 
-/// Refuses the request with 401 unless it carries an accepted API key; runs before the
-/// handler reads the body.
-pub async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// The project a request acts for: one per API key (`default` when the server takes none).
+/// Files, jobs, fine-tuned models and adapters loaded through the API belong to one project.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Project(pub String);
+
+/// Refuses the request with 401 unless it carries an accepted API key, and records the
+/// [`Project`] of the key for the handler; runs before the handler reads the body.
+pub async fn require_api_key(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     match check_api_key(&st.api_keys, req.headers()) {
-        Ok(()) => next.run(req).await,
+        Ok(()) => {
+            let key = if st.api_keys.is_empty() {
+                None
+            } else {
+                bearer(req.headers())
+            };
+            let project = Project(graft_jobs::project_of_key(key.as_deref()));
+            req.extensions_mut().insert(project);
+            next.run(req).await
+        }
         Err(e) => e.into_response(),
     }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|v| v.trim().to_string())
 }
 
 /// Refuses requests with 503 once shutdown has begun (`/metrics` stays readable).

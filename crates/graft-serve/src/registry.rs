@@ -25,6 +25,16 @@ pub struct AdapterEntry {
     pub config: LoraAdapterConfig,
     /// Unix seconds when it was loaded.
     pub created: u64,
+    /// The project (API key) that loaded it and alone may use it; `None`: every client
+    /// (adapters loaded at startup).
+    pub owner: Option<String>,
+}
+
+impl AdapterEntry {
+    /// Whether `project` may see and use this adapter.
+    pub fn visible_to(&self, project: &str) -> bool {
+        self.owner.as_deref().is_none_or(|o| o == project)
+    }
 }
 
 /// Why an adapter could not be loaded or found.
@@ -186,7 +196,12 @@ impl Registry {
 
     /// Loads the PEFT adapter at `path` (resolved by [`Registry::resolve_path`]) as `name`;
     /// every file it reads must resolve inside the roots too.
-    pub fn load(&self, name: &str, path: &str) -> Result<Arc<AdapterEntry>, RegistryError> {
+    pub fn load(
+        &self,
+        name: &str,
+        path: &str,
+        owner: Option<&str>,
+    ) -> Result<Arc<AdapterEntry>, RegistryError> {
         validate_name(name).map_err(RegistryError::InvalidName)?;
         if self.reserved.iter().any(|r| r == name) {
             return Err(RegistryError::InvalidName(format!(
@@ -200,7 +215,7 @@ impl Registry {
         self.check_files_inside_roots(&dir, path)?;
         // Errors name files by the path the caller gave, not where they are on the server.
         let server_dir = dir.display().to_string();
-        self.load_dir(name, &dir).map_err(|e| match e {
+        self.load_unchecked(name, &dir, owner).map_err(|e| match e {
             RegistryError::Load(m) => RegistryError::Load(m.replace(&server_dir, path)),
             e => e,
         })
@@ -210,6 +225,31 @@ impl Registry {
     /// adapters with NaN or infinite weights are refused.
     pub fn load_dir(&self, name: &str, dir: &Path) -> Result<Arc<AdapterEntry>, RegistryError> {
         validate_name(name).map_err(RegistryError::InvalidName)?;
+        self.load_unchecked(name, dir, None)
+    }
+
+    /// Loads `dir` as `name` for `owner` without checking the name's characters: the server's
+    /// own fine-tuned models (`ft:base:suffix:id`), whose directories it wrote itself.
+    pub fn load_fine_tuned(
+        &self,
+        name: &str,
+        dir: &Path,
+        owner: &str,
+    ) -> Result<Arc<AdapterEntry>, RegistryError> {
+        match self.load_unchecked(name, dir, Some(owner)) {
+            Err(RegistryError::Exists(_)) => {
+                self.get(name).ok_or_else(|| RegistryError::NotFound(name.into()))
+            }
+            r => r,
+        }
+    }
+
+    fn load_unchecked(
+        &self,
+        name: &str,
+        dir: &Path,
+        owner: Option<&str>,
+    ) -> Result<Arc<AdapterEntry>, RegistryError> {
         let lora = load_peft_adapter(dir, &self.model.spec)
             .map_err(|e| RegistryError::Load(format!("cannot load adapter `{name}`: {e}")))?;
         check_finite(&lora).map_err(|e| RegistryError::Load(format!("cannot load adapter `{name}`: {e}")))?;
@@ -219,6 +259,7 @@ impl Registry {
             adapter: self.model.upload_adapter(&lora),
             config: lora.config,
             created: now_secs(),
+            owner: owner.map(str::to_string),
         });
         let mut map = self.adapters.write().unwrap_or_else(|e| e.into_inner());
         if map.contains_key(name) {

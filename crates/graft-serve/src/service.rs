@@ -45,8 +45,8 @@ fn render_chat(
 }
 
 /// Submits a chat completion.
-pub fn chat(st: &Arc<AppState>, req: ChatRequest) -> Result<Job, ApiError> {
-    let (model, adapter) = st.resolve_model(req.model.as_deref())?;
+pub fn chat(st: &Arc<AppState>, project: &str, req: ChatRequest) -> Result<Job, ApiError> {
+    let (model, adapter) = st.resolve_model(req.model.as_deref(), project)?;
     let mut text = render_chat(
         st,
         &req.messages,
@@ -72,8 +72,8 @@ pub fn chat(st: &Arc<AppState>, req: ChatRequest) -> Result<Job, ApiError> {
 }
 
 /// Submits a text completion.
-pub fn completion(st: &Arc<AppState>, req: CompletionRequest) -> Result<Job, ApiError> {
-    let (model, adapter) = st.resolve_model(req.model.as_deref())?;
+pub fn completion(st: &Arc<AppState>, project: &str, req: CompletionRequest) -> Result<Job, ApiError> {
+    let (model, adapter) = st.resolve_model(req.model.as_deref(), project)?;
     let prompts = match req.prompt {
         Prompt::Texts(texts) => texts
             .iter()
@@ -234,8 +234,8 @@ pub async fn health(st: &AppState) -> Result<Value, ApiError> {
 }
 
 /// vLLM's `/tokenize`: the token ids of a prompt or of a rendered conversation.
-pub fn tokenize(st: &AppState, req: TokenizeRequest) -> Result<Value, ApiError> {
-    st.resolve_model(req.model.as_deref())?;
+pub fn tokenize(st: &AppState, project: &str, req: TokenizeRequest) -> Result<Value, ApiError> {
+    st.resolve_model(req.model.as_deref(), project)?;
     let ids = match req.input {
         TokenizeInput::Messages {
             messages,
@@ -263,8 +263,8 @@ pub fn tokenize(st: &AppState, req: TokenizeRequest) -> Result<Value, ApiError> 
 }
 
 /// vLLM's `/detokenize`: the text of token ids.
-pub fn detokenize(st: &AppState, req: DetokenizeRequest) -> Result<Value, ApiError> {
-    st.resolve_model(req.model.as_deref())?;
+pub fn detokenize(st: &AppState, project: &str, req: DetokenizeRequest) -> Result<Value, ApiError> {
+    st.resolve_model(req.model.as_deref(), project)?;
     if req.tokens.iter().any(|&t| t as usize >= st.vocab) {
         return Err(crate::api::bad_tokens());
     }
@@ -297,30 +297,60 @@ pub fn model_object(st: &AppState, id: &str, adapter: Option<&AdapterEntry>) -> 
     }
 }
 
-/// `/v1/models`: the base model, then every adapter.
-pub fn list_models(st: &AppState) -> Value {
+/// `/v1/models`: the base model, then every adapter and fine-tuned model `project` may use.
+pub fn list_models(st: &AppState, project: &str) -> Result<Value, ApiError> {
     let mut data = vec![model_object(st, &st.base_name, None)];
+    let loaded = st.registry.list();
     data.extend(
-        st.registry
-            .list()
+        loaded
             .iter()
+            .filter(|a| a.visible_to(project))
             .map(|a| model_object(st, &a.name, Some(a))),
     );
-    json!({"object": "list", "data": data})
+    if let Some(jobs) = &st.jobs {
+        for m in jobs.list_models(project).map_err(crate::error::jobs_error)? {
+            if !loaded.iter().any(|a| a.name == m.id) {
+                data.push(json!({
+                    "id": m.id, "object": "model", "created": m.created, "owned_by": project,
+                    "root": st.base_name, "parent": st.base_name,
+                    "max_model_len": st.engine.config().max_context,
+                }));
+            }
+        }
+    }
+    Ok(json!({"object": "list", "data": data}))
 }
 
 /// `/v1/models/{id}`.
-pub fn get_model(st: &AppState, id: &str) -> Result<Value, ApiError> {
-    let (name, adapter) = st.resolve_model(Some(id))?;
+pub fn get_model(st: &AppState, project: &str, id: &str) -> Result<Value, ApiError> {
+    let (name, adapter) = st.resolve_model(Some(id), project)?;
     Ok(model_object(st, &name, adapter.as_deref()))
 }
 
-/// `/v1/adapters`: the loaded adapters.
-pub fn list_adapters(st: &AppState) -> Value {
+/// `DELETE /v1/models/{id}`: a fine-tuned model of `project` is deleted (no longer listed or
+/// served); an adapter is unloaded.
+pub fn delete_model(st: &AppState, project: &str, id: &str) -> Result<Value, ApiError> {
+    if let Some(jobs) = &st.jobs
+        && id.starts_with("ft:")
+        && let Some(v) = jobs.delete_model(project, id).map_err(crate::error::jobs_error)?
+    {
+        let _ = st.registry.remove(id);
+        st.update_adapter_gauge();
+        return Ok(v);
+    }
+    if id == st.base_name || st.base_aliases.iter().any(|a| a == id) {
+        return Err(ApiError::invalid("model", "the base model cannot be deleted"));
+    }
+    unload_adapter(st, project, id, "model")
+}
+
+/// `/v1/adapters`: the loaded adapters `project` may use.
+pub fn list_adapters(st: &AppState, project: &str) -> Value {
     let data: Vec<Value> = st
         .registry
         .list()
         .iter()
+        .filter(|a| a.visible_to(project))
         .map(|a| model_object(st, &a.name, Some(a)))
         .collect();
     json!({"object": "list", "data": data})
@@ -347,10 +377,16 @@ fn registry_error(e: RegistryError, name_param: &str, path_param: &str) -> ApiEr
 }
 
 /// Loads an adapter (on a blocking thread: it reads and uploads the weights).
-pub async fn load_adapter(st: &Arc<AppState>, req: LoadAdapterRequest) -> Result<Value, ApiError> {
+pub async fn load_adapter(
+    st: &Arc<AppState>,
+    project: &str,
+    req: LoadAdapterRequest,
+) -> Result<Value, ApiError> {
     let reg = st.registry.clone();
     let (name, path) = (req.name.clone(), req.path.clone());
-    let entry = tokio::task::spawn_blocking(move || reg.load(&name, &path))
+    // With API keys, an adapter belongs to the project that loaded it.
+    let owner = (!st.api_keys.is_empty()).then(|| project.to_string());
+    let entry = tokio::task::spawn_blocking(move || reg.load(&name, &path, owner.as_deref()))
         .await
         .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))?
         .map_err(|e| registry_error(e, req.name_field, req.path_field))?;
@@ -359,7 +395,14 @@ pub async fn load_adapter(st: &Arc<AppState>, req: LoadAdapterRequest) -> Result
 }
 
 /// Unloads an adapter; requests already using it finish with it.
-pub fn unload_adapter(st: &AppState, name: &str, param: &str) -> Result<Value, ApiError> {
+pub fn unload_adapter(st: &AppState, project: &str, name: &str, param: &str) -> Result<Value, ApiError> {
+    if st.registry.get(name).is_some_and(|a| !a.visible_to(project)) {
+        return Err(registry_error(
+            RegistryError::NotFound(name.into()),
+            param,
+            "path",
+        ));
+    }
     st.registry
         .remove(name)
         .map_err(|e| registry_error(e, param, "path"))?;

@@ -44,21 +44,48 @@ pub struct AppState {
     pub drain: Arc<Drain>,
     /// How long open requests may run on after shutdown begins.
     pub shutdown_grace: std::time::Duration,
+    /// Largest file upload accepted, in bytes.
+    pub max_file_bytes: usize,
+    /// The fine-tuning jobs service (`graft serve --jobs`).
+    pub jobs: Option<Arc<graft_jobs::Jobs>>,
 }
 
 impl AppState {
-    /// The base model (`None` or one of its names) or a loaded adapter; 404 otherwise.
-    pub fn resolve_model(&self, name: Option<&str>) -> Result<(String, Option<Arc<AdapterEntry>>), ApiError> {
+    /// The base model (`None` or one of its names), an adapter `project` may use, or one of
+    /// its fine-tuned models (`ft:…`, loaded on first use); 404 otherwise — also for another
+    /// project's adapters, so their names do not leak.
+    pub fn resolve_model(
+        &self,
+        name: Option<&str>,
+        project: &str,
+    ) -> Result<(String, Option<Arc<AdapterEntry>>), ApiError> {
         let Some(name) = name else {
             return Ok((self.base_name.clone(), None));
         };
         if name == self.base_name || self.base_aliases.iter().any(|a| a == name) {
             return Ok((name.to_string(), None));
         }
-        match self.registry.get(name) {
-            Some(a) => Ok((name.to_string(), Some(a))),
-            None => Err(ApiError::model_not_found(name)),
+        if let Some(a) = self.registry.get(name) {
+            if a.visible_to(project) {
+                return Ok((name.to_string(), Some(a)));
+            }
+            return Err(ApiError::model_not_found(name));
         }
+        if let Some(jobs) = &self.jobs
+            && let Some(m) = jobs
+                .resolve_model(project, name)
+                .map_err(crate::error::jobs_error)?
+        {
+            let entry = self
+                .registry
+                .load_fine_tuned(&m.id, &m.dir, &m.project)
+                .map_err(|e| {
+                    ApiError::internal(format!("the fine-tuned model {name} cannot be loaded: {e}"))
+                })?;
+            self.update_adapter_gauge();
+            return Ok((name.to_string(), Some(entry)));
+        }
+        Err(ApiError::model_not_found(name))
     }
 
     /// Token ids of `text` (`special`: add BOS/EOS as the tokenizer does); errors name `param`.

@@ -1022,14 +1022,23 @@ pub fn train_loop<O: Objective>(
             || state.step == total_steps
             || (cfg.train.save_every > 0 && state.step.is_multiple_of(cfg.train.save_every))
         {
-            save_checkpoint(&run_dir, &mut model, mode, &opt, &state, cfg, objective.state()).map_err(
-                |e| {
-                    err(format!(
-                        "saving the checkpoint of step {} failed (earlier checkpoints are intact): {e}",
-                        state.step
-                    ))
-                },
-            )?;
+            let peft = peft_out.as_ref();
+            save_checkpoint(
+                &run_dir,
+                &mut model,
+                mode,
+                peft,
+                &opt,
+                &state,
+                cfg,
+                objective.state(),
+            )
+            .map_err(|e| {
+                err(format!(
+                    "saving the checkpoint of step {} failed (earlier checkpoints are intact): {e}",
+                    state.step
+                ))
+            })?;
         }
         if stop_now {
             // The caller says how to continue (once).
@@ -1100,10 +1109,16 @@ fn kept_checkpoint_note(run_dir: &Path) -> String {
 /// The file an objective's own resume state goes to in a checkpoint ([`Objective::state`]).
 pub const OBJECTIVE_STATE_FILE: &str = "objective_state.json";
 
+/// The directory inside a LoRA checkpoint that holds its adapter as PEFT files (servable and
+/// exportable as it is: `graft serve --adapter …/checkpoints/step-N/peft`).
+pub const CHECKPOINT_PEFT_DIR: &str = "peft";
+
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     run_dir: &Path,
     model: &mut Model<Cpu>,
     mode: TrainMode,
+    peft: Option<&LoraAdapterConfig>,
     opt: &AdamW,
     state: &TrainerState,
     cfg: &TrainConfig,
@@ -1131,6 +1146,15 @@ fn save_checkpoint(
     opt.write_state_file(&w.path(OPTIMIZER_FILE).map_err(err)?)
         .map_err(err)?;
     w.write_json(TRAINER_STATE_FILE, state).map_err(err)?;
+    if let Some(peft) = peft {
+        let adapter = model.adapter(peft.clone());
+        save_peft_adapter(
+            &w.dir().join(CHECKPOINT_PEFT_DIR),
+            &adapter,
+            Some(&cfg.model.path),
+        )
+        .map_err(err)?;
+    }
     if let Some(v) = &objective_state {
         w.write_json(OBJECTIVE_STATE_FILE, v).map_err(err)?;
     }

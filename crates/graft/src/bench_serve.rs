@@ -90,6 +90,7 @@ fn random_adapter(model: &Model<Cpu>, config: &LoraAdapterConfig, index: usize) 
         adapter: model.upload_adapter(&lora),
         config: lora.config,
         created: 0,
+        owner: None,
     })
 }
 
