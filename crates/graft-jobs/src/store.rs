@@ -485,7 +485,9 @@ impl Store {
                 )
                 .map_err(db_err)?;
             let rows = stmt
-                .query_map(params![now as i64, worker], |r| r.get::<_, String>(0))
+                .query_map(params![now.min(i64::MAX as u64) as i64, worker], |r| {
+                    r.get::<_, String>(0)
+                })
                 .map_err(db_err)?;
             rows.collect::<Result<_, _>>().map_err(db_err)?
         };
@@ -694,5 +696,94 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("graft-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("db.sqlite")
+    }
+
+    fn job(id: &str) -> JobRow {
+        JobRow {
+            id: id.into(),
+            project: "p".into(),
+            status: "queued".into(),
+            ..JobRow::default()
+        }
+    }
+
+    #[test]
+    fn migrations_apply_once_and_state_survives_reopening() {
+        let path = tmp("migrate");
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
+        s.insert_job(&job("ftjob-a")).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
+        assert_eq!(s.get_job(Some("p"), "ftjob-a").unwrap().unwrap().status, "queued");
+        assert!(s.get_job(Some("other"), "ftjob-a").unwrap().is_none());
+    }
+
+    #[test]
+    fn claims_take_the_oldest_queued_job_once_and_orphans_return() {
+        let s = Store::open(&tmp("claim")).unwrap();
+        for id in ["ftjob-1", "ftjob-2"] {
+            s.insert_job(&job(id)).unwrap();
+        }
+        let a = s.claim_job("w1", 100).unwrap().unwrap();
+        assert_eq!(
+            (a.id.as_str(), a.status.as_str(), a.attempts),
+            ("ftjob-1", "running", 1)
+        );
+        let b = s.claim_job("w2", 100).unwrap().unwrap();
+        assert_eq!(b.id, "ftjob-2");
+        assert!(s.claim_job("w3", 100).unwrap().is_none());
+        // w1's lease ran out at 100; w2 renews.
+        s.modify_job("ftjob-2", |j| j.lease_until = 500).unwrap();
+        assert_eq!(s.requeue_orphans(200, None).unwrap(), vec!["ftjob-1".to_string()]);
+        assert_eq!(s.claim_job("w3", 300).unwrap().unwrap().attempts, 2);
+        // A restarted in-process server takes back everything marked running.
+        let mut back = s.requeue_orphans(u64::MAX, None).unwrap();
+        back.sort();
+        assert_eq!(back, vec!["ftjob-1".to_string(), "ftjob-2".to_string()]);
+    }
+
+    #[test]
+    fn pages_and_checkpoints() {
+        let s = Store::open(&tmp("pages")).unwrap();
+        for i in 0..5 {
+            s.insert_job(&job(&format!("ftjob-{i}"))).unwrap();
+        }
+        let (p1, more) = s.list_jobs("p", None, 2, &[]).unwrap();
+        assert_eq!(
+            p1.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["ftjob-4", "ftjob-3"]
+        );
+        assert!(more);
+        let (p3, more) = s.list_jobs("p", Some("ftjob-1"), 2, &[]).unwrap();
+        assert_eq!(p3.len(), 1);
+        assert!(!more);
+        let c = |step: u64| CheckpointRow {
+            id: format!("ftckpt-{step}"),
+            job_id: "ftjob-0".into(),
+            step,
+            created_at: 0,
+            metrics: serde_json::json!({}),
+            model_id: format!("m:ckpt-step-{step}"),
+        };
+        assert!(s.add_checkpoint(&c(5)).unwrap());
+        assert!(!s.add_checkpoint(&c(5)).unwrap(), "one record per step");
+        s.add_checkpoint(&c(10)).unwrap();
+        s.prune_checkpoints("ftjob-0", &[10]).unwrap();
+        let (rows, _) = s.list_checkpoints("ftjob-0", None, 10).unwrap();
+        assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), [10]);
     }
 }
