@@ -20,6 +20,9 @@ from openai import OpenAI
 
 BIN = os.environ["GRAFT_BIN"]
 FIXTURE = os.environ["GRAFT_FIXTURE"]
+# With GRAFT_DATABASE=postgres://…, the state is in PostgreSQL: the server only queues jobs and
+# two `graft worker` processes train them (one is killed mid-job by a test).
+DATABASE = os.environ.get("GRAFT_DATABASE")
 KEY1, KEY2 = "sk-jobs-one", "sk-jobs-two"
 
 
@@ -33,14 +36,22 @@ class Server:
         self.port = s.getsockname()[1]
         s.close()
         self.proc = None
+        self.workers = []
         self.log = open(os.path.join(self.state, "server.log"), "ab")
 
     def start(self):
+        shared = ["--state-dir", self.state, "--train-threads", "1"]
+        if DATABASE:
+            shared += ["--database", DATABASE, "--lease-seconds", "3"]
         self.proc = subprocess.Popen(
             [BIN, "serve", "--model", f"{FIXTURE}/model", "--served-model-name", "stories",
              "--host", "127.0.0.1", "--port", str(self.port), "--api-key", KEY1, "--api-key", KEY2,
-             "--jobs", "--state-dir", self.state, "--train-threads", "1", "--shutdown-grace", "2"],
+             "--jobs", "--shutdown-grace", "2", *shared]
+            + (["--max-concurrent-jobs", "0"] if DATABASE else []),
             stdout=self.log, stderr=self.log)
+        if DATABASE:
+            while len([w for w in self.workers if w.poll() is None]) < 2:
+                self.start_worker()
         url = f"http://127.0.0.1:{self.port}/health"
         for _ in range(300):
             try:
@@ -52,11 +63,31 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError("server did not come up")
 
+    def start_worker(self):
+        cmd = [BIN, "worker", "--model", f"{FIXTURE}/model", "--served-model-name", "stories",
+               "--database", DATABASE, "--state-dir", self.state, "--train-threads", "1",
+               "--lease-seconds", "3"]
+        self.workers.append(subprocess.Popen(cmd, stdout=self.log, stderr=self.log))
+
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def worker_of(self, job_id):
+        """The pid of the worker holding `job_id` (from the shared database)."""
+        out = subprocess.run(["psql", DATABASE, "-tAc", f"SELECT worker FROM jobs WHERE id = '{job_id}'"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        return int(out.rsplit("-", 2)[1]) if out else None  # host-pid-thread
+
     def stop(self):
+        for w in self.workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            try:
+                w.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                w.kill()
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -261,10 +292,11 @@ def test_pause_resume_cancel_and_queue(server):
     running = long_job(c)
     queued = long_job(c)
     wait_steps(c, running.id, 30)
-    # One worker: the second job waits, and can be cancelled while it does.
-    assert c.fine_tuning.jobs.retrieve(queued.id).status == "queued"
+    if not DATABASE:
+        # One worker: the second job waits, and can be cancelled while it does.
+        assert c.fine_tuning.jobs.retrieve(queued.id).status == "queued"
     assert c.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
-    assert c.fine_tuning.jobs.retrieve(queued.id).status == "cancelled"
+    wait(c, queued.id, {"cancelled"})
     c.fine_tuning.jobs.pause(running.id)
     paused = wait(c, running.id, {"paused"})
     step = metrics_steps(all_events(c, running.id))[-1]
@@ -336,8 +368,33 @@ def test_kill9_mid_job_resumes_from_checkpoint(server):
     wait_steps(c, job.id, step + 10)
     events = all_events(c, job.id)
     messages = [e.message for e in events]
+    if not DATABASE:  # in-process training died with the server; with workers it went on
+        assert any(m.startswith("Fine-tuning job resumed from step") for m in messages), messages
+    steps = metrics_steps(events)
+    assert steps == list(range(1, len(steps) + 1)), "events lost or repeated across the crash"
+    c.fine_tuning.jobs.cancel(job.id)
+    wait(c, job.id, {"cancelled"})
+
+
+@pytest.mark.skipif(not DATABASE, reason="workers need GRAFT_DATABASE=postgres://…")
+def test_worker_killed_mid_job_is_replaced(server):
+    c = server.client()
+    job = long_job(c)
+    step = wait_steps(c, job.id, 40)
+    pid = server.worker_of(job.id)
+    assert pid, "the job has no worker"
+    victim = next(w for w in server.workers if w.pid == pid)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    # The other worker takes the job once the dead one's lease runs out, from its checkpoint.
+    wait_steps(c, job.id, step + 30, timeout=180)
+    assert server.worker_of(job.id) != pid
+    events = all_events(c, job.id)
+    messages = [e.message for e in events]
+    assert any("stopped answering" in m for m in messages), messages
     assert any(m.startswith("Fine-tuning job resumed from step") for m in messages), messages
     steps = metrics_steps(events)
     assert steps == list(range(1, len(steps) + 1)), "events lost or repeated across the crash"
     c.fine_tuning.jobs.cancel(job.id)
     wait(c, job.id, {"cancelled"})
+    server.start_worker()

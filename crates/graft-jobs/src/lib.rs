@@ -23,6 +23,7 @@ pub mod config;
 pub mod files;
 pub mod request;
 pub mod runner;
+pub mod sql;
 pub mod store;
 
 use serde_json::{Value, json};
@@ -164,6 +165,12 @@ pub struct JobsConfig {
     pub chat_template: Option<String>,
     /// The tokenizer the server uses, when it is not the model's own.
     pub tokenizer: Option<String>,
+    /// Where the state lives: a `postgres://` URL (shared by a server and its workers), or
+    /// `None` for SQLite in the state directory.
+    pub database: Option<String>,
+    /// How long a worker's claim on a job holds without renewal (a dead worker's job is
+    /// requeued after it), in seconds.
+    pub lease_s: u64,
 }
 
 impl JobsConfig {
@@ -182,6 +189,8 @@ impl JobsConfig {
             grader_base_url: None,
             chat_template: None,
             tokenizer: None,
+            database: None,
+            lease_s: runner::LEASE_S,
         }
     }
 }
@@ -327,16 +336,21 @@ impl Jobs {
             std::fs::create_dir_all(&p)
                 .map_err(|e| JobsError::internal(format!("cannot create {}: {e}", p.display())))?;
         }
-        let store = Store::open(&config.state_dir.join("graft-jobs.sqlite"))?;
+        let database = match &config.database {
+            Some(url) => url.clone(),
+            None => config.state_dir.join("graft-jobs.sqlite").display().to_string(),
+        };
+        let store = Store::open(&database)?;
         let jobs = Arc::new(Jobs {
             store,
             config,
             shutdown: AtomicBool::new(false),
             workers: std::sync::Mutex::new(Vec::new()),
         });
-        if jobs.config.max_concurrent_jobs > 0 {
-            // In-process: every job marked running belonged to an earlier life of this server.
-            let requeued = jobs.store.requeue_orphans(u64::MAX, None)?;
+        if !jobs.store.is_shared() {
+            // SQLite has one process: every job marked running belonged to an earlier life of
+            // this server. (With PostgreSQL, workers requeue jobs whose lease ran out.)
+            let requeued = jobs.store.requeue_orphans(u64::MAX)?;
             for id in requeued {
                 jobs.event(
                     &id,
@@ -345,6 +359,8 @@ impl Jobs {
                     None,
                 )?;
             }
+        }
+        if jobs.config.max_concurrent_jobs > 0 {
             runner::start_workers(&jobs);
         }
         Ok(jobs)
@@ -503,7 +519,11 @@ impl Jobs {
     pub fn model_name(&self, job: &JobRow) -> String {
         format!(
             "ft:{}:{}:{}",
-            self.config.base_model,
+            if job.base.is_empty() {
+                &self.config.base_model
+            } else {
+                &job.base
+            },
             job.suffix.as_deref().unwrap_or(""),
             job_tail(&job.id)
         )
@@ -600,6 +620,7 @@ impl Jobs {
             created_at: now(),
             status: "validating_files".into(),
             model: req.model.clone(),
+            base: self.config.base_model.clone(),
             training_file: train.id.clone(),
             validation_file: validation.as_ref().map(|v| v.id.clone()),
             suffix: req.suffix.clone(),

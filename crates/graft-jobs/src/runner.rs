@@ -39,8 +39,25 @@ pub(crate) fn start_workers(jobs: &Arc<Jobs>) {
 
 /// Claims and runs jobs until the service shuts down.
 pub fn worker_loop(jobs: &Arc<Jobs>, worker: &str) {
+    let lease = jobs.config.lease_s.max(2);
     while !jobs.is_shutting_down() {
-        match jobs.store.claim_job(worker, now() + LEASE_S) {
+        // A worker that died left its jobs running with a lease that runs out: take them back.
+        if jobs.store.is_shared() {
+            match jobs.store.requeue_orphans(now()) {
+                Ok(ids) => {
+                    for id in ids {
+                        let _ = jobs.event(
+                            &id,
+                            "warn",
+                            "The worker running this job stopped answering; the job continues from its last checkpoint.",
+                            None,
+                        );
+                    }
+                }
+                Err(e) => eprintln!("graft: job worker {worker}: {e}"),
+            }
+        }
+        match jobs.store.claim_job(worker, now() + lease) {
             Ok(Some(job)) => {
                 if let Err(e) = run_job(jobs, job, worker) {
                     eprintln!("graft: job worker {worker}: {e}");
@@ -234,6 +251,7 @@ pub fn run_job(jobs: &Arc<Jobs>, job: JobRow, worker: &str) -> Result<(), JobsEr
     let stop = StopFlag::new();
     let done = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(AtomicBool::new(false));
+    let lease = jobs.config.lease_s.max(2);
     let monitor = {
         let (jobs, id, run_dir, stop, done, lost) = (
             jobs.clone(),
@@ -254,7 +272,7 @@ pub fn run_job(jobs: &Arc<Jobs>, job: JobRow, worker: &str) -> Result<(), JobsEr
                     if j.worker.as_deref() != Some(worker.as_str()) || j.status != "running" {
                         return (false, None);
                     }
-                    j.lease_until = now() + LEASE_S;
+                    j.lease_until = now() + lease;
                     (true, j.control.clone())
                 });
                 match renewed {

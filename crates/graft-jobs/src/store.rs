@@ -1,5 +1,6 @@
-//! Where jobs, files, events and checkpoints are kept: a SQLite database in the state directory,
-//! its schema versioned by [`MIGRATIONS`] and brought up to date when it is opened.
+//! Where jobs, files, events and checkpoints are kept: a SQLite file in the state directory, or
+//! PostgreSQL shared with `graft worker`s ([`crate::sql`]); the schema is versioned and brought
+//! up to date when the store is opened.
 //!
 //! A job is one JSON document ([`JobRow`]) plus the columns the queries filter on (status,
 //! project, worker, lease). Every change to a job goes through [`Store::modify_job`], a
@@ -7,56 +8,9 @@
 //! runner (progress, results) never overwrite each other's fields.
 
 use crate::JobsError;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use crate::sql::{Col, Db, P, Sql, V};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::path::Path;
-use std::sync::Mutex;
-
-/// Schema migrations, applied in order; `schema_version` records how many have run.
-pub const MIGRATIONS: &[&str] = &[
-    // 1: files, jobs, events, checkpoints.
-    "CREATE TABLE files (
-        id TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL,
-        project TEXT NOT NULL,
-        doc TEXT NOT NULL,
-        purpose TEXT NOT NULL,
-        deleted INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX files_project ON files(project, seq);
-    CREATE TABLE jobs (
-        id TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL,
-        project TEXT NOT NULL,
-        status TEXT NOT NULL,
-        worker TEXT,
-        lease_until INTEGER NOT NULL DEFAULT 0,
-        doc TEXT NOT NULL
-    );
-    CREATE INDEX jobs_project ON jobs(project, seq);
-    CREATE INDEX jobs_status ON jobs(status, seq);
-    CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        job_id TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        level TEXT NOT NULL,
-        message TEXT NOT NULL,
-        data TEXT,
-        kind TEXT NOT NULL
-    );
-    CREATE INDEX events_job ON events(job_id, seq);
-    CREATE TABLE checkpoints (
-        id TEXT PRIMARY KEY,
-        job_id TEXT NOT NULL,
-        step INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
-        metrics TEXT NOT NULL,
-        model_id TEXT NOT NULL UNIQUE,
-        UNIQUE(job_id, step)
-    );",
-];
 
 /// An uploaded file's record (the bytes live in the state directory).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,6 +46,9 @@ pub struct JobRow {
     pub status: String,
     /// The base model as the client named it (or the `ft:` model it continues).
     pub model: String,
+    /// The served base model's name (the `{base}` of the `ft:` model ids).
+    #[serde(default)]
+    pub base: String,
     /// Training file id.
     pub training_file: String,
     /// Validation file id.
@@ -171,13 +128,9 @@ pub struct CheckpointRow {
     pub model_id: String,
 }
 
-/// The SQLite state of the jobs service.
+/// The jobs state in SQLite or PostgreSQL.
 pub struct Store {
-    conn: Mutex<Connection>,
-}
-
-fn db_err(e: rusqlite::Error) -> JobsError {
-    JobsError::internal(format!("state database: {e}"))
+    db: Db,
 }
 
 fn json_err(e: serde_json::Error) -> JobsError {
@@ -187,102 +140,121 @@ fn json_err(e: serde_json::Error) -> JobsError {
 /// A page of a listing: the rows and whether more follow.
 pub type Page<T> = (Vec<T>, bool);
 
+fn doc<T: serde::de::DeserializeOwned>(v: &V) -> Result<T, JobsError> {
+    serde_json::from_str(&v.text()).map_err(json_err)
+}
+
+fn page_of<T>(mut rows: Vec<T>, limit: usize) -> Page<T> {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    (rows, more)
+}
+
+fn seq_of(
+    sql: &mut dyn Sql,
+    table: &str,
+    key: &str,
+    id: Option<&str>,
+    project: &str,
+) -> Result<Option<i64>, JobsError> {
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let rows = sql.rows(
+        &format!("SELECT {key} FROM {table} WHERE id = $1 AND project = $2"),
+        &[P::T(Some(id)), P::T(Some(project))],
+        &[Col::I],
+    )?;
+    // An unknown cursor starts nowhere: an empty page, as OpenAI answers.
+    Ok(Some(rows.first().map_or(i64::MIN, |r| r[0].int())))
+}
+
 impl Store {
-    /// Opens (creating) the database at `path` and applies pending migrations.
-    pub fn open(path: &Path) -> Result<Store, JobsError> {
-        let conn = Connection::open(path)
-            .map_err(|e| JobsError::internal(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))
-            .map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
-        let store = Store {
-            conn: Mutex::new(conn),
-        };
+    /// Opens (creating) the database — a SQLite file path or a `postgres://` URL — and applies
+    /// pending migrations (under a lock on PostgreSQL, so processes starting together agree).
+    pub fn open(database: &str) -> Result<Store, JobsError> {
+        let db = Db::open(database)?;
+        let store = Store { db };
         store.migrate()?;
         Ok(store)
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    /// Whether the state is in PostgreSQL (shared with workers on other machines).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
     }
 
     fn migrate(&self) -> Result<(), JobsError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            .map_err(db_err)?;
-        let version: Option<i64> = tx
-            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
-            .optional()
-            .map_err(db_err)?;
-        let have = version.unwrap_or(0) as usize;
-        if have > MIGRATIONS.len() {
-            return Err(JobsError::internal(format!(
-                "the state database has schema version {have}, newer than this graft knows ({}); use a newer graft",
-                MIGRATIONS.len()
-            )));
-        }
-        for m in &MIGRATIONS[have..] {
-            tx.execute_batch(m).map_err(db_err)?;
-        }
-        tx.execute("DELETE FROM schema_version", []).map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO schema_version (version) VALUES (?1)",
-            params![MIGRATIONS.len() as i64],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+        let migrations = self.db.migrations();
+        self.db.tx(|sql| {
+            if sql.is_postgres() {
+                sql.rows("SELECT pg_advisory_xact_lock(7210315)::TEXT", &[], &[Col::T])?;
+            }
+            sql.exec("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)", &[])?;
+            let have = sql
+                .rows("SELECT version FROM schema_version", &[], &[Col::I])?
+                .first()
+                .map_or(0, |r| r[0].int()) as usize;
+            if have > migrations.len() {
+                return Err(JobsError::internal(format!(
+                    "the state database has schema version {have}, newer than this graft knows ({}); use a newer graft",
+                    migrations.len()
+                )));
+            }
+            for m in &migrations[have..] {
+                for stmt in m.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    sql.exec(stmt, &[])?;
+                }
+            }
+            sql.exec("DELETE FROM schema_version", &[])?;
+            sql.exec(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[P::I(migrations.len() as i64)],
+            )?;
+            Ok(())
+        })
     }
 
     /// The schema version in use.
     pub fn schema_version(&self) -> Result<usize, JobsError> {
-        let v: i64 = self
-            .conn()
-            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
-            .map_err(db_err)?;
-        Ok(v as usize)
-    }
-
-    fn next_seq(conn: &Connection, table: &str) -> Result<i64, JobsError> {
-        conn.query_row(
-            &format!("SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}"),
-            [],
-            |r| r.get(0),
-        )
-        .map_err(db_err)
+        self.db.tx(|sql| {
+            Ok(sql
+                .rows("SELECT version FROM schema_version", &[], &[Col::I])?
+                .first()
+                .map_or(0, |r| r[0].int()) as usize)
+        })
     }
 
     // ----- files -----
 
     /// Records a file.
     pub fn insert_file(&self, f: &FileRow) -> Result<(), JobsError> {
-        let conn = self.conn();
-        let seq = Self::next_seq(&conn, "files")?;
-        let doc = serde_json::to_string(f).map_err(json_err)?;
-        conn.execute(
-            "INSERT INTO files (id, seq, project, doc, purpose) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![f.id, seq, f.project, doc, f.purpose],
-        )
-        .map_err(db_err)?;
-        Ok(())
+        let d = serde_json::to_string(f).map_err(json_err)?;
+        self.db.tx(|sql| {
+            sql.exec(
+                "INSERT INTO files (id, seq, project, doc, purpose)
+                 VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM files), $2, $3, $4)",
+                &[
+                    P::T(Some(&f.id)),
+                    P::T(Some(&f.project)),
+                    P::T(Some(&d)),
+                    P::T(Some(&f.purpose)),
+                ],
+            )
+            .map(|_| ())
+        })
     }
 
     /// The file `id` of `project` (deleted files are gone).
     pub fn get_file(&self, project: &str, id: &str) -> Result<Option<FileRow>, JobsError> {
-        let doc: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT doc FROM files WHERE id = ?1 AND project = ?2 AND deleted = 0",
-                params![id, project],
-                |r| r.get(0),
+        let rows = self.db.tx(|sql| {
+            sql.rows(
+                "SELECT doc FROM files WHERE id = $1 AND project = $2 AND deleted = 0",
+                &[P::T(Some(id)), P::T(Some(project))],
+                &[Col::T],
             )
-            .optional()
-            .map_err(db_err)?;
-        doc.map(|d| serde_json::from_str(&d).map_err(json_err))
-            .transpose()
+        })?;
+        rows.first().map(|r| doc(&r[0])).transpose()
     }
 
     /// A project's files, newest first (`ascending`: oldest first), after the file `after`.
@@ -294,47 +266,36 @@ impl Store {
         limit: usize,
         ascending: bool,
     ) -> Result<Page<FileRow>, JobsError> {
-        let conn = self.conn();
-        let after_seq: Option<i64> = match after {
-            Some(a) => conn
-                .query_row(
-                    "SELECT seq FROM files WHERE id = ?1 AND project = ?2",
-                    params![a, project],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?,
-            None => None,
-        };
         let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
-        let sql = format!(
-            "SELECT doc FROM files WHERE project = ?1 AND deleted = 0 AND (?2 IS NULL OR purpose = ?2)
-             AND (?3 IS NULL OR seq {cmp} ?3) ORDER BY seq {order} LIMIT ?4"
-        );
-        let mut stmt = conn.prepare(&sql).map_err(db_err)?;
-        let rows = stmt
-            .query_map(params![project, purpose, after_seq, (limit + 1) as i64], |r| {
-                r.get::<_, String>(0)
-            })
-            .map_err(db_err)?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push(serde_json::from_str(&r.map_err(db_err)?).map_err(json_err)?);
-        }
-        let more = out.len() > limit;
-        out.truncate(limit);
-        Ok((out, more))
+        let rows = self.db.tx(|sql| {
+            let after = seq_of(sql, "files", "seq", after, project)?;
+            sql.rows(
+                &format!(
+                    "SELECT doc FROM files WHERE project = $1 AND deleted = 0
+                     AND (CAST($2 AS TEXT) IS NULL OR purpose = $2)
+                     AND (CAST($3 AS BIGINT) IS NULL OR seq {cmp} $3) ORDER BY seq {order} LIMIT $4"
+                ),
+                &[
+                    P::T(Some(project)),
+                    P::T(purpose),
+                    P::OI(after),
+                    P::I(limit as i64 + 1),
+                ],
+                &[Col::T],
+            )
+        })?;
+        let files = rows.iter().map(|r| doc(&r[0])).collect::<Result<Vec<_>, _>>()?;
+        Ok(page_of(files, limit))
     }
 
     /// Marks a file deleted; false when `project` has no such file.
     pub fn delete_file(&self, project: &str, id: &str) -> Result<bool, JobsError> {
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE files SET deleted = 1 WHERE id = ?1 AND project = ?2 AND deleted = 0",
-                params![id, project],
+        let n = self.db.tx(|sql| {
+            sql.exec(
+                "UPDATE files SET deleted = 1 WHERE id = $1 AND project = $2 AND deleted = 0",
+                &[P::T(Some(id)), P::T(Some(project))],
             )
-            .map_err(db_err)?;
+        })?;
         Ok(n > 0)
     }
 
@@ -342,30 +303,34 @@ impl Store {
 
     /// Records a new job.
     pub fn insert_job(&self, j: &JobRow) -> Result<(), JobsError> {
-        let conn = self.conn();
-        let seq = Self::next_seq(&conn, "jobs")?;
-        let doc = serde_json::to_string(j).map_err(json_err)?;
-        conn.execute(
-            "INSERT INTO jobs (id, seq, project, status, worker, lease_until, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![j.id, seq, j.project, j.status, j.worker, j.lease_until as i64, doc],
-        )
-        .map_err(db_err)?;
-        Ok(())
+        let d = serde_json::to_string(j).map_err(json_err)?;
+        self.db.tx(|sql| {
+            sql.exec(
+                "INSERT INTO jobs (id, seq, project, status, worker, lease_until, doc)
+                 VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), $2, $3, $4, $5, $6)",
+                &[
+                    P::T(Some(&j.id)),
+                    P::T(Some(&j.project)),
+                    P::T(Some(&j.status)),
+                    P::T(j.worker.as_deref()),
+                    P::I(j.lease_until.min(i64::MAX as u64) as i64),
+                    P::T(Some(&d)),
+                ],
+            )
+            .map(|_| ())
+        })
     }
 
     /// The job `id` (of `project`, when given).
     pub fn get_job(&self, project: Option<&str>, id: &str) -> Result<Option<JobRow>, JobsError> {
-        let doc: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT doc FROM jobs WHERE id = ?1 AND (?2 IS NULL OR project = ?2)",
-                params![id, project],
-                |r| r.get(0),
+        let rows = self.db.tx(|sql| {
+            sql.rows(
+                "SELECT doc FROM jobs WHERE id = $1 AND (CAST($2 AS TEXT) IS NULL OR project = $2)",
+                &[P::T(Some(id)), P::T(project)],
+                &[Col::T],
             )
-            .optional()
-            .map_err(db_err)?;
-        doc.map(|d| serde_json::from_str(&d).map_err(json_err))
-            .transpose()
+        })?;
+        rows.first().map(|r| doc(&r[0])).transpose()
     }
 
     /// A project's jobs, newest first, after the job `after`, those whose metadata holds every
@@ -377,27 +342,17 @@ impl Store {
         limit: usize,
         metadata: &[(String, String)],
     ) -> Result<Page<JobRow>, JobsError> {
-        let conn = self.conn();
-        let after_seq: Option<i64> = match after {
-            Some(a) => conn
-                .query_row(
-                    "SELECT seq FROM jobs WHERE id = ?1 AND project = ?2",
-                    params![a, project],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?,
-            None => None,
-        };
-        let mut stmt = conn
-            .prepare("SELECT doc FROM jobs WHERE project = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC")
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map(params![project, after_seq], |r| r.get::<_, String>(0))
-            .map_err(db_err)?;
+        let rows = self.db.tx(|sql| {
+            let after = seq_of(sql, "jobs", "seq", after, project)?;
+            sql.rows(
+                "SELECT doc FROM jobs WHERE project = $1 AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC",
+                &[P::T(Some(project)), P::OI(after)],
+                &[Col::T],
+            )
+        })?;
         let mut out = Vec::new();
-        for r in rows {
-            let job: JobRow = serde_json::from_str(&r.map_err(db_err)?).map_err(json_err)?;
+        for r in &rows {
+            let job: JobRow = doc(&r[0])?;
             let matches = metadata.iter().all(|(k, v)| {
                 job.metadata
                     .as_ref()
@@ -412,101 +367,71 @@ impl Store {
                 }
             }
         }
-        let more = out.len() > limit;
-        out.truncate(limit);
-        Ok((out, more))
+        Ok(page_of(out, limit))
     }
 
-    /// Reads job `id`, lets `f` change it, writes it back — in one transaction. Returns the
-    /// job as written, or `None` when there is no such job.
-    pub fn modify_job<R>(
+    /// Reads job `id`, lets `f` change it, writes it back — in one transaction (the row locked
+    /// on PostgreSQL). Returns the job as written, or `None` when there is no such job.
+    pub fn modify_job<R: Send>(
         &self,
         id: &str,
-        f: impl FnOnce(&mut JobRow) -> R,
+        f: impl FnOnce(&mut JobRow) -> R + Send,
     ) -> Result<Option<(JobRow, R)>, JobsError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        let doc: Option<String> = tx
-            .query_row("SELECT doc FROM jobs WHERE id = ?1", params![id], |r| r.get(0))
-            .optional()
-            .map_err(db_err)?;
-        let Some(doc) = doc else {
-            return Ok(None);
-        };
-        let mut job: JobRow = serde_json::from_str(&doc).map_err(json_err)?;
-        let r = f(&mut job);
-        let doc = serde_json::to_string(&job).map_err(json_err)?;
-        tx.execute(
-            "UPDATE jobs SET status = ?2, worker = ?3, lease_until = ?4, doc = ?5 WHERE id = ?1",
-            params![job.id, job.status, job.worker, job.lease_until as i64, doc],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(Some((job, r)))
+        self.db.tx(|sql| {
+            let q = format!("SELECT doc FROM jobs WHERE id = $1{}", sql.for_update());
+            let rows = sql.rows(&q, &[P::T(Some(id))], &[Col::T])?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let mut job: JobRow = doc(&row[0])?;
+            let r = f(&mut job);
+            write_job(sql, &job)?;
+            Ok(Some((job, r)))
+        })
     }
 
     /// Claims the oldest queued job for `worker` until `lease_until`: it becomes `running`.
+    /// On PostgreSQL, workers claiming at once skip each other's rows (`SKIP LOCKED`).
     pub fn claim_job(&self, worker: &str, lease_until: u64) -> Result<Option<JobRow>, JobsError> {
-        let id: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db_err)?;
-        let Some(id) = id else {
-            return Ok(None);
-        };
-        let claimed = self.modify_job(&id, |j| {
-            if j.status != "queued" {
-                return false;
-            }
-            j.status = "running".into();
-            j.worker = Some(worker.to_string());
-            j.lease_until = lease_until;
-            j.attempts += 1;
-            true
-        })?;
-        Ok(claimed.and_then(|(j, ok)| ok.then_some(j)))
+        self.db.tx(|sql| {
+            let q = format!(
+                "SELECT doc FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1{}",
+                sql.skip_locked()
+            );
+            let rows = sql.rows(&q, &[], &[Col::T])?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let mut job: JobRow = doc(&row[0])?;
+            job.status = "running".into();
+            job.worker = Some(worker.to_string());
+            job.lease_until = lease_until;
+            job.attempts += 1;
+            write_job(sql, &job)?;
+            Ok(Some(job))
+        })
     }
 
-    /// Jobs `running` whose lease ended before `now` (their worker died), or held by `worker`
-    /// (this process before a restart), go back to `queued`; returns their ids.
-    pub fn requeue_orphans(&self, now: u64, worker: Option<&str>) -> Result<Vec<String>, JobsError> {
-        let ids: Vec<String> = {
-            let conn = self.conn();
-            let mut stmt = conn
-                .prepare(
-                    "SELECT id FROM jobs WHERE status = 'running' AND (lease_until < ?1 OR (?2 IS NOT NULL AND worker = ?2))",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![now.min(i64::MAX as u64) as i64, worker], |r| {
-                    r.get::<_, String>(0)
-                })
-                .map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)?
-        };
-        let mut out = Vec::new();
-        for id in ids {
-            let changed = self.modify_job(&id, |j| {
-                if j.status != "running" {
-                    return false;
-                }
-                j.status = "queued".into();
-                j.worker = None;
-                j.lease_until = 0;
-                true
-            })?;
-            if matches!(changed, Some((_, true))) {
-                out.push(id);
+    /// Jobs `running` whose lease ended before `now` (their worker died) go back to `queued`;
+    /// returns their ids.
+    pub fn requeue_orphans(&self, now: u64) -> Result<Vec<String>, JobsError> {
+        self.db.tx(|sql| {
+            let q = format!(
+                "SELECT doc FROM jobs WHERE status = 'running' AND lease_until < $1{}",
+                sql.skip_locked()
+            );
+            let rows = sql.rows(&q, &[P::I(now.min(i64::MAX as u64) as i64)], &[Col::T])?;
+            let mut out = Vec::new();
+            for r in &rows {
+                let mut job: JobRow = doc(&r[0])?;
+                job.status = "queued".into();
+                job.worker = None;
+                job.lease_until = 0;
+                write_job(sql, &job)?;
+                out.push(job.id);
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     // ----- events -----
@@ -519,13 +444,21 @@ impl Store {
             .map(serde_json::to_string)
             .transpose()
             .map_err(json_err)?;
-        self.conn()
-            .execute(
-                "INSERT INTO events (id, job_id, created_at, level, message, data, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![e.id, job_id, e.created_at as i64, e.level, e.message, data, e.kind],
+        self.db.tx(|sql| {
+            sql.exec(
+                "INSERT INTO events (id, job_id, created_at, level, message, data, kind) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    P::T(Some(&e.id)),
+                    P::T(Some(job_id)),
+                    P::I(e.created_at as i64),
+                    P::T(Some(&e.level)),
+                    P::T(Some(&e.message)),
+                    P::T(data.as_deref()),
+                    P::T(Some(&e.kind)),
+                ],
             )
-            .map_err(db_err)?;
-        Ok(())
+            .map(|_| ())
+        })
     }
 
     /// A job's events, newest first, after the event `after`.
@@ -535,55 +468,43 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<EventRow>, JobsError> {
-        let conn = self.conn();
-        let after_seq: Option<i64> = match after {
-            Some(a) => conn
-                .query_row(
-                    "SELECT seq FROM events WHERE id = ?1 AND job_id = ?2",
-                    params![a, job_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?,
-            None => None,
-        };
-        let mut stmt = conn
-            .prepare(
+        let rows = self.db.tx(|sql| {
+            let after = match after {
+                Some(a) => Some(
+                    sql.rows(
+                        "SELECT seq FROM events WHERE id = $1 AND job_id = $2",
+                        &[P::T(Some(a)), P::T(Some(job_id))],
+                        &[Col::I],
+                    )?
+                    .first()
+                    .map_or(i64::MIN, |r| r[0].int()),
+                ),
+                None => None,
+            };
+            sql.rows(
                 "SELECT id, created_at, level, message, data, kind FROM events
-                 WHERE job_id = ?1 AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT ?3",
+                 WHERE job_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3",
+                &[P::T(Some(job_id)), P::OI(after), P::I(limit as i64 + 1)],
+                &[Col::T, Col::I, Col::T, Col::T, Col::T, Col::T],
             )
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map(params![job_id, after_seq, (limit + 1) as i64], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, String>(5)?,
-                ))
-            })
-            .map_err(db_err)?;
+        })?;
         let mut out = Vec::new();
-        for r in rows {
-            let (id, created_at, level, message, data, kind) = r.map_err(db_err)?;
-            let data = data
+        for r in &rows {
+            let data = r[4]
+                .opt_text()
                 .map(|d| serde_json::from_str(&d))
                 .transpose()
                 .map_err(json_err)?;
             out.push(EventRow {
-                id,
-                created_at: created_at as u64,
-                level,
-                message,
+                id: r[0].text(),
+                created_at: r[1].int() as u64,
+                level: r[2].text(),
+                message: r[3].text(),
                 data,
-                kind,
+                kind: r[5].text(),
             });
         }
-        let more = out.len() > limit;
-        out.truncate(limit);
-        Ok((out, more))
+        Ok(page_of(out, limit))
     }
 
     // ----- checkpoints -----
@@ -591,37 +512,42 @@ impl Store {
     /// Records a checkpoint; false when the job already has one at that step.
     pub fn add_checkpoint(&self, c: &CheckpointRow) -> Result<bool, JobsError> {
         let metrics = serde_json::to_string(&c.metrics).map_err(json_err)?;
-        let n = self
-            .conn()
-            .execute(
-                "INSERT OR IGNORE INTO checkpoints (id, job_id, step, created_at, metrics, model_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![c.id, c.job_id, c.step as i64, c.created_at as i64, metrics, c.model_id],
+        let n = self.db.tx(|sql| {
+            sql.exec(
+                "INSERT INTO checkpoints (id, job_id, step, created_at, metrics, model_id)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[
+                    P::T(Some(&c.id)),
+                    P::T(Some(&c.job_id)),
+                    P::I(c.step as i64),
+                    P::I(c.created_at as i64),
+                    P::T(Some(&metrics)),
+                    P::T(Some(&c.model_id)),
+                ],
             )
-            .map_err(db_err)?;
+        })?;
         Ok(n > 0)
     }
 
     /// Removes the checkpoint records of `job_id` whose step is not in `keep` (pruned on disk).
     pub fn prune_checkpoints(&self, job_id: &str, keep: &[u64]) -> Result<(), JobsError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT step FROM checkpoints WHERE job_id = ?1")
-            .map_err(db_err)?;
-        let steps: Vec<i64> = stmt
-            .query_map(params![job_id], |r| r.get(0))
-            .map_err(db_err)?
-            .collect::<Result<_, _>>()
-            .map_err(db_err)?;
-        for s in steps {
-            if !keep.contains(&(s as u64)) {
-                conn.execute(
-                    "DELETE FROM checkpoints WHERE job_id = ?1 AND step = ?2",
-                    params![job_id, s],
-                )
-                .map_err(db_err)?;
+        self.db.tx(|sql| {
+            let steps = sql.rows(
+                "SELECT step FROM checkpoints WHERE job_id = $1",
+                &[P::T(Some(job_id))],
+                &[Col::I],
+            )?;
+            for r in steps {
+                let s = r[0].int();
+                if !keep.contains(&(s as u64)) {
+                    sql.exec(
+                        "DELETE FROM checkpoints WHERE job_id = $1 AND step = $2",
+                        &[P::T(Some(job_id)), P::I(s)],
+                    )?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// A job's checkpoints, newest first, after the checkpoint `after`.
@@ -631,66 +557,52 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<CheckpointRow>, JobsError> {
-        let conn = self.conn();
-        let after_step: Option<i64> = match after {
-            Some(a) => conn
-                .query_row(
-                    "SELECT step FROM checkpoints WHERE id = ?1 AND job_id = ?2",
-                    params![a, job_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(db_err)?,
-            None => None,
-        };
-        let mut stmt = conn
-            .prepare(
+        let rows = self.db.tx(|sql| {
+            let after = match after {
+                Some(a) => Some(
+                    sql.rows(
+                        "SELECT step FROM checkpoints WHERE id = $1 AND job_id = $2",
+                        &[P::T(Some(a)), P::T(Some(job_id))],
+                        &[Col::I],
+                    )?
+                    .first()
+                    .map_or(i64::MIN, |r| r[0].int()),
+                ),
+                None => None,
+            };
+            sql.rows(
                 "SELECT id, step, created_at, metrics, model_id FROM checkpoints
-                 WHERE job_id = ?1 AND (?2 IS NULL OR step < ?2) ORDER BY step DESC LIMIT ?3",
+                 WHERE job_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR step < $2) ORDER BY step DESC LIMIT $3",
+                &[P::T(Some(job_id)), P::OI(after), P::I(limit as i64 + 1)],
+                &[Col::T, Col::I, Col::I, Col::T, Col::T],
             )
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map(params![job_id, after_step, (limit + 1) as i64], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })
-            .map_err(db_err)?;
+        })?;
         let mut out = Vec::new();
-        for r in rows {
-            let (id, step, created_at, metrics, model_id) = r.map_err(db_err)?;
+        for r in &rows {
             out.push(CheckpointRow {
-                id,
+                id: r[0].text(),
                 job_id: job_id.to_string(),
-                step: step as u64,
-                created_at: created_at as u64,
-                metrics: serde_json::from_str(&metrics).map_err(json_err)?,
-                model_id,
+                step: r[1].int() as u64,
+                created_at: r[2].int() as u64,
+                metrics: doc(&r[3])?,
+                model_id: r[4].text(),
             });
         }
-        let more = out.len() > limit;
-        out.truncate(limit);
-        Ok((out, more))
+        Ok(page_of(out, limit))
     }
 
     /// Every job (of `project`, when given) that has a fine-tuned model not deleted, newest first.
     pub fn jobs_with_models(&self, project: Option<&str>) -> Result<Vec<JobRow>, JobsError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT doc FROM jobs WHERE status = 'succeeded' AND (?1 IS NULL OR project = ?1) ORDER BY seq DESC",
+        let rows = self.db.tx(|sql| {
+            sql.rows(
+                "SELECT doc FROM jobs WHERE status = 'succeeded' AND (CAST($1 AS TEXT) IS NULL OR project = $1) ORDER BY seq DESC",
+                &[P::T(project)],
+                &[Col::T],
             )
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map(params![project], |r| r.get::<_, String>(0))
-            .map_err(db_err)?;
+        })?;
         let mut out = Vec::new();
-        for r in rows {
-            let j: JobRow = serde_json::from_str(&r.map_err(db_err)?).map_err(json_err)?;
+        for r in &rows {
+            let j: JobRow = doc(&r[0])?;
             if j.fine_tuned_model.is_some() && !j.model_deleted {
                 out.push(j);
             }
@@ -699,15 +611,30 @@ impl Store {
     }
 }
 
+fn write_job(sql: &mut dyn Sql, job: &JobRow) -> Result<(), JobsError> {
+    let d = serde_json::to_string(job).map_err(json_err)?;
+    sql.exec(
+        "UPDATE jobs SET status = $2, worker = $3, lease_until = $4, doc = $5 WHERE id = $1",
+        &[
+            P::T(Some(&job.id)),
+            P::T(Some(&job.status)),
+            P::T(job.worker.as_deref()),
+            P::I(job.lease_until.min(i64::MAX as u64) as i64),
+            P::T(Some(&d)),
+        ],
+    )
+    .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> std::path::PathBuf {
+    fn tmp(name: &str) -> String {
         let d = std::env::temp_dir().join(format!("graft-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d.join("db.sqlite")
+        d.join("db.sqlite").display().to_string()
     }
 
     fn job(id: &str) -> JobRow {
@@ -719,22 +646,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn migrations_apply_once_and_state_survives_reopening() {
-        let path = tmp("migrate");
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
-        s.insert_job(&job("ftjob-a")).unwrap();
-        drop(s);
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
-        assert_eq!(s.get_job(Some("p"), "ftjob-a").unwrap().unwrap().status, "queued");
-        assert!(s.get_job(Some("other"), "ftjob-a").unwrap().is_none());
-    }
-
-    #[test]
-    fn claims_take_the_oldest_queued_job_once_and_orphans_return() {
-        let s = Store::open(&tmp("claim")).unwrap();
+    fn claims_take_the_oldest_queued_job_once_and_orphans_return(s: &Store) {
         for id in ["ftjob-1", "ftjob-2"] {
             s.insert_job(&job(id)).unwrap();
         }
@@ -748,17 +660,15 @@ mod tests {
         assert!(s.claim_job("w3", 100).unwrap().is_none());
         // w1's lease ran out at 100; w2 renews.
         s.modify_job("ftjob-2", |j| j.lease_until = 500).unwrap();
-        assert_eq!(s.requeue_orphans(200, None).unwrap(), vec!["ftjob-1".to_string()]);
+        assert_eq!(s.requeue_orphans(200).unwrap(), vec!["ftjob-1".to_string()]);
         assert_eq!(s.claim_job("w3", 300).unwrap().unwrap().attempts, 2);
         // A restarted in-process server takes back everything marked running.
-        let mut back = s.requeue_orphans(u64::MAX, None).unwrap();
+        let mut back = s.requeue_orphans(u64::MAX).unwrap();
         back.sort();
         assert_eq!(back, vec!["ftjob-1".to_string(), "ftjob-2".to_string()]);
     }
 
-    #[test]
-    fn pages_and_checkpoints() {
-        let s = Store::open(&tmp("pages")).unwrap();
+    fn pages_and_checkpoints(s: &Store) {
         for i in 0..5 {
             s.insert_job(&job(&format!("ftjob-{i}"))).unwrap();
         }
@@ -771,6 +681,7 @@ mod tests {
         let (p3, more) = s.list_jobs("p", Some("ftjob-1"), 2, &[]).unwrap();
         assert_eq!(p3.len(), 1);
         assert!(!more);
+        assert!(s.list_jobs("other", None, 2, &[]).unwrap().0.is_empty());
         let c = |step: u64| CheckpointRow {
             id: format!("ftckpt-{step}"),
             job_id: "ftjob-0".into(),
@@ -785,5 +696,121 @@ mod tests {
         s.prune_checkpoints("ftjob-0", &[10]).unwrap();
         let (rows, _) = s.list_checkpoints("ftjob-0", None, 10).unwrap();
         assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), [10]);
+        for i in 0..3 {
+            let e = EventRow {
+                id: format!("ftevent-{i}"),
+                created_at: i,
+                level: "info".into(),
+                message: format!("m{i}"),
+                data: (i == 1).then(|| serde_json::json!({"step": 1})),
+                kind: "message".into(),
+            };
+            s.add_event("ftjob-0", &e).unwrap();
+        }
+        let (ev, more) = s.list_events("ftjob-0", None, 2).unwrap();
+        assert_eq!(
+            ev.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            ["m2", "m1"]
+        );
+        assert!(more);
+        assert_eq!(ev[1].data, Some(serde_json::json!({"step": 1})));
+        let (ev, more) = s.list_events("ftjob-0", Some("ftevent-1"), 2).unwrap();
+        assert_eq!((ev.len(), more), (1, false));
+        let f = FileRow {
+            id: "file-1".into(),
+            project: "p".into(),
+            filename: "a.jsonl".into(),
+            purpose: "fine-tune".into(),
+            bytes: 3,
+            created_at: 0,
+            kind: None,
+            examples: 0,
+        };
+        s.insert_file(&f).unwrap();
+        assert_eq!(
+            s.list_files("p", Some("fine-tune"), None, 10, false).unwrap().0,
+            vec![f.clone()]
+        );
+        assert!(
+            s.list_files("p", Some("batch"), None, 10, false)
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        assert!(s.delete_file("p", "file-1").unwrap());
+        assert!(s.get_file("p", "file-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn migrations_apply_once_and_state_survives_reopening() {
+        let path = tmp("migrate");
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), crate::sql::SQLITE_MIGRATIONS.len());
+        s.insert_job(&job("ftjob-a")).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), crate::sql::SQLITE_MIGRATIONS.len());
+        assert_eq!(s.get_job(Some("p"), "ftjob-a").unwrap().unwrap().status, "queued");
+        assert!(s.get_job(Some("other"), "ftjob-a").unwrap().is_none());
+    }
+
+    #[test]
+    fn sqlite_claims() {
+        claims_take_the_oldest_queued_job_once_and_orphans_return(&Store::open(&tmp("claim")).unwrap());
+    }
+
+    #[test]
+    fn sqlite_pages() {
+        pages_and_checkpoints(&Store::open(&tmp("pages")).unwrap());
+    }
+
+    /// The same on PostgreSQL, when `GRAFT_TEST_DATABASE` names one (its tables are dropped).
+    #[test]
+    fn postgres_store() {
+        let Ok(url) = std::env::var("GRAFT_TEST_DATABASE") else {
+            eprintln!("postgres_store: skipping: set GRAFT_TEST_DATABASE=postgres://… to run it");
+            return;
+        };
+        let fresh = || {
+            let db = Db::open(&url).unwrap();
+            db.batch("DROP TABLE IF EXISTS files, jobs, events, checkpoints, schema_version")
+                .unwrap();
+            Store::open(&url).unwrap()
+        };
+        let s = fresh();
+        assert_eq!(s.schema_version().unwrap(), crate::sql::POSTGRES_MIGRATIONS.len());
+        assert!(s.is_shared());
+        drop(s);
+        assert_eq!(
+            Store::open(&url).unwrap().schema_version().unwrap(),
+            crate::sql::POSTGRES_MIGRATIONS.len()
+        );
+        claims_take_the_oldest_queued_job_once_and_orphans_return(&fresh());
+        pages_and_checkpoints(&fresh());
+        // Two workers claiming at once get different jobs.
+        let s = fresh();
+        for i in 0..8 {
+            s.insert_job(&job(&format!("ftjob-{i}"))).unwrap();
+        }
+        let claimed: Vec<String> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|w| {
+                    let url = url.clone();
+                    sc.spawn(move || {
+                        let s = Store::open(&url).unwrap();
+                        let mut got = Vec::new();
+                        while let Some(j) = s.claim_job(&format!("w{w}"), 100).unwrap() {
+                            got.push(j.id);
+                        }
+                        got
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let mut sorted = claimed.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!((claimed.len(), sorted.len()), (8, 8), "{claimed:?}");
     }
 }

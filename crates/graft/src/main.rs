@@ -10,6 +10,7 @@ mod bench_serve;
 mod chat_cmd;
 mod data_cmd;
 mod generate;
+mod jobs_cmd;
 mod model_io;
 mod quickstart;
 mod reward_cmd;
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Serve the model and its LoRA adapters over an OpenAI-compatible HTTP API.
     Serve(serve_cmd::ServeArgs),
+    /// Train queued fine-tuning jobs of a `graft serve --jobs --database postgres://…` server.
+    Worker(jobs_cmd::WorkerArgs),
     /// Chat with the model in the terminal (its chat template, history kept).
     Chat(chat_cmd::ChatArgs),
     /// Offline demo: build a small model, fine-tune it on a task, report accuracy before/after.
@@ -73,6 +76,7 @@ fn main() {
     }
     let result = match cli.command {
         Command::Serve(args) => serve_cmd::run(&args),
+        Command::Worker(args) => jobs_cmd::run_worker(&args),
         Command::Chat(args) => chat_cmd::run(&args),
         Command::Quickstart(args) => quickstart::run(&args),
         Command::Train(args) => train_cmd::run(&args),

@@ -74,27 +74,11 @@ pub struct ServeArgs {
     /// at once as `ft:{model}:{suffix}:{id}`.
     #[arg(long)]
     jobs: bool,
-    /// Where the fine-tuning state lives: the SQLite database, uploaded files, run
-    /// directories (with --jobs).
-    #[arg(long, default_value = "graft-state")]
-    state_dir: PathBuf,
-    /// Fine-tuning jobs trained at once (with --jobs; 0: queue only).
-    #[arg(long, default_value_t = 1)]
-    max_concurrent_jobs: usize,
-    /// Threads each fine-tuning job trains with (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    train_threads: usize,
+    #[command(flatten)]
+    jobs_args: crate::jobs_cmd::JobsArgs,
     /// Threads the inference engine computes with (0: one per core).
     #[arg(long, default_value_t = 0)]
     serve_threads: usize,
-    /// Let reinforcement jobs use `python` graders (run in the reward sandbox: no network,
-    /// time and memory limits).
-    #[arg(long)]
-    allow_python_graders: bool,
-    /// OpenAI-compatible endpoint that `score_model` / `label_model` graders call (default:
-    /// $GRAFT_GRADER_BASE_URL, else this server).
-    #[arg(long)]
-    grader_base_url: Option<String>,
 }
 
 /// Seconds from a flag as a duration; errors name the flag.
@@ -185,29 +169,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             .build_global();
     }
     if args.jobs {
-        let model_path = graft_hub::hub::resolve_model_path(&args.model.to_string_lossy())
-            .unwrap_or_else(|_| args.model.clone());
-        let mut j = graft_jobs::JobsConfig::new(
-            args.state_dir.clone(),
+        options.jobs = Some(args.jobs_args.config(
+            &args.model,
             &base_name,
-            &model_path.display().to_string(),
-            0,
-        );
-        j.max_concurrent_jobs = args.max_concurrent_jobs;
-        j.train_threads = args.train_threads;
-        j.allow_python_graders = args.allow_python_graders;
-        j.grader_base_url = args
-            .grader_base_url
-            .clone()
-            .or_else(|| {
-                std::env::var("GRAFT_GRADER_BASE_URL")
-                    .ok()
-                    .filter(|u| !u.is_empty())
-            })
-            .or_else(|| Some(format!("http://{}:{}/v1", args.host, args.port)));
-        j.chat_template = args.chat_template.as_ref().map(|p| p.display().to_string());
-        j.tokenizer = args.tokenizer.as_ref().map(|p| p.display().to_string());
-        options.jobs = Some(j);
+            args.tokenizer.as_deref(),
+            args.chat_template.as_deref(),
+            Some(format!("http://{}:{}/v1", args.host, args.port)),
+        ));
     }
     let has_template = m.template.is_some();
     let state = graft_serve::build_state(m.model, m.tokenizer, m.template, &options)
