@@ -105,6 +105,8 @@ pub struct ForwardOutput {
     pub logprobs: Vec<f32>,
     /// Entropy of the predicted distribution per token (at the temperature), 0 where ignored.
     pub entropies: Vec<f32>,
+    /// Trained tokens whose target is the most likely token.
+    pub num_correct: usize,
 }
 
 /// Gradient buffers of one linear projection.
@@ -306,6 +308,7 @@ impl<B: Backend> Model<B> {
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
             entropies: ce.entropies,
+            num_correct: ce.num_correct,
         };
         (out, pending)
     }
@@ -373,6 +376,7 @@ impl<B: Backend> Model<B> {
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
             entropies: ce.entropies,
+            num_correct: ce.num_correct,
         }
     }
 
@@ -464,6 +468,7 @@ impl<B: Backend> Model<B> {
             num_trained: ce.num_trained,
             logprobs: ce.logprobs,
             entropies: ce.entropies,
+            num_correct: ce.num_correct,
         }
     }
 

@@ -80,7 +80,11 @@ impl AppState {
                 .registry
                 .load_fine_tuned(&m.id, &m.dir, &m.project)
                 .map_err(|e| {
-                    ApiError::internal(format!("the fine-tuned model {name} cannot be loaded: {e}"))
+                    // The reason names server paths: it goes to the log, not to the client.
+                    eprintln!("graft serve: loading {name}: {e}");
+                    ApiError::internal(format!(
+                        "the fine-tuned model {name} cannot be loaded; see the server log"
+                    ))
                 })?;
             self.update_adapter_gauge();
             return Ok((name.to_string(), Some(entry)));

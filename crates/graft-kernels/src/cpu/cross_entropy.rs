@@ -28,6 +28,9 @@ pub struct CrossEntropyOutput {
     /// The entropy of the predicted distribution per token (0 where the target is ignored):
     /// GRPO / RLOO log its mean.
     pub entropies: Vec<f32>,
+    /// Trained tokens whose target is the most likely token (ties count as correct): the
+    /// numerator of TRL's and OpenAI's `mean_token_accuracy`.
+    pub num_correct: usize,
 }
 
 /// Gradient outputs requested from [`lm_head_cross_entropy`].
@@ -64,6 +67,7 @@ pub fn lm_head_cross_entropy(
     let mut logprobs = vec![0.0f32; t];
     let mut entropies = vec![0.0f32; t];
     let mut loss_sum = 0.0f64;
+    let mut num_correct = 0usize;
     if let Some(g) = grads.as_mut() {
         g.d_hidden.fill(0.0);
     }
@@ -116,7 +120,7 @@ pub fn lm_head_cross_entropy(
             None => linear_forward(logits, h, head, c, false, precision),
         }
         let d_logp = grads.as_ref().map(|g| g.d_logp);
-        let lp: Vec<(f32, f32)> = logits
+        let lp: Vec<(f32, f32, bool)> = logits
             .par_chunks_mut(vocab)
             .zip(chunk.par_iter())
             .map(|(row, &i)| {
@@ -132,13 +136,14 @@ pub fn lm_head_cross_entropy(
                     scale_row(row, s / sum);
                     row[tgt] -= s;
                 }
-                (target_logit - lse, entropy)
+                (target_logit - lse, entropy, target_logit >= mx)
             })
             .collect();
-        for (&i, &(l, h)) in chunk.iter().zip(&lp) {
+        for (&i, &(l, h, top)) in chunk.iter().zip(&lp) {
             logprobs[i] = l;
             entropies[i] = h;
             loss_sum -= l as f64;
+            num_correct += top as usize;
         }
         if let Some(g) = grads.as_mut() {
             dh.resize(c * dim, 0.0);
@@ -167,6 +172,7 @@ pub fn lm_head_cross_entropy(
         num_trained: rows.len(),
         logprobs,
         entropies,
+        num_correct,
     }
 }
 
@@ -202,7 +208,8 @@ mod tests {
             Precision::Exact,
         );
         assert_eq!(out.num_trained, 5);
-        // Entropy per trained token, against the softmax computed directly.
+        // Entropy per trained token, against the softmax computed directly; argmax hits.
+        let mut correct = 0;
         for (i, &tg) in targets.iter().enumerate() {
             let z: Vec<f64> = (0..vocab)
                 .map(|v| {
@@ -212,6 +219,7 @@ mod tests {
                 })
                 .collect();
             let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            correct += (tg >= 0 && z[tg as usize] >= m) as usize;
             let s: f64 = z.iter().map(|x| (x - m).exp()).sum();
             let h: f64 = -z
                 .iter()
@@ -224,6 +232,7 @@ mod tests {
                 out.entropies[i]
             );
         }
+        assert_eq!(out.num_correct, correct);
         assert!((out.loss_sum - run(&hidden, &w, 100)).abs() < 1e-5);
         let e = 1e-2f32;
         for i in 0..t * dim {

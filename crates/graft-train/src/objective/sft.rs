@@ -1,6 +1,7 @@
 //! Supervised fine-tuning: the mean next-token cross-entropy over the trained tokens of a step.
 //! Its unit is the trained token; `d_logp = −1` on every trained token of a micro-batch, known
-//! before the forward, so forward and backward run fused in one pass.
+//! before the forward, so forward and backward run fused in one pass. Like TRL's SFTTrainer it
+//! reports `mean_token_accuracy`: the share of trained tokens whose target is the argmax.
 
 use super::{Contribution, Objective};
 use graft_kernels::Cpu;
@@ -26,7 +27,7 @@ impl Objective for Sft {
             loss_sum: out.loss_sum,
             units: out.num_trained as f64,
             tokens: out.num_trained,
-            metrics: Default::default(),
+            metrics: [("mean_token_accuracy", out.num_correct as f64)].into(),
         }
     }
 
@@ -36,7 +37,7 @@ impl Objective for Sft {
             loss_sum: out.loss_sum,
             units: out.num_trained as f64,
             tokens: out.num_trained,
-            metrics: Default::default(),
+            metrics: [("mean_token_accuracy", out.num_correct as f64)].into(),
         }
     }
 }
