@@ -423,13 +423,26 @@ impl QuantTensor {
 
     /// Dequantizes `row[c0..c1]` into `out` (`c1 − c0` values); blocks only partly inside the
     /// range are dequantized whole into a small buffer.
+    #[inline]
     pub fn dequantize_range(&self, r: usize, c0: usize, c1: usize, out: &mut [f32]) {
         assert!(c0 <= c1 && c1 <= self.cols && out.len() >= c1 - c0);
         let (bs, bb) = (self.ty.block_size(), self.ty.block_bytes());
         let row = self.row(r);
         let mut c = c0;
         let mut tmp = [0.0f32; QK_K];
+        // The whole blocks in one call (one type dispatch), then the partial ones at the ends.
+        let (first, last) = (c0.div_ceil(bs) * bs, c1 / bs * bs);
+        if first < last {
+            self.ty.dequantize(
+                &row[first / bs * bb..last / bs * bb],
+                &mut out[first - c0..last - c0],
+            );
+        }
         while c < c1 {
+            if c == first && first < last {
+                c = last;
+                continue;
+            }
             let (b, off) = (c / bs, c % bs);
             let block = &row[b * bb..(b + 1) * bb];
             let n = (bs - off).min(c1 - c);

@@ -52,17 +52,35 @@ impl BSource for QuantB<'_> {
         } else {
             (k0, k1, j0, j1)
         };
-        let len = c1 - c0;
-        if len == 0 {
-            return;
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { tile_rows_avx512(self.w, r0, r1, c0, c1, out) };
         }
-        let mut row = vec![0.0f32; len];
-        for (r, o) in (r0..r1).zip(out.chunks_exact_mut(len)) {
-            self.w.dequantize_range(r, c0, c1, &mut row);
-            o.iter_mut()
-                .zip(&row)
-                .for_each(|(o, &v)| *o = bf16::from_f32(v).to_bits());
-        }
+        tile_rows(self.w, r0, r1, c0, c1, out)
+    }
+}
+
+/// [`tile_rows`] compiled for AVX-512, so that the dequantization and the rounding vectorise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+unsafe fn tile_rows_avx512(w: &QuantTensor, r0: usize, r1: usize, c0: usize, c1: usize, out: &mut [u16]) {
+    tile_rows(w, r0, r1, c0, c1, out)
+}
+
+/// Rows `r0..r1`, columns `c0..c1` of `w` as bf16 bits (nearest even), row after row.
+#[inline(always)]
+fn tile_rows(w: &QuantTensor, r0: usize, r1: usize, c0: usize, c1: usize, out: &mut [u16]) {
+    let len = c1 - c0;
+    if len == 0 {
+        return;
+    }
+    let mut row = vec![0.0f32; len];
+    for (r, o) in (r0..r1).zip(out.chunks_exact_mut(len)) {
+        w.dequantize_range(r, c0, c1, &mut row);
+        o.iter_mut()
+            .zip(&row)
+            .for_each(|(o, &v)| *o = bf16::from_f32(v).to_bits());
     }
 }
 
