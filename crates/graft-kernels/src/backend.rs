@@ -11,6 +11,7 @@ use crate::cpu::cross_entropy::{self, CrossEntropyGrads, CrossEntropyOutput};
 use crate::cpu::matmul::{self, Precision, Weight};
 use crate::cpu::rope::RopeTable;
 use crate::cpu::{elementwise, norm, rope};
+use crate::quant::QuantTensor;
 
 /// Gradient request of [`Backend::lm_head_cross_entropy`]: `(d_logp, d_hidden, d_head)` — the
 /// objective's derivative w.r.t. each token's target log-prob (host slice, one per token), the
@@ -27,7 +28,8 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     /// A u32 buffer on the device (token ids, positions).
     type Ids: Send + Sync;
-    /// A weight matrix `[out, in]` in its compute storage (f32 or bf16).
+    /// A weight matrix `[out, in]` in its compute storage (f32, bf16, or a frozen one in ggml
+    /// blocks).
     type Weight: Send + Sync;
     /// Precomputed RoPE angles.
     type Rope: Send + Sync;
@@ -49,9 +51,13 @@ pub trait Backend: Send + Sync {
 
     /// Makes a weight from host f32 data, stored as bf16 when `bf16` is set.
     fn weight(&self, data: &[f32], rows: usize, cols: usize, bf16: bool) -> Self::Weight;
+    /// Makes a frozen weight from ggml blocks (a quantized GGUF base), kept in its blocks: the
+    /// matrix products read it as it is. It cannot be updated ([`Backend::weight_update`]).
+    fn weight_quantized(&self, q: QuantTensor) -> Self::Weight;
     /// Copies a weight back to host f32.
     fn weight_to_host(&self, w: &Self::Weight) -> Vec<f32>;
-    /// Replaces a weight's values (after an optimizer step), keeping its storage type.
+    /// Replaces a weight's values (after an optimizer step), keeping its storage type (a
+    /// block-quantized one becomes bf16).
     fn weight_update(&self, w: &mut Self::Weight, data: &Self::Buf);
     /// Bytes a weight occupies.
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
@@ -259,6 +265,9 @@ impl Backend for Cpu {
             Weight::f32(data.to_vec(), rows, cols)
         }
     }
+    fn weight_quantized(&self, q: QuantTensor) -> Weight {
+        Weight::quantized(q)
+    }
     fn weight_to_host(&self, w: &Weight) -> Vec<f32> {
         w.to_f32()
     }
@@ -266,6 +275,9 @@ impl Backend for Cpu {
         match &mut w.data {
             matmul::WeightData::F32(v) => v.copy_from_slice(data),
             matmul::WeightData::Bf16(v) => *v = matmul::to_bf16(data),
+            // Arbitrary values have no blocks: the weight becomes bf16 (an adapter merged into a
+            // quantized base for serving).
+            matmul::WeightData::Quant(_) => w.data = matmul::WeightData::Bf16(matmul::to_bf16(data)),
         }
     }
     fn weight_bytes(&self, w: &Weight) -> usize {
@@ -458,10 +470,10 @@ impl Backend for Cpu {
         let _p = crate::profile::scope("embedding");
         match &table.data {
             matmul::WeightData::F32(t) => elementwise::embedding_forward(x, ids, t, dim),
-            matmul::WeightData::Bf16(t) => {
+            _ => {
+                // bf16 or block-quantized: each looked-up row converted on demand.
                 for (row, &id) in x.chunks_mut(dim).zip(ids) {
-                    let src = &t[id as usize * dim..(id as usize + 1) * dim];
-                    row.iter_mut().zip(src).for_each(|(o, s)| *o = s.to_f32());
+                    table.row_to_f32(id as usize, row);
                 }
             }
         }

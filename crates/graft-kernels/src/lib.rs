@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod profile;
+pub mod quant;
 
 pub use backend::{Backend, Cpu};
 pub use cpu::matmul::{Precision, Weight, WeightData};

@@ -7,6 +7,7 @@ use crate::lora::LoraLinear;
 use crate::weights::WeightStore;
 use graft_kernels::Backend;
 use graft_kernels::cpu::attention::AttentionShape;
+use graft_kernels::quant::QuantTensor;
 
 /// Index of each linear projection inside a layer (the LoRA target names in PEFT order).
 pub const LINEAR_NAMES: [&str; 7] = [
@@ -83,8 +84,32 @@ pub enum WeightStorage {
     /// f32 (needed for full fine-tuning and exact mode).
     #[default]
     F32,
-    /// bf16: half the memory; used for frozen base weights in fast mode and for serving.
+    /// Frozen and compact: used for the base weights in fast mode (LoRA training, serving).
+    /// Matrices are bf16 (half the memory of f32), except those [`Model::from_weights`] reads in
+    /// a ggml block-quantized type (a GGUF Q4_K_M … base): they stay in their blocks, costing
+    /// about their file size, and the matrix products read the blocks (`quant_matmul.rs`).
     Bf16,
+}
+
+/// Bytes the base weights of `spec` take on the host once [`Model::from_weights`] has read them
+/// from `weights` with `storage` (what the memory planner counts): matrices in their storage
+/// type (or their blocks, see [`WeightStorage::Bf16`]), vectors f32.
+pub fn stored_weight_bytes(spec: &ModelSpec, weights: &WeightStore, storage: WeightStorage) -> u64 {
+    crate::weights::hf_tensor_shapes(spec)
+        .iter()
+        .map(|(name, shape)| {
+            let numel: usize = shape.iter().product();
+            let info = weights.info(name);
+            let blocks = info
+                .filter(|i| storage == WeightStorage::Bf16 && i.shape.len() == 2)
+                .and_then(|i| i.dtype.quant_type().and(i.dtype.storage_bytes(numel)));
+            match (blocks, shape.len(), storage) {
+                (Some(bytes), _, _) => bytes as u64,
+                (None, 2, WeightStorage::Bf16) if name != "score.weight" => numel as u64 * 2,
+                _ => numel as u64 * 4,
+            }
+        })
+        .sum()
 }
 
 /// RoPE inverse frequencies for a spec, as transformers computes them (incl. llama3 scaling).
@@ -123,14 +148,24 @@ pub fn rope_inv_freq(spec: &ModelSpec) -> Vec<f32> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Builds the model from loaded weights; every tensor is checked by name and shape.
+    /// Builds the model from loaded weights; every tensor is checked by name and shape. With
+    /// [`WeightStorage::Bf16`], matrices stored block-quantized stay in their blocks.
     pub fn from_weights(
         backend: B,
         spec: &ModelSpec,
         weights: &WeightStore,
         storage: WeightStorage,
     ) -> Result<Model<B>, ModelError> {
-        Model::from_tensor_fn(backend, spec, storage, |name, shape| weights.f32(name, shape))
+        Model::build(
+            backend,
+            spec,
+            storage,
+            |name, shape| weights.f32(name, shape),
+            |name, shape| match storage {
+                WeightStorage::Bf16 => weights.quantized(name, shape),
+                WeightStorage::F32 => Ok(None),
+            },
+        )
     }
 
     /// Builds the model from a function that yields each tensor (HF name, expected shape) as f32.
@@ -139,7 +174,19 @@ impl<B: Backend> Model<B> {
         backend: B,
         spec: &ModelSpec,
         storage: WeightStorage,
+        tensor: impl FnMut(&str, &[usize]) -> Result<Vec<f32>, ModelError>,
+    ) -> Result<Model<B>, ModelError> {
+        Model::build(backend, spec, storage, tensor, |_, _| Ok(None))
+    }
+
+    /// [`Model::from_tensor_fn`], where `quantized` may instead yield a matrix in its ggml blocks
+    /// (kept as they are).
+    fn build(
+        backend: B,
+        spec: &ModelSpec,
+        storage: WeightStorage,
         mut tensor: impl FnMut(&str, &[usize]) -> Result<Vec<f32>, ModelError>,
+        quantized: impl Fn(&str, &[usize]) -> Result<Option<QuantTensor>, ModelError>,
     ) -> Result<Model<B>, ModelError> {
         let b = &backend;
         let (h, inter) = (spec.hidden_size, spec.intermediate_size);
@@ -149,6 +196,9 @@ impl<B: Backend> Model<B> {
             Ok(b.upload(&(tensor.borrow_mut())(name, &[n])?))
         };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<B::Weight, ModelError> {
+            if let Some(q) = quantized(name, &[rows, cols])? {
+                return Ok(b.weight_quantized(q));
+            }
             Ok(b.weight(&(tensor.borrow_mut())(name, &[rows, cols])?, rows, cols, bf16))
         };
         let mut layers = Vec::with_capacity(spec.num_layers);

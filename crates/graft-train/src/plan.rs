@@ -7,6 +7,7 @@
 use crate::config::{Method, MicroBatch, Precision as CfgPrecision, TrainConfig};
 use graft_model::ModelSpec;
 use graft_model::lora::LoraSpec;
+use graft_model::model::{WeightStorage, stored_weight_bytes};
 use std::fmt;
 
 /// What the planner needs to know about a run.
@@ -18,6 +19,10 @@ pub struct PlanInput {
     pub lora: Option<LoraSpec>,
     /// Frozen weights stored as bf16 (fast-mode LoRA).
     pub bf16_weights: bool,
+    /// Bytes of the base weights in their storage when the file says more than the shape does
+    /// (a quantized GGUF, whose block-quantized matrices stay in their blocks under LoRA; see
+    /// `graft_model::model::stored_weight_bytes`); `None`: every weight at the storage type's size.
+    pub stored_weight_bytes: Option<u64>,
     /// bf16 matrix products (the LM head is then packed once per step, twice: Wᵀ and W).
     pub fast: bool,
     /// Activation checkpointing.
@@ -126,7 +131,7 @@ pub fn estimate(spec: &ModelSpec, input: &PlanInput) -> MemoryPlan {
     let packed_head = if input.fast { 2 * v * h * 2 } else { 0 };
     let logits_chunk = chunk.min(t) * v * 4 + chunk.min(t) * h * 8 + packed_head;
     MemoryPlan {
-        weights: params * weight_bytes,
+        weights: input.stored_weight_bytes.unwrap_or(params * weight_bytes),
         trainable,
         activations,
         layer_workspace,
@@ -147,6 +152,22 @@ pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
     };
     let fast = cfg.model.precision == CfgPrecision::Fast
         && graft_kernels::Precision::Fast.effective() == graft_kernels::Precision::Fast;
+    // A local GGUF file: its tensor types (from the header; nothing is read) decide what the
+    // base costs, since block-quantized matrices stay in their blocks under fast-mode LoRA.
+    let bf16_weights = fast && lora.is_some();
+    let local = std::path::Path::new(&cfg.model.path);
+    let stored_weight_bytes = if local.is_file() && local.extension().is_some_and(|e| e == "gguf") {
+        let loaded = graft_model::weights::load_model(local)
+            .map_err(|e| crate::sft::TrainError(format!("model.path: {e}")))?;
+        let storage = if bf16_weights {
+            WeightStorage::Bf16
+        } else {
+            WeightStorage::F32
+        };
+        Some(stored_weight_bytes(&loaded.spec, &loaded.weights, storage))
+    } else {
+        None
+    };
     let tokens = match cfg.micro_batch() {
         MicroBatch::Tokens(n) => n,
         // Preference methods count pairs: two sequences each (KTO's KL sequences are forward only).
@@ -164,7 +185,8 @@ pub fn plan(cfg: &TrainConfig) -> Result<MemoryPlan, crate::sft::TrainError> {
         &spec,
         &PlanInput {
             tokens,
-            bf16_weights: fast && lora.is_some(),
+            bf16_weights,
+            stored_weight_bytes,
             fast,
             lora,
             checkpointing: cfg.train.activation_checkpointing,

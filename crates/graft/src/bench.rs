@@ -384,6 +384,7 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
                 targets: [true; 7],
             }),
             bf16_weights: storage == WeightStorage::Bf16,
+            stored_weight_bytes: None,
             fast: precision == Precision::Fast,
             checkpointing: args.checkpointing,
         },

@@ -11,6 +11,7 @@ use super::math::{exp_sub_sum_dot, row_max, scale_row};
 use super::matmul::{
     Precision, Weight, WeightData, linear_backward_input, linear_backward_weight, linear_forward,
 };
+use super::quant_matmul::QuantB;
 use rayon::prelude::*;
 
 /// Target value meaning "no loss at this position".
@@ -85,17 +86,24 @@ pub fn lm_head_cross_entropy(
             let data = match &head.data {
                 WeightData::F32(v) => MatData::F32(v),
                 WeightData::Bf16(v) => MatData::Bf16(v),
+                // Dequantized to bf16 while packed.
+                WeightData::Quant(w) => {
+                    return PackedB::from_source(&QuantB { w, transposed }, threads);
+                }
             };
-            MatRef {
-                data,
-                rows: r,
-                cols: c,
-                row_stride: rs,
-                col_stride: cs,
-            }
+            PackedB::new(
+                MatRef {
+                    data,
+                    rows: r,
+                    cols: c,
+                    row_stride: rs,
+                    col_stride: cs,
+                },
+                threads,
+            )
         };
-        let fwd = PackedB::new(view(true), threads);
-        let bwd = grads.is_some().then(|| PackedB::new(view(false), threads));
+        let fwd = view(true);
+        let bwd = grads.is_some().then(|| view(false));
         (fwd, bwd)
     });
     let mut h = vec![0.0f32; chunk_rows.min(rows.len().max(1)) * dim];

@@ -24,6 +24,11 @@
 //! packed once with [`PackedB::new`] and passed to [`gemm_bf16_packed`]; when the other operand has
 //! few rows, packing B otherwise costs as much as a good part of the product.
 //!
+//! A `B` that is not stored as f32/bf16 — a block-quantized frozen weight — is a [`BSource`]: it
+//! writes bf16 tiles of itself (at most [`CHUNK`](x86) columns × one k-block) into a per-thread
+//! scratch buffer that the packer then packs as it packs a view ([`gemm_bf16_source`],
+//! [`PackedB::from_source`]), so the whole matrix never exists in bf16 outside the packed panels.
+//!
 //! Threads split the larger of the two output dimensions into contiguous ranges. The operand that
 //! every worker needs (all of A when splitting columns, all of B when splitting rows) is packed
 //! once per k-block, in parallel, and shared; each worker packs its own part of the other operand
@@ -146,6 +151,38 @@ impl<'a> MatRef<'a> {
     }
 }
 
+/// A `B` operand (`k × n`) produced a tile at a time, e.g. a block-quantized weight dequantized
+/// to bf16 while it is packed.
+pub trait BSource: Sync {
+    /// k (rows of B).
+    fn rows(&self) -> usize;
+    /// n (columns of B).
+    fn cols(&self) -> usize;
+    /// Whether [`BSource::tile`] writes column after column (each column's k values contiguous)
+    /// rather than row after row.
+    fn columns_contiguous(&self) -> bool;
+    /// Writes `B[k0..k1, j0..j1]` as bf16 bit patterns (round to nearest even) into `out`:
+    /// `out[(j − j0)·(k1 − k0) + (k − k0)]` when [`BSource::columns_contiguous`], else
+    /// `out[(k − k0)·(j1 − j0) + (j − j0)]`.
+    fn tile(&self, k0: usize, k1: usize, j0: usize, j1: usize, out: &mut [u16]);
+}
+
+/// The strided view of a tile [`BSource::tile`] wrote (`kb × nj`).
+fn tile_view<'a>(src: &dyn BSource, buf: &'a [bf16], kb: usize, nj: usize) -> MatRef<'a> {
+    let (row_stride, col_stride) = if src.columns_contiguous() {
+        (1, kb)
+    } else {
+        (nj, 1)
+    };
+    MatRef {
+        data: MatData::Bf16(&buf[..kb * nj]),
+        rows: kb,
+        cols: nj,
+        row_stride,
+        col_stride,
+    }
+}
+
 /// Rows of the microkernel's register tile (A panel height).
 pub const MR: usize = 8;
 /// Columns of the microkernel's register tile (B panel width): two zmm of 16 f32.
@@ -248,12 +285,38 @@ impl PackedB {
         Self::new_impl(b, threads, !has_avx512_bf16())
     }
 
+    /// Packs a [`BSource`] (`k × n`) using `threads` workers, a tile at a time.
+    pub fn from_source(b: &dyn BSource, threads: usize) -> Self {
+        Self::source_impl(b, threads, !has_avx512_bf16())
+    }
+
+    fn source_impl(b: &dyn BSource, threads: usize, force_fallback: bool) -> Self {
+        let (rows, cols) = (b.rows(), b.cols());
+        #[cfg(target_arch = "x86_64")]
+        if !force_fallback && has_avx512_bf16() && rows > 0 && cols > 0 {
+            let (blocks, data) = x86::pack_b_whole(x86::BArg::Source(b), rows, cols, threads.max(1));
+            return PackedB {
+                rows,
+                cols,
+                repr: PackedRepr::Vnni(blocks, data),
+            };
+        }
+        let _ = (force_fallback, threads);
+        let mut w = vec![0.0f32; rows * cols];
+        source_widened(b, 0, cols, &mut w);
+        PackedB {
+            rows,
+            cols,
+            repr: PackedRepr::Widened(w),
+        }
+    }
+
     fn new_impl(b: MatRef, threads: usize, force_fallback: bool) -> Self {
         b.check("B");
         let (rows, cols) = (b.rows, b.cols);
         #[cfg(target_arch = "x86_64")]
         if !force_fallback && has_avx512_bf16() && rows > 0 && cols > 0 {
-            let (blocks, data) = x86::pack_b_whole(&b, threads.max(1));
+            let (blocks, data) = x86::pack_b_whole(x86::BArg::View(&b), rows, cols, threads.max(1));
             return PackedB {
                 rows,
                 cols,
@@ -308,10 +371,54 @@ pub fn gemm_bf16_packed(
     gemm_bf16_impl(c, c_row_stride, a, BInput::Packed(b), alpha, beta, threads, false);
 }
 
+/// [`gemm_bf16`] with a `B` produced by a [`BSource`] (dequantized tile by tile while packed).
+///
+/// # Panics
+/// If `a.cols != b.rows()`, or `a` or `C` is too short for its shape and strides.
+pub fn gemm_bf16_source(
+    c: &mut [f32],
+    c_row_stride: usize,
+    a: MatRef,
+    b: &dyn BSource,
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) {
+    gemm_bf16_impl(
+        c,
+        c_row_stride,
+        a,
+        BInput::Source(b),
+        alpha,
+        beta,
+        threads,
+        !has_avx512_bf16(),
+    );
+}
+
+/// Columns `j0..j0 + nc` of a source, bf16-rounded and widened, row-major `k × nc` into `out`.
+fn source_widened(b: &dyn BSource, j0: usize, nc: usize, out: &mut [f32]) {
+    let k = b.rows();
+    let mut tile = vec![0u16; k * nc];
+    b.tile(0, k, j0, j0 + nc, &mut tile);
+    let widen = |x: u16| bf16::from_bits(x).to_f32();
+    for p in 0..k {
+        for j in 0..nc {
+            let idx = if b.columns_contiguous() {
+                j * k + p
+            } else {
+                p * nc + j
+            };
+            out[p * nc + j] = widen(tile[idx]);
+        }
+    }
+}
+
 /// The `B` operand of a product.
 enum BInput<'x, 'a> {
     View(MatRef<'a>),
     Packed(&'x PackedB),
+    Source(&'x dyn BSource),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -328,6 +435,7 @@ fn gemm_bf16_impl(
     let (k, n) = match &b {
         BInput::View(v) => (v.rows, v.cols),
         BInput::Packed(p) => (p.rows, p.cols),
+        BInput::Source(s) => (s.rows(), s.cols()),
     };
     let m = a.rows;
     assert_eq!(a.cols, k, "gemm_bf16: inner dimensions differ");
@@ -354,7 +462,40 @@ fn gemm_bf16_impl(
                 return;
             }
             let _ = force_fallback;
-            fallback_gemm(c, ldc, &a, &v, alpha, beta, threads);
+            fallback_gemm(
+                c,
+                ldc,
+                &a,
+                n,
+                |j0, nc, out| {
+                    for p in 0..k {
+                        out.extend((j0..j0 + nc).map(|j| bf16::from_bits(v.bits(p, j)).to_f32()));
+                    }
+                },
+                alpha,
+                beta,
+                threads,
+            );
+        }
+        BInput::Source(s) => {
+            #[cfg(target_arch = "x86_64")]
+            if !force_fallback && has_avx512_bf16() {
+                x86::gemm(c, ldc, &a, x86::BArg::Source(s), alpha, beta, threads);
+                return;
+            }
+            fallback_gemm(
+                c,
+                ldc,
+                &a,
+                n,
+                |j0, nc, out| {
+                    out.resize(k * nc, 0.0);
+                    source_widened(s, j0, nc, out);
+                },
+                alpha,
+                beta,
+                threads,
+            );
         }
         BInput::Packed(p) => match &p.repr {
             #[cfg(target_arch = "x86_64")]
@@ -367,9 +508,20 @@ fn gemm_bf16_impl(
                 beta,
                 threads,
             ),
-            PackedRepr::Widened(w) => {
-                fallback_gemm(c, ldc, &a, &MatRef::f32_row_major(w, k, n), alpha, beta, threads)
-            }
+            PackedRepr::Widened(w) => fallback_gemm(
+                c,
+                ldc,
+                &a,
+                n,
+                |j0, nc, out| {
+                    for p in 0..k {
+                        out.extend_from_slice(&w[p * n + j0..p * n + j0 + nc]);
+                    }
+                },
+                alpha,
+                beta,
+                threads,
+            ),
         },
     }
 }
@@ -387,8 +539,19 @@ fn scale_c(c: &mut [f32], ldc: usize, m: usize, n: usize, beta: f32) {
 }
 
 /// Portable path: bf16-rounded f32 copies multiplied by the `gemm` crate (f32 accumulation).
-fn fallback_gemm(c: &mut [f32], ldc: usize, a: &MatRef, b: &MatRef, alpha: f32, beta: f32, threads: usize) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+/// `b_cols(j0, nc, out)` appends columns `j0..j0 + nc` of B, bf16-rounded, row-major `k × nc`.
+#[allow(clippy::too_many_arguments)]
+fn fallback_gemm(
+    c: &mut [f32],
+    ldc: usize,
+    a: &MatRef,
+    n: usize,
+    b_cols: impl Fn(usize, usize, &mut Vec<f32>),
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) {
+    let (m, k) = (a.rows, a.cols);
     let widen = |x: u16| bf16::from_bits(x).to_f32();
     let mut a32 = Vec::with_capacity(m * k);
     for i in 0..m {
@@ -406,9 +569,7 @@ fn fallback_gemm(c: &mut [f32], ldc: usize, a: &MatRef, b: &MatRef, alpha: f32, 
     for j0 in (0..n).step_by(chunk) {
         let nc = chunk.min(n - j0);
         b32.clear();
-        for p in 0..k {
-            b32.extend((j0..j0 + nc).map(|j| widen(b.bits(p, j))));
-        }
+        b_cols(j0, nc, &mut b32);
         let dst = &mut c[j0..];
         assert!(dst.len() >= (m - 1) * ldc + nc);
         // SAFETY: `dst` holds rows `0..m` with stride `ldc` and `nc` columns (checked just above);
@@ -443,7 +604,7 @@ fn fallback_gemm(c: &mut [f32], ldc: usize, a: &MatRef, b: &MatRef, alpha: f32, 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KC, MC, MR, MatData, MatRef, NC, NR};
+    use super::{BSource, KC, MC, MR, MatData, MatRef, NC, NR, tile_view};
     use core::arch::x86_64::*;
     use std::cell::Cell;
 
@@ -453,6 +614,7 @@ mod x86 {
     thread_local! {
         static SHARED: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
         static OWNED: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+        static TILE: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
     }
 
     /// Runs `f` on a thread-local scratch buffer of `len` u16 (contents unspecified). The buffer
@@ -517,6 +679,8 @@ mod x86 {
     /// Where B comes from: a view packed on the fly, or panels packed in advance.
     pub(super) enum BArg<'x, 'a> {
         View(&'x MatRef<'a>),
+        /// Tiles written on demand (see [`pack_b_source`]).
+        Source(&'x dyn BSource),
         /// `(k0, k1, offset)` per k-block, the packed panels (see [`pack_b_whole`]) and n.
         Packed(&'x [(usize, usize, usize)], &'x [u16], usize),
     }
@@ -531,24 +695,38 @@ mod x86 {
             .collect()
     }
 
-    /// Packs all of B, k-block after k-block: `(k0, k1, offset)` per block, and the panels.
-    pub(super) fn pack_b_whole(b: &MatRef, threads: usize) -> (Vec<(usize, usize, usize)>, Vec<u16>) {
-        let np = b.cols.div_ceil(NR);
+    /// Packs all of B (`k × n`, a view or a source), k-block after k-block: `(k0, k1, offset)`
+    /// per block, and the panels.
+    pub(super) fn pack_b_whole(
+        b: BArg,
+        k: usize,
+        n: usize,
+        threads: usize,
+    ) -> (Vec<(usize, usize, usize)>, Vec<u16>) {
+        let np = n.div_ceil(NR);
         let mut blocks = Vec::new();
         let mut len = 0;
-        for (k0, k1) in k_blocks(b.rows) {
+        for (k0, k1) in k_blocks(k) {
             blocks.push((k0, k1, len));
             len += np * (k1 - k0).div_ceil(2) * NR * 2;
         }
         let mut data = vec![0u16; len];
         for &(k0, k1, off) in &blocks {
             let kp = (k1 - k0).div_ceil(2);
-            let b_blk = sub_view(b, k0, 0, k1 - k0, b.cols);
             let b_panel = kp * NR * 2;
             let out = &mut data[off..off + np * b_panel];
-            pack_parallel(out, b_panel, np, threads, |q0, q1, out| {
-                pack_b(&b_blk, q0, q1, kp, out)
-            });
+            match &b {
+                BArg::View(b) => {
+                    let b_blk = sub_view(b, k0, 0, k1 - k0, n);
+                    pack_parallel(out, b_panel, np, threads, |q0, q1, out| {
+                        pack_b(&b_blk, q0, q1, kp, out)
+                    });
+                }
+                BArg::Source(s) => pack_parallel(out, b_panel, np, threads, |q0, q1, out| {
+                    pack_b_source(*s, k0, k1, q0, q1, kp, out)
+                }),
+                BArg::Packed(..) => unreachable!("packing packed panels"),
+            }
         }
         (blocks, data)
     }
@@ -565,7 +743,7 @@ mod x86 {
         // Each k-block is packed and multiplied on its own; C is read and written once per block.
         let owned_blocks;
         let blocks: Vec<(usize, usize, Option<&[u16]>)> = match b {
-            BArg::View(_) => {
+            BArg::View(_) | BArg::Source(_) => {
                 owned_blocks = k_blocks(a.cols);
                 owned_blocks.iter().map(|&(k0, k1)| (k0, k1, None)).collect()
             }
@@ -581,6 +759,9 @@ mod x86 {
                 (BArg::View(b), _) => {
                     let b_blk = sub_view(b, k0, 0, k1 - k0, b.cols);
                     gemm_kblock(c, ldc, &a_blk, KBlockB::View(&b_blk), alpha, beta, threads);
+                }
+                (BArg::Source(s), _) => {
+                    gemm_kblock(c, ldc, &a_blk, KBlockB::Source(*s, k0, k1), alpha, beta, threads)
                 }
                 (BArg::Packed(_, _, n), Some(p)) => {
                     gemm_kblock(c, ldc, &a_blk, KBlockB::Packed(p, *n), alpha, beta, threads)
@@ -614,6 +795,8 @@ mod x86 {
     enum KBlockB<'x, 'a> {
         View(&'x MatRef<'a>),
         Packed(&'x [u16], usize),
+        /// A source and the k-block's rows `k0..k1`.
+        Source(&'x dyn BSource, usize, usize),
     }
 
     fn gemm_kblock(c: &mut [f32], ldc: usize, a: &MatRef, b: KBlockB, alpha: f32, beta: f32, threads: usize) {
@@ -621,6 +804,7 @@ mod x86 {
         let n = match b {
             KBlockB::View(b) => b.cols,
             KBlockB::Packed(_, n) => n,
+            KBlockB::Source(s, _, _) => s.cols(),
         };
         let kp = k.div_ceil(2);
         let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
@@ -657,6 +841,15 @@ mod x86 {
                                 run(q, qe, &bp[q * b_panel..qe * b_panel]);
                             }
                         }
+                        KBlockB::Source(s, k0, k1) => {
+                            with_scratch(&OWNED, chunk_panels.min(q1 - q0) * b_panel, |bp| {
+                                for q in (q0..q1).step_by(chunk_panels) {
+                                    let qe = (q + chunk_panels).min(q1);
+                                    pack_b_source(s, k0, k1, q, qe, kp, &mut bp[..(qe - q) * b_panel]);
+                                    run(q, qe, bp);
+                                }
+                            })
+                        }
                     }
                 });
             });
@@ -683,6 +876,12 @@ mod x86 {
                     run(bp);
                 }),
                 KBlockB::Packed(bp, _) => run(&bp[..np * b_panel]),
+                KBlockB::Source(s, k0, k1) => with_scratch(&SHARED, np * b_panel, |bp| {
+                    pack_parallel(bp, b_panel, np, threads, |q0, q1, out| {
+                        pack_b_source(s, k0, k1, q0, q1, kp, out)
+                    });
+                    run(bp);
+                }),
             }
         }
     }
@@ -764,6 +963,40 @@ mod x86 {
                 pack_scalar::<NR>(kp, lines, k, out, |c, kk| b.bits(kk, q * NR + c));
             }
         }
+    }
+
+    /// Packs the B panels `q0..q1` of the k-block `k0..k1` of a source as [`pack_b`] packs a view:
+    /// the source writes a bf16 tile of at most [`CHUNK`] columns into a per-thread scratch
+    /// buffer, which is then packed through the unit-stride paths.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_b_source(
+        s: &dyn BSource,
+        k0: usize,
+        k1: usize,
+        q0: usize,
+        q1: usize,
+        kp: usize,
+        out: &mut [u16],
+    ) {
+        let panel = kp * NR * 2;
+        let (n, kb) = (s.cols(), k1 - k0);
+        let step = (CHUNK / NR).max(1);
+        with_scratch(&TILE, kb * step * NR, |tile| {
+            for q in (q0..q1).step_by(step) {
+                let qe = (q + step).min(q1);
+                let (j0, j1) = (q * NR, (qe * NR).min(n));
+                s.tile(k0, k1, j0, j1, &mut tile[..kb * (j1 - j0)]);
+                let tile: &[half::bf16] = bytemuck::cast_slice(&tile[..kb * (j1 - j0)]);
+                let view = tile_view(s, tile, kb, j1 - j0);
+                pack_b(
+                    &view,
+                    0,
+                    qe - q,
+                    kp,
+                    &mut out[(q - q0) * panel..(qe - q0) * panel],
+                );
+            }
+        });
     }
 
     /// Generic strided packing: `out[p*W*2 + l*2 + e] = get(l, 2p + e)` (zero past `lines`/`k`).
@@ -1569,6 +1802,77 @@ mod tests {
         for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
             check(40, 70, 2 * KC + 301, layout, false, 1.5, 0.0, 2, false, false);
             check(70, 40, 3 * KC + 2, layout, true, 1.0, 1.0, 1, false, false);
+        }
+    }
+
+    /// A source over a stored matrix, writing tiles in either layout.
+    struct ViewSource<'a> {
+        b: MatRef<'a>,
+        columns: bool,
+    }
+
+    impl BSource for ViewSource<'_> {
+        fn rows(&self) -> usize {
+            self.b.rows
+        }
+        fn cols(&self) -> usize {
+            self.b.cols
+        }
+        fn columns_contiguous(&self) -> bool {
+            self.columns
+        }
+        fn tile(&self, k0: usize, k1: usize, j0: usize, j1: usize, out: &mut [u16]) {
+            let (kb, nj) = (k1 - k0, j1 - j0);
+            for p in 0..kb {
+                for j in 0..nj {
+                    let idx = if self.columns { j * kb + p } else { p * nj + j };
+                    out[idx] = self.b.bits(k0 + p, j0 + j);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_bf16_source_is_bit_identical_to_the_view() {
+        // Through tiles in both layouts, on the fly (both thread splits) and packed once, with and
+        // without the fallback; k past KC, n past a tile chunk (512 columns).
+        for &(m, n, k) in &[(37, 41, 70), (5, 600, 33), (300, 45, 2 * KC + 3), (9, 1100, 64)] {
+            let seed = (m * 31 + n * 7 + k) as u64;
+            let a = rand_vec(m * k, seed);
+            let b = rand_vec(k * n, seed + 1);
+            let av = MatRef::f32_row_major(&a, m, k);
+            for fallback in [false, true] {
+                for threads in [1, 2] {
+                    let mut want = vec![0.5f32; m * n];
+                    let bv = MatRef::f32_row_major(&b, k, n);
+                    gemm_bf16_impl(&mut want, n, av, BInput::View(bv), 1.0, 1.0, threads, fallback);
+                    for columns in [false, true] {
+                        let src = ViewSource { b: bv, columns };
+                        let mut got = vec![0.5f32; m * n];
+                        gemm_bf16_impl(&mut got, n, av, BInput::Source(&src), 1.0, 1.0, threads, fallback);
+                        assert_eq!(
+                            got, want,
+                            "{m}x{n}x{k} fallback {fallback} threads {threads} columns {columns}"
+                        );
+                        let packed = PackedB::source_impl(&src, threads, fallback);
+                        let mut got = vec![0.5f32; m * n];
+                        gemm_bf16_impl(
+                            &mut got,
+                            n,
+                            av,
+                            BInput::Packed(&packed),
+                            1.0,
+                            1.0,
+                            threads,
+                            fallback,
+                        );
+                        assert_eq!(
+                            got, want,
+                            "packed {m}x{n}x{k} fallback {fallback} threads {threads}"
+                        );
+                    }
+                }
+            }
         }
     }
 

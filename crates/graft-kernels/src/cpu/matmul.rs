@@ -5,10 +5,15 @@
 //! * input gradient `dX[t×in] = dY[t×out] · W` ([`linear_backward_input`]),
 //! * weight gradient `dW[out×in] = dYᵀ · X` ([`linear_backward_weight`]).
 //!
+//! A frozen weight may also be kept block-quantized ([`WeightData::Quant`], a GGUF base); its
+//! forward and input-gradient products are in [`super::quant_matmul`].
+//!
 //! Exact mode uses the `gemm` crate; fast mode uses [`super::gemm_bf16`], which rounds inputs to
 //! bf16 while packing, so activations never need a bf16 copy.
 
 use super::gemm_bf16::{MatData, MatRef, gemm_bf16, has_avx512_bf16};
+use super::quant_matmul;
+use crate::quant::QuantTensor;
 use half::bf16;
 
 /// Numeric precision of matrix products.
@@ -32,7 +37,7 @@ impl Precision {
     }
 }
 
-/// A linear layer's weight `[out, in]` (row-major), stored in f32 or bf16.
+/// A linear layer's weight `[out, in]` (row-major), stored in f32, bf16 or ggml blocks.
 #[derive(Debug, Clone)]
 pub struct Weight {
     pub data: WeightData,
@@ -47,6 +52,8 @@ pub struct Weight {
 pub enum WeightData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    /// Block-quantized (a frozen base read from GGUF): never updated, no weight gradient.
+    Quant(QuantTensor),
 }
 
 impl Weight {
@@ -70,11 +77,34 @@ impl Weight {
         }
     }
 
-    /// The f32 values (a copy when stored in bf16).
+    /// A frozen weight kept in its ggml blocks.
+    pub fn quantized(q: QuantTensor) -> Weight {
+        Weight {
+            rows: q.rows,
+            cols: q.cols,
+            data: WeightData::Quant(q),
+        }
+    }
+
+    /// The f32 values (a copy when stored in bf16; dequantized when block-quantized).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             WeightData::F32(v) => v.clone(),
             WeightData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            WeightData::Quant(q) => q.to_f32(),
+        }
+    }
+
+    /// Row `r` as f32 into `out` (`cols` values).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols;
+        match &self.data {
+            WeightData::F32(v) => out[..c].copy_from_slice(&v[r * c..(r + 1) * c]),
+            WeightData::Bf16(v) => out[..c]
+                .iter_mut()
+                .zip(&v[r * c..(r + 1) * c])
+                .for_each(|(o, s)| *o = s.to_f32()),
+            WeightData::Quant(q) => q.dequantize_range(r, 0, c, out),
         }
     }
 
@@ -83,6 +113,7 @@ impl Weight {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) => v.len() * 2,
+            WeightData::Quant(q) => q.bytes(),
         }
     }
 
@@ -107,6 +138,7 @@ impl Weight {
                 rs,
                 cs,
             },
+            WeightData::Quant(_) => unreachable!("block-quantized weights take quant_matmul"),
         }
     }
 }
@@ -269,6 +301,9 @@ pub fn linear_forward(
     accumulate: bool,
     precision: Precision,
 ) {
+    if let WeightData::Quant(q) = &w.data {
+        return quant_matmul::forward(y, x, q, t, accumulate, precision);
+    }
     // Decode: a few rows against bf16 weights is a matrix-vector product bound by reading the
     // weights once; the tiled GEMM would pack (copy) the whole weight for each call.
     if let WeightData::Bf16(wd) = &w.data
@@ -493,6 +528,9 @@ pub fn linear_backward_input(
     accumulate: bool,
     precision: Precision,
 ) {
+    if let WeightData::Quant(q) = &w.data {
+        return quant_matmul::backward_input(dx, dy, q, t, accumulate, precision);
+    }
     matmul(
         dx,
         w.cols,

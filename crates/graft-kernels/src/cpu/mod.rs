@@ -7,4 +7,5 @@ pub mod gemm_bf16;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod quant_matmul;
 pub mod rope;

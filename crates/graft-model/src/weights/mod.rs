@@ -16,7 +16,7 @@ mod gguf_export;
 mod gguf_write;
 mod llama2c;
 pub mod quantize;
-mod quants;
+
 mod safetensors_io;
 #[cfg(test)]
 mod tests;
@@ -31,6 +31,7 @@ pub use safetensors_io::{
 
 use crate::config::ModelSpec;
 use crate::error::ModelError;
+use graft_kernels::quant::{self as quants, QuantTensor, QuantType};
 use half::{bf16, f16};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -105,6 +106,25 @@ impl DType {
         DType::IQ4_NL,
         DType::IQ4_XS,
     ];
+
+    /// The block-quantized type, or `None` for plain floats.
+    pub fn quant_type(self) -> Option<QuantType> {
+        Some(match self {
+            DType::F32 | DType::F16 | DType::BF16 => return None,
+            DType::Q8_0 => QuantType::Q8_0,
+            DType::Q4_0 => QuantType::Q4_0,
+            DType::Q4_1 => QuantType::Q4_1,
+            DType::Q5_0 => QuantType::Q5_0,
+            DType::Q5_1 => QuantType::Q5_1,
+            DType::Q2_K => QuantType::Q2_K,
+            DType::Q3_K => QuantType::Q3_K,
+            DType::Q4_K => QuantType::Q4_K,
+            DType::Q5_K => QuantType::Q5_K,
+            DType::Q6_K => QuantType::Q6_K,
+            DType::IQ4_NL => QuantType::IQ4_NL,
+            DType::IQ4_XS => QuantType::IQ4_XS,
+        })
+    }
 
     /// Bytes taken by `numel` elements, or `None` if `numel` is not a whole number of the type's
     /// blocks or overflows.
@@ -486,6 +506,22 @@ impl WeightStore {
         if let Some(heads) = entry.rope_heads {
             rope_interleaved_to_half(out, heads, entry.info.shape[0]);
         }
+    }
+
+    /// A block-quantized matrix as it is stored (a copy of its blocks, rows in HF order), or
+    /// `None` when the tensor is a plain float type or not two-dimensional. Errors as
+    /// [`WeightStore::f32`].
+    pub fn quantized(&self, name: &str, expected_shape: &[usize]) -> Result<Option<QuantTensor>, ModelError> {
+        let entry = self.entry(name, expected_shape)?;
+        let (Some(ty), &[rows, cols]) = (entry.info.dtype.quant_type(), entry.info.shape.as_slice()) else {
+            return Ok(None);
+        };
+        let mut data = self.bytes_of(entry).to_vec();
+        if let Some(heads) = entry.rope_heads {
+            // Rows are whole blocks, so reordering rows of bytes reorders the matrix's rows.
+            rope_interleaved_to_half(&mut data, heads, rows);
+        }
+        Ok(Some(QuantTensor::new(ty, data, rows, cols)))
     }
 
     /// A converted bf16 copy of a tensor in HF layout (f32, f16 and dequantized values rounded to

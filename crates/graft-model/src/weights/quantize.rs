@@ -13,7 +13,7 @@
 //! `crates/graft-model/tests/gguf_quantize.rs` on `tests/fixtures/gguf_quantize/cases.json`.
 
 use super::DType;
-use super::quants::{
+use graft_kernels::quant::{
     Q2_K_BYTES, Q3_K_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q5_K_BYTES,
     Q6_K_BYTES, Q8_0_BYTES, QK, QK_K,
 };

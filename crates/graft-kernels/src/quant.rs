@@ -1,3 +1,7 @@
+//! ggml's block-quantized tensor types: their block layouts, dequantization, and
+//! [`QuantTensor`], a matrix kept in its blocks (a frozen GGUF base the matrix products read
+//! directly, see `cpu/quant_matmul.rs`).
+//!
 //! Dequantization of ggml's block-quantized tensor types, bit-identical to llama.cpp's reference
 //! `dequantize_row_*` (`ggml/src/ggml-quants.c`, block structs in `ggml/src/ggml-common.h`) and to
 //! gguf-py's `gguf.quants.dequantize`.
@@ -18,23 +22,23 @@
 use half::f16;
 
 /// Values per block of the legacy types and IQ4_NL (ggml's `QK4_0`, `QK8_0`, `QK4_NL`, …).
-pub(super) const QK: usize = 32;
+pub const QK: usize = 32;
 /// Values per super-block of the K-quants and IQ4_XS (ggml's `QK_K`).
-pub(super) const QK_K: usize = 256;
+pub const QK_K: usize = 256;
 
 /// Block sizes in bytes (`sizeof(block_*)` in ggml-common.h).
-pub(super) const Q4_0_BYTES: usize = 18;
-pub(super) const Q4_1_BYTES: usize = 20;
-pub(super) const Q5_0_BYTES: usize = 22;
-pub(super) const Q5_1_BYTES: usize = 24;
-pub(super) const Q8_0_BYTES: usize = 34;
-pub(super) const Q2_K_BYTES: usize = 84;
-pub(super) const Q3_K_BYTES: usize = 110;
-pub(super) const Q4_K_BYTES: usize = 144;
-pub(super) const Q5_K_BYTES: usize = 176;
-pub(super) const Q6_K_BYTES: usize = 210;
-pub(super) const IQ4_NL_BYTES: usize = 18;
-pub(super) const IQ4_XS_BYTES: usize = 136;
+pub const Q4_0_BYTES: usize = 18;
+pub const Q4_1_BYTES: usize = 20;
+pub const Q5_0_BYTES: usize = 22;
+pub const Q5_1_BYTES: usize = 24;
+pub const Q8_0_BYTES: usize = 34;
+pub const Q2_K_BYTES: usize = 84;
+pub const Q3_K_BYTES: usize = 110;
+pub const Q4_K_BYTES: usize = 144;
+pub const Q5_K_BYTES: usize = 176;
+pub const Q6_K_BYTES: usize = 210;
+pub const IQ4_NL_BYTES: usize = 18;
+pub const IQ4_XS_BYTES: usize = 136;
 
 /// The 16 non-linear levels of IQ4_NL and IQ4_XS (ggml's `kvalues_iq4nl`).
 const KVALUES_IQ4NL: [i8; 16] = [
@@ -48,7 +52,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// Q4_0, 18 bytes per 32 values: `d` f16 at 0, 16 bytes of 4-bit quants at 2. Byte `j` holds value
 /// `j` in its low nibble and value `j + 16` in its high nibble; `x = (q − 8) · d`.
-pub(super) fn dequantize_q4_0(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q4_0(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q4_0_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(b, 0);
         for (j, &q) in b[2..18].iter().enumerate() {
@@ -60,7 +65,8 @@ pub(super) fn dequantize_q4_0(bytes: &[u8], out: &mut [f32]) {
 
 /// Q4_1, 20 bytes per 32 values: `d` f16 at 0, `m` f16 at 2, 16 bytes of 4-bit quants at 4
 /// (nibbles as Q4_0); `x = q · d + m`.
-pub(super) fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q4_1_BYTES).zip(out.chunks_exact_mut(QK)) {
         let (d, m) = (f16_at(b, 0), f16_at(b, 2));
         for (j, &q) in b[4..20].iter().enumerate() {
@@ -84,7 +90,8 @@ fn q5_quants(qh: &[u8], qs: &[u8]) -> [u8; QK] {
 
 /// Q5_0, 22 bytes per 32 values: `d` f16 at 0, `qh` (4 bytes, the fifth bits) at 2, 16 bytes of
 /// low nibbles at 6 (see [`q5_quants`]); `x = (q − 16) · d`.
-pub(super) fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q5_0_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(b, 0);
         for (y, &q) in y.iter_mut().zip(&q5_quants(&b[2..6], &b[6..22])) {
@@ -95,7 +102,8 @@ pub(super) fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
 
 /// Q5_1, 24 bytes per 32 values: `d` f16 at 0, `m` f16 at 2, `qh` at 4, low nibbles at 8 (as
 /// Q5_0); `x = q · d + m`.
-pub(super) fn dequantize_q5_1(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q5_1(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q5_1_BYTES).zip(out.chunks_exact_mut(QK)) {
         let (d, m) = (f16_at(b, 0), f16_at(b, 2));
         for (y, &q) in y.iter_mut().zip(&q5_quants(&b[4..8], &b[8..24])) {
@@ -105,7 +113,8 @@ pub(super) fn dequantize_q5_1(bytes: &[u8], out: &mut [f32]) {
 }
 
 /// Q8_0, 34 bytes per 32 values: `d` f16 at 0, 32 int8 quants at 2; `x = q · d`.
-pub(super) fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q8_0_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(b, 0);
         for (y, &q) in y.iter_mut().zip(&b[2..]) {
@@ -119,7 +128,8 @@ pub(super) fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
 /// scale `d · (scales[s] & 15)` and minimum `dmin · (scales[s] >> 4)`, and `x = scale · q − min`.
 /// Value `128h + 32j + l` (half `h` < 2, `j` < 4, `l` < 32) is bits `2j..2j+2` of `qs[32h + l]`, in
 /// sub-block `8h + 2j + l / 16`.
-pub(super) fn dequantize_q2_k(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q2_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q2_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let (scales, qs) = (&b[0..16], &b[16..80]);
         let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
@@ -155,7 +165,8 @@ fn q3_k_scale(scales: &[u8], s: usize) -> i32 {
 /// sub-blocks of 16; `x = d · (scale − 32) · (q − 4·(1 − hbit))`, i.e. the quant is offset by 4 when
 /// its `hmask` bit is *clear*. Value `128h + 32j + l` takes bits `2j..2j+2` of `qs[32h + l]`, bit
 /// `4h + j` of `hmask[l]`, and sub-block `8h + 2j + l / 16`.
-pub(super) fn dequantize_q3_k(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q3_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q3_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let (hmask, qs, scales) = (&b[0..32], &b[32..96], &b[96..108]);
         let d = f16_at(b, 108);
@@ -192,7 +203,8 @@ fn k4_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
 /// 32; sub-block `s` has scale `d · sc[s]`, minimum `dmin · m[s]`, and `x = scale · q − min`. Each
 /// 32-byte group `c` (< 4) of quants holds sub-block `2c` in its low nibbles and `2c + 1` in its
 /// high nibbles.
-pub(super) fn dequantize_q4_k(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q4_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q4_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let (scales, qs) = (&b[4..16], &b[16..144]);
@@ -213,7 +225,8 @@ pub(super) fn dequantize_q4_k(bytes: &[u8], out: &mut [f32]) {
 /// Q5_K, 176 bytes per 256 values: `d` f16 at 0, `dmin` f16 at 2, 12 bytes of scales and minimums
 /// at 4 (as Q4_K), 32 bytes of fifth bits `qh` at 16, 128 bytes of low nibbles at 48 (as Q4_K).
 /// Value `l` of sub-block `s` (< 8) has its fifth bit in bit `s` of `qh[l]`; `x = scale · q − min`.
-pub(super) fn dequantize_q5_k(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q5_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q5_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
@@ -239,7 +252,8 @@ pub(super) fn dequantize_q5_k(bytes: &[u8], out: &mut [f32]) {
 /// `x = d · scale · (q − 32)` with 6-bit `q`. In half `h` (< 2; `ql` bytes `64h..`, `qh` bytes
 /// `32h..`), value `128h + 32k + l` (`k` < 4, `l` < 32) takes the low (`k` < 2) or high nibble of
 /// `ql[64h + 32(k % 2) + l]`, bits `2k..2k+2` of `qh[32h + l]`, and scale `8h + 2k + l / 16`.
-pub(super) fn dequantize_q6_k(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_q6_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(Q6_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
         let d = f16_at(b, 208);
@@ -259,7 +273,8 @@ pub(super) fn dequantize_q6_k(bytes: &[u8], out: &mut [f32]) {
 
 /// IQ4_NL, 18 bytes per 32 values: `d` f16 at 0, 16 bytes of 4-bit indices at 2 (nibbles as Q4_0)
 /// into the non-linear levels [`KVALUES_IQ4NL`]; `x = d · kvalues[q]`.
-pub(super) fn dequantize_iq4_nl(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_iq4_nl(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(IQ4_NL_BYTES).zip(out.chunks_exact_mut(QK)) {
         let d = f16_at(b, 0);
         for (j, &q) in b[2..18].iter().enumerate() {
@@ -274,7 +289,8 @@ pub(super) fn dequantize_iq4_nl(bytes: &[u8], out: &mut [f32]) {
 /// `ls` = nibble `s % 2` of `scales_l[s / 2]` | bits `2s..2s+2` of `scales_h` << 4, and
 /// `x = d · (ls − 32) · kvalues[q]`; its 16 index bytes (at `8 + 16s`) hold values `0..16` in the
 /// low nibbles and `16..32` in the high ones (as IQ4_NL).
-pub(super) fn dequantize_iq4_xs(bytes: &[u8], out: &mut [f32]) {
+#[inline]
+pub fn dequantize_iq4_xs(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(IQ4_XS_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let d = f16_at(b, 0);
         let scales_h = u16::from_le_bytes([b[2], b[3]]);
@@ -288,5 +304,169 @@ pub(super) fn dequantize_iq4_xs(bytes: &[u8], out: &mut [f32]) {
                 y[32 * s + 16 + j] = dl * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
             }
         }
+    }
+}
+
+/// A ggml block-quantized type (the block quants GGUF files store; plain floats are not here).
+#[allow(non_camel_case_types)] // ggml's names: Q4_K, IQ4_NL, …
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    IQ4_NL,
+    IQ4_XS,
+}
+
+impl QuantType {
+    /// Values per block: [`QK`] or [`QK_K`].
+    pub fn block_size(self) -> usize {
+        use QuantType::*;
+        match self {
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | IQ4_NL => QK,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        use QuantType::*;
+        match self {
+            Q4_0 => Q4_0_BYTES,
+            Q4_1 => Q4_1_BYTES,
+            Q5_0 => Q5_0_BYTES,
+            Q5_1 => Q5_1_BYTES,
+            Q8_0 => Q8_0_BYTES,
+            Q2_K => Q2_K_BYTES,
+            Q3_K => Q3_K_BYTES,
+            Q4_K => Q4_K_BYTES,
+            Q5_K => Q5_K_BYTES,
+            Q6_K => Q6_K_BYTES,
+            IQ4_NL => IQ4_NL_BYTES,
+            IQ4_XS => IQ4_XS_BYTES,
+        }
+    }
+
+    /// Dequantizes whole blocks of `bytes` into `out` (as many as both hold).
+    #[inline]
+    pub fn dequantize(self, bytes: &[u8], out: &mut [f32]) {
+        use QuantType::*;
+        match self {
+            Q4_0 => dequantize_q4_0(bytes, out),
+            Q4_1 => dequantize_q4_1(bytes, out),
+            Q5_0 => dequantize_q5_0(bytes, out),
+            Q5_1 => dequantize_q5_1(bytes, out),
+            Q8_0 => dequantize_q8_0(bytes, out),
+            Q2_K => dequantize_q2_k(bytes, out),
+            Q3_K => dequantize_q3_k(bytes, out),
+            Q4_K => dequantize_q4_k(bytes, out),
+            Q5_K => dequantize_q5_k(bytes, out),
+            Q6_K => dequantize_q6_k(bytes, out),
+            IQ4_NL => dequantize_iq4_nl(bytes, out),
+            IQ4_XS => dequantize_iq4_xs(bytes, out),
+        }
+    }
+}
+
+/// A row-major matrix `[rows, cols]` kept in ggml blocks: each row is `cols / block_size` blocks
+/// of [`QuantType::block_bytes`], rows one after another (a GGUF tensor's bytes as they are, rows
+/// possibly reordered). It is read-only: a frozen base weight.
+#[derive(Debug, Clone)]
+pub struct QuantTensor {
+    /// The block type.
+    pub ty: QuantType,
+    /// `rows · row_bytes()` bytes.
+    pub data: Vec<u8>,
+    /// Rows (output features of a linear weight).
+    pub rows: usize,
+    /// Columns (input features), a multiple of the block size.
+    pub cols: usize,
+}
+
+impl QuantTensor {
+    /// Wraps the blocks of a `[rows, cols]` matrix.
+    ///
+    /// # Panics
+    /// If `cols` is not a multiple of the block size or `data` is not `rows` rows of blocks.
+    pub fn new(ty: QuantType, data: Vec<u8>, rows: usize, cols: usize) -> QuantTensor {
+        assert!(
+            cols.is_multiple_of(ty.block_size()),
+            "{ty:?} rows are blocks of {} values, not {cols}",
+            ty.block_size()
+        );
+        let q = QuantTensor { ty, data, rows, cols };
+        assert_eq!(
+            q.data.len(),
+            rows * q.row_bytes(),
+            "{ty:?} [{rows}, {cols}]: byte count"
+        );
+        q
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_size() * self.ty.block_bytes()
+    }
+
+    /// The blocks of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantizes `row[c0..c1]` into `out` (`c1 − c0` values); blocks only partly inside the
+    /// range are dequantized whole into a small buffer.
+    #[inline]
+    pub fn dequantize_range(&self, r: usize, c0: usize, c1: usize, out: &mut [f32]) {
+        assert!(c0 <= c1 && c1 <= self.cols && out.len() >= c1 - c0);
+        let (bs, bb) = (self.ty.block_size(), self.ty.block_bytes());
+        let row = self.row(r);
+        let mut c = c0;
+        let mut tmp = [0.0f32; QK_K];
+        // The whole blocks in one call (one type dispatch), then the partial ones at the ends.
+        let (first, last) = (c0.div_ceil(bs) * bs, c1 / bs * bs);
+        if first < last {
+            self.ty.dequantize(
+                &row[first / bs * bb..last / bs * bb],
+                &mut out[first - c0..last - c0],
+            );
+        }
+        while c < c1 {
+            if c == first && first < last {
+                c = last;
+                continue;
+            }
+            let (b, off) = (c / bs, c % bs);
+            let block = &row[b * bb..(b + 1) * bb];
+            let n = (bs - off).min(c1 - c);
+            if off == 0 && n == bs {
+                self.ty.dequantize(block, &mut out[c - c0..c - c0 + bs]);
+            } else {
+                self.ty.dequantize(block, &mut tmp[..bs]);
+                out[c - c0..c - c0 + n].copy_from_slice(&tmp[off..off + n]);
+            }
+            c += n;
+        }
+    }
+
+    /// The whole matrix as f32 (export, tests).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.dequantize_range(r, 0, self.cols, o);
+        }
+        out
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
     }
 }
