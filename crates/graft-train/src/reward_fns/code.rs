@@ -17,6 +17,8 @@
 //! `PATH` and `HOME`. The filesystem is *not* isolated beyond that: the program runs as the
 //! training user. When the sandbox cannot be set up (no `unshare`, user namespaces disabled, no
 //! Python), `score` fails saying so — it never runs code unsandboxed.
+//!
+//! The same sandbox ([`run_sandboxed`]) runs the `python` OpenAI grader ([`super::graders`]).
 
 use super::{Options, RewardError, RewardFn, Sample, column_text, score_bool};
 use serde_json::Value;
@@ -76,71 +78,123 @@ impl CodeTests {
 
     /// Runs `program` in the sandbox.
     pub fn run(&self, program: &str) -> Result<Outcome, RewardError> {
-        let err = |m: String| RewardError::new("code_tests", m);
-        let python = resolve_python(&self.python).map_err(|e| err(format!("sandbox unavailable: {e}")))?;
-        let unshare = sandbox().map_err(|e| err(format!("sandbox unavailable: {e}")))?;
-        let dir =
-            TempDir::new().map_err(|e| err(format!("sandbox unavailable: no temporary directory: {e}")))?;
-        let file = dir.path().join("main.py");
-        std::fs::write(&file, program).map_err(|e| err(format!("cannot write {}: {e}", file.display())))?;
+        let run = run_sandboxed(
+            &self.python,
+            &[("main.py", program)],
+            self.timeout,
+            self.memory_mb,
+        )
+        .map_err(|e| RewardError::new("code_tests", e))?;
+        Ok(run.outcome)
+    }
+}
 
-        let cpu_s = self.timeout.as_secs_f64().ceil() as u64 + 1;
-        let script = format!(
-            "ulimit -v {} && ulimit -t {cpu_s} && ulimit -c 0 && ulimit -f 131072 && unset PWD && exec \"$1\" -I main.py",
-            self.memory_mb * 1024
-        );
-        let path = match python.parent() {
-            Some(d) => format!("{}:/usr/local/bin:/usr/bin:/bin", d.display()),
-            None => "/usr/local/bin:/usr/bin:/bin".to_string(),
-        };
-        let mut child = Command::new(unshare)
-            .args(["--net", "--map-root-user", "--", "/bin/sh", "-c", &script, "sh"])
-            .arg(&python)
-            .current_dir(dir.path())
-            .env_clear()
-            .env("PATH", path)
-            .env("HOME", dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                err(format!(
-                    "sandbox unavailable: cannot start {}: {e}",
-                    unshare.display()
-                ))
-            })?;
+/// What [`run_sandboxed`] gives back: the outcome, the program's stdout and stderr (each cut to
+/// its last 64 KiB) and the files it was asked to keep.
+#[derive(Clone, Debug)]
+pub(crate) struct SandboxRun {
+    pub(crate) outcome: Outcome,
+    pub(crate) stderr: String,
+    /// The content of `result.json` in the working directory, if the program wrote one.
+    pub(crate) result: Option<String>,
+}
 
-        let start = Instant::now();
-        let (passed, timed_out) = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break (status.success(), false),
-                Ok(None) if start.elapsed() >= self.timeout => {
-                    kill_group(child.id());
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break (false, true);
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => {
-                    kill_group(child.id());
-                    let _ = child.wait();
-                    return Err(err(format!("waiting for the test process: {e}")));
-                }
+/// Runs `python3 -I main.py` in the sandbox described in the [module docs](self), in a fresh
+/// directory holding `files` (`main.py` among them). The error says why the sandbox could not be
+/// set up; a program that fails is an [`Outcome`] with `passed = false`.
+pub(crate) fn run_sandboxed(
+    python: &str,
+    files: &[(&str, &str)],
+    timeout: Duration,
+    memory_mb: u64,
+) -> Result<SandboxRun, String> {
+    let python = resolve_python(python).map_err(|e| format!("sandbox unavailable: {e}"))?;
+    let unshare = sandbox().map_err(|e| format!("sandbox unavailable: {e}"))?;
+    let dir = TempDir::new().map_err(|e| format!("sandbox unavailable: no temporary directory: {e}"))?;
+    for (name, text) in files {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    }
+    // stderr goes to a file outside the working directory, so the program sees only its files
+    let err_path = PathBuf::from(format!("{}.stderr", dir.path().display()));
+    let err_file =
+        std::fs::File::create(&err_path).map_err(|e| format!("cannot create {}: {e}", err_path.display()))?;
+    let cpu_s = timeout.as_secs_f64().ceil() as u64 + 1;
+    let script = format!(
+        "ulimit -v {} && ulimit -t {cpu_s} && ulimit -c 0 && ulimit -f 131072 && unset PWD && exec \"$1\" -I main.py",
+        memory_mb * 1024
+    );
+    let path = match python.parent() {
+        Some(d) => format!("{}:/usr/local/bin:/usr/bin:/bin", d.display()),
+        None => "/usr/local/bin:/usr/bin:/bin".to_string(),
+    };
+    let spawned = Command::new(unshare)
+        .args(["--net", "--map-root-user", "--", "/bin/sh", "-c", &script, "sh"])
+        .arg(&python)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err_file)
+        .process_group(0)
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&err_path);
+            return Err(format!(
+                "sandbox unavailable: cannot start {}: {e}",
+                unshare.display()
+            ));
+        }
+    };
+
+    let start = Instant::now();
+    let (passed, timed_out) = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break (status.success(), false),
+            Ok(None) if start.elapsed() >= timeout => {
+                kill_group(child.id());
+                let _ = child.kill();
+                let _ = child.wait();
+                break (false, true);
             }
-        };
-        // leftovers of the group (a backgrounded child) go too
-        kill_group(child.id());
-        let workdir = dir.path().to_path_buf();
-        drop(dir);
-        Ok(Outcome {
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                kill_group(child.id());
+                let _ = child.wait();
+                let _ = std::fs::remove_file(&err_path);
+                return Err(format!("waiting for the sandboxed process: {e}"));
+            }
+        }
+    };
+    // leftovers of the group (a backgrounded child) go too
+    kill_group(child.id());
+    let elapsed = start.elapsed();
+    let stderr = tail_of(&err_path);
+    let _ = std::fs::remove_file(&err_path);
+    let result = std::fs::read_to_string(dir.path().join("result.json")).ok();
+    let workdir = dir.path().to_path_buf();
+    drop(dir);
+    Ok(SandboxRun {
+        outcome: Outcome {
             passed,
             timed_out,
-            elapsed: start.elapsed(),
+            elapsed,
             workdir,
-        })
-    }
+        },
+        stderr,
+        result,
+    })
+}
+
+/// The last 64 KiB of a file, as text.
+fn tail_of(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let from = bytes.len().saturating_sub(64 << 10);
+    String::from_utf8_lossy(&bytes[from..]).into_owned()
 }
 
 impl RewardFn for CodeTests {

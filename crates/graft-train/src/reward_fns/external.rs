@@ -71,7 +71,7 @@ fn parse_answer(function: &str, source: &str, v: &Value) -> Result<f64, RewardEr
 }
 
 /// `s` cut to 200 characters for an error message, `…` marking the cut.
-fn short(s: &str) -> String {
+pub(crate) fn short(s: &str) -> String {
     let mut out: String = s.chars().take(200).collect();
     if out.len() < s.len() {
         out.push('…');
@@ -80,14 +80,14 @@ fn short(s: &str) -> String {
 }
 
 /// A duration option in seconds (`> 0`), `default` when not given.
-fn seconds(opts: &mut Options<'_>, key: &'static str, default: f64) -> Result<Duration, String> {
+pub(crate) fn seconds(opts: &mut Options<'_>, key: &'static str, default: f64) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(
         opts.number(key, true)?.unwrap_or(default),
     ))
 }
 
 /// A whole-number option `>= 1`, `default` when not given.
-fn whole(opts: &mut Options<'_>, key: &'static str, default: u64) -> Result<u64, String> {
+pub(crate) fn whole(opts: &mut Options<'_>, key: &'static str, default: u64) -> Result<u64, String> {
     match opts.number(key, true)? {
         None => Ok(default),
         Some(x) if x.fract() == 0.0 && x >= 1.0 => Ok(x as u64),
@@ -448,9 +448,9 @@ impl RewardFn for CommandReward {
     }
 }
 
-/// What `http` and `judge` send requests with: the agent, the timeout of one request, and the
+/// What `http`, `judge` and the OpenAI graders send requests with: the agent, the timeout of one request, and the
 /// extra headers.
-struct Client {
+pub(crate) struct Client {
     agent: ureq::Agent,
     timeout: Duration,
     headers: Vec<(String, String)>,
@@ -459,7 +459,7 @@ struct Client {
 impl Client {
     /// A client for `url`. Non-2xx statuses come back as replies (their body goes into the
     /// error); a loopback `url` is never sent through a proxy the environment names.
-    fn new(url: &str, timeout: Duration, headers: Vec<(String, String)>) -> Client {
+    pub(crate) fn new(url: &str, timeout: Duration, headers: Vec<(String, String)>) -> Client {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
@@ -490,7 +490,7 @@ fn is_loopback(url: &str) -> bool {
 }
 
 /// POSTs `body` to `url` with `headers`; the reply's JSON, or what went wrong, naming the URL.
-fn post_json(client: &Client, url: &str, body: &Value) -> Result<Value, String> {
+pub(crate) fn post_json(client: &Client, url: &str, body: &Value) -> Result<Value, String> {
     let failed = |e: ureq::Error| match e {
         ureq::Error::Timeout(_) => format!(
             "POST {url}: no complete reply within timeout_s = {}",
@@ -666,10 +666,88 @@ fn parse_template(t: &str) -> Vec<Piece> {
 }
 
 /// The first number in `text`: `8`, `-0.5`, `.5`; `7/10` gives 7.
-fn first_number(text: &str) -> Option<f64> {
+pub(crate) fn first_number(text: &str) -> Option<f64> {
     static RE: OnceLock<regex::Regex> = OnceLock::new();
     let re = RE.get_or_init(|| regex::Regex::new(r"-?(?:\d+(?:\.\d+)?|\.\d+)").expect("valid regex"));
     re.find(text).and_then(|m| m.as_str().parse().ok())
+}
+
+/// `base` (`http://host:8000/v1`) joined with `path` (`chat/completions`); a `base` that already
+/// ends with `path` is the endpoint itself.
+pub(crate) fn endpoint(base: &str, path: &str) -> String {
+    let base = base.trim_end_matches('/');
+    if base.ends_with(&format!("/{path}")) {
+        base.to_string()
+    } else {
+        format!("{base}/{path}")
+    }
+}
+
+/// What an OpenAI-compatible chat endpoint answered: `choices[0].message.content`, its
+/// `refusal` (if any), and the reply's `usage` and `model`.
+pub(crate) struct ChatReply {
+    pub(crate) content: String,
+    pub(crate) refusal: Option<String>,
+    pub(crate) usage: Option<Value>,
+    pub(crate) model: Option<String>,
+}
+
+/// POSTs a chat request `body` to `url` (`.../chat/completions`) and reads the first choice. A
+/// reply without `choices[0].message.content` (and no refusal) is an error quoting it.
+pub(crate) fn chat_completion(client: &Client, url: &str, body: &Value) -> Result<ChatReply, String> {
+    let reply = post_json(client, url, body)?;
+    let message = &reply["choices"][0]["message"];
+    let refusal = message["refusal"].as_str().map(str::to_string);
+    let content = match (message["content"].as_str(), &refusal) {
+        (Some(c), _) => c.to_string(),
+        (None, Some(_)) => String::new(),
+        (None, None) => {
+            return Err(format!(
+                "{url} answered {}; expected choices[0].message.content",
+                short(&reply.to_string())
+            ));
+        }
+    };
+    Ok(ChatReply {
+        content,
+        refusal,
+        usage: reply.get("usage").cloned(),
+        model: reply["model"].as_str().map(str::to_string),
+    })
+}
+
+/// `f(i)` for every `i < n`, at most `parallel` at a time on scoped threads, in order. A call
+/// that panicked gives `panicked`.
+pub(crate) fn parallel_map<T: Send>(
+    n: usize,
+    parallel: usize,
+    f: impl Fn(usize) -> T + Sync,
+    panicked: impl Fn() -> T,
+) -> Vec<T> {
+    let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..parallel.max(1).min(n) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let r = f(i);
+                    *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(&panicked)
+        })
+        .collect()
 }
 
 /// `judge`: asks an OpenAI-compatible chat endpoint (`POST {base_url}/chat/completions`) to grade
@@ -708,13 +786,7 @@ impl JudgeReward {
                 format!("must start with http:// or https://, not `{base}`"),
             ));
         }
-        let base = base.trim_end_matches('/');
-        // A full endpoint is accepted as well as its base.
-        let url = if base.ends_with("/chat/completions") {
-            base.to_string()
-        } else {
-            format!("{base}/chat/completions")
-        };
+        let url = endpoint(&base, "chat/completions");
         let model = opts
             .string("model")?
             .ok_or_else(|| opts.err("model", "is required"))?;
@@ -799,19 +871,9 @@ impl JudgeReward {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         });
-        let reply = post_json(&self.client, &self.url, &body).map_err(|e| RewardError::new("judge", e))?;
-        let text = reply["choices"][0]["message"]["content"]
-            .as_str()
-            .ok_or_else(|| {
-                RewardError::new(
-                    "judge",
-                    format!(
-                        "{} answered {}; expected choices[0].message.content",
-                        self.url,
-                        short(&reply.to_string())
-                    ),
-                )
-            })?;
+        let reply =
+            chat_completion(&self.client, &self.url, &body).map_err(|e| RewardError::new("judge", e))?;
+        let text = reply.content.as_str();
         let n = first_number(text).ok_or_else(|| {
             RewardError::new(
                 "judge",
@@ -832,36 +894,17 @@ impl RewardFn for JudgeReward {
     }
 
     fn score_batch(&self, samples: &[Sample]) -> Vec<Result<f64, RewardError>> {
-        let slots: Vec<Mutex<Option<Result<f64, RewardError>>>> =
-            samples.iter().map(|_| Mutex::new(None)).collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..self.parallel.min(samples.len()) {
-                scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= samples.len() {
-                            break;
-                        }
-                        let r = self.grade(&samples[i]);
-                        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                    }
-                });
-            }
-        });
-        slots
-            .into_iter()
-            .map(|m| {
-                m.into_inner()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .unwrap_or_else(|| {
-                        Err(RewardError::new(
-                            "judge",
-                            "not graded (a grading thread panicked)",
-                        ))
-                    })
-            })
-            .collect()
+        parallel_map(
+            samples.len(),
+            self.parallel,
+            |i| self.grade(&samples[i]),
+            || {
+                Err(RewardError::new(
+                    "judge",
+                    "not graded (a grading thread panicked)",
+                ))
+            },
+        )
     }
 }
 

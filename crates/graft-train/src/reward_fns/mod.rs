@@ -19,6 +19,7 @@
 //! | `code_tests` | HumanEval-style tests pass in a sandbox ([`code`]) | `timeout_s` (10), `memory_mb` (1024), `prepend_prompt`, `python` |
 //! | `command` | a long-lived process answering a JSON line per sample ([`external`]) | `command` (`[program, args...]` or a line for `sh -c`), `cwd`, `timeout_s` (60, per batch) |
 //! | `http` | an HTTP endpoint scoring a batch per POST ([`external`]) | `url`, `headers`, `api_key_env`, `timeout_s` (60) |
+//! | `openai_grader` | an OpenAI fine-tuning `grader` object: `string_check`, `text_similarity`, `score_model`, `label_model`, `python`, `multi` ([`graders`]) | `grader` (the object, or its JSON text), `base_url` ($GRAFT_GRADER_BASE_URL / $OPENAI_BASE_URL), `api_key_env` ($GRAFT_GRADER_API_KEY / $OPENAI_API_KEY), `allow_python` (false), `timeout_s` (60), `parallel` (4), `python`, `python_timeout_s` (10), `python_memory_mb` (1024), `embeddings_model` |
 //! | `judge` | an LLM judge behind an OpenAI-compatible chat API ([`external`]) | `base_url`, `model`, `prompt` (template: `{prompt}`, `{completion}`, `{column}`), `system`, `scale` (10), `max_tokens` (16), `temperature` (0), `parallel` (4), `api_key_env`, `headers`, `timeout_s` (60, per request) |
 //!
 //! A sample that cannot be scored (a missing column, a sandbox that cannot be set up) gives a
@@ -28,9 +29,12 @@
 pub mod code;
 pub mod external;
 pub mod format;
+pub mod formula;
+pub mod graders;
 pub mod json;
 pub mod length;
 pub mod math;
+pub mod similarity;
 pub mod text;
 
 use serde_json::{Map, Value};
@@ -96,6 +100,7 @@ pub const KNOWN: &[&str] = &[
     "command",
     "http",
     "judge",
+    "openai_grader",
 ];
 
 /// Builds the reward function called `name` with its options `args` (a JSON object, or `null`
@@ -116,6 +121,7 @@ pub fn from_config(name: &str, args: &Value) -> Result<Box<dyn RewardFn>, String
         "command" => Box::new(external::CommandReward::from_options(&mut opts)?),
         "http" => Box::new(external::HttpReward::from_options(&mut opts)?),
         "judge" => Box::new(external::JudgeReward::from_options(&mut opts)?),
+        "openai_grader" => Box::new(graders::OpenAiGrader::from_options(&mut opts)?),
         _ => {
             return Err(format!(
                 "unknown reward function `{name}` (known: {})",
@@ -293,6 +299,9 @@ pub(crate) mod tests {
                 "judge" => {
                     json!({"base_url": "http://127.0.0.1:9/v1", "model": "m", "prompt": "{completion}"})
                 }
+                "openai_grader" => json!({"grader": {
+                    "type": "string_check", "name": "g", "input": "{{sample.output_text}}",
+                    "reference": "{{item.answer}}", "operation": "eq"}}),
                 _ => Value::Null,
             };
             let f = from_config(name, &args).unwrap_or_else(|e| panic!("{name}: {e}"));
