@@ -398,3 +398,58 @@ def test_worker_killed_mid_job_is_replaced(server):
     c.fine_tuning.jobs.cancel(job.id)
     wait(c, job.id, {"cancelled"})
     server.start_worker()
+
+
+LILY = {"type": "string_check", "name": "has_lily", "input": "{{sample.output_text}}",
+        "reference": "{{item.target}}", "operation": "like"}
+
+
+def test_reinforcement_job_with_a_grader(server):
+    c = server.client()
+    rows = [{"messages": [{"role": "user", "content": f"Tell story {i}"}], "target": "Lily"} for i in range(10)]
+    f = upload(c, rows)
+    job = c.fine_tuning.jobs.create(
+        model="stories", training_file=f.id,
+        method={"type": "reinforcement", "reinforcement": {
+            "grader": LILY,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5}}},
+        extra_body={"graft": {"grpo.max_completion_length": 24}})
+    assert job.method.type == "reinforcement"
+    job = wait(c, job.id, {"succeeded", "failed"})
+    assert job.status == "succeeded", job.error
+    metrics = [e.data for e in all_events(c, job.id) if e.type == "metrics"]
+    assert len(metrics) == 5 and all("reward" in m for m in metrics), metrics
+    r = c.chat.completions.create(model=job.fine_tuned_model, max_tokens=8,
+                                  messages=[{"role": "user", "content": "Tell story 3"}])
+    assert r.choices[0].message.content is not None
+    # A supervised file is not a reinforcement file.
+    sft = upload(c, chat_rows(10))
+    with pytest.raises(openai.BadRequestError) as e:
+        c.fine_tuning.jobs.create(model="stories", training_file=sft.id,
+                                  method={"type": "reinforcement", "reinforcement": {"grader": LILY}})
+    assert e.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.fine_tuning.jobs.create(model="stories", training_file=f.id,
+                                  method={"type": "reinforcement", "reinforcement": {
+                                      "grader": {**LILY, "operation": "equals"}}})
+    assert e.value.body["param"] == "method.reinforcement.grader" and "operation" in e.value.body["message"]
+
+
+def test_graders_run_and_validate(server):
+    c = server.client()
+    ok = c.fine_tuning.alpha.graders.run(grader=LILY, model_sample="Once, Lily ran.", item={"target": "Lily"})
+    assert ok.reward == 1.0
+    miss = c.fine_tuning.alpha.graders.run(grader=LILY, model_sample="Once, Tom ran.", item={"target": "Lily"})
+    assert miss.reward == 0.0
+    multi = {"type": "multi", "name": "m", "calculate_output": "0.5 * a + 0.5 * b",
+             "graders": {"a": LILY, "b": {"type": "text_similarity", "name": "b", "input": "{{sample.output_text}}",
+                                           "reference": "Once, Lily ran.", "evaluation_metric": "fuzzy_match"}}}
+    r = c.fine_tuning.alpha.graders.run(grader=multi, model_sample="Once, Lily ran.", item={"target": "Lily"})
+    assert abs(r.reward - 1.0) < 1e-9
+    v = c.fine_tuning.alpha.graders.validate(grader=LILY)
+    assert v.grader.name == "has_lily"
+    with pytest.raises(openai.BadRequestError):
+        c.fine_tuning.alpha.graders.validate(grader={**LILY, "operation": "equals"})
+    with pytest.raises(openai.BadRequestError):  # python graders are off unless the server allows them
+        c.fine_tuning.alpha.graders.validate(grader={"type": "python", "name": "p",
+                                                     "source": "def grade(sample, item):\n    return 1.0\n"})

@@ -773,6 +773,63 @@ impl Jobs {
         Ok(page(rows.iter().map(checkpoint_object).collect(), more))
     }
 
+    // ----- graders -----
+
+    fn grader_options(&self) -> graft_train::reward_fns::graders::GraderOptions {
+        let mut o = graft_train::reward_fns::graders::GraderOptions::from_env();
+        if let Some(u) = &self.config.grader_base_url {
+            o.base_url = Some(u.clone());
+        }
+        o.allow_python = self.config.allow_python_graders;
+        o
+    }
+
+    fn body_fields<'a>(
+        body: &'a Value,
+        allowed: &[&str],
+    ) -> Result<&'a serde_json::Map<String, Value>, JobsError> {
+        let obj = body
+            .as_object()
+            .ok_or_else(|| JobsError::invalid("body", "the body must be a JSON object"))?;
+        for k in obj.keys() {
+            if !allowed.contains(&k.as_str()) {
+                return Err(JobsError::invalid(
+                    k.as_str(),
+                    format!(
+                        "Unrecognized request argument supplied: {k} (known: {})",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(obj)
+    }
+
+    /// `POST /v1/fine_tuning/alpha/graders/validate`: the grader, when it is valid.
+    pub fn validate_grader(&self, body: &Value) -> Result<Value, JobsError> {
+        let obj = Self::body_fields(body, &["grader"])?;
+        let g = obj
+            .get("grader")
+            .ok_or_else(|| JobsError::invalid("grader", "Missing required parameter: 'grader'."))?;
+        graft_train::reward_fns::graders::grader_from_json(g, &self.grader_options())
+            .map_err(|e| JobsError::invalid("grader", e))?;
+        Ok(json!({"grader": g}))
+    }
+
+    /// `POST /v1/fine_tuning/alpha/graders/run`: grades one `model_sample` against `item`.
+    pub fn run_grader(&self, body: &Value) -> Result<Value, JobsError> {
+        let obj = Self::body_fields(body, &["grader", "model_sample", "item"])?;
+        let g = obj
+            .get("grader")
+            .ok_or_else(|| JobsError::invalid("grader", "Missing required parameter: 'grader'."))?;
+        let sample = obj.get("model_sample").ok_or_else(|| {
+            JobsError::invalid("model_sample", "Missing required parameter: 'model_sample'.")
+        })?;
+        let item = obj.get("item").cloned().unwrap_or(Value::Null);
+        graft_train::reward_fns::graders::run_grader(g, &self.grader_options(), sample, &item)
+            .map_err(|e| JobsError::invalid("grader", e))
+    }
+
     // ----- models -----
 
     /// The fine-tuned model (or checkpoint) `name` of `project`, if it exists and is ready.

@@ -36,6 +36,16 @@ pub fn routes(max_file_bytes: usize) -> Router<Arc<AppState>> {
         .route("/v1/fine_tuning/jobs/{id}/resume", post(resume_job))
         .route("/v1/fine_tuning/jobs/{id}/events", get(list_events))
         .route("/v1/fine_tuning/jobs/{id}/checkpoints", get(list_checkpoints))
+        .route("/v1/fine_tuning/alpha/graders/run", post(run_grader))
+        .route("/v1/fine_tuning/alpha/graders/validate", post(validate_grader))
+}
+
+async fn run_grader(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Answer {
+    run(&st, move |j| j.run_grader(&body)).await
+}
+
+async fn validate_grader(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Answer {
+    run(&st, move |j| j.validate_grader(&body)).await
 }
 
 /// A JSON object body (malformed bodies are answered with an OpenAI error).
