@@ -906,9 +906,9 @@ impl Jobs {
     /// `DELETE /v1/models/{id}` of a fine-tuned model: it is no longer listed or served (its
     /// job stays). `Ok(None)` when `project` has no such model.
     pub fn delete_model(&self, project: &str, name: &str) -> Result<Option<Value>, JobsError> {
-        let Some(m) = self.resolve_model(project, name)? else {
+        if self.resolve_model(project, name)?.is_none() {
             return Ok(None);
-        };
+        }
         if name.contains(":ckpt-step-") {
             return Err(JobsError::invalid(
                 "model",
@@ -918,7 +918,6 @@ impl Jobs {
         let tail = name.rsplit(':').next().unwrap_or_default();
         self.store
             .modify_job(&format!("ftjob-{tail}"), |j| j.model_deleted = true)?;
-        let _ = m;
         Ok(Some(json!({"id": name, "object": "model", "deleted": true})))
     }
 }
