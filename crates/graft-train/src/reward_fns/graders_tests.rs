@@ -549,3 +549,40 @@ fn from_config_builds_the_grader_from_a_table_or_json_text() {
         assert!(e.starts_with(want), "{args}: {e}");
     }
 }
+
+#[test]
+fn a_toml_rewards_entry_builds_a_multi_grader() {
+    let t: toml::Table = toml::from_str(
+        r#"
+        name = "openai_grader"
+        [grader]
+        type = "multi"
+        name = "answer"
+        calculate_output = "0.7 * exact + 0.3 * overlap"
+        [grader.graders.exact]
+        type = "string_check"
+        name = "exact"
+        input = "{{ sample.output_text }}"
+        reference = "{{ item.answer }}"
+        operation = "ilike"
+        [grader.graders.overlap]
+        type = "text_similarity"
+        name = "overlap"
+        input = "{{ sample.output_text }}"
+        reference = "{{ item.answer }}"
+        evaluation_metric = "rouge_1"
+        "#,
+    )
+    .unwrap();
+    let mut args = serde_json::to_value(&t).unwrap();
+    args.as_object_mut().unwrap().remove("name");
+    let f = from_config("openai_grader", &args).unwrap();
+    let c = cols(json!({"answer": "Paris"}));
+    let s = Sample {
+        prompt: "",
+        completion: "It is paris",
+        columns: &c,
+    };
+    let got = f.score(&s).unwrap();
+    assert!((got - (0.7 + 0.3 * 0.5)).abs() < 1e-12, "{got}");
+}
