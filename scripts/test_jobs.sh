@@ -6,23 +6,8 @@
 # ../shared/data is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$(pwd)
-SRC="${GRAFT_SHARED_DATA:-$REPO/../shared/data}/models/stories260K/hf"
-if [ ! -f "$SRC/model.safetensors" ]; then
-  echo "test_jobs.sh: skipping: $SRC is absent (stories260K lives in ../shared/data)"
-  exit 0
-fi
-
-VENV="$REPO/.venv-serve"
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-if ! "$VENV/bin/python" -c 'import openai, pytest, sys; sys.exit(openai.__version__ != "3.51.0")' 2>/dev/null; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check openai==3.51.0 pytest==9.2.0
-fi
-
-cargo build --release -q -p graft
-BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/graft"
+NAME=test_jobs.sh
+. scripts/serve_test_env.sh
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -150,22 +150,25 @@ fn page_of<T>(mut rows: Vec<T>, limit: usize) -> Page<T> {
     (rows, more)
 }
 
-fn seq_of(
+/// The ordering key (`key`) of row `id` of `table` whose `owner` column is `owner`, for a
+/// listing that starts after it. An unknown cursor starts nowhere: an empty page, as OpenAI
+/// answers.
+fn cursor(
     sql: &mut dyn Sql,
     table: &str,
     key: &str,
+    owner: &str,
     id: Option<&str>,
-    project: &str,
+    owner_value: &str,
 ) -> Result<Option<i64>, JobsError> {
     let Some(id) = id else {
         return Ok(None);
     };
     let rows = sql.rows(
-        &format!("SELECT {key} FROM {table} WHERE id = $1 AND project = $2"),
-        &[P::T(Some(id)), P::T(Some(project))],
+        &format!("SELECT {key} FROM {table} WHERE id = $1 AND {owner} = $2"),
+        &[P::T(Some(id)), P::T(Some(owner_value))],
         &[Col::I],
     )?;
-    // An unknown cursor starts nowhere: an empty page, as OpenAI answers.
     Ok(Some(rows.first().map_or(i64::MIN, |r| r[0].int())))
 }
 
@@ -268,7 +271,7 @@ impl Store {
     ) -> Result<Page<FileRow>, JobsError> {
         let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
         let rows = self.db.tx(|sql| {
-            let after = seq_of(sql, "files", "seq", after, project)?;
+            let after = cursor(sql, "files", "seq", "project", after, project)?;
             sql.rows(
                 &format!(
                     "SELECT doc FROM files WHERE project = $1 AND deleted = 0
@@ -343,7 +346,7 @@ impl Store {
         metadata: &[(String, String)],
     ) -> Result<Page<JobRow>, JobsError> {
         let rows = self.db.tx(|sql| {
-            let after = seq_of(sql, "jobs", "seq", after, project)?;
+            let after = cursor(sql, "jobs", "seq", "project", after, project)?;
             sql.rows(
                 "SELECT doc FROM jobs WHERE project = $1 AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC",
                 &[P::T(Some(project)), P::OI(after)],
@@ -469,18 +472,7 @@ impl Store {
         limit: usize,
     ) -> Result<Page<EventRow>, JobsError> {
         let rows = self.db.tx(|sql| {
-            let after = match after {
-                Some(a) => Some(
-                    sql.rows(
-                        "SELECT seq FROM events WHERE id = $1 AND job_id = $2",
-                        &[P::T(Some(a)), P::T(Some(job_id))],
-                        &[Col::I],
-                    )?
-                    .first()
-                    .map_or(i64::MIN, |r| r[0].int()),
-                ),
-                None => None,
-            };
+            let after = cursor(sql, "events", "seq", "job_id", after, job_id)?;
             sql.rows(
                 "SELECT id, created_at, level, message, data, kind FROM events
                  WHERE job_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3",
@@ -558,18 +550,7 @@ impl Store {
         limit: usize,
     ) -> Result<Page<CheckpointRow>, JobsError> {
         let rows = self.db.tx(|sql| {
-            let after = match after {
-                Some(a) => Some(
-                    sql.rows(
-                        "SELECT step FROM checkpoints WHERE id = $1 AND job_id = $2",
-                        &[P::T(Some(a)), P::T(Some(job_id))],
-                        &[Col::I],
-                    )?
-                    .first()
-                    .map_or(i64::MIN, |r| r[0].int()),
-                ),
-                None => None,
-            };
+            let after = cursor(sql, "checkpoints", "step", "job_id", after, job_id)?;
             sql.rows(
                 "SELECT id, step, created_at, metrics, model_id FROM checkpoints
                  WHERE job_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR step < $2) ORDER BY step DESC LIMIT $3",

@@ -2,12 +2,13 @@
 //! [`graft_jobs::Jobs`], run on blocking threads (the state is SQLite and files on disk). Each
 //! acts for the request's [`Project`]; without `--jobs` they answer 404 saying how to enable it.
 
+use crate::api::{FromBody, Object};
 use crate::error::{ApiError, jobs_error};
+use crate::http::Parsed;
 use crate::middleware::Project;
 use crate::state::AppState;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -40,28 +41,23 @@ pub fn routes(max_file_bytes: usize) -> Router<Arc<AppState>> {
         .route("/v1/fine_tuning/alpha/graders/validate", post(validate_grader))
 }
 
-async fn run_grader(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Answer {
+async fn run_grader(State(st): State<Arc<AppState>>, Parsed(JsonBody(body)): Parsed<JsonBody>) -> Answer {
     run(&st, move |j| j.run_grader(&body)).await
 }
 
-async fn validate_grader(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Answer {
+async fn validate_grader(
+    State(st): State<Arc<AppState>>,
+    Parsed(JsonBody(body)): Parsed<JsonBody>,
+) -> Answer {
     run(&st, move |j| j.validate_grader(&body)).await
 }
 
-/// A JSON object body (malformed bodies are answered with an OpenAI error).
+/// A JSON object body, passed on whole to the jobs service (which checks its fields).
 pub struct JsonBody(pub Value);
 
-impl FromRequest<Arc<AppState>> for JsonBody {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| match e.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::payload_too_large(state.max_body_bytes),
-                status => ApiError::from_status(status, e.body_text()),
-            })?;
-        Ok(JsonBody(Value::Object(crate::api::parse_body(&bytes)?)))
+impl FromBody for JsonBody {
+    fn from_body(obj: &Object) -> Result<Self, ApiError> {
+        Ok(JsonBody(Value::Object(obj.clone())))
     }
 }
 
@@ -162,7 +158,7 @@ async fn file_content(
 async fn create_job(
     State(st): State<Arc<AppState>>,
     Extension(p): Extension<Project>,
-    JsonBody(body): JsonBody,
+    Parsed(JsonBody(body)): Parsed<JsonBody>,
 ) -> Answer {
     run(&st, move |j| j.create_job(&p.0, &body)).await
 }
