@@ -109,14 +109,7 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: 
         gemm_bf16_source(y, out, MatRef::f32_row_major(x, t, inp), &src, 1.0, beta, threads);
         return;
     }
-    let panel = exact_panel_rows(inp);
-    let mut scratch = vec![0.0f32; panel.min(out) * inp];
-    for r0 in (0..out).step_by(panel) {
-        let nr = panel.min(out - r0);
-        let s = &mut scratch[..nr * inp];
-        for (r, o) in (r0..r0 + nr).zip(s.chunks_exact_mut(inp)) {
-            w.dequantize_range(r, 0, inp, o);
-        }
+    for_each_panel(w, |r0, nr, s| {
         // y[:, r0..r0+nr] (+)= x · sᵀ.
         matmul_strided(
             &mut y[r0..],
@@ -133,6 +126,22 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: 
             1.0,
             accumulate,
         );
+    });
+}
+
+/// Calls `f(r0, nr, panel)` for consecutive panels of at most [`exact_panel_rows`] rows of `w`,
+/// each dequantized to f32 into one scratch buffer (the whole matrix never is).
+fn for_each_panel(w: &QuantTensor, mut f: impl FnMut(usize, usize, &[f32])) {
+    let (out, inp) = (w.rows, w.cols);
+    let panel = exact_panel_rows(inp);
+    let mut scratch = vec![0.0f32; panel.min(out) * inp];
+    for r0 in (0..out).step_by(panel) {
+        let nr = panel.min(out - r0);
+        let s = &mut scratch[..nr * inp];
+        for (r, o) in (r0..r0 + nr).zip(s.chunks_exact_mut(inp)) {
+            w.dequantize_range(r, 0, inp, o);
+        }
+        f(r0, nr, s);
     }
 }
 
@@ -174,18 +183,11 @@ pub fn backward_input(
         }
         return;
     }
-    let panel = exact_panel_rows(inp);
-    let mut scratch = vec![0.0f32; panel.min(out) * inp];
-    for r0 in (0..out).step_by(panel) {
-        let nr = panel.min(out - r0);
-        let s = &mut scratch[..nr * inp];
-        for (r, o) in (r0..r0 + nr).zip(s.chunks_exact_mut(inp)) {
-            w.dequantize_range(r, 0, inp, o);
-        }
+    for_each_panel(w, |r0, nr, s| {
         // dx (+)= dy[:, r0..r0+nr] · s.
         let acc = accumulate || r0 > 0;
         matmul_strided(dx, inp, &dy[r0..], t, nr, out, 1, s, inp, inp, 1, 1.0, acc);
-    }
+    });
 }
 
 /// `y[t×out] (+)= x · wᵀ` for a few rows, parallel over blocks of output rows; each weight row is
