@@ -167,17 +167,23 @@ fn random_pairs(
     }
 }
 
-/// The CPU model from `/proc/cpuinfo` (every benchmark prints it).
+/// The CPU model from `/proc/cpuinfo` with its family and model numbers (machines of one name
+/// differ: Zen 4 is family 25, Zen 5 family 26) and the kernel paths chosen for it — every
+/// benchmark prints this.
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    let numbers = match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!(" (family {f} model {m})"),
+        _ => String::new(),
+    };
+    format!("{name}{numbers}; {}", graft_kernels::cpu::kernel_paths())
 }
 
 /// Model FLOPs of one step (forward + backward, no recomputation), the MFU numerator.

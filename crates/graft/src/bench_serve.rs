@@ -288,6 +288,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         if args.exact { "f32" } else { "bf16" },
         t.elapsed().as_secs_f64()
     );
+    println!("cpu: {}", crate::bench::cpu_model());
     let vocab = model.spec.vocab_size;
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::start(

@@ -196,6 +196,7 @@ unsafe fn attend_one_kv_head(
     lse: *mut f32,
     lse_rs: usize,
     scratch: &mut Vec<f32>,
+    direct_rows: bool,
 ) {
     let d = shape.head_dim;
     let g = shape.group();
@@ -221,23 +222,37 @@ unsafe fn attend_one_kv_head(
                     qb[(j * nb + r) * d..(j * nb + r + 1) * d].copy_from_slice(src);
                 }
             }
-            gemm_raw(
-                g * nb,
-                nk,
-                d,
-                scratch.as_mut_ptr(),
-                nk,
-                1,
-                qb.as_ptr(),
-                d,
-                1,
-                k.add(k0 * kv_rs + kv_head * d),
-                1,
-                kv_rs,
-                shape.scale(),
-                false,
-                shape.bf16,
-            );
+            let direct = direct_rows && g * nb <= DIRECT_MAX_ROWS;
+            if direct {
+                let keys = std::slice::from_raw_parts(k.add(k0 * kv_rs + kv_head * d), (nk - 1) * kv_rs + d);
+                direct_scores(
+                    &mut scratch[..g * nb * nk],
+                    &qb,
+                    keys,
+                    kv_rs,
+                    d,
+                    nk,
+                    shape.scale(),
+                );
+            } else {
+                gemm_raw(
+                    g * nb,
+                    nk,
+                    d,
+                    scratch.as_mut_ptr(),
+                    nk,
+                    1,
+                    qb.as_ptr(),
+                    d,
+                    1,
+                    k.add(k0 * kv_rs + kv_head * d),
+                    1,
+                    kv_rs,
+                    shape.scale(),
+                    false,
+                    shape.bf16,
+                );
+            }
             for j in 0..g {
                 let l = softmax_rows(
                     &mut scratch[j * nb * nk..(j + 1) * nb * nk],
@@ -251,23 +266,29 @@ unsafe fn attend_one_kv_head(
                     *lse.add((qs + r) * lse_rs + h0 + j) = val;
                 }
             }
-            gemm_raw(
-                g * nb,
-                d,
-                nk,
-                ob.as_mut_ptr(),
-                d,
-                1,
-                scratch.as_ptr(),
-                nk,
-                1,
-                v.add(k0 * kv_rs + kv_head * d),
-                kv_rs,
-                1,
-                1.0,
-                false,
-                shape.bf16,
-            );
+            if direct {
+                let values =
+                    std::slice::from_raw_parts(v.add(k0 * kv_rs + kv_head * d), (nk - 1) * kv_rs + d);
+                direct_values(&mut ob, &scratch[..g * nb * nk], values, kv_rs, d, nk);
+            } else {
+                gemm_raw(
+                    g * nb,
+                    d,
+                    nk,
+                    ob.as_mut_ptr(),
+                    d,
+                    1,
+                    scratch.as_ptr(),
+                    nk,
+                    1,
+                    v.add(k0 * kv_rs + kv_head * d),
+                    kv_rs,
+                    1,
+                    1.0,
+                    false,
+                    shape.bf16,
+                );
+            }
             for j in 0..g {
                 for r in 0..nb {
                     let dst = std::slice::from_raw_parts_mut(out.add((qs + r) * out_rs + (h0 + j) * d), d);
@@ -276,6 +297,101 @@ unsafe fn attend_one_kv_head(
             }
         }
         qs += nb;
+    }
+}
+
+/// Most stacked query rows (heads of a group × new tokens) for which cached attention multiplies
+/// directly in f32 ([`direct_scores`], [`direct_values`]) instead of packing the cache for the
+/// GEMM: decode reads each cached key and value once, with nothing padded to the GEMM's 8-row
+/// tile and no bf16 copy of the cache per token.
+const DIRECT_MAX_ROWS: usize = 16;
+
+/// `s[r·nk + i] = scale · q[r·d..][..d] · keys[i·rs..][..d]` for every stacked query row `r` and
+/// key `i` (f32 products, f32 sums).
+fn direct_scores(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usize, nk: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { direct_scores_avx512(s, q, keys, rs, d, nk, scale) };
+    }
+    direct_scores_body(s, q, keys, rs, d, nk, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn direct_scores_avx512(
+    s: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    rs: usize,
+    d: usize,
+    nk: usize,
+    scale: f32,
+) {
+    direct_scores_body(s, q, keys, rs, d, nk, scale)
+}
+
+#[inline(always)]
+fn direct_scores_body(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usize, nk: usize, scale: f32) {
+    // Key-major, so each cached key is read once for all rows.
+    let rows = s.len() / nk.max(1);
+    for i in 0..nk {
+        let key = &keys[i * rs..i * rs + d];
+        for r in 0..rows {
+            s[r * nk + i] = scale * dot(&q[r * d..(r + 1) * d], key);
+        }
+    }
+}
+
+/// A dot product in 16 lanes (so it vectorises without reassociating across lanes), the lanes
+/// then summed.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `o[r·d..][..d] = Σ_i p[r·nk + i] · values[i·rs..][..d]` for every stacked query row `r`.
+fn direct_values(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { direct_values_avx512(o, p, values, rs, d, nk) };
+    }
+    direct_values_body(o, p, values, rs, d, nk)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn direct_values_avx512(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
+    direct_values_body(o, p, values, rs, d, nk)
+}
+
+#[inline(always)]
+fn direct_values_body(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
+    // Value-major, so each cached value is read once for all rows.
+    let rows = p.len() / nk.max(1);
+    o[..rows * d].fill(0.0);
+    for i in 0..nk {
+        let vi = &values[i * rs..i * rs + d];
+        for r in 0..rows {
+            let pi = p[r * nk + i];
+            for (x, &y) in o[r * d..(r + 1) * d].iter_mut().zip(vi) {
+                *x += pi * y;
+            }
+        }
     }
 }
 
@@ -319,6 +435,7 @@ pub fn attention_forward(
                     lse_p.0.add(start * shape.n_heads),
                     shape.n_heads,
                     scratch,
+                    false,
                 );
             }
         });
@@ -359,10 +476,12 @@ pub fn attention_cached(
                 lse_p.0,
                 shape.n_heads,
                 scratch,
+                true,
             );
         }
     };
-    if nq * (past + nq) >= 4096 {
+    // Parallel over K/V heads once there is enough work (decode over a long cache included).
+    if nq * (past + nq) * shape.n_heads >= 4096 {
         (0..shape.n_kv_heads)
             .into_par_iter()
             .for_each_init(Vec::new, |s, h| run(s, h));
@@ -712,6 +831,32 @@ mod tests {
         }
         for (a, b) in out.iter().zip(&want) {
             assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    /// Decode over a long cache takes the direct f32 path (parallel over K/V heads) in either
+    /// precision; a head size that is not a multiple of 16 exercises the lane tail.
+    #[test]
+    fn direct_decode_matches_reference() {
+        for (head_dim, window, bf16) in [(40, None, true), (64, Some(100), false), (8, None, false)] {
+            let sh = AttentionShape {
+                n_heads: 6,
+                n_kv_heads: 2,
+                head_dim,
+                window,
+                bf16,
+            };
+            let (qw, kw, t) = (sh.q_width(), sh.kv_width(), 301);
+            let (q, k, v) = (rand(t * qw, 21), rand(t * kw, 22), rand(t * kw, 23));
+            let want = reference(&q, &k, &v, &[(0, t)], &sh);
+            for nq in [1, 3] {
+                let past = t - nq;
+                let mut out = vec![0.0; nq * qw];
+                attention_cached(&mut out, &q[past * qw..], &k, &v, nq, past, &sh);
+                for (a, b) in out.iter().zip(&want[past * qw..]) {
+                    assert!((a - b).abs() < 1e-5, "d={head_dim} nq={nq}: {a} vs {b}");
+                }
+            }
         }
     }
 }

@@ -9,3 +9,29 @@ pub mod matmul;
 pub mod norm;
 pub mod quant_matmul;
 pub mod rope;
+
+/// The kernel paths this CPU runs, in words, for benchmark headers: which bf16 product and which
+/// quantized decode product were chosen at run time, and whether the CPU has AMX tiles (which no
+/// path uses yet).
+pub fn kernel_paths() -> String {
+    let bf16 = if gemm_bf16::has_avx512_bf16() {
+        "bf16 GEMM: avx512_bf16 (vdpbf16ps)"
+    } else {
+        "bf16 GEMM: portable (bf16-rounded, widened to f32)"
+    };
+    #[cfg(target_arch = "x86_64")]
+    let quant = if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        "quantized decode: AVX-512 block products"
+    } else {
+        "quantized decode: portable"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let quant = "quantized decode: portable";
+    let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_bf16"));
+    let amx = if amx {
+        "; AMX present (no AMX path yet)"
+    } else {
+        ""
+    };
+    format!("{bf16}; {quant}{amx}")
+}
