@@ -7,6 +7,7 @@
 //! `[tokens, n_kv_heads, head_dim]`, `out` is like `q`, `lse` is `[tokens, n_heads]`.
 
 use super::math::{exp_sub_sum, row_max, scale_row};
+use super::matmul::{axpy_f32_body, dot_f32_body};
 use rayon::prelude::*;
 
 /// Queries processed per block (bounds the score scratch to `QUERY_BLOCK × keys`).
@@ -338,29 +339,9 @@ fn direct_scores_body(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usiz
     for i in 0..nk {
         let key = &keys[i * rs..i * rs + d];
         for r in 0..rows {
-            s[r * nk + i] = scale * dot(&q[r * d..(r + 1) * d], key);
+            s[r * nk + i] = scale * dot_f32_body(&q[r * d..(r + 1) * d], key);
         }
     }
-}
-
-/// A dot product in 16 lanes (so it vectorises without reassociating across lanes), the lanes
-/// then summed.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `o[r·d..][..d] = Σ_i p[r·nk + i] · values[i·rs..][..d]` for every stacked query row `r`.
@@ -387,10 +368,7 @@ fn direct_values_body(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: us
     for i in 0..nk {
         let vi = &values[i * rs..i * rs + d];
         for r in 0..rows {
-            let pi = p[r * nk + i];
-            for (x, &y) in o[r * d..(r + 1) * d].iter_mut().zip(vi) {
-                *x += pi * y;
-            }
+            axpy_f32_body(&mut o[r * d..(r + 1) * d], p[r * nk + i], vi);
         }
     }
 }

@@ -383,7 +383,7 @@ unsafe fn axpy_f32_avx512(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 #[inline(always)]
-fn axpy_f32_body(y: &mut [f32], a: f32, x: &[f32]) {
+pub(super) fn axpy_f32_body(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y = a.mul_add(x, *y);
     }
@@ -406,7 +406,7 @@ unsafe fn dot_f32_avx512(x: &[f32], w: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_f32_body(x: &[f32], w: &[f32]) -> f32 {
+pub(super) fn dot_f32_body(x: &[f32], w: &[f32]) -> f32 {
     const L: usize = 16;
     let n = x.len().min(w.len());
     let mut acc = [0.0f32; L];

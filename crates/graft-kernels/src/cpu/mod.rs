@@ -19,14 +19,11 @@ pub fn kernel_paths() -> String {
     } else {
         "bf16 GEMM: portable (bf16-rounded, widened to f32)"
     };
-    #[cfg(target_arch = "x86_64")]
-    let quant = if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+    let quant = if quant_matmul::has_avx512_blocks() {
         "quantized decode: AVX-512 block products"
     } else {
         "quantized decode: portable"
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let quant = "quantized decode: portable";
     let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_bf16"));
     let amx = if amx {
         "; AMX present (no AMX path yet)"

@@ -53,12 +53,26 @@ impl BSource for QuantB<'_> {
             (k0, k1, j0, j1)
         };
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        if has_avx512_blocks() {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { tile_rows_avx512(self.w, r0, r1, c0, c1, out) };
         }
         tile_rows(self.w, r0, r1, c0, c1, out)
     }
+}
+
+/// Whether the CPU has what the AVX-512 block kernels here are compiled for (avx512f/vl/bw and
+/// fma): the dequantizing tiles and the decode products on the blocks.
+pub fn has_avx512_blocks() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// [`tile_rows`] compiled for AVX-512, so that the dequantization and the rounding vectorise.
@@ -219,7 +233,7 @@ fn gemv(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: bool) {
 /// `acc[(n − n0)·t + m] = Σ_k x[m·in + k] · w[n][k]` for weight rows `n0..n1`.
 fn gemv_rows(w: &QuantTensor, x: &[f32], t: usize, n0: usize, n1: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+    if has_avx512_blocks() {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { gemv_rows_avx512(w, x, t, n0, n1, acc) };
     }
