@@ -61,6 +61,11 @@ pub trait Backend: Send + Sync {
     fn weight_update(&self, w: &mut Self::Weight, data: &Self::Buf);
     /// Bytes a weight occupies.
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
+    /// Lays out a frozen weight for inference (forward products only) where the backend has a
+    /// faster layout for it; its values do not change. The default keeps it as it is.
+    fn weight_pack_for_inference(&self, w: &mut Self::Weight) {
+        let _ = w;
+    }
 
     /// `y[t×out] (+)= x · wᵀ`.
     fn linear_forward(
@@ -275,6 +280,11 @@ impl Backend for Cpu {
         match &mut w.data {
             matmul::WeightData::F32(v) => v.copy_from_slice(data),
             matmul::WeightData::Bf16(v) => *v = matmul::to_bf16(data),
+            // Packed for inference: repacked from the new values.
+            matmul::WeightData::Bf16Panels(_) => {
+                *w = Weight::bf16_from_f32(data, w.rows, w.cols);
+                w.pack_for_inference();
+            }
             // Arbitrary values have no blocks: the weight becomes bf16 (an adapter merged into a
             // quantized base for serving).
             matmul::WeightData::Quant(_) => w.data = matmul::WeightData::Bf16(matmul::to_bf16(data)),
@@ -282,6 +292,9 @@ impl Backend for Cpu {
     }
     fn weight_bytes(&self, w: &Weight) -> usize {
         w.bytes()
+    }
+    fn weight_pack_for_inference(&self, w: &mut Weight) {
+        w.pack_for_inference()
     }
 
     fn linear_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &Weight, t: usize, acc: bool, p: Precision) {

@@ -285,6 +285,24 @@ impl<B: Backend> Model<B> {
         self.spec.sequence_classifier = true;
     }
 
+    /// Lays out the frozen matrices (projections and LM head) for inference only, where the
+    /// backend has a faster layout ([`Backend::weight_pack_for_inference`]; on CPUs with bf16 dot
+    /// products, bf16 weights become the GEMM's panels: decode streams them with no copy, and a
+    /// row's result no longer depends on how many rows share the product). For serving and
+    /// generation; a model that will be trained keeps its layout.
+    pub fn pack_for_inference(&mut self) {
+        let b = &self.backend;
+        for layer in &mut self.layers {
+            for lin in &mut layer.linears {
+                b.weight_pack_for_inference(&mut lin.w);
+            }
+        }
+        match &mut self.lm_head {
+            Some(head) => b.weight_pack_for_inference(head),
+            None => b.weight_pack_for_inference(&mut self.embed),
+        }
+    }
+
     /// The LM head matrix (the embedding when tied).
     pub fn head(&self) -> &B::Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)

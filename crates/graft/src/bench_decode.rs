@@ -51,6 +51,7 @@ fn prompt_ids(vocab: usize, n: usize) -> Vec<u32> {
 /// (prompt tokens/s, decode tokens/s) of graft on the model `loaded` for the prompt `ids`.
 fn graft_side(loaded: &graft_model::weights::LoadedModel, ids: &[u32], tokens: usize) -> Result<(f64, f64)> {
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::Bf16)?;
+    model.pack_for_inference();
     let greedy = SamplingParams::default();
     // Warm-up (page-in, thread pool), then the timed runs.
     model.generate(&ids[..ids.len().min(16)], 2, greedy, &[], Precision::Fast, |_| {

@@ -266,6 +266,9 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
     };
     let t = Instant::now();
     let mut model = Model::random(Cpu, &spec, 0, storage);
+    if !args.exact {
+        model.pack_for_inference();
+    }
     let context = args.prompt_tokens + args.max_tokens.max(128) + 1;
     model.ensure_positions(context);
     let config = LoraAdapterConfig::new(args.rank, (2 * args.rank) as f32, &modules);

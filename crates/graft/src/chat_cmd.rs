@@ -62,6 +62,9 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         args.adapter.as_deref(),
         storage,
     )?;
+    if !args.exact {
+        m.model.pack_for_inference();
+    }
     if let Some(path) = &args.chat_template {
         m.template = Some(
             graft_data::ChatTemplate::from_file(path, m.tokenizer.special_tokens().clone())

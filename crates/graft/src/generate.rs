@@ -77,6 +77,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         args.adapter.as_deref(),
         storage,
     )?;
+    if !args.exact {
+        m.model.pack_for_inference();
+    }
     let prompt_ids = if args.chat {
         let Some(template) = &m.template else {
             bail!(

@@ -123,6 +123,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         (WeightStorage::Bf16, Precision::Fast)
     };
     let mut m = model_io::open(&args.model, args.tokenizer.as_deref(), None, storage)?;
+    if !args.exact {
+        m.model.pack_for_inference();
+    }
     for id in generation_eos_ids(&args.model) {
         if !m.model.spec.eos_token_ids.contains(&id) {
             m.model.spec.eos_token_ids.push(id);

@@ -90,6 +90,19 @@ pub fn lm_head_cross_entropy(
                 WeightData::Quant(w) => {
                     return PackedB::from_source(&QuantB { w, transposed }, threads);
                 }
+                // Packed for inference already (Wᵀ); the input gradient's W is widened.
+                WeightData::Bf16Panels(p) if transposed => return (**p).clone(),
+                WeightData::Bf16Panels(_) => {
+                    let wide = head.to_f32();
+                    let v = MatRef {
+                        data: MatData::F32(&wide),
+                        rows: r,
+                        cols: c,
+                        row_stride: rs,
+                        col_stride: cs,
+                    };
+                    return PackedB::new(v, threads);
+                }
             };
             PackedB::new(
                 MatRef {

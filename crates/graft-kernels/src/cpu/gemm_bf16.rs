@@ -265,18 +265,26 @@ pub fn gemm_bf16(
 /// chunk, e.g. the LM head): [`gemm_bf16_packed`] then skips packing it, which matters when the
 /// other operand has few rows (packing B costs about as much as multiplying it by ~100 rows).
 /// Holds `k × n` bf16 (2 bytes per element; an f32 copy on CPUs without avx512_bf16).
+#[derive(Clone)]
 pub struct PackedB {
     rows: usize,
     cols: usize,
     repr: PackedRepr,
 }
 
+#[derive(Clone)]
 enum PackedRepr {
     /// k-blocks `(k0, k1, offset)` and their VNNI panels.
     #[cfg(target_arch = "x86_64")]
     Vnni(Vec<(usize, usize, usize)>, Vec<u16>),
     /// The bf16-rounded values widened to f32, row-major `k × n` (fallback path).
     Widened(Vec<f32>),
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({}x{}, {} bytes)", self.rows, self.cols, self.bytes())
+    }
 }
 
 impl PackedB {
@@ -345,6 +353,29 @@ impl PackedB {
         self.cols
     }
 
+    /// Element `(i, j)` (row `i < k`, column `j < n`) as f32.
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        assert!(
+            i < self.rows && j < self.cols,
+            "PackedB::get({i}, {j}) outside {}x{}",
+            self.rows,
+            self.cols
+        );
+        match &self.repr {
+            #[cfg(target_arch = "x86_64")]
+            PackedRepr::Vnni(blocks, data) => {
+                let &(k0, k1, off) = blocks
+                    .iter()
+                    .find(|b| i < b.1)
+                    .expect("a k-block holds every row");
+                let kp = (k1 - k0).div_ceil(2);
+                let at = off + (j / NR) * kp * NR * 2 + ((i - k0) / 2) * NR * 2 + (j % NR) * 2 + (i - k0) % 2;
+                bf16::from_bits(data[at]).to_f32()
+            }
+            PackedRepr::Widened(w) => w[i * self.cols + j],
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match &self.repr {
@@ -394,6 +425,45 @@ pub fn gemm_bf16_source(
         threads,
         !has_avx512_bf16(),
     );
+}
+
+/// `C[t×n] = alpha · A[t×k] · B + beta · C` for a few rows (`t ≤ MR`) of a row-major f32 `A`
+/// against a [`PackedB`]: the decode product on a weight packed once for inference. It streams
+/// the packed panels once with no padding to the microkernel's 8 rows, and computes each element
+/// bit for bit as [`gemm_bf16_packed`] does (the same bf16 rounding of `A`, k-blocks, pair order
+/// and epilogue), so a row's result does not depend on how many rows are multiplied with it — a
+/// request's greedy output does not change with the server's load. `C` is row-major with row
+/// stride `n`.
+///
+/// Returns `false` without touching `C` when `t` is 0 or above [`MR`], or `b` holds the widened
+/// fallback copy (a CPU without avx512_bf16); callers then use [`gemm_bf16_packed`].
+///
+/// # Panics
+/// If `a` (`t × k`) or `c` (`t × n`) is shorter than its shape.
+pub fn gemm_bf16_rows_packed(c: &mut [f32], a: &[f32], b: &PackedB, t: usize, alpha: f32, beta: f32) -> bool {
+    let (k, n) = (b.rows, b.cols);
+    if !(1..=MR).contains(&t) {
+        return false;
+    }
+    match &b.repr {
+        #[cfg(target_arch = "x86_64")]
+        PackedRepr::Vnni(blocks, data) => {
+            assert!(
+                a.len() >= t * k && c.len() >= t * n,
+                "gemm_bf16_rows_packed: operands too short"
+            );
+            if n == 0 {
+                return true;
+            }
+            if k == 0 || alpha == 0.0 {
+                scale_c(c, n, t, n, beta);
+                return true;
+            }
+            x86::rows_packed(c, a, blocks, data, t, k, n, alpha, beta);
+            true
+        }
+        PackedRepr::Widened(_) => false,
+    }
 }
 
 /// Columns `j0..j0 + nc` of a source, bf16-rounded and widened, row-major `k × nc` into `out`.
@@ -767,6 +837,114 @@ mod x86 {
                     gemm_kblock(c, ldc, &a_blk, KBlockB::Packed(p, *n), alpha, beta, threads)
                 }
                 (BArg::Packed(..), None) => unreachable!(),
+            }
+        }
+    }
+
+    /// [`super::gemm_bf16_rows_packed`]: A is packed per k-block as the GEMM packs it; each
+    /// worker takes a range of B's 32-column panels and runs them through [`rows_panel`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rows_packed(
+        c: &mut [f32],
+        a: &[f32],
+        blocks: &[(usize, usize, usize)],
+        data: &[u16],
+        t: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+    ) {
+        use rayon::prelude::*;
+        // A's panels, one per k-block, and the k-block's B panels.
+        let parts: Vec<(usize, Vec<u16>, &[u16])> = blocks
+            .iter()
+            .map(|&(k0, k1, off)| {
+                let kp = (k1 - k0).div_ceil(2);
+                let mut ap = vec![0u16; kp * MR * 2];
+                // SAFETY: rows 0..t of `a` hold k elements each (asserted by the caller), so
+                // elements k0..k1 of each lie inside it; features: avx512_bf16 (Vnni panels
+                // exist only on such CPUs).
+                unsafe { pack_lines::<MR>(MatData::F32(a), k0, k, t, k1 - k0, kp, &mut ap) };
+                (kp, ap, &data[off..off + n.div_ceil(NR) * kp * NR * 2])
+            })
+            .collect();
+        let panels = n.div_ceil(NR);
+        let per_task = panels.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let cp = CPtr(c.as_mut_ptr());
+        (0..panels.div_ceil(per_task)).into_par_iter().for_each(|task| {
+            for q in task * per_task..((task + 1) * per_task).min(panels) {
+                // SAFETY: panel q writes columns 32q.. of the t rows of C only; the panels are
+                // inside `data`; features as above.
+                unsafe {
+                    match t {
+                        1 => rows_panel::<1>(cp, &parts, q, n, alpha, beta),
+                        2 => rows_panel::<2>(cp, &parts, q, n, alpha, beta),
+                        3 => rows_panel::<3>(cp, &parts, q, n, alpha, beta),
+                        4 => rows_panel::<4>(cp, &parts, q, n, alpha, beta),
+                        5 => rows_panel::<5>(cp, &parts, q, n, alpha, beta),
+                        6 => rows_panel::<6>(cp, &parts, q, n, alpha, beta),
+                        7 => rows_panel::<7>(cp, &parts, q, n, alpha, beta),
+                        _ => rows_panel::<8>(cp, &parts, q, n, alpha, beta),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Columns `32q .. 32q + 32` of the `T` rows of [`rows_packed`], k-block after k-block: the
+    /// microkernel's loop ([`kernel`]) for `T` rows instead of [`MR`].
+    ///
+    /// # Safety
+    /// C (row stride `n`) must hold `T` rows no other thread writes in these columns; each part
+    /// holds `kp` pairs of A (`kp · MR · 2`) and whole B panels of `kp` pairs; the CPU must have
+    /// avx512f/bw/vl/bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn rows_panel<const T: usize>(
+        c: CPtr,
+        parts: &[(usize, Vec<u16>, &[u16])],
+        q: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+    ) {
+        let (j0, nr) = (q * NR, (n - q * NR).min(NR));
+        let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
+        let va = _mm512_set1_ps(alpha);
+        for (kb, (kp, ap, bp)) in parts.iter().enumerate() {
+            let ap = ap.as_ptr() as *const i32;
+            let mut bp = bp[q * kp * NR * 2..].as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); 2]; T];
+            for p in 0..*kp {
+                // SAFETY: pair p of panel q is 2 × 32 u16 at `bp`, and row m's pair the i32 at
+                // `ap + p·MR + m` (caller); the prefetch never faults.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(16 * NR) as *const i8);
+                    let b0 = _mm512_loadu_si512(bp as *const __m512i).into_bh();
+                    let b1 = _mm512_loadu_si512(bp.add(32) as *const __m512i).into_bh();
+                    for (m, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_epi32(ap.add(p * MR + m).read_unaligned()).into_bh();
+                        acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                    }
+                    bp = bp.add(NR * 2);
+                }
+            }
+            let beta = if kb == 0 { beta } else { 1.0 };
+            let vb = _mm512_set1_ps(beta);
+            for (m, acc) in acc.iter().enumerate() {
+                // SAFETY: row m < T, columns j0..j0+nr of C (caller); masked lanes untouched.
+                unsafe {
+                    let row = c.at(m * n + j0);
+                    let mut v0 = _mm512_mul_ps(acc[0], va);
+                    let mut v1 = _mm512_mul_ps(acc[1], va);
+                    if beta != 0.0 {
+                        v0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, row), vb, v0);
+                        v1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), vb, v1);
+                    }
+                    _mm512_mask_storeu_ps(row, m0, v0);
+                    _mm512_mask_storeu_ps(row.add(16), m1, v1);
+                }
             }
         }
     }
@@ -1960,6 +2138,80 @@ mod tests {
                         .all(|(x, y)| x.to_bits() == y.to_bits())
                 );
             }
+        }
+    }
+
+    #[test]
+    fn gemm_bf16_rows_packed_is_bit_identical_to_the_gemm() {
+        // The decode product must compute each row exactly as the tiled GEMM does: odd shapes,
+        // edge columns, several k-blocks, alpha/beta, denormal and rounding-tie inputs.
+        for &(k, n) in &[
+            (1usize, 1usize),
+            (2, 16),
+            (3, 17),
+            (33, 45),
+            (577, 131),
+            (4100, 40),
+        ] {
+            let w: Vec<bf16> = rand_vec(n * k, (n * 7 + k) as u64)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let wv = MatRef::bf16_row_major(&w, n, k);
+            let packed = PackedB::new(wv.t(), 2);
+            for (i, j) in [(0, 0), (k - 1, n - 1), (k / 2, n / 3)] {
+                assert_eq!(packed.get(i, j), w[j * k + i].to_f32(), "get({i}, {j})");
+            }
+            if !has_avx512_bf16() {
+                eprintln!("skipping the product: no avx512_bf16 (gemm_bf16_rows_packed declines)");
+                assert!(!gemm_bf16_rows_packed(
+                    &mut vec![0.0; n],
+                    &vec![0.0; k],
+                    &packed,
+                    1,
+                    1.0,
+                    0.0
+                ));
+                continue;
+            }
+            for t in 1..=MR {
+                let mut a = rand_vec(t * k, (k * 31 + t) as u64);
+                a[0] = 1e-40; // denormal: flushed by the packer
+                if a.len() > 1 {
+                    a[1] = f32::from_bits(0x3f80_8000); // a bf16 rounding tie
+                }
+                for &(alpha, beta) in &[(1.0f32, 0.0f32), (1.0, 1.0), (0.5, 0.75)] {
+                    let c0 = rand_vec(t * n, 99);
+                    let mut want = c0.clone();
+                    gemm_bf16(
+                        &mut want,
+                        n,
+                        MatRef::f32_row_major(&a, t, k),
+                        wv.t(),
+                        alpha,
+                        beta,
+                        1,
+                    );
+                    let mut got = c0.clone();
+                    assert!(gemm_bf16_rows_packed(&mut got, &a, &packed, t, alpha, beta));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "t {t} k {k} n {n} alpha {alpha} beta {beta} [{i}]"
+                        );
+                    }
+                }
+            }
+            // More rows than a tile: not this product's job.
+            assert!(!gemm_bf16_rows_packed(
+                &mut vec![0.0; 9 * n],
+                &vec![0.0; 9 * k],
+                &packed,
+                9,
+                1.0,
+                0.0
+            ));
         }
     }
 

@@ -11,10 +11,13 @@
 //! Exact mode uses the `gemm` crate; fast mode uses [`super::gemm_bf16`], which rounds inputs to
 //! bf16 while packing, so activations never need a bf16 copy.
 
-use super::gemm_bf16::{MatData, MatRef, gemm_bf16, has_avx512_bf16};
+use super::gemm_bf16::{
+    MatData, MatRef, PackedB, gemm_bf16, gemm_bf16_packed, gemm_bf16_rows_packed, has_avx512_bf16,
+};
 use super::quant_matmul;
 use crate::quant::QuantTensor;
 use half::bf16;
+use std::sync::Arc;
 
 /// Numeric precision of matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,6 +55,10 @@ pub struct Weight {
 pub enum WeightData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    /// bf16 packed once into the GEMM's panels of `Wᵀ` for inference (see
+    /// [`Weight::pack_for_inference`]): forward products read it with no per-call packing, and
+    /// give a row the same bits whatever the row count. Backward products widen it (slow).
+    Bf16Panels(Arc<PackedB>),
     /// Block-quantized (a frozen base read from GGUF): never updated, no weight gradient.
     Quant(QuantTensor),
 }
@@ -86,11 +93,27 @@ impl Weight {
         }
     }
 
+    /// Packs a bf16 weight into the GEMM's panels for inference ([`WeightData::Bf16Panels`]),
+    /// where the CPU has the bf16 microkernel; other weights, and other CPUs, keep what they hold.
+    /// Same bytes; forward only (no gradient ever reads it fast).
+    pub fn pack_for_inference(&mut self) {
+        if let WeightData::Bf16(v) = &self.data
+            && has_avx512_bf16()
+        {
+            let view = MatRef::bf16_row_major(v, self.rows, self.cols).t();
+            let packed = PackedB::new(view, rayon::current_num_threads());
+            self.data = WeightData::Bf16Panels(Arc::new(packed));
+        }
+    }
+
     /// The f32 values (a copy when stored in bf16; dequantized when block-quantized).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             WeightData::F32(v) => v.clone(),
             WeightData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            WeightData::Bf16Panels(p) => (0..self.rows)
+                .flat_map(|r| (0..self.cols).map(move |c| p.get(c, r)))
+                .collect(),
             WeightData::Quant(q) => q.to_f32(),
         }
     }
@@ -104,6 +127,10 @@ impl Weight {
                 .iter_mut()
                 .zip(&v[r * c..(r + 1) * c])
                 .for_each(|(o, s)| *o = s.to_f32()),
+            WeightData::Bf16Panels(p) => out[..c]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, o)| *o = p.get(j, r)),
             WeightData::Quant(q) => q.dequantize_range(r, 0, c, out),
         }
     }
@@ -113,6 +140,7 @@ impl Weight {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) => v.len() * 2,
+            WeightData::Bf16Panels(p) => p.bytes(),
             WeightData::Quant(q) => q.bytes(),
         }
     }
@@ -139,6 +167,7 @@ impl Weight {
                 cs,
             },
             WeightData::Quant(_) => unreachable!("block-quantized weights take quant_matmul"),
+            WeightData::Bf16Panels(_) => unreachable!("packed weights are widened before a view"),
         }
     }
 }
@@ -304,8 +333,28 @@ pub fn linear_forward(
     if let WeightData::Quant(q) = &w.data {
         return quant_matmul::forward(y, x, q, t, accumulate, precision);
     }
+    // A weight packed for inference: a few rows stream its panels once, more rows take the GEMM
+    // without packing it; both compute each row the same way, so a row's result does not depend
+    // on the row count (on the requests batched with it).
+    if let WeightData::Bf16Panels(p) = &w.data {
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        if !gemm_bf16_rows_packed(y, x, p, t, 1.0, beta) {
+            let threads = rayon::current_num_threads();
+            gemm_bf16_packed(
+                y,
+                w.rows,
+                MatRef::f32_row_major(x, t, w.cols),
+                p,
+                1.0,
+                beta,
+                threads,
+            );
+        }
+        return;
+    }
     // Decode: a few rows against bf16 weights is a matrix-vector product bound by reading the
-    // weights once; the tiled GEMM would pack (copy) the whole weight for each call.
+    // weights once; the tiled GEMM would pack (copy) the whole weight for each call. (Its sums
+    // run in another order than the GEMM's: weights packed for inference avoid that.)
     if let WeightData::Bf16(wd) = &w.data
         && (1..=GEMV_MAX_ROWS).contains(&t)
         && precision.effective() == Precision::Fast
@@ -313,41 +362,15 @@ pub fn linear_forward(
         gemv_bf16(y, x, wd, w.rows, w.cols, t, accumulate);
         return;
     }
-    // The same for small f32 weights (decode's LoRA factors: rank × hidden): the tiled GEMM's
-    // setup costs more than the product.
+    // Small f32 weights (LoRA's factors: rank × hidden and hidden × rank) run without the tiled
+    // GEMM, whose setup costs more than the product for a few rows. In exact mode they always do,
+    // for any row count: each row's result is then the same whether it is multiplied alone or
+    // in a batch (the generation core batches requests that must not see each other).
     if let WeightData::F32(wd) = &w.data
-        && (1..=GEMV_MAX_ROWS).contains(&t)
         && w.rows * w.cols <= SMALL_F32_GEMV
+        && ((1..=GEMV_MAX_ROWS).contains(&t) || precision.effective() == Precision::Exact)
     {
-        let (out, inp) = (w.rows, w.cols);
-        if inp <= 64 {
-            // Short rows (LoRA's B: hidden × rank): y_m += Σ_j x_m[j] · column j, columns
-            // contiguous after one transpose, so each step is a long vector update.
-            let mut cols = vec![0.0f32; inp * out];
-            for n in 0..out {
-                for j in 0..inp {
-                    cols[j * out + n] = wd[n * inp + j];
-                }
-            }
-            for m in 0..t {
-                let ym = &mut y[m * out..(m + 1) * out];
-                if !accumulate {
-                    ym.fill(0.0);
-                }
-                for j in 0..inp {
-                    axpy_f32(ym, x[m * inp + j], &cols[j * out..(j + 1) * out]);
-                }
-            }
-            return;
-        }
-        for m in 0..t {
-            let xm = &x[m * inp..(m + 1) * inp];
-            for n in 0..out {
-                let v = dot_f32(xm, &wd[n * inp..(n + 1) * inp]);
-                let dst = &mut y[m * out + n];
-                *dst = if accumulate { *dst + v } else { v };
-            }
-        }
+        small_f32_forward(y, x, wd, w.rows, w.cols, t, accumulate);
         return;
     }
     matmul(
@@ -365,6 +388,57 @@ pub const GEMV_MAX_ROWS: usize = 8;
 
 /// f32 weights up to this many elements run few-row products on one thread, without the GEMM.
 const SMALL_F32_GEMV: usize = 1 << 16;
+
+/// `y[t×out] (+)= x[t×inp] · wᵀ` for a small f32 weight, each row on its own (the same arithmetic
+/// for any `t`), parallel over rows when there are many.
+fn small_f32_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    t: usize,
+    accumulate: bool,
+) {
+    use rayon::prelude::*;
+    if t == 0 || out == 0 {
+        return;
+    }
+    // Short rows (LoRA's B: hidden × rank): y_m += Σ_j x_m[j] · column j, columns contiguous
+    // after one transpose, so each step is a long vector update.
+    let cols: Vec<f32> = if inp <= 64 {
+        let mut cols = vec![0.0f32; inp * out];
+        for n in 0..out {
+            for j in 0..inp {
+                cols[j * out + n] = w[n * inp + j];
+            }
+        }
+        cols
+    } else {
+        Vec::new()
+    };
+    let row = |(ym, xm): (&mut [f32], &[f32])| {
+        if inp <= 64 {
+            if !accumulate {
+                ym.fill(0.0);
+            }
+            for j in 0..inp {
+                axpy_f32(ym, xm[j], &cols[j * out..(j + 1) * out]);
+            }
+        } else {
+            for (n, dst) in ym.iter_mut().enumerate() {
+                let v = dot_f32(xm, &w[n * inp..(n + 1) * inp]);
+                *dst = if accumulate { *dst + v } else { v };
+            }
+        }
+    };
+    let (ys, xs) = (&mut y[..t * out], &x[..t * inp]);
+    if t * out * inp >= 1 << 20 {
+        ys.par_chunks_mut(out).zip(xs.par_chunks(inp)).for_each(row);
+    } else {
+        ys.chunks_mut(out).zip(xs.chunks(inp)).for_each(row);
+    }
+}
 
 /// `y += a · x` (vectorised by the compiler).
 fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
@@ -531,6 +605,11 @@ pub fn linear_backward_input(
     if let WeightData::Quant(q) = &w.data {
         return quant_matmul::backward_input(dx, dy, q, t, accumulate, precision);
     }
+    if let WeightData::Bf16Panels(_) = &w.data {
+        // Packed for inference; a gradient through it is rare (a reward model scored in place).
+        let widened = Weight::f32(w.to_f32(), w.rows, w.cols);
+        return linear_backward_input(dx, dy, &widened, t, accumulate, precision);
+    }
     matmul(
         dx,
         w.cols,
@@ -664,6 +743,73 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_how_many_rows_share_the_product() {
+        // The generation core batches requests; a request's output must not change with the
+        // batch: each row of a product gives the same bits alone, in a few-row batch and in a
+        // tall one (the decode products and the tiled GEMM agree) — for exact-mode small f32
+        // weights (LoRA factors) and for bf16 weights packed for inference.
+        let (t, inp, out) = (21usize, 577usize, 70usize);
+        let x: Vec<f32> = (0..t * inp)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.011)
+            .collect();
+        let wf: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 19 % 83) as f32 - 41.0) * 0.019)
+            .collect();
+        let mut cases = vec![(
+            Weight::f32(wf.clone(), out, inp),
+            Precision::Exact,
+            "small f32, exact",
+        )];
+        let lora_b: Vec<f32> = (0..inp * 16)
+            .map(|i| ((i * 7 % 61) as f32 - 30.0) * 0.02)
+            .collect();
+        if has_avx512_bf16() {
+            let mut w = Weight::bf16_from_f32(&wf, out, inp);
+            w.pack_for_inference();
+            assert!(matches!(w.data, WeightData::Bf16Panels(_)));
+            assert_eq!(
+                w.to_f32(),
+                Weight::bf16_from_f32(&wf, out, inp).to_f32(),
+                "packing keeps the values"
+            );
+            cases.push((w, Precision::Fast, "bf16 packed for inference, fast"));
+        } else {
+            eprintln!("bf16 case skipped: no avx512_bf16 on this CPU (fast mode runs exact)");
+        }
+        for (w, p, what) in &cases {
+            let mut all = vec![0.0f32; t * w.rows];
+            linear_forward(&mut all, &x, w, t, false, *p);
+            for chunk in [1usize, 3, 8] {
+                for r0 in (0..t).step_by(chunk) {
+                    let rows = chunk.min(t - r0);
+                    let mut y = vec![0.0f32; rows * w.rows];
+                    linear_forward(&mut y, &x[r0 * inp..(r0 + rows) * inp], w, rows, false, *p);
+                    let same = y
+                        .iter()
+                        .zip(&all[r0 * w.rows..])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: rows {r0}.. in chunks of {chunk}");
+                }
+            }
+        }
+        // LoRA's B (short rows) in exact mode.
+        let w = Weight::f32(lora_b, inp, 16);
+        let xa: Vec<f32> = (0..t * 16).map(|i| ((i * 5 % 23) as f32 - 11.0) * 0.05).collect();
+        let mut all = vec![0.0f32; t * inp];
+        linear_forward(&mut all, &xa, &w, t, false, Precision::Exact);
+        for r in 0..t {
+            let mut y = vec![0.0f32; inp];
+            linear_forward(&mut y, &xa[r * 16..(r + 1) * 16], &w, 1, false, Precision::Exact);
+            assert!(
+                y.iter()
+                    .zip(&all[r * inp..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "lora B row {r}"
+            );
         }
     }
 
