@@ -221,6 +221,23 @@ impl Rng {
 mod tests {
     use super::*;
 
+    /// The shuffles as they were before the RNG moved to `graft_kernels::rng`: data order must not
+    /// change (a run's batches, and resume, depend on it).
+    #[test]
+    fn shuffle_order_is_pinned() {
+        assert_eq!(
+            shuffled_indices(20, 42),
+            vec![
+                13, 3, 8, 7, 12, 1, 5, 6, 17, 14, 16, 18, 0, 19, 9, 4, 15, 11, 10, 2
+            ]
+        );
+        let big = shuffled_indices(1000, 7);
+        let digest = big.iter().enumerate().fold(0u64, |h, (i, &j)| {
+            h.wrapping_mul(31).wrapping_add((i * 1000 + j) as u64)
+        });
+        assert_eq!(digest, 12393718421497631546);
+    }
+
     fn sample(ids: &[u32], trained: &[bool]) -> TokenizedSample {
         TokenizedSample {
             input_ids: ids.to_vec(),

@@ -507,3 +507,22 @@ impl Backend for Cpu {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The LoRA dropout mask as it was before its hash moved to `crate::rng`.
+    #[test]
+    fn dropout_mask_is_pinned() {
+        let x = vec![1.0f32; 64];
+        let mut y = vec![0.0f32; 64];
+        Cpu.dropout(&mut y, &x, 0.3, 77);
+        let mask = y
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (i, &v)| m | ((v != 0.0) as u64) << i);
+        assert_eq!(mask, 17437435141182647514);
+        assert!(y.iter().all(|&v| v == 0.0 || v == 1.0 / 0.7));
+    }
+}

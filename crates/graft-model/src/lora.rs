@@ -160,3 +160,21 @@ impl<B: Backend> Model<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The adapter init stream as it was before the RNG moved to `graft_kernels::rng`.
+    #[test]
+    fn init_stream_is_pinned() {
+        let bits: Vec<u32> = super::normal_stream(12345, 6, 0.5)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(
+            bits,
+            vec![
+                1049625306, 1055669444, 3197841230, 3211675495, 1053873962, 3207315674
+            ]
+        );
+    }
+}

@@ -164,6 +164,41 @@ pub fn argmax(logits: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
+    /// The sampling streams as they were before the RNG moved to `graft_kernels::rng`: a seeded
+    /// request must keep generating the same tokens.
+    #[test]
+    fn seeded_streams_are_pinned() {
+        let logits = [0.3, 1.2, -0.5, 0.9, 0.0, 1.1, -1.3, 0.7];
+        let draw = |p: SamplingParams| {
+            let mut s = Sampler::new(p);
+            (0..24).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
+        };
+        let plain = SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 42,
+        };
+        let ranked = SamplingParams {
+            temperature: 1.3,
+            top_k: 5,
+            top_p: 0.9,
+            seed: 1234,
+        };
+        assert_eq!(
+            draw(plain),
+            vec![
+                0, 3, 5, 7, 7, 5, 5, 6, 5, 4, 5, 1, 5, 1, 5, 7, 4, 6, 5, 5, 1, 1, 3, 4
+            ]
+        );
+        assert_eq!(
+            draw(ranked),
+            vec![
+                1, 7, 3, 7, 1, 0, 5, 1, 3, 3, 3, 1, 1, 3, 5, 7, 3, 0, 0, 7, 7, 1, 5, 1
+            ]
+        );
+    }
+
     #[test]
     fn greedy_and_reproducible_sampling() {
         let logits = [0.1, 2.0, -1.0, 1.9];

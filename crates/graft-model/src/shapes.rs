@@ -115,3 +115,21 @@ impl<B: Backend> Model<B> {
         .expect("random tensors always have the requested shape")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The random init as it was before the RNG moved to `graft_kernels::rng`.
+    #[test]
+    fn random_init_is_pinned() {
+        let bits: Vec<u32> = super::random_tensor("model.layers.0.mlp.up_proj.weight", &[2, 3], 9)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(
+            bits,
+            vec![
+                3161820079, 1008881787, 1010908478, 992121030, 3174159686, 1006660429
+            ]
+        );
+    }
+}
