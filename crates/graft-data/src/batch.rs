@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::sample::TokenizedSample;
 
 /// Ignored target value (no loss at this position).
-pub const IGNORE_INDEX: i32 = -100;
+pub use graft_kernels::IGNORE_INDEX;
 
 /// Several sequences concatenated into one row of `budget` tokens or fewer, with no padding.
 ///

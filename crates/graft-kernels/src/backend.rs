@@ -6,12 +6,13 @@
 //! device allocations and NVRTC-compiled kernels behind the same methods, and the decoder in
 //! `graft-model` would not change.
 
-use crate::cpu::attention::{self, AttentionShape};
-use crate::cpu::cross_entropy::{self, CrossEntropyGrads, CrossEntropyOutput};
-use crate::cpu::matmul::{self, Precision, Weight};
+use crate::cpu::attention;
+use crate::cpu::cross_entropy::{self, CrossEntropyGrads};
+use crate::cpu::matmul::{self, Weight};
 use crate::cpu::rope::RopeTable;
 use crate::cpu::{elementwise, norm, rope};
 use crate::quant::QuantTensor;
+use crate::types::{AttentionShape, CrossEntropyOutput, Precision};
 
 /// Gradient request of [`Backend::lm_head_cross_entropy`]: `(d_logp, d_hidden, d_head)` — the
 /// objective's derivative w.r.t. each token's target log-prob (host slice, one per token), the
