@@ -10,9 +10,9 @@ use crate::cpu::attention;
 use crate::cpu::cross_entropy::{self, CrossEntropyGrads};
 use crate::cpu::matmul::{self, Weight};
 use crate::cpu::rope::RopeTable;
-use crate::cpu::{elementwise, norm, rope};
+use crate::cpu::{elementwise, norm, optim, rope};
 use crate::quant::QuantTensor;
-use crate::types::{AttentionShape, CrossEntropyOutput, Precision};
+use crate::types::{AdamWScalars, AdamWTensor, AttentionShape, CrossEntropyOutput, Precision};
 
 /// Gradient request of [`Backend::lm_head_cross_entropy`]: `(d_logp, d_hidden, d_head)` — the
 /// objective's derivative w.r.t. each token's target log-prob (host slice, one per token), the
@@ -34,6 +34,9 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
     /// Precomputed RoPE angles.
     type Rope: Send + Sync;
+    /// A borrowed f32 tensor the optimizer ops read and update in place (the CPU's is `[f32]`, a
+    /// view of a [`Backend::Buf`]; a device backend may use its `Buf` itself).
+    type View: ?Sized + Send + Sync;
 
     /// A zero-filled buffer of `n` floats.
     fn zeros(&self, n: usize) -> Self::Buf;
@@ -216,6 +219,18 @@ pub trait Backend: Send + Sync {
         grads: Option<HeadGrads<'_, Self::Buf>>,
         p: Precision,
     ) -> CrossEntropyOutput;
+
+    /// One AdamW step of every tensor in `tensors` with the step's scalars (the element-wise
+    /// arithmetic and its order: [`AdamWScalars`]). Each element's update is independent of the
+    /// others, so how the work is split does not change any bit.
+    fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, Self::View>], s: &AdamWScalars);
+    /// `Σ x²` over all of `xs` together, in f64, for the global gradient norm: one partial sum per
+    /// chunk of [`OPTIM_CHUNK`](crate::OPTIM_CHUNK) elements (the chunks of each tensor in turn,
+    /// each summed in element order), the partial sums then added in that order — a fixed
+    /// reduction, so the result does not depend on threads or blocks.
+    fn sum_squares(&self, xs: &[&Self::View]) -> f64;
+    /// Multiplies every element of every tensor in `xs` by `s` (gradient scaling and clipping).
+    fn scale_all(&self, xs: &mut [&mut Self::View], s: f32);
 }
 
 /// The CPU backend: host vectors, `gemm`/bf16 kernels, rayon threads.
@@ -236,6 +251,7 @@ impl Backend for Cpu {
     type Ids = Vec<u32>;
     type Weight = Weight;
     type Rope = RopeTable;
+    type View = [f32];
 
     fn zeros(&self, n: usize) -> Vec<f32> {
         vec![0.0; n]
@@ -506,6 +522,16 @@ impl Backend for Cpu {
             cross_entropy::default_chunk_rows(head.rows),
             p,
         )
+    }
+
+    fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, [f32]>], s: &AdamWScalars) {
+        optim::adamw_update(tensors, s)
+    }
+    fn sum_squares(&self, xs: &[&[f32]]) -> f64 {
+        optim::sum_squares(xs)
+    }
+    fn scale_all(&self, xs: &mut [&mut [f32]], s: f32) {
+        optim::scale_all(xs, s)
     }
 }
 

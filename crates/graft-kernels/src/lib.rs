@@ -5,7 +5,7 @@
 //! fixtures in `graft-model`. [`cpu`] holds the CPU implementations; [`Backend`] is the device
 //! seam the model code is written against, so a CUDA backend can be added without touching it;
 //! [`types`] holds what crosses the seam (precision, attention shapes, cross-entropy outputs,
-//! the ignore index), so no caller needs to name `cpu::`.
+//! the ignore index, the AdamW scalars), so no caller needs to name `cpu::`.
 
 pub mod backend;
 pub mod cpu;
@@ -15,4 +15,7 @@ pub mod types;
 
 pub use backend::{Backend, Cpu};
 pub use cpu::matmul::{Weight, WeightData};
-pub use types::{AttentionShape, CrossEntropyOutput, IGNORE_INDEX, Precision, segments_from_seq_ids};
+pub use types::{
+    AdamWScalars, AdamWTensor, AttentionShape, CrossEntropyOutput, IGNORE_INDEX, OPTIM_CHUNK, Precision,
+    segments_from_seq_ids,
+};

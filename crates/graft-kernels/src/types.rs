@@ -75,3 +75,54 @@ pub struct CrossEntropyOutput {
     /// numerator of TRL's and OpenAI's `mean_token_accuracy`.
     pub num_correct: usize,
 }
+
+/// Elements per unit of work of the optimizer ops ([`Backend::adamw_update`],
+/// [`Backend::sum_squares`], [`Backend::scale_all`]) and per partial sum of
+/// [`Backend::sum_squares`]. Fixed, so results do not depend on the thread count (or on how a
+/// device schedules its blocks).
+///
+/// [`Backend::adamw_update`]: crate::Backend::adamw_update
+/// [`Backend::sum_squares`]: crate::Backend::sum_squares
+/// [`Backend::scale_all`]: crate::Backend::scale_all
+pub const OPTIM_CHUNK: usize = 1 << 14;
+
+/// The per-step scalars of the AdamW update, as `f32` (computed by the optimizer in `f64`, as
+/// torch computes them, then cast).
+///
+/// Per element, in this order: `p *= decay_factor` (when the tensor decays), then
+/// `m = lerp_weight·(g − m) + m` and `v = (one_minus_beta2·g)·g + v·beta2` as fused multiply-adds,
+/// then `p += (neg_step_size·m) / (√v / bias_correction2_sqrt + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 − lr·weight_decay`.
+    pub decay_factor: f32,
+    /// `1 − β₁` (torch's `lerp` weight).
+    pub lerp_weight: f32,
+    /// `β₂`.
+    pub beta2: f32,
+    /// `1 − β₂`.
+    pub one_minus_beta2: f32,
+    /// `−lr / (1 − β₁ᵗ)`.
+    pub neg_step_size: f32,
+    /// `√(1 − β₂ᵗ)`.
+    pub bias_correction2_sqrt: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+}
+
+/// One tensor of an AdamW step: its values and moments (updated in place), its gradient, and
+/// whether weight decay applies. `V` is the backend's [`View`](crate::Backend::View); all four
+/// have the same length.
+#[derive(Debug)]
+pub struct AdamWTensor<'a, V: ?Sized> {
+    /// The parameter's values.
+    pub param: &'a mut V,
+    /// Its gradient.
+    pub grad: &'a V,
+    /// The first moment (`exp_avg`).
+    pub m: &'a mut V,
+    /// The second moment (`exp_avg_sq`).
+    pub v: &'a mut V,
+    /// Multiply the values by [`AdamWScalars::decay_factor`] first.
+    pub decay: bool,
+}
