@@ -109,7 +109,8 @@ pub trait Backend: Send + Sync {
     /// Multiplies every element by `s` (LoRA dropout keeps its own mask op).
     fn scale(&self, y: &mut Self::Buf, s: f32);
     /// `y = x ⊙ mask` where `mask[i] = keep(i) / (1 − p)`, the keep decisions coming from a
-    /// counter-based hash of `(seed, i)` so backward regenerates the same mask.
+    /// counter-based hash of `(seed, i)` ([`crate::rng::dropout_keep_at`]) so backward regenerates
+    /// the same mask.
     fn dropout(&self, y: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64);
 
     /// RMSNorm rows of width `dim`; stores `rstd`.
@@ -237,15 +238,6 @@ pub trait Backend: Send + Sync {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
 
-/// Counter-based keep decision for dropout: SplitMix64 of `(seed, index)`.
-pub fn dropout_keep(seed: u64, index: u64, p: f32) -> bool {
-    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 40) as f32 / (1u64 << 24) as f32) >= p
-}
-
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
@@ -359,7 +351,7 @@ impl Backend for Cpu {
             .zip(x.par_iter())
             .enumerate()
             .for_each(|(i, (y, &x))| {
-                *y = if dropout_keep(seed, i as u64, p) {
+                *y = if crate::rng::dropout_keep_at(seed, i as u64, p) {
                     x * inv
                 } else {
                     0.0

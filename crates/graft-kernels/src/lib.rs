@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cpu;
 pub mod profile;
 pub mod quant;
+pub mod rng;
 pub mod types;
 
 pub use backend::{Backend, Cpu};

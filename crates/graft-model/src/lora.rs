@@ -6,6 +6,7 @@
 
 use crate::model::{LINEAR_NAMES, Model};
 use graft_kernels::Backend;
+use graft_kernels::rng::normal_stream;
 
 /// One projection's adapter.
 pub struct LoraLinear<B: Backend> {
@@ -88,25 +89,6 @@ impl LoraSpec {
             .map(|(n, _)| n.to_string())
             .collect()
     }
-}
-
-/// Deterministic normal samples (Box–Muller over SplitMix64) for adapter initialisation.
-fn normal_stream(seed: u64, n: usize, std: f32) -> Vec<f32> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (next(), next());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
-        })
-        .collect()
 }
 
 impl<B: Backend> Model<B> {

@@ -1,6 +1,8 @@
 //! Next-token selection: greedy, or sampling with temperature, top-k and top-p (nucleus), in the
 //! order transformers applies them, from a seeded generator so runs are reproducible.
 
+use graft_kernels::rng::Rng;
+
 /// How to pick the next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -40,45 +42,25 @@ impl SamplingParams {
     }
 }
 
-/// A sampler with its own random stream (xoshiro256**).
+/// A sampler with its own random stream (the engine's xoshiro256** [`Rng`], seeded from
+/// `params.seed`).
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    state: [u64; 4],
+    rng: Rng,
 }
 
 impl Sampler {
     /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Sampler {
-        let mut sm = params.seed;
-        let mut next = || {
-            sm = sm.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = sm;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
         Sampler {
             params,
-            state: [next(), next(), next(), next()],
+            rng: Rng::new(params.seed),
         }
     }
 
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.state;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
     fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.rng.next_f64()
     }
 
     /// Picks the next token from `logits`.

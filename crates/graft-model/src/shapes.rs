@@ -3,6 +3,7 @@
 use crate::config::{Architecture, ModelSpec, RopeScaling};
 use crate::model::{Model, WeightStorage};
 use graft_kernels::Backend;
+use graft_kernels::rng::splitmix64;
 
 /// Shape names accepted by [`named_shape`].
 pub const SHAPE_NAMES: [&str; 5] = [
@@ -94,11 +95,7 @@ pub fn random_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     let mut state = seed ^ name_hash;
     (0..n)
         .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z = splitmix64(&mut state);
             // Irwin–Hall(4) approximation of a unit normal: cheap and plenty for random weights.
             let u = |s: u64| (s & 0xFFFF) as f32 / 65536.0;
             (u(z) + u(z >> 16) + u(z >> 32) + u(z >> 48) - 2.0) * 1.732 * 0.02
