@@ -1,11 +1,13 @@
 //! Packing tokenized samples into padding-free batches for isolated (block-diagonal) attention,
-//! and a small seeded RNG for reproducible shuffles on every platform.
+//! and their seeded shuffles (the engine's one RNG, `graft_kernels::rng`) for a reproducible order
+//! on every platform.
 
 use crate::error::{Error, Result};
 use crate::sample::TokenizedSample;
+use graft_kernels::rng::Rng;
 
 /// Ignored target value (no loss at this position).
-pub const IGNORE_INDEX: i32 = -100;
+pub use graft_kernels::IGNORE_INDEX;
 
 /// Several sequences concatenated into one row of `budget` tokens or fewer, with no padding.
 ///
@@ -136,7 +138,7 @@ pub fn pack(
     let lengths: Vec<usize> = useful.iter().map(|&i| samples[i].input_ids.len()).collect();
     let mut bins = best_fit_decreasing(&lengths, budget)?;
     let mut rng = Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    rng.shuffle(&mut bins);
+    rng.shuffle_modulo(&mut bins);
     let mut stats = PackStats {
         samples: useful.len(),
         skipped_untrained: samples.len() - useful.len(),
@@ -158,68 +160,30 @@ pub fn pack(
 /// `0..n` in an order shuffled by `seed` (for epochs over unpacked samples, e.g. preference pairs).
 pub fn shuffled_indices(n: usize, seed: u64) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();
-    Rng::new(seed).shuffle(&mut v);
+    Rng::new(seed).shuffle_modulo(&mut v);
     v
-}
-
-/// xoshiro256** seeded through splitmix64: small, fast, and identical everywhere.
-#[derive(Clone, Debug)]
-pub struct Rng {
-    s: [u64; 4],
-}
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        let mut x = seed;
-        let mut next = || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        Rng {
-            s: [next(), next(), next(), next()],
-        }
-    }
-
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform integer in `0..n` (unbiased; `n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-
-    /// Fisher–Yates shuffle.
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            items.swap(i, j);
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shuffles as they were before the RNG moved to `graft_kernels::rng`: data order must not
+    /// change (a run's batches, and resume, depend on it).
+    #[test]
+    fn shuffle_order_is_pinned() {
+        assert_eq!(
+            shuffled_indices(20, 42),
+            vec![
+                13, 3, 8, 7, 12, 1, 5, 6, 17, 14, 16, 18, 0, 19, 9, 4, 15, 11, 10, 2
+            ]
+        );
+        let big = shuffled_indices(1000, 7);
+        let digest = big.iter().enumerate().fold(0u64, |h, (i, &j)| {
+            h.wrapping_mul(31).wrapping_add((i * 1000 + j) as u64)
+        });
+        assert_eq!(digest, 12393718421497631546);
+    }
 
     fn sample(ids: &[u32], trained: &[bool]) -> TokenizedSample {
         TokenizedSample {

@@ -39,7 +39,7 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-pub use batch::{PackedBatch, Rng, best_fit_decreasing, pack, shuffled_indices};
+pub use batch::{PackedBatch, best_fit_decreasing, pack, shuffled_indices};
 pub use dataset::{DatasetFormat, Record, Row, RowError, Turns};
 pub use error::{Error, Result};
 pub use inspect::{InspectOptions, InspectReport};

@@ -1,7 +1,8 @@
 //! Times attention forward/backward on the SmolLM2-135M shape (4 × 512 tokens, 9 heads, 3 KV
 //! heads, head_dim 64): `cargo run --release -p graft-kernels --example bench_attention`.
 
-use graft_kernels::cpu::attention::{AttentionShape, attention_backward, attention_forward};
+use graft_kernels::AttentionShape;
+use graft_kernels::cpu::attention::{attention_backward, attention_forward};
 use std::time::Instant;
 
 fn main() {

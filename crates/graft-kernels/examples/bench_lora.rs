@@ -1,7 +1,6 @@
 //! Times the base projection and its LoRA side products for a 2048 × 576 → 1536 layer.
-use graft_kernels::cpu::matmul::{
-    Precision, Weight, linear_backward_input, linear_backward_weight, linear_forward,
-};
+use graft_kernels::Precision;
+use graft_kernels::cpu::matmul::{Weight, linear_backward_input, linear_backward_weight, linear_forward};
 use std::time::Instant;
 
 fn main() {

@@ -6,12 +6,13 @@
 //! device allocations and NVRTC-compiled kernels behind the same methods, and the decoder in
 //! `graft-model` would not change.
 
-use crate::cpu::attention::{self, AttentionShape};
-use crate::cpu::cross_entropy::{self, CrossEntropyGrads, CrossEntropyOutput};
-use crate::cpu::matmul::{self, Precision, Weight};
+use crate::cpu::attention;
+use crate::cpu::cross_entropy::{self, CrossEntropyGrads};
+use crate::cpu::matmul::{self, Weight};
 use crate::cpu::rope::RopeTable;
-use crate::cpu::{elementwise, norm, rope};
+use crate::cpu::{elementwise, norm, optim, rope};
 use crate::quant::QuantTensor;
+use crate::types::{AdamWScalars, AdamWTensor, AttentionShape, CrossEntropyOutput, Precision};
 
 /// Gradient request of [`Backend::lm_head_cross_entropy`]: `(d_logp, d_hidden, d_head)` — the
 /// objective's derivative w.r.t. each token's target log-prob (host slice, one per token), the
@@ -33,6 +34,9 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
     /// Precomputed RoPE angles.
     type Rope: Send + Sync;
+    /// A borrowed f32 tensor the optimizer ops read and update in place (the CPU's is `[f32]`, a
+    /// view of a [`Backend::Buf`]; a device backend may use its `Buf` itself).
+    type View: ?Sized + Send + Sync;
 
     /// A zero-filled buffer of `n` floats.
     fn zeros(&self, n: usize) -> Self::Buf;
@@ -110,7 +114,8 @@ pub trait Backend: Send + Sync {
     /// Multiplies every element by `s` (LoRA dropout keeps its own mask op).
     fn scale(&self, y: &mut Self::Buf, s: f32);
     /// `y = x ⊙ mask` where `mask[i] = keep(i) / (1 − p)`, the keep decisions coming from a
-    /// counter-based hash of `(seed, i)` so backward regenerates the same mask.
+    /// counter-based hash of `(seed, i)` ([`crate::rng::dropout_keep_at`]) so backward regenerates
+    /// the same mask.
     fn dropout(&self, y: &mut Self::Buf, x: &Self::Buf, p: f32, seed: u64);
 
     /// RMSNorm rows of width `dim`; stores `rstd`.
@@ -220,26 +225,30 @@ pub trait Backend: Send + Sync {
         grads: Option<HeadGrads<'_, Self::Buf>>,
         p: Precision,
     ) -> CrossEntropyOutput;
+
+    /// One AdamW step of every tensor in `tensors` with the step's scalars (the element-wise
+    /// arithmetic and its order: [`AdamWScalars`]). Each element's update is independent of the
+    /// others, so how the work is split does not change any bit.
+    fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, Self::View>], s: &AdamWScalars);
+    /// `Σ x²` over all of `xs` together, in f64, for the global gradient norm: one partial sum per
+    /// chunk of [`OPTIM_CHUNK`](crate::OPTIM_CHUNK) elements (the chunks of each tensor in turn,
+    /// each summed in element order), the partial sums then added in that order — a fixed
+    /// reduction, so the result does not depend on threads or blocks.
+    fn sum_squares(&self, xs: &[&Self::View]) -> f64;
+    /// Multiplies every element of every tensor in `xs` by `s` (gradient scaling and clipping).
+    fn scale_all(&self, xs: &mut [&mut Self::View], s: f32);
 }
 
 /// The CPU backend: host vectors, `gemm`/bf16 kernels, rayon threads.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
 
-/// Counter-based keep decision for dropout: SplitMix64 of `(seed, index)`.
-pub fn dropout_keep(seed: u64, index: u64, p: f32) -> bool {
-    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 40) as f32 / (1u64 << 24) as f32) >= p
-}
-
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
     type Weight = Weight;
     type Rope = RopeTable;
+    type View = [f32];
 
     fn zeros(&self, n: usize) -> Vec<f32> {
         vec![0.0; n]
@@ -355,7 +364,7 @@ impl Backend for Cpu {
             .zip(x.par_iter())
             .enumerate()
             .for_each(|(i, (y, &x))| {
-                *y = if dropout_keep(seed, i as u64, p) {
+                *y = if crate::rng::dropout_keep_at(seed, i as u64, p) {
                     x * inv
                 } else {
                     0.0
@@ -518,5 +527,34 @@ impl Backend for Cpu {
             cross_entropy::default_chunk_rows(head.rows),
             p,
         )
+    }
+
+    fn adamw_update(&self, tensors: &mut [AdamWTensor<'_, [f32]>], s: &AdamWScalars) {
+        optim::adamw_update(tensors, s)
+    }
+    fn sum_squares(&self, xs: &[&[f32]]) -> f64 {
+        optim::sum_squares(xs)
+    }
+    fn scale_all(&self, xs: &mut [&mut [f32]], s: f32) {
+        optim::scale_all(xs, s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The LoRA dropout mask as it was before its hash moved to `crate::rng`.
+    #[test]
+    fn dropout_mask_is_pinned() {
+        let x = vec![1.0f32; 64];
+        let mut y = vec![0.0f32; 64];
+        Cpu.dropout(&mut y, &x, 0.3, 77);
+        let mask = y
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (i, &v)| m | ((v != 0.0) as u64) << i);
+        assert_eq!(mask, 17437435141182647514);
+        assert!(y.iter().all(|&v| v == 0.0 || v == 1.0 / 0.7));
     }
 }

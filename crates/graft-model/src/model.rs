@@ -5,8 +5,8 @@ use crate::config::{ModelSpec, RopeScaling};
 use crate::error::ModelError;
 use crate::lora::LoraLinear;
 use crate::weights::WeightStore;
+use graft_kernels::AttentionShape;
 use graft_kernels::Backend;
-use graft_kernels::cpu::attention::AttentionShape;
 use graft_kernels::quant::QuantTensor;
 
 /// Index of each linear projection inside a layer (the LoRA target names in PEFT order).

@@ -1,6 +1,8 @@
 //! Next-token selection: greedy, or sampling with temperature, top-k and top-p (nucleus), in the
 //! order transformers applies them, from a seeded generator so runs are reproducible.
 
+use graft_kernels::rng::Rng;
+
 /// How to pick the next token.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -40,45 +42,25 @@ impl SamplingParams {
     }
 }
 
-/// A sampler with its own random stream (xoshiro256**).
+/// A sampler with its own random stream (the engine's xoshiro256** [`Rng`], seeded from
+/// `params.seed`).
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    state: [u64; 4],
+    rng: Rng,
 }
 
 impl Sampler {
     /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Sampler {
-        let mut sm = params.seed;
-        let mut next = || {
-            sm = sm.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = sm;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
         Sampler {
             params,
-            state: [next(), next(), next(), next()],
+            rng: Rng::new(params.seed),
         }
     }
 
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.state;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
     fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.rng.next_f64()
     }
 
     /// Picks the next token from `logits`.
@@ -163,6 +145,41 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sampling streams as they were before the RNG moved to `graft_kernels::rng`: a seeded
+    /// request must keep generating the same tokens.
+    #[test]
+    fn seeded_streams_are_pinned() {
+        let logits = [0.3, 1.2, -0.5, 0.9, 0.0, 1.1, -1.3, 0.7];
+        let draw = |p: SamplingParams| {
+            let mut s = Sampler::new(p);
+            (0..24).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
+        };
+        let plain = SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 42,
+        };
+        let ranked = SamplingParams {
+            temperature: 1.3,
+            top_k: 5,
+            top_p: 0.9,
+            seed: 1234,
+        };
+        assert_eq!(
+            draw(plain),
+            vec![
+                0, 3, 5, 7, 7, 5, 5, 6, 5, 4, 5, 1, 5, 1, 5, 7, 4, 6, 5, 5, 1, 1, 3, 4
+            ]
+        );
+        assert_eq!(
+            draw(ranked),
+            vec![
+                1, 7, 3, 7, 1, 0, 5, 1, 3, 3, 3, 1, 1, 3, 5, 7, 3, 0, 0, 7, 7, 1, 5, 1
+            ]
+        );
+    }
 
     #[test]
     fn greedy_and_reproducible_sampling() {

@@ -3,6 +3,7 @@
 use crate::config::{Architecture, ModelSpec, RopeScaling};
 use crate::model::{Model, WeightStorage};
 use graft_kernels::Backend;
+use graft_kernels::rng::splitmix64;
 
 /// Shape names accepted by [`named_shape`].
 pub const SHAPE_NAMES: [&str; 5] = [
@@ -94,11 +95,7 @@ pub fn random_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     let mut state = seed ^ name_hash;
     (0..n)
         .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z = splitmix64(&mut state);
             // Irwin–Hall(4) approximation of a unit normal: cheap and plenty for random weights.
             let u = |s: u64| (s & 0xFFFF) as f32 / 65536.0;
             (u(z) + u(z >> 16) + u(z >> 32) + u(z >> 48) - 2.0) * 1.732 * 0.02
@@ -113,5 +110,23 @@ impl<B: Backend> Model<B> {
             Ok(random_tensor(name, shape, seed))
         })
         .expect("random tensors always have the requested shape")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The random init as it was before the RNG moved to `graft_kernels::rng`.
+    #[test]
+    fn random_init_is_pinned() {
+        let bits: Vec<u32> = super::random_tensor("model.layers.0.mlp.up_proj.weight", &[2, 3], 9)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(
+            bits,
+            vec![
+                3161820079, 1008881787, 1010908478, 992121030, 3174159686, 1006660429
+            ]
+        );
     }
 }

@@ -13,10 +13,7 @@
 //! saved input and `rstd`, which is cheap and halves that part of the memory).
 
 use crate::model::{DOWN, GATE, K, Layer, Model, O, Q, UP, V};
-use graft_kernels::Backend;
-use graft_kernels::Precision;
-use graft_kernels::cpu::attention::{AttentionShape, segments_from_seq_ids};
-use graft_kernels::cpu::cross_entropy::IGNORE_INDEX;
+use graft_kernels::{AttentionShape, Backend, IGNORE_INDEX, Precision, segments_from_seq_ids};
 
 /// A packed, padding-free micro-batch: several sequences concatenated.
 #[derive(Debug, Clone, Default, PartialEq)]

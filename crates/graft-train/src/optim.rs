@@ -6,19 +6,28 @@
 //! does) and the per-element arithmetic in `f32`. The state (m, v per parameter, one step counter)
 //! is `f32` and saves to a safetensors file that reloads bit for bit.
 //!
-//! The update runs in parallel over fixed-size chunks of every parameter; each element's update is
+//! The numeric kernels are backend ops ([`Backend::adamw_update`], [`Backend::sum_squares`],
+//! [`Backend::scale_all`]); this module keeps what is not arithmetic: the state and its slots,
+//! the step counter and the per-step scalars, the state files, the clipping decision. The update
+//! runs in parallel over fixed-size chunks of every parameter; each element's update is
 //! independent of the others, so the result does not depend on the number of threads. The gradient
 //! norm sums fixed chunks in `f64` and adds the partial sums in a fixed order, so it is deterministic
 //! too.
+//!
+//! Everything here runs on the [`Cpu`] backend: parameters and gradients arrive as host slices
+//! ([`Param`], from `Model::trainable`, which exists for `Model<Cpu>`), so the moments are host
+//! `Vec<f32>` too. A device backend implements the three ops; the optimizer would then hold its
+//! moments as that backend's buffers and take `Param`s of its views.
 
 use crate::tensors::{self, TensorFileError, TensorRef};
+use graft_kernels::{AdamWScalars, AdamWTensor, Backend, Cpu};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// Elements per unit of parallel work (and per partial sum of the gradient norm). Fixed, so results
-/// do not depend on the thread count.
-pub const CHUNK: usize = 1 << 14;
+/// Elements per unit of parallel work (and per partial sum of the gradient norm):
+/// [`graft_kernels::OPTIM_CHUNK`]. Fixed, so results do not depend on the thread count.
+pub const CHUNK: usize = graft_kernels::OPTIM_CHUNK;
 
 /// An error from the optimizer.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +109,8 @@ pub struct Param<'a> {
     pub decay: bool,
 }
 
-/// The AdamW optimizer and its state.
+/// The AdamW optimizer and its state (moments as host `Vec<f32>`, updated by the [`Cpu`]
+/// backend's [`Backend::adamw_update`]; see the module docs).
 #[derive(Clone, Debug)]
 pub struct AdamW {
     hyper: AdamWHyper,
@@ -212,10 +222,11 @@ impl AdamW {
         let eps = h.eps as f32;
         let apply_decay = h.weight_decay != 0.0;
 
-        // Split every (param, m, v) into fixed chunks and update the chunks in parallel.
+        // Every (param, m, v) with its decay decision; the backend splits them into fixed chunks
+        // and updates the chunks in parallel.
         let mut m_by_slot: Vec<Option<&mut Vec<f32>>> = self.exp_avg.iter_mut().map(Some).collect();
         let mut v_by_slot: Vec<Option<&mut Vec<f32>>> = self.exp_avg_sq.iter_mut().map(Some).collect();
-        let mut work = Vec::new();
+        let mut tensors = Vec::with_capacity(params.len());
         for (p, &slot) in params.iter_mut().zip(&slots) {
             let m = m_by_slot[slot]
                 .take()
@@ -223,18 +234,15 @@ impl AdamW {
             let v = v_by_slot[slot]
                 .take()
                 .expect("distinct names have distinct slots");
-            let decay = apply_decay && p.decay;
-            for (((pc, gc), mc), vc) in p
-                .value
-                .chunks_mut(CHUNK)
-                .zip(p.grad.chunks(CHUNK))
-                .zip(m.chunks_mut(CHUNK))
-                .zip(v.chunks_mut(CHUNK))
-            {
-                work.push((pc, gc, mc, vc, decay));
-            }
+            tensors.push(AdamWTensor {
+                param: &mut *p.value,
+                grad: p.grad,
+                m: m.as_mut_slice(),
+                v: v.as_mut_slice(),
+                decay: apply_decay && p.decay,
+            });
         }
-        let scalars = UpdateScalars {
+        let scalars = AdamWScalars {
             decay_factor,
             lerp_weight,
             beta2,
@@ -243,8 +251,7 @@ impl AdamW {
             bias_correction2_sqrt,
             eps,
         };
-        work.into_par_iter()
-            .for_each(|(p, g, m, v, decay)| update_chunk(p, g, m, v, decay, &scalars));
+        Cpu.adamw_update(&mut tensors, &scalars);
         Ok(())
     }
 
@@ -369,64 +376,11 @@ impl AdamW {
     }
 }
 
-/// The per-step scalars of the AdamW update, as `f32`.
-struct UpdateScalars {
-    decay_factor: f32,
-    lerp_weight: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    neg_step_size: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-}
-
-/// The AdamW update of one chunk, in torch's operation order: `lerp` and `addcmul` as fused
-/// multiply-adds (as torch's vectorised CPU kernels compute them), `addcdiv` as `p + (s·m)/d`.
-/// `mul_add` is exactly rounded wherever it runs, so every path gives the same bits.
-#[inline(always)]
-fn update_chunk_body(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool, s: &UpdateScalars) {
-    if decay {
-        for x in p.iter_mut() {
-            *x *= s.decay_factor;
-        }
-    }
-    for i in 0..p.len() {
-        let gi = g[i];
-        let mi = s.lerp_weight.mul_add(gi - m[i], m[i]);
-        let vi = (s.one_minus_beta2 * gi).mul_add(gi, v[i] * s.beta2);
-        m[i] = mi;
-        v[i] = vi;
-        let denom = vi.sqrt() / s.bias_correction2_sqrt + s.eps;
-        p[i] += (s.neg_step_size * mi) / denom;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn update_chunk_fma(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool, s: &UpdateScalars) {
-    update_chunk_body(p, g, m, v, decay, s)
-}
-
-fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool, s: &UpdateScalars) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports FMA (checked just above).
-        return unsafe { update_chunk_fma(p, g, m, v, decay, s) };
-    }
-    update_chunk_body(p, g, m, v, decay, s)
-}
-
-fn sum_squares_f64(x: &[f32]) -> f64 {
-    x.iter().map(|&v| (v as f64) * (v as f64)).sum()
-}
-
 /// The global L2 norm of all `grads` together, accumulated in `f64` over fixed chunks and summed in a
 /// fixed order (deterministic for any thread count). NaN or infinity in a gradient gives a
 /// non-finite norm.
 pub fn global_grad_norm(grads: &[&[f32]]) -> f64 {
-    let chunks: Vec<&[f32]> = grads.iter().flat_map(|g| g.chunks(CHUNK)).collect();
-    let partial: Vec<f64> = chunks.par_iter().map(|c| sum_squares_f64(c)).collect();
-    partial.iter().sum::<f64>().sqrt()
+    Cpu.sum_squares(grads).sqrt()
 }
 
 /// Clips gradients by their global norm, as `torch.nn.utils.clip_grad_norm_`: computes the total
@@ -445,11 +399,7 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
     }
     let scale = max_norm / (norm + 1e-6);
     if scale < 1.0 {
-        let scale = scale as f32;
-        let mut chunks: Vec<&mut [f32]> = grads.iter_mut().flat_map(|g| g.chunks_mut(CHUNK)).collect();
-        chunks
-            .par_iter_mut()
-            .for_each(|c| c.iter_mut().for_each(|x| *x *= scale));
+        Cpu.scale_all(grads, scale as f32);
     }
     norm
 }
@@ -458,10 +408,7 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
 /// per-token losses over the micro-batches of a step (the normalisation is by all trained tokens of
 /// the step, not a mean of per-micro-batch means). Element-wise, so deterministic.
 pub fn scale_grads(grads: &mut [&mut [f32]], factor: f32) {
-    let mut chunks: Vec<&mut [f32]> = grads.iter_mut().flat_map(|g| g.chunks_mut(CHUNK)).collect();
-    chunks
-        .par_iter_mut()
-        .for_each(|c| c.iter_mut().for_each(|x| *x *= factor));
+    Cpu.scale_all(grads, factor);
 }
 
 /// The first non-finite value found by [`find_non_finite`].

@@ -19,7 +19,7 @@ use crate::sft::{
 use graft_data::batch::PackedBatch;
 use graft_data::sample::{TokenizedRecord, TokenizedSample};
 use graft_data::{ChatTemplate, Tokenizer};
-use graft_kernels::cpu::cross_entropy::IGNORE_INDEX;
+use graft_kernels::IGNORE_INDEX;
 use graft_model::train::{Batch, TrainMode, TrainOptions};
 use std::path::Path;
 

@@ -445,7 +445,7 @@ impl<'a> Rl<'a> {
                     b.targets.push(full[i + 1] as i32);
                     at.push(start + i);
                 } else {
-                    b.targets.push(graft_kernels::cpu::cross_entropy::IGNORE_INDEX);
+                    b.targets.push(graft_kernels::IGNORE_INDEX);
                 }
             }
             where_.push(at);

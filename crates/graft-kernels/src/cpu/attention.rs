@@ -8,23 +8,11 @@
 
 use super::math::{exp_sub_sum, row_max, scale_row};
 use super::matmul::{axpy_f32_body, dot_f32_body};
+use crate::types::AttentionShape;
 use rayon::prelude::*;
 
 /// Queries processed per block (bounds the score scratch to `QUERY_BLOCK × keys`).
 const QUERY_BLOCK: usize = 64;
-
-/// Shape of an attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    /// Each query sees at most this many most recent keys, itself included.
-    pub window: Option<usize>,
-    /// Round the inputs of the two products (QKᵀ, PV and their backward) to bf16 with f32
-    /// accumulation (fast mode); softmax and its statistics stay f32.
-    pub bf16: bool,
-}
 
 impl AttentionShape {
     fn q_width(&self) -> usize {
@@ -46,21 +34,6 @@ impl AttentionShape {
             _ => 0,
         }
     }
-}
-
-/// Splits per-token sequence ids into contiguous `(start, len)` segments.
-pub fn segments_from_seq_ids(seq_ids: &[u32]) -> Vec<(usize, usize)> {
-    let mut segs = Vec::new();
-    let mut start = 0;
-    for i in 1..=seq_ids.len() {
-        if i == seq_ids.len() || seq_ids[i] != seq_ids[i - 1] {
-            if i > start {
-                segs.push((start, i - start));
-            }
-            start = i;
-        }
-    }
-    segs
 }
 
 #[derive(Clone, Copy)]

@@ -8,31 +8,10 @@
 
 use super::gemm_bf16::{MatData, MatRef, PackedB, gemm_bf16_packed};
 use super::math::{exp_sub_sum_dot, row_max, scale_row};
-use super::matmul::{
-    Precision, Weight, WeightData, linear_backward_input, linear_backward_weight, linear_forward,
-};
+use super::matmul::{Weight, WeightData, linear_backward_input, linear_backward_weight, linear_forward};
 use super::quant_matmul::QuantB;
+use crate::types::{CrossEntropyOutput, Precision};
 use rayon::prelude::*;
-
-/// Target value meaning "no loss at this position".
-pub const IGNORE_INDEX: i32 = -100;
-
-/// What [`lm_head_cross_entropy`] computed.
-#[derive(Debug, Clone)]
-pub struct CrossEntropyOutput {
-    /// Σ over trained tokens of `−log p(target)`, accumulated in f64.
-    pub loss_sum: f64,
-    /// Number of tokens with a target.
-    pub num_trained: usize,
-    /// `log p(target)` per token (0 where the target is ignored).
-    pub logprobs: Vec<f32>,
-    /// The entropy of the predicted distribution per token (0 where the target is ignored):
-    /// GRPO / RLOO log its mean.
-    pub entropies: Vec<f32>,
-    /// Trained tokens whose target is the most likely token (ties count as correct): the
-    /// numerator of TRL's and OpenAI's `mean_token_accuracy`.
-    pub num_correct: usize,
-}
 
 /// Gradient outputs requested from [`lm_head_cross_entropy`].
 pub struct CrossEntropyGrads<'a> {

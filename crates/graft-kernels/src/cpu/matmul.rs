@@ -16,29 +16,9 @@ use super::gemm_bf16::{
 };
 use super::quant_matmul;
 use crate::quant::QuantTensor;
+use crate::types::Precision;
 use half::bf16;
 use std::sync::Arc;
-
-/// Numeric precision of matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// f32 inputs and accumulation; what the fidelity tests use.
-    #[default]
-    Exact,
-    /// bf16-rounded inputs with f32 accumulation (`vdpbf16ps` where available).
-    Fast,
-}
-
-impl Precision {
-    /// Fast mode only pays where the CPU has bf16 dot products; elsewhere it falls back to f32.
-    pub fn effective(self) -> Precision {
-        if self == Precision::Fast && has_avx512_bf16() {
-            Precision::Fast
-        } else {
-            Precision::Exact
-        }
-    }
-}
 
 /// A linear layer's weight `[out, in]` (row-major), stored in f32, bf16 or ggml blocks.
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@ pub mod gemm_bf16;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod quant_matmul;
 pub mod rope;
 

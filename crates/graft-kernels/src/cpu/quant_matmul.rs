@@ -21,8 +21,9 @@
 //! matches "dequantize, then multiply" up to the order of the f32 sums (tested below).
 
 use super::gemm_bf16::{BSource, MatRef, gemm_bf16_source};
-use super::matmul::{GEMV_MAX_ROWS, Precision, matmul_strided};
+use super::matmul::{GEMV_MAX_ROWS, matmul_strided};
 use crate::quant::{self, QK, QuantTensor, QuantType};
+use crate::types::Precision;
 use half::bf16;
 
 /// A quantized weight `W [out, in]` as the `B` operand of a GEMM: `Wᵀ` (`k = in`, the forward)

@@ -4,8 +4,7 @@
 //! sequence's summed log-prob (averages and NLL terms are functions of the sums and token counts).
 
 use super::{Contribution, Objective};
-use graft_kernels::Cpu;
-use graft_kernels::cpu::cross_entropy::IGNORE_INDEX;
+use graft_kernels::{Cpu, IGNORE_INDEX};
 use graft_model::model::Model;
 use graft_model::train::{Batch, Grads, TrainOptions};
 
