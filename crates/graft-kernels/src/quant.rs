@@ -187,7 +187,7 @@ pub fn dequantize_q3_k(bytes: &[u8], out: &mut [f32]) {
 /// The 6-bit scale and minimum of sub-block `j` (< 8) of a Q4_K/Q5_K block, packed in 12 bytes
 /// (ggml's `get_scale_min_k4`): for `j` < 4 the low 6 bits of bytes `j` and `j + 4`; otherwise
 /// the low and high nibble of byte `j + 4` with, on top, the high 2 bits of bytes `j − 4` and `j`.
-fn k4_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+pub(crate) fn k4_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
     } else {

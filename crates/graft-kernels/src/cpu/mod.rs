@@ -8,6 +8,7 @@ pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod optim;
+pub mod quant_dot;
 pub mod quant_matmul;
 pub mod rope;
 
@@ -20,10 +21,12 @@ pub fn kernel_paths() -> String {
     } else {
         "bf16 GEMM: portable (bf16-rounded, widened to f32)"
     };
-    let quant = if quant_matmul::has_avx512_blocks() {
-        "quantized decode: AVX-512 block products"
-    } else {
-        "quantized decode: portable"
+    let quant = match (quant_dot::has_vnni(), quant_matmul::has_avx512_blocks()) {
+        (true, _) => {
+            "quantized decode: int8 activations, AVX-512 VNNI dot products (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K; f32 block products for the rest)"
+        }
+        (false, true) => "quantized decode: AVX-512 block products",
+        (false, false) => "quantized decode: portable",
     };
     let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_bf16"));
     let amx = if amx {

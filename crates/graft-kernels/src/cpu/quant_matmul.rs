@@ -22,6 +22,7 @@
 
 use super::gemm_bf16::{BSource, MatRef, gemm_bf16_source};
 use super::matmul::{GEMV_MAX_ROWS, matmul_strided};
+use super::quant_dot;
 use crate::quant::{self, QK, QuantTensor, QuantType};
 use crate::types::Precision;
 use half::bf16;
@@ -115,7 +116,9 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: 
         return;
     }
     if t <= GEMV_MAX_ROWS {
-        return gemv(y, x, w, t, accumulate);
+        let int8 =
+            precision.effective() == Precision::Fast && quant_dot::has_vnni() && quant_dot::supported(w.ty);
+        return gemv(y, x, w, t, accumulate, int8);
     }
     if precision.effective() == Precision::Fast {
         let src = QuantB { w, transposed: true };
@@ -206,10 +209,12 @@ pub fn backward_input(
 }
 
 /// `y[t×out] (+)= x · wᵀ` for a few rows, parallel over blocks of output rows; each weight row is
-/// read once for all `t` inputs.
-fn gemv(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: bool) {
+/// read once for all `t` inputs. `int8`: the inputs are quantized to 8 bits and meet the blocks
+/// in integer dot products ([`quant_dot`]).
+fn gemv(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: bool, int8: bool) {
     use rayon::prelude::*;
     let out = w.rows;
+    let q8 = int8.then(|| quant_dot::Q8Rows::new(x, t, w.cols));
     let threads = rayon::current_num_threads().max(1);
     let block = out.div_ceil(threads * 4).max(16);
     let parts: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(block))
@@ -217,7 +222,10 @@ fn gemv(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: bool) {
         .map(|b| {
             let (n0, n1) = (b * block, ((b + 1) * block).min(out));
             let mut acc = vec![0.0f32; (n1 - n0) * t];
-            gemv_rows(w, x, t, n0, n1, &mut acc);
+            match &q8 {
+                Some(a) => quant_dot::rows(w, a, t, n0, n1, &mut acc),
+                None => gemv_rows(w, x, t, n0, n1, &mut acc),
+            }
             (n0, acc)
         })
         .collect();
@@ -448,11 +456,11 @@ fn dot_rows_t<const T: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Deterministic pseudo-random values in [-0.5, 0.5).
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -466,7 +474,7 @@ mod tests {
 
     /// Random but well-formed blocks of `ty`: every byte random except the f16 scales, which are
     /// set to small finite values (so no block decodes to inf/NaN).
-    fn random_blocks(ty: QuantType, rows: usize, cols: usize, seed: u64) -> QuantTensor {
+    pub(crate) fn random_blocks(ty: QuantType, rows: usize, cols: usize, seed: u64) -> QuantTensor {
         let (bs, bb) = (ty.block_size(), ty.block_bytes());
         let nblocks = rows * cols / bs;
         let mut s = seed;
@@ -563,8 +571,17 @@ mod tests {
                     let base = if acc { 0.25 } else { 0.0 };
                     let mut y = vec![base; t * n];
                     forward(&mut y, &x, &w, t, acc, p);
-                    let fast = p.effective() == Precision::Fast && t > GEMV_MAX_ROWS;
-                    let want = if fast { &want_bf } else { &want };
+                    let fast = p.effective() == Precision::Fast;
+                    let int8 =
+                        fast && t <= GEMV_MAX_ROWS && quant_dot::has_vnni() && quant_dot::supported(ty);
+                    // Few rows in fast mode: 8-bit activations against the dequantized weight.
+                    let want_q8 =
+                        int8.then(|| nt(&quant_dot::Q8Rows::new(&x, t, k).dequantized(), &wf, t, n, k));
+                    let want = match (&want_q8, fast && t > GEMV_MAX_ROWS) {
+                        (Some(q8), _) => q8,
+                        (None, true) => &want_bf,
+                        (None, false) => &want,
+                    };
                     check(&y, want, base, 1e-5, &format!("forward {p:?} {what}"));
                 }
                 // Input gradient: dx = dy · W, i.e. Σ_j dy[m][j] · W[j][c].
