@@ -65,6 +65,13 @@ pub trait Backend: Send + Sync {
     fn weight_update(&self, w: &mut Self::Weight, data: &Self::Buf);
     /// Bytes a weight occupies.
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
+    /// Runs `f` — a batch of ops, e.g. one decode step — on the backend's own compute threads.
+    /// The CPU runs it on a worker of its thread pool, so each op's parallel part is shared with
+    /// the other workers directly instead of being handed in from outside and waited for (which
+    /// costs a thread wake-up per op: a large share of a decode step of a small model).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
     /// Lays out a frozen weight for inference (forward products only) where the backend has a
     /// faster layout for it; its values do not change. The default keeps it as it is.
     fn weight_pack_for_inference(&self, w: &mut Self::Weight) {
@@ -80,6 +87,18 @@ pub trait Backend: Send + Sync {
         t: usize,
         acc: bool,
         p: Precision,
+    );
+    /// `y[t×out] += scale · (x · aᵀ) · bᵀ`: a LoRA adapter's side product at inference (`a`
+    /// `[r, in]`, `b` `[out, r]`), each row computed on its own, so that a row's result does not
+    /// depend on the rows batched with it (the generation core batches independent requests).
+    fn lora_forward_rows(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        a: &Self::Weight,
+        b: &Self::Weight,
+        scale: f32,
+        t: usize,
     );
     /// `dx[t×in] (+)= dy · w`.
     fn linear_backward_input(
@@ -305,10 +324,26 @@ impl Backend for Cpu {
     fn weight_pack_for_inference(&self, w: &mut Weight) {
         w.pack_for_inference()
     }
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // On a pool worker already: inline; otherwise the closure runs on one.
+        rayon::scope(|_| f())
+    }
 
     fn linear_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &Weight, t: usize, acc: bool, p: Precision) {
         let _p = crate::profile::scope("matmul_forward");
         matmul::linear_forward(y, x, w, t, acc, p)
+    }
+    fn lora_forward_rows(
+        &self,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        a: &Weight,
+        b: &Weight,
+        scale: f32,
+        t: usize,
+    ) {
+        let _p = crate::profile::scope("lora_forward_rows");
+        matmul::lora_forward_rows(y, x, a, b, scale, t)
     }
     fn linear_backward_input(
         &self,

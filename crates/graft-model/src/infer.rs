@@ -69,6 +69,11 @@ impl<B: Backend> Model<B> {
     ///
     /// Panics if a cache would overflow; callers size caches from `max_tokens`.
     pub fn forward_batch(&self, seqs: &mut [SeqStep<'_, B>], precision: Precision) -> Vec<Vec<f32>> {
+        self.backend.run(|| self.forward_batch_here(seqs, precision))
+    }
+
+    /// [`Model::forward_batch`] on the calling thread.
+    fn forward_batch_here(&self, seqs: &mut [SeqStep<'_, B>], precision: Precision) -> Vec<Vec<f32>> {
         let b = &self.backend;
         let s = &self.spec;
         let hd = s.hidden_size;
@@ -166,20 +171,16 @@ impl<B: Backend> Model<B> {
                 end += 1;
             }
             if let Some(m) = m {
+                // Row by row, so a request's output does not depend on the requests batched
+                // with it.
                 if rows == t {
-                    let mut xa = b.zeros(t * m.r);
-                    b.linear_forward(&mut xa, x, &m.a, t, false, Precision::Exact);
-                    b.scale(&mut xa, m.scale);
-                    b.linear_forward(&mut y, &xa, &m.b, t, true, Precision::Exact);
+                    b.lora_forward_rows(&mut y, x, &m.a, &m.b, m.scale, t);
                 } else if rows > 0 {
                     let mut xs = b.zeros(rows * lin.inp);
                     b.copy_rows(&mut xs, 0, x, row0, rows, lin.inp);
                     let mut ys = b.zeros(rows * lin.out);
                     b.copy_rows(&mut ys, 0, &y, row0, rows, lin.out);
-                    let mut xa = b.zeros(rows * m.r);
-                    b.linear_forward(&mut xa, &xs, &m.a, rows, false, Precision::Exact);
-                    b.scale(&mut xa, m.scale);
-                    b.linear_forward(&mut ys, &xa, &m.b, rows, true, Precision::Exact);
+                    b.lora_forward_rows(&mut ys, &xs, &m.a, &m.b, m.scale, rows);
                     b.copy_rows(&mut y, row0, &ys, 0, rows, lin.out);
                 }
             }

@@ -343,14 +343,12 @@ pub fn linear_forward(
         return;
     }
     // Small f32 weights (LoRA's factors: rank × hidden and hidden × rank) run without the tiled
-    // GEMM, whose setup costs more than the product for a few rows. In exact mode they always do,
-    // for any row count: each row's result is then the same whether it is multiplied alone or
-    // in a batch (the generation core batches requests that must not see each other).
+    // GEMM, whose setup costs more than the product for a few rows.
     if let WeightData::F32(wd) = &w.data
         && w.rows * w.cols <= SMALL_F32_GEMV
-        && ((1..=GEMV_MAX_ROWS).contains(&t) || precision.effective() == Precision::Exact)
+        && (1..=GEMV_MAX_ROWS).contains(&t)
     {
-        small_f32_forward(y, x, wd, w.rows, w.cols, t, accumulate);
+        rowwise_f32_forward(y, x, wd, w.rows, w.cols, t, accumulate);
         return;
     }
     matmul(
@@ -363,6 +361,29 @@ pub fn linear_forward(
     );
 }
 
+/// `y[t×out] += scale · (x[t×in] · Aᵀ) · Bᵀ`: a LoRA adapter's side product at inference (`a`
+/// is `[r, in]`, `b` `[out, r]`), in f32, each row computed on its own — a row's result does not
+/// depend on how many rows are multiplied with it, so the requests a server batches together
+/// cannot change each other's outputs. Factors not stored as f32 are widened first.
+pub fn lora_forward_rows(y: &mut [f32], x: &[f32], a: &Weight, b: &Weight, scale: f32, t: usize) {
+    let (r, inp, out) = (a.rows, a.cols, b.rows);
+    assert!(
+        b.cols == r && x.len() >= t * inp && y.len() >= t * out,
+        "lora_forward_rows: shapes"
+    );
+    fn f32_data(w: &Weight) -> std::borrow::Cow<'_, [f32]> {
+        match &w.data {
+            WeightData::F32(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+            _ => std::borrow::Cow::Owned(w.to_f32()),
+        }
+    }
+    let (ad, bd) = (f32_data(a), f32_data(b));
+    let mut xa = vec![0.0f32; t * r];
+    rowwise_f32_forward(&mut xa, x, &ad, r, inp, t, false);
+    xa.iter_mut().for_each(|v| *v *= scale);
+    rowwise_f32_forward(y, &xa, &bd, out, r, t, true);
+}
+
 /// Rows up to which [`linear_forward`] on bf16 weights runs as matrix-vector products.
 pub const GEMV_MAX_ROWS: usize = 8;
 
@@ -371,7 +392,7 @@ const SMALL_F32_GEMV: usize = 1 << 16;
 
 /// `y[t×out] (+)= x[t×inp] · wᵀ` for a small f32 weight, each row on its own (the same arithmetic
 /// for any `t`), parallel over rows when there are many.
-fn small_f32_forward(
+fn rowwise_f32_forward(
     y: &mut [f32],
     x: &[f32],
     w: &[f32],
@@ -729,25 +750,31 @@ mod tests {
     #[test]
     fn a_rows_result_does_not_depend_on_how_many_rows_share_the_product() {
         // The generation core batches requests; a request's output must not change with the
-        // batch: each row of a product gives the same bits alone, in a few-row batch and in a
-        // tall one (the decode products and the tiled GEMM agree) — for exact-mode small f32
-        // weights (LoRA factors) and for bf16 weights packed for inference.
-        let (t, inp, out) = (21usize, 577usize, 70usize);
+        // batch: each row gives the same bits alone, in a few-row batch and in a tall one — for
+        // bf16 weights packed for inference (the decode product and the tiled GEMM agree) and
+        // for LoRA's side product at inference.
+        let (t, inp, out, r) = (21usize, 577usize, 70usize, 16usize);
         let x: Vec<f32> = (0..t * inp)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.011)
             .collect();
         let wf: Vec<f32> = (0..out * inp)
             .map(|i| ((i * 19 % 83) as f32 - 41.0) * 0.019)
             .collect();
-        let mut cases = vec![(
-            Weight::f32(wf.clone(), out, inp),
-            Precision::Exact,
-            "small f32, exact",
-        )];
-        let lora_b: Vec<f32> = (0..inp * 16)
-            .map(|i| ((i * 7 % 61) as f32 - 30.0) * 0.02)
-            .collect();
-        if has_avx512_bf16() {
+        let lora_a = Weight::f32(
+            (0..r * inp)
+                .map(|i| ((i * 7 % 61) as f32 - 30.0) * 0.02)
+                .collect(),
+            r,
+            inp,
+        );
+        let lora_b = Weight::f32(
+            (0..out * r)
+                .map(|i| ((i * 5 % 23) as f32 - 11.0) * 0.05)
+                .collect(),
+            out,
+            r,
+        );
+        let packed = has_avx512_bf16().then(|| {
             let mut w = Weight::bf16_from_f32(&wf, out, inp);
             w.pack_for_inference();
             assert!(matches!(w.data, WeightData::Bf16Panels(_)));
@@ -756,40 +783,50 @@ mod tests {
                 Weight::bf16_from_f32(&wf, out, inp).to_f32(),
                 "packing keeps the values"
             );
-            cases.push((w, Precision::Fast, "bf16 packed for inference, fast"));
-        } else {
+            w
+        });
+        if packed.is_none() {
             eprintln!("bf16 case skipped: no avx512_bf16 on this CPU (fast mode runs exact)");
         }
-        for (w, p, what) in &cases {
-            let mut all = vec![0.0f32; t * w.rows];
-            linear_forward(&mut all, &x, w, t, false, *p);
-            for chunk in [1usize, 3, 8] {
-                for r0 in (0..t).step_by(chunk) {
-                    let rows = chunk.min(t - r0);
-                    let mut y = vec![0.0f32; rows * w.rows];
-                    linear_forward(&mut y, &x[r0 * inp..(r0 + rows) * inp], w, rows, false, *p);
-                    let same = y
-                        .iter()
-                        .zip(&all[r0 * w.rows..])
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{what}: rows {r0}.. in chunks of {chunk}");
-                }
+        let product = |x: &[f32], rows: usize| {
+            let mut y = vec![0.5f32; rows * out];
+            if let Some(w) = &packed {
+                linear_forward(&mut y, x, w, rows, false, Precision::Fast);
+            }
+            lora_forward_rows(&mut y, x, &lora_a, &lora_b, 0.5, rows);
+            y
+        };
+        let all = product(&x, t);
+        for chunk in [1usize, 3, 8] {
+            for r0 in (0..t).step_by(chunk) {
+                let rows = chunk.min(t - r0);
+                let y = product(&x[r0 * inp..(r0 + rows) * inp], rows);
+                let same = y
+                    .iter()
+                    .zip(&all[r0 * out..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "rows {r0}.. in chunks of {chunk}");
             }
         }
-        // LoRA's B (short rows) in exact mode.
-        let w = Weight::f32(lora_b, inp, 16);
-        let xa: Vec<f32> = (0..t * 16).map(|i| ((i * 5 % 23) as f32 - 11.0) * 0.05).collect();
-        let mut all = vec![0.0f32; t * inp];
-        linear_forward(&mut all, &xa, &w, t, false, Precision::Exact);
-        for r in 0..t {
-            let mut y = vec![0.0f32; inp];
-            linear_forward(&mut y, &xa[r * 16..(r + 1) * 16], &w, 1, false, Precision::Exact);
-            assert!(
-                y.iter()
-                    .zip(&all[r * inp..])
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "lora B row {r}"
-            );
+        // And the LoRA product is the product.
+        let (ad, bd) = (lora_a.to_f32(), lora_b.to_f32());
+        let mut y = vec![0.0f32; t * out];
+        lora_forward_rows(&mut y, &x, &lora_a, &lora_b, 0.5, t);
+        for m in [0, t - 1] {
+            for n in [0, out - 1] {
+                let want: f64 = (0..r)
+                    .map(|j| {
+                        let xa: f64 = (0..inp)
+                            .map(|k| x[m * inp + k] as f64 * ad[j * inp + k] as f64)
+                            .sum();
+                        0.5 * xa * bd[n * r + j] as f64
+                    })
+                    .sum();
+                assert!(
+                    (y[m * out + n] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "lora [{m}][{n}]"
+                );
+            }
         }
     }
 
