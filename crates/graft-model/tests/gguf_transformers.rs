@@ -295,8 +295,11 @@ fn quantized_in_memory_model_matches_the_dequantized_model() {
             "{label:<16} logits: exact {:.1e}, fast {:.1e} (bf16 copy {:.1e}); LoRA step: exact {:.1e}, fast {:.1e} (bf16 copy {:.1e})",
             worst[0], worst[1], worst[2], worst[3], worst[4], worst[5]
         ));
+        // Fast logits: the 7-token batch takes the decode products, whose activations are
+        // rounded to 8 bits per block of 32 on VNNI CPUs (as llama.cpp's): up to 3.3e-2 on these
+        // tiny random models, against 2.2e-2 for the bf16 copy.
         assert!(
-            worst[0] < 1e-5 && worst[3] < 1e-5 && worst[1] < 2e-2 && worst[4] < 5e-3,
+            worst[0] < 1e-5 && worst[3] < 1e-5 && worst[1] < 5e-2 && worst[4] < 5e-3,
             "{}",
             report.last().unwrap()
         );
