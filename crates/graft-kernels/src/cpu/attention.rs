@@ -282,7 +282,37 @@ const DIRECT_MAX_ROWS: usize = 16;
 
 /// `s[r·nk + i] = scale · q[r·d..][..d] · keys[i·rs..][..d]` for every stacked query row `r` and
 /// key `i` (f32 products, f32 sums).
+///
+/// A long cache is split into chunks of [`KEY_CHUNK`] keys multiplied in parallel (each score is
+/// computed as it would be in one piece).
 fn direct_scores(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usize, nk: usize, scale: f32) {
+    let rows = s.len() / nk.max(1);
+    if nk >= 2 * KEY_CHUNK && rayon::current_num_threads() > 1 {
+        let parts: Vec<(usize, Vec<f32>)> = (0..nk.div_ceil(KEY_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let (i0, n) = (c * KEY_CHUNK, KEY_CHUNK.min(nk - c * KEY_CHUNK));
+                let mut part = vec![0.0f32; rows * n];
+                direct_scores_one(&mut part, q, &keys[i0 * rs..], rs, d, n, scale);
+                (i0, part)
+            })
+            .collect();
+        for (i0, part) in parts {
+            let n = part.len() / rows;
+            for r in 0..rows {
+                s[r * nk + i0..r * nk + i0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+            }
+        }
+        return;
+    }
+    direct_scores_one(s, q, keys, rs, d, nk, scale)
+}
+
+/// Keys per parallel task of the direct decode products over a long cache.
+const KEY_CHUNK: usize = 256;
+
+/// [`direct_scores`] on the calling thread.
+fn direct_scores_one(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usize, nk: usize, scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has the feature the function is compiled for.
@@ -318,7 +348,36 @@ fn direct_scores_body(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usiz
 }
 
 /// `o[r·d..][..d] = Σ_i p[r·nk + i] · values[i·rs..][..d]` for every stacked query row `r`.
+///
+/// A long cache is split into chunks of [`KEY_CHUNK`] values summed in parallel, the partial
+/// sums then added in chunk order (a fixed order for a given cache length).
 fn direct_values(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
+    let rows = p.len() / nk.max(1);
+    if nk >= 2 * KEY_CHUNK && rayon::current_num_threads() > 1 {
+        let parts: Vec<Vec<f32>> = (0..nk.div_ceil(KEY_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let (i0, n) = (c * KEY_CHUNK, KEY_CHUNK.min(nk - c * KEY_CHUNK));
+                let mut pc = vec![0.0f32; rows * n];
+                for r in 0..rows {
+                    pc[r * n..(r + 1) * n].copy_from_slice(&p[r * nk + i0..r * nk + i0 + n]);
+                }
+                let mut oc = vec![0.0f32; rows * d];
+                direct_values_one(&mut oc, &pc, &values[i0 * rs..], rs, d, n);
+                oc
+            })
+            .collect();
+        o[..rows * d].copy_from_slice(&parts[0]);
+        for part in &parts[1..] {
+            o[..rows * d].iter_mut().zip(part).for_each(|(o, &x)| *o += x);
+        }
+        return;
+    }
+    direct_values_one(o, p, values, rs, d, nk)
+}
+
+/// [`direct_values`] on the calling thread.
+fn direct_values_one(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has the feature the function is compiled for.
@@ -785,8 +844,9 @@ mod tests {
         }
     }
 
-    /// Decode over a long cache takes the direct f32 path (parallel over K/V heads) in either
-    /// precision; a head size that is not a multiple of 16 exercises the lane tail.
+    /// Decode over a long cache takes the direct f32 path (parallel over K/V heads, and over
+    /// chunks of keys past 512) in either precision; a head size that is not a multiple of 16
+    /// exercises the lane tail.
     #[test]
     fn direct_decode_matches_reference() {
         for (head_dim, window, bf16) in [(40, None, true), (64, Some(100), false), (8, None, false)] {
@@ -797,7 +857,7 @@ mod tests {
                 window,
                 bf16,
             };
-            let (qw, kw, t) = (sh.q_width(), sh.kv_width(), 301);
+            let (qw, kw, t) = (sh.q_width(), sh.kv_width(), 701);
             let (q, k, v) = (rand(t * qw, 21), rand(t * kw, 22), rand(t * kw, 23));
             let want = reference(&q, &k, &v, &[(0, t)], &sh);
             for nq in [1, 3] {
