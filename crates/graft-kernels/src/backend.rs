@@ -88,6 +88,21 @@ pub trait Backend: Send + Sync {
         acc: bool,
         p: Precision,
     );
+    /// `y[t×out] = x · wᵀ` for rows that come in consecutive `groups` (one per sequence of a
+    /// generation step; they sum to `t`), each row computed as its group alone would be, where
+    /// the backend's kernel choice depends on the row count: a request's output then does not
+    /// depend on the requests batched with it. The default multiplies all rows at once.
+    fn linear_forward_grouped(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        groups: &[usize],
+        p: Precision,
+    ) {
+        let t = groups.iter().sum();
+        self.linear_forward(y, x, w, t, false, p)
+    }
     /// `y[t×out] += scale · (x · aᵀ) · bᵀ`: a LoRA adapter's side product at inference (`a`
     /// `[r, in]`, `b` `[out, r]`), each row computed on its own, so that a row's result does not
     /// depend on the rows batched with it (the generation core batches independent requests).
@@ -332,6 +347,17 @@ impl Backend for Cpu {
     fn linear_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &Weight, t: usize, acc: bool, p: Precision) {
         let _p = crate::profile::scope("matmul_forward");
         matmul::linear_forward(y, x, w, t, acc, p)
+    }
+    fn linear_forward_grouped(
+        &self,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Weight,
+        groups: &[usize],
+        p: Precision,
+    ) {
+        let _p = crate::profile::scope("matmul_forward");
+        matmul::linear_forward_grouped(y, x, w, groups, p)
     }
     fn lora_forward_rows(
         &self,

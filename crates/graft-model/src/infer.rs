@@ -119,7 +119,7 @@ impl<B: Backend> Model<B> {
             s.rms_norm_eps,
         );
         let mut logits = b.zeros(n * s.vocab_size);
-        b.linear_forward(&mut logits, &normed, self.head(), n, false, precision);
+        b.linear_forward_grouped(&mut logits, &normed, self.head(), &vec![1; n], precision);
         let host = b.download(&logits);
         host.chunks(s.vocab_size).map(|c| c.to_vec()).collect()
     }
@@ -140,7 +140,9 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let lin = &layer.linears[i];
         let mut y = b.zeros(t * lin.out);
-        b.linear_forward(&mut y, x, &lin.w, t, false, p);
+        // Each sequence's rows as a group: its output must not depend on the others.
+        let groups: Vec<usize> = seqs.iter().map(|q| q.tokens.len()).collect();
+        b.linear_forward_grouped(&mut y, x, &lin.w, &groups, p);
         if let Some(bias) = &lin.bias {
             b.add_bias(&mut y, bias);
         }

@@ -115,3 +115,88 @@ fn logits_match_reference() {
     }
     assert!(worst < 1e-4, "max abs logit error {worst}");
 }
+
+/// A sequence's logits do not depend on the sequences batched with it in one generation step
+/// (what a server's greedy outputs rely on): a long prompt, a short one and a decode step, each
+/// alone and together, bit for bit — on the Q8_0 GGUF (few-row block products vs the GEMM) and
+/// on the HF weights packed for inference, in fast mode.
+#[test]
+fn batched_steps_equal_each_sequence_alone() {
+    use graft_model::infer::SeqStep;
+    let Some(dir) = data_dir() else { return };
+    for file in ["stories260K-Q8_0.gguf", "hf"] {
+        let loaded = load_model(&dir.join(file)).unwrap();
+        let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::Bf16).unwrap();
+        model.pack_for_inference();
+        model.ensure_positions(64);
+        let long: Vec<u32> = (0..12).map(|i| 20 + 7 * i).collect();
+        let short: Vec<u32> = vec![1, 403, 411];
+        let prefix: Vec<u32> = vec![1, 70, 80, 90, 100, 110];
+        let next = [120u32];
+        // The decode sequence's cache holds its prefix already.
+        let primed = |model: &Model<Cpu>| {
+            let mut c = model.new_cache(64);
+            let steps = &mut [SeqStep {
+                cache: &mut c,
+                tokens: &prefix,
+                adapter: None,
+            }];
+            model.forward_batch(steps, Precision::Fast);
+            c
+        };
+        let alone: Vec<Vec<f32>> = [&long[..], &short[..]]
+            .iter()
+            .map(|toks| {
+                let mut c = model.new_cache(64);
+                model
+                    .forward_batch(
+                        &mut [SeqStep {
+                            cache: &mut c,
+                            tokens: toks,
+                            adapter: None,
+                        }],
+                        Precision::Fast,
+                    )
+                    .remove(0)
+            })
+            .chain(std::iter::once({
+                let mut c = primed(&model);
+                model
+                    .forward_batch(
+                        &mut [SeqStep {
+                            cache: &mut c,
+                            tokens: &next,
+                            adapter: None,
+                        }],
+                        Precision::Fast,
+                    )
+                    .remove(0)
+            }))
+            .collect();
+        let (mut c0, mut c1, mut c2) = (model.new_cache(64), model.new_cache(64), primed(&model));
+        let together = model.forward_batch(
+            &mut [
+                SeqStep {
+                    cache: &mut c0,
+                    tokens: &long,
+                    adapter: None,
+                },
+                SeqStep {
+                    cache: &mut c1,
+                    tokens: &short,
+                    adapter: None,
+                },
+                SeqStep {
+                    cache: &mut c2,
+                    tokens: &next,
+                    adapter: None,
+                },
+            ],
+            Precision::Fast,
+        );
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{file}: sequence {i}'s logits change when batched");
+        }
+    }
+}

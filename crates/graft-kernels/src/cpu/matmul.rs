@@ -361,6 +361,55 @@ pub fn linear_forward(
     );
 }
 
+/// `y[t×out] = x · wᵀ` for rows in consecutive `groups` (one per sequence), each row computed as
+/// its group alone would be. Only block-quantized weights need care: their few-row products
+/// (≤ [`GEMV_MAX_ROWS`]) and their GEMM round differently, so the rows of small groups (decode
+/// steps, short prompts) are multiplied a few at a time — each row's few-row result does not
+/// depend on the others — and the rows of large groups together through the GEMM, whose rows do
+/// not depend on each other either. Other weights take one product: packed bf16 is invariant
+/// already; f32 and plain bf16 are not promised to be.
+pub fn linear_forward_grouped(y: &mut [f32], x: &[f32], w: &Weight, groups: &[usize], precision: Precision) {
+    let t: usize = groups.iter().sum();
+    let few = |g: &usize| (1..=GEMV_MAX_ROWS).contains(g);
+    let WeightData::Quant(q) = &w.data else {
+        return linear_forward(y, x, w, t, false, precision);
+    };
+    if t <= GEMV_MAX_ROWS || groups.iter().all(|g| !few(g)) {
+        return quant_matmul::forward(y, x, q, t, false, precision);
+    }
+    let (inp, out) = (w.cols, w.rows);
+    // Row indices of the small groups and of the large ones.
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    let mut row = 0;
+    for g in groups {
+        let rows = row..row + g;
+        if few(g) {
+            small.extend(rows)
+        } else {
+            large.extend(rows)
+        }
+        row += g;
+    }
+    let mut run = |rows: &[usize]| {
+        let n = rows.len();
+        let mut xs = vec![0.0f32; n * inp];
+        for (i, &r) in rows.iter().enumerate() {
+            xs[i * inp..(i + 1) * inp].copy_from_slice(&x[r * inp..(r + 1) * inp]);
+        }
+        let mut ys = vec![0.0f32; n * out];
+        quant_matmul::forward(&mut ys, &xs, q, n, false, precision);
+        for (i, &r) in rows.iter().enumerate() {
+            y[r * out..(r + 1) * out].copy_from_slice(&ys[i * out..(i + 1) * out]);
+        }
+    };
+    for chunk in small.chunks(GEMV_MAX_ROWS) {
+        run(chunk);
+    }
+    if !large.is_empty() {
+        run(&large);
+    }
+}
+
 /// `y[t×out] += scale · (x[t×in] · Aᵀ) · Bᵀ`: a LoRA adapter's side product at inference (`a`
 /// is `[r, in]`, `b` `[out, r]`), in f32, each row computed on its own — a row's result does not
 /// depend on how many rows are multiplied with it, so the requests a server batches together
