@@ -873,34 +873,52 @@ mod x86 {
         let per_task = panels.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
         let cp = CPtr(c.as_mut_ptr());
         (0..panels.div_ceil(per_task)).into_par_iter().for_each(|task| {
-            for q in task * per_task..((task + 1) * per_task).min(panels) {
-                // SAFETY: panel q writes columns 32q.. of the t rows of C only; the panels are
+            let (mut q, end) = (task * per_task, ((task + 1) * per_task).min(panels));
+            while q < end {
+                // Panels at a time: several accumulator chains per row, at most 16 registers.
+                let p = match t {
+                    1 | 2 => 4,
+                    3 | 4 => 2,
+                    _ => 1,
+                }
+                .min(end - q);
+                // SAFETY: panels q..q+p write columns 32q.. of the t rows of C only; they are
                 // inside `data`; features as above.
                 unsafe {
-                    match t {
-                        1 => rows_panel::<1>(cp, &parts, q, n, alpha, beta),
-                        2 => rows_panel::<2>(cp, &parts, q, n, alpha, beta),
-                        3 => rows_panel::<3>(cp, &parts, q, n, alpha, beta),
-                        4 => rows_panel::<4>(cp, &parts, q, n, alpha, beta),
-                        5 => rows_panel::<5>(cp, &parts, q, n, alpha, beta),
-                        6 => rows_panel::<6>(cp, &parts, q, n, alpha, beta),
-                        7 => rows_panel::<7>(cp, &parts, q, n, alpha, beta),
-                        _ => rows_panel::<8>(cp, &parts, q, n, alpha, beta),
+                    macro_rules! go {
+                        ($($t:literal)*) => {
+                            match (t, p) {
+                                $(
+                                    ($t, 4) => rows_panel::<$t, 4>(cp, &parts, q, n, alpha, beta),
+                                    ($t, 2 | 3) => rows_panel::<$t, 2>(cp, &parts, q, n, alpha, beta),
+                                    ($t, _) => rows_panel::<$t, 1>(cp, &parts, q, n, alpha, beta),
+                                )*
+                                _ => unreachable!("1..=MR rows"),
+                            }
+                        };
                     }
+                    go!(1 2 3 4 5 6 7 8);
                 }
+                q += match p {
+                    4 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
             }
         });
     }
 
-    /// Columns `32q .. 32q + 32` of the `T` rows of [`rows_packed`], k-block after k-block: the
-    /// microkernel's loop ([`kernel`]) for `T` rows instead of [`MR`].
+    /// Columns `32q .. 32(q + P)` (panels `q .. q + P`, all inside B) of the `T` rows of
+    /// [`rows_packed`], k-block after k-block: the microkernel's loop ([`kernel`]) for `T` rows
+    /// instead of [`MR`], over `P` panels at once so that few rows still keep several
+    /// accumulator chains in flight (each lane's own sequence of `vdpbf16ps` is unchanged).
     ///
     /// # Safety
     /// C (row stride `n`) must hold `T` rows no other thread writes in these columns; each part
     /// holds `kp` pairs of A (`kp · MR · 2`) and whole B panels of `kp` pairs; the CPU must have
     /// avx512f/bw/vl/bf16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn rows_panel<const T: usize>(
+    unsafe fn rows_panel<const T: usize, const P: usize>(
         c: CPtr,
         parts: &[(usize, Vec<u16>, &[u16])],
         q: usize,
@@ -908,42 +926,50 @@ mod x86 {
         alpha: f32,
         beta: f32,
     ) {
-        let (j0, nr) = (q * NR, (n - q * NR).min(NR));
-        let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
         let va = _mm512_set1_ps(alpha);
         for (kb, (kp, ap, bp)) in parts.iter().enumerate() {
             let ap = ap.as_ptr() as *const i32;
-            let mut bp = bp[q * kp * NR * 2..].as_ptr();
-            let mut acc = [[_mm512_setzero_ps(); 2]; T];
+            let panel = kp * NR * 2;
+            let bp = bp[q * panel..(q + P) * panel].as_ptr();
+            let mut acc = [[[_mm512_setzero_ps(); 2]; T]; P];
             for p in 0..*kp {
-                // SAFETY: pair p of panel q is 2 × 32 u16 at `bp`, and row m's pair the i32 at
-                // `ap + p·MR + m` (caller); the prefetch never faults.
+                // SAFETY: pair p of panel q + j is 2 × 32 u16 at `bp + j·panel + p·64`, and row
+                // m's pair the i32 at `ap + p·MR + m` (caller); prefetches never fault.
                 unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(16 * NR) as *const i8);
-                    let b0 = _mm512_loadu_si512(bp as *const __m512i).into_bh();
-                    let b1 = _mm512_loadu_si512(bp.add(32) as *const __m512i).into_bh();
-                    for (m, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm512_set1_epi32(ap.add(p * MR + m).read_unaligned()).into_bh();
-                        acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
-                        acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                    let mut av = [_mm512_setzero_si512(); T];
+                    for (m, av) in av.iter_mut().enumerate() {
+                        *av = _mm512_set1_epi32(ap.add(p * MR + m).read_unaligned());
                     }
-                    bp = bp.add(NR * 2);
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let b = bp.add(j * panel + p * NR * 2);
+                        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(16 * NR) as *const i8);
+                        let b0 = _mm512_loadu_si512(b as *const __m512i).into_bh();
+                        let b1 = _mm512_loadu_si512(b.add(32) as *const __m512i).into_bh();
+                        for (acc, av) in acc.iter_mut().zip(&av) {
+                            acc[0] = _mm512_dpbf16_ps(acc[0], av.into_bh(), b0);
+                            acc[1] = _mm512_dpbf16_ps(acc[1], av.into_bh(), b1);
+                        }
+                    }
                 }
             }
             let beta = if kb == 0 { beta } else { 1.0 };
             let vb = _mm512_set1_ps(beta);
-            for (m, acc) in acc.iter().enumerate() {
-                // SAFETY: row m < T, columns j0..j0+nr of C (caller); masked lanes untouched.
-                unsafe {
-                    let row = c.at(m * n + j0);
-                    let mut v0 = _mm512_mul_ps(acc[0], va);
-                    let mut v1 = _mm512_mul_ps(acc[1], va);
-                    if beta != 0.0 {
-                        v0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, row), vb, v0);
-                        v1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), vb, v1);
+            for (j, acc) in acc.iter().enumerate() {
+                let (j0, nr) = ((q + j) * NR, (n - (q + j) * NR).min(NR));
+                let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
+                for (m, acc) in acc.iter().enumerate() {
+                    // SAFETY: row m < T, columns j0..j0+nr of C (caller); masked lanes untouched.
+                    unsafe {
+                        let row = c.at(m * n + j0);
+                        let mut v0 = _mm512_mul_ps(acc[0], va);
+                        let mut v1 = _mm512_mul_ps(acc[1], va);
+                        if beta != 0.0 {
+                            v0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, row), vb, v0);
+                            v1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), vb, v1);
+                        }
+                        _mm512_mask_storeu_ps(row, m0, v0);
+                        _mm512_mask_storeu_ps(row.add(16), m1, v1);
                     }
-                    _mm512_mask_storeu_ps(row, m0, v0);
-                    _mm512_mask_storeu_ps(row.add(16), m1, v1);
                 }
             }
         }
@@ -2152,6 +2178,9 @@ mod tests {
             (33, 45),
             (577, 131),
             (4100, 40),
+            // Enough panels per task for the 4- and 2-panel steps and their odd tails.
+            (70, 1234),
+            (40, 2100),
         ] {
             let w: Vec<bf16> = rand_vec(n * k, (n * 7 + k) as u64)
                 .iter()
