@@ -170,7 +170,6 @@ unsafe fn attend_one_kv_head(
     lse: *mut f32,
     lse_rs: usize,
     scratch: &mut Vec<f32>,
-    direct_rows: bool,
 ) {
     let d = shape.head_dim;
     let g = shape.group();
@@ -196,37 +195,23 @@ unsafe fn attend_one_kv_head(
                     qb[(j * nb + r) * d..(j * nb + r + 1) * d].copy_from_slice(src);
                 }
             }
-            let direct = direct_rows && g * nb <= DIRECT_MAX_ROWS;
-            if direct {
-                let keys = std::slice::from_raw_parts(k.add(k0 * kv_rs + kv_head * d), (nk - 1) * kv_rs + d);
-                direct_scores(
-                    &mut scratch[..g * nb * nk],
-                    &qb,
-                    keys,
-                    kv_rs,
-                    d,
-                    nk,
-                    shape.scale(),
-                );
-            } else {
-                gemm_raw(
-                    g * nb,
-                    nk,
-                    d,
-                    scratch.as_mut_ptr(),
-                    nk,
-                    1,
-                    qb.as_ptr(),
-                    d,
-                    1,
-                    k.add(k0 * kv_rs + kv_head * d),
-                    1,
-                    kv_rs,
-                    shape.scale(),
-                    false,
-                    shape.bf16,
-                );
-            }
+            gemm_raw(
+                g * nb,
+                nk,
+                d,
+                scratch.as_mut_ptr(),
+                nk,
+                1,
+                qb.as_ptr(),
+                d,
+                1,
+                k.add(k0 * kv_rs + kv_head * d),
+                1,
+                kv_rs,
+                shape.scale(),
+                false,
+                shape.bf16,
+            );
             for j in 0..g {
                 let l = softmax_rows(
                     &mut scratch[j * nb * nk..(j + 1) * nb * nk],
@@ -240,29 +225,23 @@ unsafe fn attend_one_kv_head(
                     *lse.add((qs + r) * lse_rs + h0 + j) = val;
                 }
             }
-            if direct {
-                let values =
-                    std::slice::from_raw_parts(v.add(k0 * kv_rs + kv_head * d), (nk - 1) * kv_rs + d);
-                direct_values(&mut ob, &scratch[..g * nb * nk], values, kv_rs, d, nk);
-            } else {
-                gemm_raw(
-                    g * nb,
-                    d,
-                    nk,
-                    ob.as_mut_ptr(),
-                    d,
-                    1,
-                    scratch.as_ptr(),
-                    nk,
-                    1,
-                    v.add(k0 * kv_rs + kv_head * d),
-                    kv_rs,
-                    1,
-                    1.0,
-                    false,
-                    shape.bf16,
-                );
-            }
+            gemm_raw(
+                g * nb,
+                d,
+                nk,
+                ob.as_mut_ptr(),
+                d,
+                1,
+                scratch.as_ptr(),
+                nk,
+                1,
+                v.add(k0 * kv_rs + kv_head * d),
+                kv_rs,
+                1,
+                1.0,
+                false,
+                shape.bf16,
+            );
             for j in 0..g {
                 for r in 0..nb {
                     let dst = std::slice::from_raw_parts_mut(out.add((qs + r) * out_rs + (h0 + j) * d), d);
@@ -274,135 +253,179 @@ unsafe fn attend_one_kv_head(
     }
 }
 
-/// Most stacked query rows (heads of a group × new tokens) for which cached attention multiplies
-/// directly in f32 ([`direct_scores`], [`direct_values`]) instead of packing the cache for the
-/// GEMM: decode reads each cached key and value once, with nothing padded to the GEMM's 8-row
-/// tile and no bf16 copy of the cache per token.
+/// Most query rows per K/V head (heads of a group × new tokens) for which cached attention
+/// takes the decode path ([`attention_decode`]) instead of the GEMM: decode reads each cached
+/// key and value once, with nothing padded to the GEMM's 8-row tile and no bf16 copy of the
+/// cache per token.
 const DIRECT_MAX_ROWS: usize = 16;
 
-/// `s[r·nk + i] = scale · q[r·d..][..d] · keys[i·rs..][..d]` for every stacked query row `r` and
-/// key `i` (f32 products, f32 sums).
-///
-/// A long cache is split into chunks of [`KEY_CHUNK`] keys multiplied in parallel (each score is
-/// computed as it would be in one piece).
-fn direct_scores(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usize, nk: usize, scale: f32) {
-    let rows = s.len() / nk.max(1);
-    if nk >= 2 * KEY_CHUNK && rayon::current_num_threads() > 1 {
-        let parts: Vec<(usize, Vec<f32>)> = (0..nk.div_ceil(KEY_CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let (i0, n) = (c * KEY_CHUNK, KEY_CHUNK.min(nk - c * KEY_CHUNK));
-                let mut part = vec![0.0f32; rows * n];
-                direct_scores_one(&mut part, q, &keys[i0 * rs..], rs, d, n, scale);
-                (i0, part)
-            })
-            .collect();
-        for (i0, part) in parts {
-            let n = part.len() / rows;
-            for r in 0..rows {
-                s[r * nk + i0..r * nk + i0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+/// Cache positions per task of [`attention_decode`]. Fixed (not derived from the thread count),
+/// so a sequence's output does not depend on the machine's threads or on the batch.
+const KEY_CHUNK: usize = 128;
+
+/// One chunk's share of [`attention_decode`]: for every stacked row, the largest visible score
+/// (−∞ when the chunk holds no key the row may see), the sum of `e^(score − max)` over the
+/// visible keys, and `Σ e^(score − max) · value` (`head_dim` values per row).
+struct DecodePart {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// Cached attention for a few new queries (decode): the cache is read row by row — each
+/// position's keys (then values) for all K/V heads at once, so memory is walked in order —
+/// in chunks of [`KEY_CHUNK`] positions spread over the threads, each chunk with its own
+/// softmax statistics, then merged in chunk order (flash-decoding). Products and sums in f32.
+fn attention_decode(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) {
+    let (d, nh) = (shape.head_dim, shape.n_heads);
+    let qw = shape.q_width();
+    let k0 = shape.first_key(past);
+    let nk = past + nq - k0;
+    // Stacked rows: row h·nq + r is head h of new token r (position past + r).
+    let rows = nh * nq;
+    let mut qs = vec![0.0f32; rows * d];
+    for h in 0..nh {
+        for r in 0..nq {
+            qs[(h * nq + r) * d..(h * nq + r + 1) * d]
+                .copy_from_slice(&q[r * qw + h * d..r * qw + (h + 1) * d]);
+        }
+    }
+    let chunks = nk.div_ceil(KEY_CHUNK);
+    let part = |c: usize| {
+        let i0 = k0 + c * KEY_CHUNK;
+        decode_chunk(
+            &qs,
+            k_cache,
+            v_cache,
+            i0,
+            KEY_CHUNK.min(k0 + nk - i0),
+            nq,
+            past,
+            shape,
+        )
+    };
+    // Threads only for two whole chunks or more: a fork costs more than a short chunk.
+    let parts: Vec<DecodePart> = if nk >= 2 * KEY_CHUNK && rayon::current_num_threads() > 1 {
+        (0..chunks).into_par_iter().map(part).collect()
+    } else {
+        (0..chunks).map(part).collect()
+    };
+    for row in 0..rows {
+        let m = parts.iter().map(|p| p.max[row]).fold(f32::NEG_INFINITY, f32::max);
+        let (h, r) = (row / nq, row % nq);
+        let o = &mut out[r * qw + h * d..r * qw + (h + 1) * d];
+        o.fill(0.0);
+        let mut total = 0.0f32;
+        for p in &parts {
+            if p.max[row] == f32::NEG_INFINITY {
+                continue;
+            }
+            let w = super::math::exp_f32(p.max[row] - m);
+            total += w * p.sum[row];
+            axpy_f32_body(o, w, &p.out[row * d..(row + 1) * d]);
+        }
+        let inv = 1.0 / total;
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The [`DecodePart`] of cache positions `i0 .. i0 + n` for the stacked queries `qs`.
+#[allow(clippy::too_many_arguments)]
+fn decode_chunk(
+    qs: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    i0: usize,
+    n: usize,
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) -> DecodePart {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { decode_chunk_avx512(qs, k_cache, v_cache, i0, n, nq, past, shape) };
+    }
+    decode_chunk_body(qs, k_cache, v_cache, i0, n, nq, past, shape)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_chunk_avx512(
+    qs: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    i0: usize,
+    n: usize,
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) -> DecodePart {
+    decode_chunk_body(qs, k_cache, v_cache, i0, n, nq, past, shape)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decode_chunk_body(
+    qs: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    i0: usize,
+    n: usize,
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) -> DecodePart {
+    let (d, g, kw) = (shape.head_dim, shape.group(), shape.kv_width());
+    let rows = shape.n_heads * nq;
+    let scale = shape.scale();
+    // Scores, position-major: each cached key row is read once for every head.
+    let mut s = vec![0.0f32; rows * n];
+    for i in 0..n {
+        let key_row = &k_cache[(i0 + i) * kw..(i0 + i + 1) * kw];
+        for (kvh, key) in key_row.chunks_exact(d).enumerate() {
+            for row in kvh * g * nq..(kvh + 1) * g * nq {
+                s[row * n + i] = scale * dot_f32_body(&qs[row * d..(row + 1) * d], key);
             }
         }
-        return;
     }
-    direct_scores_one(s, q, keys, rs, d, nk, scale)
-}
-
-/// Keys per parallel task of the direct decode products over a long cache.
-const KEY_CHUNK: usize = 256;
-
-/// [`direct_scores`] on the calling thread.
-fn direct_scores_one(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usize, nk: usize, scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for.
-        return unsafe { direct_scores_avx512(s, q, keys, rs, d, nk, scale) };
+    // Each row's visible keys in this chunk, its max and exponentials.
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut sum = vec![0.0f32; rows];
+    for row in 0..rows {
+        let pos = past + row % nq;
+        let lo = shape.first_key(pos).max(i0) - i0;
+        let hi = (pos + 1).min(i0 + n).saturating_sub(i0);
+        let sr = &mut s[row * n..(row + 1) * n];
+        if lo >= hi {
+            sr.fill(0.0);
+            continue;
+        }
+        max[row] = row_max(&sr[lo..hi]);
+        sum[row] = exp_sub_sum(&mut sr[lo..hi], max[row]);
+        sr[..lo].fill(0.0);
+        sr[hi..].fill(0.0);
     }
-    direct_scores_body(s, q, keys, rs, d, nk, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn direct_scores_avx512(
-    s: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    rs: usize,
-    d: usize,
-    nk: usize,
-    scale: f32,
-) {
-    direct_scores_body(s, q, keys, rs, d, nk, scale)
-}
-
-#[inline(always)]
-fn direct_scores_body(s: &mut [f32], q: &[f32], keys: &[f32], rs: usize, d: usize, nk: usize, scale: f32) {
-    // Key-major, so each cached key is read once for all rows.
-    let rows = s.len() / nk.max(1);
-    for i in 0..nk {
-        let key = &keys[i * rs..i * rs + d];
-        for r in 0..rows {
-            s[r * nk + i] = scale * dot_f32_body(&q[r * d..(r + 1) * d], key);
+    // Σ e · value, position-major.
+    let mut out = vec![0.0f32; rows * d];
+    for i in 0..n {
+        let value_row = &v_cache[(i0 + i) * kw..(i0 + i + 1) * kw];
+        for (kvh, value) in value_row.chunks_exact(d).enumerate() {
+            for row in kvh * g * nq..(kvh + 1) * g * nq {
+                axpy_f32_body(&mut out[row * d..(row + 1) * d], s[row * n + i], value);
+            }
         }
     }
-}
-
-/// `o[r·d..][..d] = Σ_i p[r·nk + i] · values[i·rs..][..d]` for every stacked query row `r`.
-///
-/// A long cache is split into chunks of [`KEY_CHUNK`] values summed in parallel, the partial
-/// sums then added in chunk order (a fixed order for a given cache length).
-fn direct_values(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
-    let rows = p.len() / nk.max(1);
-    if nk >= 2 * KEY_CHUNK && rayon::current_num_threads() > 1 {
-        let parts: Vec<Vec<f32>> = (0..nk.div_ceil(KEY_CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let (i0, n) = (c * KEY_CHUNK, KEY_CHUNK.min(nk - c * KEY_CHUNK));
-                let mut pc = vec![0.0f32; rows * n];
-                for r in 0..rows {
-                    pc[r * n..(r + 1) * n].copy_from_slice(&p[r * nk + i0..r * nk + i0 + n]);
-                }
-                let mut oc = vec![0.0f32; rows * d];
-                direct_values_one(&mut oc, &pc, &values[i0 * rs..], rs, d, n);
-                oc
-            })
-            .collect();
-        o[..rows * d].copy_from_slice(&parts[0]);
-        for part in &parts[1..] {
-            o[..rows * d].iter_mut().zip(part).for_each(|(o, &x)| *o += x);
-        }
-        return;
-    }
-    direct_values_one(o, p, values, rs, d, nk)
-}
-
-/// [`direct_values`] on the calling thread.
-fn direct_values_one(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for.
-        return unsafe { direct_values_avx512(o, p, values, rs, d, nk) };
-    }
-    direct_values_body(o, p, values, rs, d, nk)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn direct_values_avx512(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
-    direct_values_body(o, p, values, rs, d, nk)
-}
-
-#[inline(always)]
-fn direct_values_body(o: &mut [f32], p: &[f32], values: &[f32], rs: usize, d: usize, nk: usize) {
-    // Value-major, so each cached value is read once for all rows.
-    let rows = p.len() / nk.max(1);
-    o[..rows * d].fill(0.0);
-    for i in 0..nk {
-        let vi = &values[i * rs..i * rs + d];
-        for r in 0..rows {
-            axpy_f32_body(&mut o[r * d..(r + 1) * d], p[r * nk + i], vi);
-        }
-    }
+    DecodePart { max, sum, out }
 }
 
 /// Training forward over a packed batch: `out` and `lse` for every token and head.
@@ -445,7 +468,6 @@ pub fn attention_forward(
                     lse_p.0.add(start * shape.n_heads),
                     shape.n_heads,
                     scratch,
-                    false,
                 );
             }
         });
@@ -465,6 +487,9 @@ pub fn attention_cached(
     let (qw, kw) = (shape.q_width(), shape.kv_width());
     assert!(q.len() >= nq * qw && out.len() >= nq * qw);
     assert!(k_cache.len() >= (past + nq) * kw && v_cache.len() >= (past + nq) * kw);
+    if nq * shape.group() <= DIRECT_MAX_ROWS {
+        return attention_decode(out, q, k_cache, v_cache, nq, past, shape);
+    }
     let mut lse = vec![0.0f32; nq * shape.n_heads];
     let (out_p, lse_p) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
     let run = |scratch: &mut Vec<f32>, kvh: usize| {
@@ -486,11 +511,10 @@ pub fn attention_cached(
                 lse_p.0,
                 shape.n_heads,
                 scratch,
-                true,
             );
         }
     };
-    // Parallel over K/V heads once there is enough work (decode over a long cache included).
+    // Parallel over K/V heads once there is enough work.
     if nq * (past + nq) * shape.n_heads >= 4096 {
         (0..shape.n_kv_heads)
             .into_par_iter()
@@ -844,9 +868,9 @@ mod tests {
         }
     }
 
-    /// Decode over a long cache takes the direct f32 path (parallel over K/V heads, and over
-    /// chunks of keys past 512) in either precision; a head size that is not a multiple of 16
-    /// exercises the lane tail.
+    /// Decode over a long cache takes the chunked f32 path (several chunks of keys, a sliding
+    /// window that starts inside a chunk) in either precision; a head size that is not a
+    /// multiple of 16 exercises the lane tail; nine new tokens take the GEMM path instead.
     #[test]
     fn direct_decode_matches_reference() {
         for (head_dim, window, bf16) in [(40, None, true), (64, Some(100), false), (8, None, false)] {
@@ -860,12 +884,14 @@ mod tests {
             let (qw, kw, t) = (sh.q_width(), sh.kv_width(), 701);
             let (q, k, v) = (rand(t * qw, 21), rand(t * kw, 22), rand(t * kw, 23));
             let want = reference(&q, &k, &v, &[(0, t)], &sh);
-            for nq in [1, 3] {
+            for nq in [1, 3, 9] {
                 let past = t - nq;
                 let mut out = vec![0.0; nq * qw];
                 attention_cached(&mut out, &q[past * qw..], &k, &v, nq, past, &sh);
+                // The GEMM path rounds its inputs to bf16 in fast mode; the decode path is f32.
+                let tol = if bf16 && nq == 9 { 1e-3 } else { 1e-5 };
                 for (a, b) in out.iter().zip(&want[past * qw..]) {
-                    assert!((a - b).abs() < 1e-5, "d={head_dim} nq={nq}: {a} vs {b}");
+                    assert!((a - b).abs() < tol, "d={head_dim} nq={nq}: {a} vs {b}");
                 }
             }
         }
