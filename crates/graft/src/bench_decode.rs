@@ -33,6 +33,10 @@ pub struct DecodeBenchArgs {
     /// Skip the llama.cpp side.
     #[arg(long)]
     no_peer: bool,
+    /// Also print where graft's decode time goes, per backend op (ms per new token; a separate,
+    /// untimed run, the prompt's share subtracted).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// The prompt: deterministic ids in `[3, vocab)` (clear of the usual special ids).
@@ -49,7 +53,12 @@ fn prompt_ids(vocab: usize, n: usize) -> Vec<u32> {
 }
 
 /// (prompt tokens/s, decode tokens/s) of graft on the model `loaded` for the prompt `ids`.
-fn graft_side(loaded: &graft_model::weights::LoadedModel, ids: &[u32], tokens: usize) -> Result<(f64, f64)> {
+fn graft_side(
+    loaded: &graft_model::weights::LoadedModel,
+    ids: &[u32],
+    tokens: usize,
+    profile: bool,
+) -> Result<(f64, f64)> {
     let mut model = Model::from_weights(Cpu, &loaded.spec, &loaded.weights, WeightStorage::Bf16)?;
     model.pack_for_inference();
     let greedy = SamplingParams::default();
@@ -63,8 +72,52 @@ fn graft_side(loaded: &graft_model::weights::LoadedModel, ids: &[u32], tokens: u
     let t = Instant::now();
     let (out, _) = model.generate(ids, tokens + 1, greedy, &[], Precision::Fast, |_| true);
     let all = t.elapsed().as_secs_f64();
-    let decode = (out.len().saturating_sub(1)) as f64 / (all - first).max(1e-9);
+    let new = out.len().saturating_sub(1);
+    let decode = new as f64 / (all - first).max(1e-9);
+    if profile {
+        print_decode_profile(&mut model, ids, tokens);
+    }
     Ok((ids.len() as f64 / first, decode))
+}
+
+/// Per-op time of the decode steps alone: a profiled prompt-only run subtracted from a profiled
+/// full run.
+fn print_decode_profile(model: &mut Model<Cpu>, ids: &[u32], tokens: usize) {
+    use graft_kernels::profile;
+    let greedy = SamplingParams::default();
+    let mut measure = |n: usize| {
+        profile::reset();
+        profile::set_enabled(true);
+        let (out, _) = model.generate(ids, n, greedy, &[], Precision::Fast, |_| true);
+        profile::set_enabled(false);
+        (out.len(), profile::totals())
+    };
+    let (_, prompt) = measure(1);
+    let (len, full) = measure(tokens + 1);
+    let new = len.saturating_sub(1).max(1) as f64;
+    let mut rows: Vec<(&str, f64, u64)> = full
+        .iter()
+        .map(|&(op, d, calls)| {
+            let (pd, pc) = prompt
+                .iter()
+                .find(|e| e.0 == op)
+                .map_or((0.0, 0), |e| (e.1.as_secs_f64(), e.2));
+            (
+                op,
+                (d.as_secs_f64() - pd).max(0.0) * 1e3 / new,
+                calls.saturating_sub(pc),
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    println!("  decode op profile ({total:.2} ms per token in ops):");
+    for (op, ms, calls) in rows.iter().filter(|r| r.1 > 0.005) {
+        println!(
+            "    {op:<28} {ms:>7.3} ms/token {:>5.1}%  {calls} calls",
+            100.0 * ms / total.max(1e-12)
+        );
+    }
 }
 
 /// Runs `graft bench decode`.
@@ -88,8 +141,8 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
     for path in &args.models {
         let loaded = graft_model::weights::load_model(path).with_context(|| path.display().to_string())?;
         let ids = prompt_ids(loaded.spec.vocab_size, args.prompt);
-        let (pp, tg) =
-            graft_side(&loaded, &ids, args.tokens).with_context(|| format!("graft on {}", path.display()))?;
+        let (pp, tg) = graft_side(&loaded, &ids, args.tokens, args.profile)
+            .with_context(|| format!("graft on {}", path.display()))?;
         drop(loaded);
         let peer = if args.no_peer {
             None
