@@ -6,7 +6,7 @@
 //! device allocations and NVRTC-compiled kernels behind the same methods, and the decoder in
 //! `graft-model` would not change.
 
-use crate::cpu::attention;
+use crate::cpu::attention::{self, KvRows};
 use crate::cpu::cross_entropy::{self, CrossEntropyGrads};
 use crate::cpu::matmul::{self, Weight};
 use crate::cpu::rope::RopeTable;
@@ -37,6 +37,9 @@ pub trait Backend: Send + Sync {
     /// A borrowed f32 tensor the optimizer ops read and update in place (the CPU's is `[f32]`, a
     /// view of a [`Backend::Buf`]; a device backend may use its `Buf` itself).
     type View: ?Sized + Send + Sync;
+    /// One layer's cached keys or values of one sequence, `[positions, kv_dim]`, in f32 or in
+    /// f16 (see [`Backend::kv_zeros`]).
+    type KvBuf: Send + Sync;
 
     /// A zero-filled buffer of `n` floats.
     fn zeros(&self, n: usize) -> Self::Buf;
@@ -211,13 +214,33 @@ pub trait Backend: Send + Sync {
         shape: &AttentionShape,
     );
 
+    /// A zero-filled KV-cache buffer of `n` values: f16 where `half` (the fast-mode cache, as
+    /// llama.cpp's default: half the bytes each decode step reads), else f32.
+    fn kv_zeros(&self, n: usize, half: bool) -> Self::KvBuf;
+    /// Writes rows `src_row..src_row+n` of `src` (width `width`) at row `dst_row` of the cache
+    /// buffer `dst`, rounded to its precision.
+    fn kv_write_rows(
+        &self,
+        dst: &mut Self::KvBuf,
+        dst_row: usize,
+        src: &Self::Buf,
+        src_row: usize,
+        n: usize,
+        width: usize,
+    );
+    /// Copies the first `n` rows (width `width`) of the cache buffer `src` into `dst`, which has
+    /// the same precision (growing a cache).
+    fn kv_copy_rows(&self, dst: &mut Self::KvBuf, src: &Self::KvBuf, n: usize, width: usize);
+    /// Bytes per cached value of `buf` (4 or 2).
+    fn kv_elem_bytes(&self, buf: &Self::KvBuf) -> usize;
+
     /// Inference attention of `nq` new queries at positions `past..past+nq` over a KV cache.
     fn attention_cached(
         &self,
         out: &mut Self::Buf,
         q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::KvBuf,
+        v_cache: &Self::KvBuf,
         nq: usize,
         past: usize,
         shape: &AttentionShape,
@@ -283,6 +306,7 @@ impl Backend for Cpu {
     type Weight = Weight;
     type Rope = RopeTable;
     type View = [f32];
+    type KvBuf = KvRows;
 
     fn zeros(&self, n: usize) -> Vec<f32> {
         vec![0.0; n]
@@ -507,18 +531,59 @@ impl Backend for Cpu {
         attention::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, segments, shape)
     }
 
+    fn kv_zeros(&self, n: usize, half: bool) -> KvRows {
+        if half {
+            KvRows::F16(vec![half::f16::ZERO; n])
+        } else {
+            KvRows::F32(vec![0.0; n])
+        }
+    }
+    fn kv_write_rows(
+        &self,
+        dst: &mut KvRows,
+        dst_row: usize,
+        src: &Vec<f32>,
+        src_row: usize,
+        n: usize,
+        width: usize,
+    ) {
+        let from = &src[src_row * width..(src_row + n) * width];
+        let range = dst_row * width..(dst_row + n) * width;
+        match dst {
+            KvRows::F32(d) => d[range].copy_from_slice(from),
+            KvRows::F16(d) => crate::cpu::math::narrow_f16(from, &mut d[range]),
+        }
+    }
+    fn kv_copy_rows(&self, dst: &mut KvRows, src: &KvRows, n: usize, width: usize) {
+        match (dst, src) {
+            (KvRows::F32(d), KvRows::F32(s)) => d[..n * width].copy_from_slice(&s[..n * width]),
+            (KvRows::F16(d), KvRows::F16(s)) => d[..n * width].copy_from_slice(&s[..n * width]),
+            _ => panic!("kv_copy_rows: the two cache buffers differ in precision"),
+        }
+    }
+    fn kv_elem_bytes(&self, buf: &KvRows) -> usize {
+        match buf {
+            KvRows::F32(_) => 4,
+            KvRows::F16(_) => 2,
+        }
+    }
+
     fn attention_cached(
         &self,
         out: &mut Vec<f32>,
         q: &Vec<f32>,
-        k_cache: &Vec<f32>,
-        v_cache: &Vec<f32>,
+        k_cache: &KvRows,
+        v_cache: &KvRows,
         nq: usize,
         past: usize,
         shape: &AttentionShape,
     ) {
         let _p = crate::profile::scope("attention_cached");
-        attention::attention_cached(out, q, k_cache, v_cache, nq, past, shape)
+        match (k_cache, v_cache) {
+            (KvRows::F32(k), KvRows::F32(v)) => attention::attention_cached(out, q, k, v, nq, past, shape),
+            (KvRows::F16(k), KvRows::F16(v)) => attention::attention_cached(out, q, k, v, nq, past, shape),
+            _ => panic!("attention_cached: keys and values differ in precision"),
+        }
     }
     fn copy_rows(
         &self,

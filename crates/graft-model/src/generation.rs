@@ -275,7 +275,7 @@ impl<B: Backend, T: SeqTag<B>> Generator<B, T> {
                 }
             }
             self.active.push(Running {
-                cache: model.new_cache(initial),
+                cache: model.new_cache(initial, self.config.precision),
                 sampler: Sampler::new(req.sampling),
                 req,
                 fed: 0,

@@ -9,10 +9,11 @@ use crate::lora::{Adapter, LoraLinear};
 use crate::model::{DOWN, GATE, K, Layer, Model, O, Q, UP, V};
 use graft_kernels::{Backend, Precision};
 
-/// Keys and values of one sequence, per layer `[capacity, kv_dim]`.
+/// Keys and values of one sequence, per layer `[capacity, kv_dim]`: f16 for fast-mode
+/// generation (as llama.cpp's default cache), f32 for exact mode.
 pub struct KvCache<B: Backend> {
-    k: Vec<B::Buf>,
-    v: Vec<B::Buf>,
+    k: Vec<B::KvBuf>,
+    v: Vec<B::KvBuf>,
     /// Positions filled.
     pub len: usize,
     /// Positions the buffers can hold.
@@ -21,8 +22,9 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     /// Bytes held by the cache buffers.
-    pub fn bytes(&self, kv_dim: usize) -> usize {
-        2 * self.k.len() * self.capacity * kv_dim * 4
+    pub fn bytes(&self, backend: &B, kv_dim: usize) -> usize {
+        let elem = self.k.first().map_or(4, |k| backend.kv_elem_bytes(k));
+        2 * self.k.len() * self.capacity * kv_dim * elem
     }
 }
 
@@ -38,12 +40,18 @@ pub struct SeqStep<'a, B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
-    /// A cache for up to `capacity` positions.
-    pub fn new_cache(&self, capacity: usize) -> KvCache<B> {
+    /// A cache for up to `capacity` positions, for steps in `precision` (fast: f16 values;
+    /// exact: f32).
+    pub fn new_cache(&self, capacity: usize, precision: Precision) -> KvCache<B> {
         let n = capacity * self.spec.kv_dim();
+        let half = precision == Precision::Fast;
         KvCache {
-            k: (0..self.spec.num_layers).map(|_| self.backend.zeros(n)).collect(),
-            v: (0..self.spec.num_layers).map(|_| self.backend.zeros(n)).collect(),
+            k: (0..self.spec.num_layers)
+                .map(|_| self.backend.kv_zeros(n, half))
+                .collect(),
+            v: (0..self.spec.num_layers)
+                .map(|_| self.backend.kv_zeros(n, half))
+                .collect(),
             len: 0,
             capacity,
         }
@@ -57,8 +65,9 @@ impl<B: Backend> Model<B> {
         }
         let kd = self.spec.kv_dim();
         for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
-            let mut grown = self.backend.zeros(capacity * kd);
-            self.backend.copy_rows(&mut grown, 0, buf, 0, cache.len, kd);
+            let half = self.backend.kv_elem_bytes(buf) == 2;
+            let mut grown = self.backend.kv_zeros(capacity * kd, half);
+            self.backend.kv_copy_rows(&mut grown, buf, cache.len, kd);
             *buf = grown;
         }
         cache.capacity = capacity;
@@ -231,8 +240,8 @@ impl<B: Backend> Model<B> {
         for sq in seqs.iter_mut() {
             let n = sq.tokens.len();
             let past = sq.cache.len;
-            b.copy_rows(&mut sq.cache.k[l], past, &k, row, n, kd);
-            b.copy_rows(&mut sq.cache.v[l], past, &v, row, n, kd);
+            b.kv_write_rows(&mut sq.cache.k[l], past, &k, row, n, kd);
+            b.kv_write_rows(&mut sq.cache.v[l], past, &v, row, n, kd);
             let mut qs = b.zeros(n * qd);
             b.copy_rows(&mut qs, 0, &q, row, n, qd);
             let mut out = b.zeros(n * qd);

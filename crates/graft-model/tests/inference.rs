@@ -32,7 +32,7 @@ fn mixed_adapter_batch_equals_separate_runs() {
     // Separately.
     let mut alone = Vec::new();
     for (p, a) in prompts.iter().zip(adapters) {
-        let mut cache = model.new_cache(16);
+        let mut cache = model.new_cache(16, Precision::Exact);
         let mut out = model.forward_batch(
             &mut [SeqStep {
                 cache: &mut cache,
@@ -55,7 +55,7 @@ fn mixed_adapter_batch_equals_separate_runs() {
         alone.push((l1, l2));
     }
     // Together: one prefill step, then one decode step, all four sequences.
-    let mut caches: Vec<_> = (0..4).map(|_| model.new_cache(16)).collect();
+    let mut caches: Vec<_> = (0..4).map(|_| model.new_cache(16, Precision::Exact)).collect();
     let mut steps: Vec<SeqStep<'_, Cpu>> = caches
         .iter_mut()
         .zip(prompts.iter().zip(adapters))
@@ -94,7 +94,7 @@ fn kv_cache_decode_equals_full_forward() {
         },
         Precision::Exact,
     );
-    let mut cache = model.new_cache(n);
+    let mut cache = model.new_cache(n, Precision::Exact);
     let v = model.spec.vocab_size;
     let first = model.forward_batch(
         &mut [SeqStep {

@@ -135,7 +135,7 @@ fn batched_steps_equal_each_sequence_alone() {
         let next = [120u32];
         // The decode sequence's cache holds its prefix already.
         let primed = |model: &Model<Cpu>| {
-            let mut c = model.new_cache(64);
+            let mut c = model.new_cache(64, Precision::Fast);
             let steps = &mut [SeqStep {
                 cache: &mut c,
                 tokens: &prefix,
@@ -147,7 +147,7 @@ fn batched_steps_equal_each_sequence_alone() {
         let alone: Vec<Vec<f32>> = [&long[..], &short[..]]
             .iter()
             .map(|toks| {
-                let mut c = model.new_cache(64);
+                let mut c = model.new_cache(64, Precision::Fast);
                 model
                     .forward_batch(
                         &mut [SeqStep {
@@ -173,7 +173,11 @@ fn batched_steps_equal_each_sequence_alone() {
                     .remove(0)
             }))
             .collect();
-        let (mut c0, mut c1, mut c2) = (model.new_cache(64), model.new_cache(64), primed(&model));
+        let (mut c0, mut c1, mut c2) = (
+            model.new_cache(64, Precision::Fast),
+            model.new_cache(64, Precision::Fast),
+            primed(&model),
+        );
         let together = model.forward_batch(
             &mut [
                 SeqStep {

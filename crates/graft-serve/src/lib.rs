@@ -139,7 +139,13 @@ pub fn build_state(
         }
     }
     let vocab = model.spec.vocab_size;
-    let bytes_per_token = (2 * model.spec.num_layers * model.spec.kv_dim() * 4).max(1);
+    // The KV cache holds f16 values in fast mode, f32 in exact mode.
+    let value_bytes = if options.precision == Precision::Fast {
+        2
+    } else {
+        4
+    };
+    let bytes_per_token = (2 * model.spec.num_layers * model.spec.kv_dim() * value_bytes).max(1);
     let kv_budget_tokens = options.kv_cache_tokens.unwrap_or_else(|| {
         available_memory_bytes().map_or(usize::MAX, |m| (m / 2 / bytes_per_token).max(max_context))
     });

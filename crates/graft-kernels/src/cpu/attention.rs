@@ -276,11 +276,11 @@ struct DecodePart {
 /// position's keys (then values) for all K/V heads at once, so memory is walked in order —
 /// in chunks of [`KEY_CHUNK`] positions spread over the threads, each chunk with its own
 /// softmax statistics, then merged in chunk order (flash-decoding). Products and sums in f32.
-fn attention_decode(
+fn attention_decode<E: CacheElem>(
     out: &mut [f32],
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     nq: usize,
     past: usize,
     shape: &AttentionShape,
@@ -339,10 +339,10 @@ fn attention_decode(
 
 /// The [`DecodePart`] of cache positions `i0 .. i0 + n` for the stacked queries `qs`.
 #[allow(clippy::too_many_arguments)]
-fn decode_chunk(
+fn decode_chunk<E: CacheElem>(
     qs: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     i0: usize,
     n: usize,
     nq: usize,
@@ -360,10 +360,10 @@ fn decode_chunk(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn decode_chunk_avx512(
+unsafe fn decode_chunk_avx512<E: CacheElem>(
     qs: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     i0: usize,
     n: usize,
     nq: usize,
@@ -375,10 +375,10 @@ unsafe fn decode_chunk_avx512(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn decode_chunk_body(
+fn decode_chunk_body<E: CacheElem>(
     qs: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     i0: usize,
     n: usize,
     nq: usize,
@@ -390,8 +390,9 @@ fn decode_chunk_body(
     let scale = shape.scale();
     // Scores, position-major: each cached key row is read once for every head.
     let mut s = vec![0.0f32; rows * n];
+    let mut wide = vec![0.0f32; kw];
     for i in 0..n {
-        let key_row = &k_cache[(i0 + i) * kw..(i0 + i + 1) * kw];
+        let key_row = E::as_f32(&k_cache[(i0 + i) * kw..(i0 + i + 1) * kw], &mut wide);
         for (kvh, key) in key_row.chunks_exact(d).enumerate() {
             for row in kvh * g * nq..(kvh + 1) * g * nq {
                 s[row * n + i] = scale * dot_f32_body(&qs[row * d..(row + 1) * d], key);
@@ -418,7 +419,7 @@ fn decode_chunk_body(
     // Σ e · value, position-major.
     let mut out = vec![0.0f32; rows * d];
     for i in 0..n {
-        let value_row = &v_cache[(i0 + i) * kw..(i0 + i + 1) * kw];
+        let value_row = E::as_f32(&v_cache[(i0 + i) * kw..(i0 + i + 1) * kw], &mut wide);
         for (kvh, value) in value_row.chunks_exact(d).enumerate() {
             for row in kvh * g * nq..(kvh + 1) * g * nq {
                 axpy_f32_body(&mut out[row * d..(row + 1) * d], s[row * n + i], value);
@@ -473,13 +474,47 @@ pub fn attention_forward(
         });
 }
 
+/// The CPU backend's KV-cache buffer ([`crate::Backend::KvBuf`]): one layer's keys or values
+/// of one sequence, `[positions, kv_width]`.
+pub enum KvRows {
+    /// Full precision (exact mode).
+    F32(Vec<f32>),
+    /// The fast-mode cache.
+    F16(Vec<half::f16>),
+}
+
+/// An element of a KV cache: f32, or f16 (the fast-mode cache: half the bytes each decode
+/// step reads, as llama.cpp's default cache), widened to f32 as it is read.
+pub trait CacheElem: Copy + Send + Sync + 'static {
+    /// `src` as f32: itself, or widened into `buf` (at least `src.len()` long).
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl CacheElem for f32 {
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl CacheElem for half::f16 {
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [half::f16], buf: &'a mut [f32]) -> &'a [f32] {
+        let buf = &mut buf[..src.len()];
+        super::math::widen_f16(src, buf);
+        buf
+    }
+}
+
 /// Inference attention for `nq` new queries of one sequence at positions `past ..past+nq`, over a
 /// cache holding keys/values for positions `0 .. past+nq` (row stride `n_kv_heads·head_dim`).
-pub fn attention_cached(
+/// A few queries (decode) read the cache directly in its precision; more (prefill) go through
+/// the GEMM on an f32 copy of an f16 cache.
+pub fn attention_cached<E: CacheElem>(
     out: &mut [f32],
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     nq: usize,
     past: usize,
     shape: &AttentionShape,
@@ -490,6 +525,14 @@ pub fn attention_cached(
     if nq * shape.group() <= DIRECT_MAX_ROWS {
         return attention_decode(out, q, k_cache, v_cache, nq, past, shape);
     }
+    let n = (past + nq) * kw;
+    let (mut kb, mut vb) = (Vec::new(), Vec::new());
+    if std::any::TypeId::of::<E>() != std::any::TypeId::of::<f32>() {
+        kb.resize(n, 0.0);
+        vb.resize(n, 0.0);
+    }
+    let k_cache = E::as_f32(&k_cache[..n], &mut kb);
+    let v_cache = E::as_f32(&v_cache[..n], &mut vb);
     let mut lse = vec![0.0f32; nq * shape.n_heads];
     let (out_p, lse_p) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
     let run = |scratch: &mut Vec<f32>, kvh: usize| {
@@ -884,14 +927,25 @@ mod tests {
             let (qw, kw, t) = (sh.q_width(), sh.kv_width(), 701);
             let (q, k, v) = (rand(t * qw, 21), rand(t * kw, 22), rand(t * kw, 23));
             let want = reference(&q, &k, &v, &[(0, t)], &sh);
+            // The f16 cache: the same attention over the rounded keys and values.
+            let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
+                k.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                v.iter().map(|&x| half::f16::from_f32(x)).collect(),
+            );
+            let widen = |h: &[half::f16]| h.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            let want16 = reference(&q, &widen(&k16), &widen(&v16), &[(0, t)], &sh);
             for nq in [1, 3, 9] {
                 let past = t - nq;
-                let mut out = vec![0.0; nq * qw];
-                attention_cached(&mut out, &q[past * qw..], &k, &v, nq, past, &sh);
                 // The GEMM path rounds its inputs to bf16 in fast mode; the decode path is f32.
                 let tol = if bf16 && nq == 9 { 1e-3 } else { 1e-5 };
+                let mut out = vec![0.0; nq * qw];
+                attention_cached(&mut out, &q[past * qw..], &k, &v, nq, past, &sh);
                 for (a, b) in out.iter().zip(&want[past * qw..]) {
                     assert!((a - b).abs() < tol, "d={head_dim} nq={nq}: {a} vs {b}");
+                }
+                attention_cached(&mut out, &q[past * qw..], &k16, &v16, nq, past, &sh);
+                for (a, b) in out.iter().zip(&want16[past * qw..]) {
+                    assert!((a - b).abs() < tol, "f16 cache d={head_dim} nq={nq}: {a} vs {b}");
                 }
             }
         }

@@ -144,6 +144,41 @@ mod avx512 {
     pub unsafe fn scale(row: &mut [f32], s: f32) {
         super::scale_body(row, s)
     }
+    /// # Safety
+    /// `dst.len() ≥ src.len()`; the CPU has avx512f.
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
+    pub unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let n16 = src.len() / 16 * 16;
+        for i in (0..n16).step_by(16) {
+            // SAFETY: i + 16 ≤ src.len() ≤ dst.len().
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+        }
+        for i in n16..src.len() {
+            dst[i] = src[i].to_f32();
+        }
+    }
+    /// # Safety
+    /// `dst.len() ≥ src.len()`; the CPU has avx512f.
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
+    pub unsafe fn narrow_f16(src: &[f32], dst: &mut [half::f16]) {
+        use std::arch::x86_64::*;
+        let n16 = src.len() / 16 * 16;
+        for i in (0..n16).step_by(16) {
+            // SAFETY: i + 16 ≤ src.len() ≤ dst.len().
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(i));
+                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+            }
+        }
+        for i in n16..src.len() {
+            dst[i] = half::f16::from_f32(src[i]);
+        }
+    }
 }
 
 #[inline]
@@ -196,6 +231,32 @@ pub fn exp_sub_sum_dot(row: &mut [f32], shift: f32) -> (f32, f32) {
     exp_sub_sum_dot_body(row, shift)
 }
 
+/// `dst[i] = src[i]` widened from f16 (exact).
+pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    assert!(dst.len() >= src.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports the features the function is compiled for; sizes asserted.
+        return unsafe { avx512::widen_f16(src, dst) };
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// `dst[i] = src[i]` rounded to the nearest f16 (ties to even, as `half::f16::from_f32`).
+pub fn narrow_f16(src: &[f32], dst: &mut [half::f16]) {
+    assert!(dst.len() >= src.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports the features the function is compiled for; sizes asserted.
+        return unsafe { avx512::narrow_f16(src, dst) };
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(s);
+    }
+}
+
 /// Multiplies every element by `s`.
 pub fn scale_row(row: &mut [f32], s: f32) {
     #[cfg(target_arch = "x86_64")]
@@ -229,6 +290,41 @@ pub fn swiglu_bwd(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_conversions_equal_half() {
+        // An odd length (vector body and tail), ties, denormals, overflow, infinities, NaN.
+        let mut src: Vec<f32> = (0..37)
+            .map(|i| (i as f32 - 18.0) * 0.37e-3 * (1.7f32).powi(i % 23))
+            .collect();
+        src.extend([
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            3e-7,
+            -6e-8,
+            65520.0,
+            1e6,
+            f32::INFINITY,
+        ]);
+        src.extend([f32::NEG_INFINITY, f32::NAN, -0.0]);
+        let mut h = vec![half::f16::ZERO; src.len()];
+        narrow_f16(&src, &mut h);
+        for (x, y) in src.iter().zip(&h) {
+            let want = half::f16::from_f32(*x);
+            assert!(
+                want.to_bits() == y.to_bits() || (want.is_nan() && y.is_nan()),
+                "{x}: {y} vs {want}"
+            );
+        }
+        let mut back = vec![0.0f32; h.len()];
+        widen_f16(&h, &mut back);
+        for (a, b) in h.iter().zip(&back) {
+            assert!(
+                a.to_f32().to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{a}"
+            );
+        }
+    }
 
     #[test]
     fn exp_is_accurate() {
