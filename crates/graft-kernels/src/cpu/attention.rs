@@ -10,6 +10,7 @@ use super::math::{exp_sub_sum, row_max, scale_row};
 use super::matmul::{axpy_f32_body, dot_f32_body};
 use crate::types::AttentionShape;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Queries processed per block (bounds the score scratch to `QUERY_BLOCK × keys`).
 const QUERY_BLOCK: usize = 64;
@@ -332,8 +333,7 @@ fn attention_decode<E: CacheElem>(
             total += w * p.sum[row];
             axpy_f32_body(o, w, &p.out[row * d..(row + 1) * d]);
         }
-        let inv = 1.0 / total;
-        o.iter_mut().for_each(|x| *x *= inv);
+        scale_row(o, 1.0 / total);
     }
 }
 
@@ -350,15 +350,15 @@ fn decode_chunk<E: CacheElem>(
     shape: &AttentionShape,
 ) -> DecodePart {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature the function is compiled for.
+    if super::math::has_avx512() {
+        // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { decode_chunk_avx512(qs, k_cache, v_cache, i0, n, nq, past, shape) };
     }
     decode_chunk_body(qs, k_cache, v_cache, i0, n, nq, past, shape)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn decode_chunk_avx512<E: CacheElem>(
     qs: &[f32],
@@ -485,15 +485,20 @@ pub enum KvRows {
 
 /// An element of a KV cache: f32, or f16 (the fast-mode cache: half the bytes each decode
 /// step reads, as llama.cpp's default cache), widened to f32 as it is read.
-pub trait CacheElem: Copy + Send + Sync + 'static {
+pub trait CacheElem: Copy + Send + Sync {
     /// `src` as f32: itself, or widened into `buf` (at least `src.len()` long).
     fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// `src` as f32: borrowed, or widened into a new buffer.
+    fn widened(src: &[Self]) -> Cow<'_, [f32]>;
 }
 
 impl CacheElem for f32 {
     #[inline(always)]
     fn as_f32<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
         src
+    }
+    fn widened(src: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(src)
     }
 }
 
@@ -503,6 +508,11 @@ impl CacheElem for half::f16 {
         let buf = &mut buf[..src.len()];
         super::math::widen_f16(src, buf);
         buf
+    }
+    fn widened(src: &[half::f16]) -> Cow<'_, [f32]> {
+        let mut buf = vec![0.0; src.len()];
+        super::math::widen_f16(src, &mut buf);
+        Cow::Owned(buf)
     }
 }
 
@@ -526,13 +536,8 @@ pub fn attention_cached<E: CacheElem>(
         return attention_decode(out, q, k_cache, v_cache, nq, past, shape);
     }
     let n = (past + nq) * kw;
-    let (mut kb, mut vb) = (Vec::new(), Vec::new());
-    if std::any::TypeId::of::<E>() != std::any::TypeId::of::<f32>() {
-        kb.resize(n, 0.0);
-        vb.resize(n, 0.0);
-    }
-    let k_cache = E::as_f32(&k_cache[..n], &mut kb);
-    let v_cache = E::as_f32(&v_cache[..n], &mut vb);
+    let (k_cache, v_cache) = (E::widened(&k_cache[..n]), E::widened(&v_cache[..n]));
+    let (k_cache, v_cache) = (&k_cache[..], &v_cache[..]);
     let mut lse = vec![0.0f32; nq * shape.n_heads];
     let (out_p, lse_p) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
     let run = |scratch: &mut Vec<f32>, kvh: usize| {

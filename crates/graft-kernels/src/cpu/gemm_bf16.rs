@@ -959,17 +959,7 @@ mod x86 {
                 let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
                 for (m, acc) in acc.iter().enumerate() {
                     // SAFETY: row m < T, columns j0..j0+nr of C (caller); masked lanes untouched.
-                    unsafe {
-                        let row = c.at(m * n + j0);
-                        let mut v0 = _mm512_mul_ps(acc[0], va);
-                        let mut v1 = _mm512_mul_ps(acc[1], va);
-                        if beta != 0.0 {
-                            v0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, row), vb, v0);
-                            v1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), vb, v1);
-                        }
-                        _mm512_mask_storeu_ps(row, m0, v0);
-                        _mm512_mask_storeu_ps(row.add(16), m1, v1);
-                    }
+                    unsafe { store_row(c.at(m * n + j0), acc, va, vb, beta != 0.0, m0, m1) };
                 }
             }
         }
@@ -1219,6 +1209,37 @@ mod x86 {
                     o[l * 2 + e] = if l < lines && kk < k { get(l, kk) } else { 0 };
                 }
             }
+        }
+    }
+
+    /// `row[..32] = alpha·acc (+ beta·row)` on the lanes of `m0` (columns 0..16) and `m1`
+    /// (16..32): one C row of a 32-column panel, as the microkernel and the few-row product
+    /// both write it.
+    ///
+    /// # Safety
+    /// The masked lanes of `row[..32]` must be valid to read and write; the CPU must have
+    /// avx512f.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_row(
+        row: *mut f32,
+        acc: &[__m512; 2],
+        va: __m512,
+        vb: __m512,
+        add: bool,
+        m0: __mmask16,
+        m1: __mmask16,
+    ) {
+        let mut v0 = _mm512_mul_ps(acc[0], va);
+        let mut v1 = _mm512_mul_ps(acc[1], va);
+        // SAFETY: masked lanes only (caller).
+        unsafe {
+            if add {
+                v0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, row), vb, v0);
+                v1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), vb, v1);
+            }
+            _mm512_mask_storeu_ps(row, m0, v0);
+            _mm512_mask_storeu_ps(row.add(16), m1, v1);
         }
     }
 
@@ -1609,34 +1630,13 @@ mod x86 {
         }
         let va = _mm512_set1_ps(alpha);
         let vb = _mm512_set1_ps(beta);
-        let m0: __mmask16 = if nr >= 16 {
-            0xffff
-        } else {
-            ((1u32 << nr) - 1) as u16
-        };
-        let m1: __mmask16 = if nr >= 32 {
-            0xffff
-        } else if nr > 16 {
-            ((1u32 << (nr - 16)) - 1) as u16
-        } else {
-            0
-        };
+        let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
         for (r, acc) in acc.iter().enumerate() {
             if r >= mr {
                 break;
             }
             // SAFETY: row r < mr of the tile; masked lanes are neither read nor written.
-            unsafe {
-                let row = c.add(r * ldc);
-                let mut v0 = _mm512_mul_ps(acc[0], va);
-                let mut v1 = _mm512_mul_ps(acc[1], va);
-                if beta != 0.0 {
-                    v0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, row), vb, v0);
-                    v1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), vb, v1);
-                }
-                _mm512_mask_storeu_ps(row, m0, v0);
-                _mm512_mask_storeu_ps(row.add(16), m1, v1);
-            }
+            unsafe { store_row(c.add(r * ldc), acc, va, vb, beta != 0.0, m0, m1) };
         }
     }
 

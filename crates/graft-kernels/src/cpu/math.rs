@@ -181,8 +181,9 @@ mod avx512 {
     }
 }
 
+/// Whether the CPU has what this module's AVX-512 paths are compiled for (avx512f/vl/dq, fma).
 #[inline]
-fn has_avx512() -> bool {
+pub(super) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
