@@ -467,6 +467,15 @@ pub fn evaluate<O: Objective>(
 
 /// Runs (or, with `resume`, continues) a fine-tuning run.
 pub fn run(cfg: &TrainConfig, resume: bool, stop: &StopFlag) -> Result<RunSummary, TrainError> {
+    /// Hands the activation arena's kept blocks back when the run ends, however it ends (a
+    /// server that ran a job should not keep its activations resident).
+    struct ReleaseArena;
+    impl Drop for ReleaseArena {
+        fn drop(&mut self) {
+            graft_kernels::cpu::alloc::release_kept();
+        }
+    }
+    let _release = ReleaseArena;
     let run_dir = cfg.output_dir();
     let started = Instant::now();
     std::fs::create_dir_all(&run_dir).map_err(|e| err(format!("{}: {e}", run_dir.display())))?;

@@ -65,6 +65,11 @@ enum DataCommand {
     Inspect(data_cmd::DataInspectArgs),
 }
 
+/// The activation arena: freed large buffers are kept for the next allocation of their size (a
+/// training step allocates the same activations every step; see `ActivationArena`).
+#[global_allocator]
+static ALLOCATOR: graft_kernels::cpu::alloc::ActivationArena = graft_kernels::cpu::alloc::ActivationArena;
+
 fn main() {
     let cli = Cli::parse();
     if let Some(n) = cli.threads

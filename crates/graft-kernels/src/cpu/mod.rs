@@ -1,5 +1,6 @@
 //! CPU implementations of the engine's ops, each a forward/backward pair over plain buffers.
 
+pub mod alloc;
 pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
