@@ -20,6 +20,35 @@ fn main() {
     let mut dx = vec![0.0; t * inp];
     let mut da = vec![0.0; r * inp];
     let mut db = vec![0.0; out * r];
+    // What a K-concatenated fused product would cost: [x | xa]·[W | B]ᵀ and [dy | dxa]·[W ; A].
+    let x2: Vec<f32> = (0..t * (inp + r)).map(|i| (i % 97) as f32 * 0.01).collect();
+    let w2 = Weight::bf16_from_f32(&vec![0.001; out * (inp + r)], out, inp + r);
+    let dy2: Vec<f32> = (0..t * (out + r)).map(|i| (i % 97) as f32 * 0.01).collect();
+    let w3 = Weight::bf16_from_f32(&vec![0.001; (out + r) * inp], out + r, inp);
+    let mut wp = w.clone();
+    wp.pack_for_inference();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        linear_forward(&mut y, &x, &wp, t, false, Precision::Fast);
+        let f = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        linear_forward(&mut y, &x, &w, t, false, Precision::Fast);
+        let g = t0.elapsed().as_secs_f64();
+        println!(
+            "base fwd prepacked {:.2} ms | packed per call {:.2} ms",
+            f * 1e3,
+            g * 1e3
+        );
+    }
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        linear_forward(&mut y, &x2, &w2, t, false, Precision::Fast);
+        let f = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        linear_backward_input(&mut dx, &dy2, &w3, t, false, Precision::Fast);
+        let b = t0.elapsed().as_secs_f64();
+        println!("fused (K + r) fwd {:.2} ms | dX {:.2} ms", f * 1e3, b * 1e3);
+    }
     for p in [Precision::Exact, Precision::Fast] {
         for _ in 0..2 {
             let t0 = Instant::now();

@@ -106,6 +106,24 @@ pub trait Backend: Send + Sync {
         let t = groups.iter().sum();
         self.linear_forward(y, x, w, t, false, p)
     }
+    /// `y[t×out] (+)= x · wᵀ + xa · bᵀ`: a linear layer plus its LoRA up-projection (`xa`
+    /// `[t×r]` the scaled down-projection, `b` `[out×r]`) in training. A backend may fuse the two
+    /// into one product (the CPU concatenates k), so that `y` is not read back for the side
+    /// product. The default runs them one after the other.
+    fn linear_forward_lora(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        xa: &Self::Buf,
+        b: &Self::Weight,
+        t: usize,
+        acc: bool,
+        p: Precision,
+    ) {
+        self.linear_forward(y, x, w, t, acc, p);
+        self.linear_forward(y, xa, b, t, true, p);
+    }
     /// `y[t×out] += scale · (x · aᵀ) · bᵀ`: a LoRA adapter's side product at inference (`a`
     /// `[r, in]`, `b` `[out, r]`), each row computed on its own, so that a row's result does not
     /// depend on the rows batched with it (the generation core batches independent requests).
@@ -128,6 +146,23 @@ pub trait Backend: Send + Sync {
         acc: bool,
         p: Precision,
     );
+    /// `dx[t×in] (+)= dy · w + dxa · a`: a linear layer's input gradient plus its LoRA
+    /// down-projection's (`a` `[r×in]`, `dxa` `[t×r]` the gradient at its output), fused where
+    /// the backend can (see [`Backend::linear_forward_lora`]).
+    fn linear_backward_input_lora(
+        &self,
+        dx: &mut Self::Buf,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        dxa: &Self::Buf,
+        a: &Self::Weight,
+        t: usize,
+        acc: bool,
+        p: Precision,
+    ) {
+        self.linear_backward_input(dx, dy, w, t, acc, p);
+        self.linear_backward_input(dx, dxa, a, t, true, p);
+    }
     /// `dw[out×in] (+)= dyᵀ · x`.
     fn linear_backward_weight(
         &self,
@@ -372,6 +407,20 @@ impl Backend for Cpu {
         let _p = crate::profile::scope("matmul_forward");
         matmul::linear_forward(y, x, w, t, acc, p)
     }
+    fn linear_forward_lora(
+        &self,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Weight,
+        xa: &Vec<f32>,
+        b: &Weight,
+        t: usize,
+        acc: bool,
+        p: Precision,
+    ) {
+        let _p = crate::profile::scope("matmul_forward");
+        matmul::linear_forward_lora(y, x, w, xa, b, t, acc, p)
+    }
     fn linear_forward_grouped(
         &self,
         y: &mut Vec<f32>,
@@ -406,6 +455,20 @@ impl Backend for Cpu {
     ) {
         let _p = crate::profile::scope("matmul_backward_input");
         matmul::linear_backward_input(dx, dy, w, t, acc, p)
+    }
+    fn linear_backward_input_lora(
+        &self,
+        dx: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        w: &Weight,
+        dxa: &Vec<f32>,
+        a: &Weight,
+        t: usize,
+        acc: bool,
+        p: Precision,
+    ) {
+        let _p = crate::profile::scope("matmul_backward_input");
+        matmul::linear_backward_input_lora(dx, dy, w, dxa, a, t, acc, p)
     }
     fn linear_backward_weight(
         &self,

@@ -593,6 +593,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// `y = x Wᵀ + b + scale · B (A dropout(x))`; returns `scale · A dropout(x)` for backward.
+    /// The base and up-projection products run as one ([`Backend::linear_forward_lora`]).
     fn linear_fwd(
         &self,
         layer: &Layer<B>,
@@ -605,10 +606,6 @@ impl<B: Backend> Model<B> {
         let lin = &layer.linears[i];
         let t = ctx.t;
         let mut y = b.zeros(t * lin.out);
-        b.linear_forward(&mut y, x, &lin.w, t, false, ctx.opts.precision);
-        if let Some(bias) = &lin.bias {
-            b.add_bias(&mut y, bias);
-        }
         let xa = layer.lora[i]
             .as_ref()
             .filter(|_| !ctx.opts.without_adapters)
@@ -627,9 +624,15 @@ impl<B: Backend> Model<B> {
                     b.linear_forward(&mut xa, x, &m.a, t, false, ctx.opts.precision);
                 }
                 b.scale(&mut xa, m.scale);
-                b.linear_forward(&mut y, &xa, &m.b, t, true, ctx.opts.precision);
+                b.linear_forward_lora(&mut y, x, &lin.w, &xa, &m.b, t, false, ctx.opts.precision);
                 xa
             });
+        if xa.is_none() {
+            b.linear_forward(&mut y, x, &lin.w, t, false, ctx.opts.precision);
+        }
+        if let Some(bias) = &lin.bias {
+            b.add_bias(&mut y, bias);
+        }
         (y, xa)
     }
 
@@ -666,12 +669,22 @@ impl<B: Backend> Model<B> {
             }
             return;
         };
-        b.linear_backward_input(dx, dy, &lin.w, t, dx_accumulate, p);
-        if let (Some(m), Some(xa)) = (lora, xa) {
-            self.lora_bwd(m, lg.lora[i].as_mut(), l, i, dy, x, xa, Some(dx), ctx);
+        match (lora, xa) {
+            // Without dropout, the down-projection's input gradient joins the base product.
+            (Some(m), Some(xa)) if ctx.opts.lora_dropout == 0.0 => {
+                let dxa = self.lora_bwd(m, lg.lora[i].as_mut(), l, i, dy, x, xa, None, ctx);
+                b.linear_backward_input_lora(dx, dy, &lin.w, &dxa, &m.a, t, dx_accumulate, p);
+            }
+            (Some(m), Some(xa)) => {
+                b.linear_backward_input(dx, dy, &lin.w, t, dx_accumulate, p);
+                self.lora_bwd(m, lg.lora[i].as_mut(), l, i, dy, x, xa, Some(dx), ctx);
+            }
+            _ => b.linear_backward_input(dx, dy, &lin.w, t, dx_accumulate, p),
         }
     }
 
+    /// LoRA's backward: accumulates `g` (when trained) and, given `dx`, adds the input gradient
+    /// through the adapter to it; returns `dxa`, the gradient at the down-projection's output.
     #[allow(clippy::too_many_arguments)]
     fn lora_bwd(
         &self,
@@ -684,7 +697,7 @@ impl<B: Backend> Model<B> {
         xa: &B::Buf,
         dx: Option<&mut B::Buf>,
         ctx: &Ctx<'_, B>,
-    ) {
+    ) -> B::Buf {
         let b = &self.backend;
         let lin_inp = b.len(x) / ctx.t;
         let lin_out = b.len(dy) / ctx.t;
@@ -736,6 +749,7 @@ impl<B: Backend> Model<B> {
                 b.linear_backward_input(dx, &dxa, &m.a, t, true, ctx.opts.precision);
             }
         }
+        dxa
     }
 
     fn layer_forward(

@@ -324,7 +324,8 @@ impl PackedB {
         let (rows, cols) = (b.rows, b.cols);
         #[cfg(target_arch = "x86_64")]
         if !force_fallback && has_avx512_bf16() && rows > 0 && cols > 0 {
-            let (blocks, data) = x86::pack_b_whole(x86::BArg::View(&b), rows, cols, threads.max(1));
+            let (blocks, data) =
+                x86::pack_b_whole(x86::BArg::View(x86::KCat::b(b)), rows, cols, threads.max(1));
             return PackedB {
                 rows,
                 cols,
@@ -425,6 +426,77 @@ pub fn gemm_bf16_source(
         threads,
         !has_avx512_bf16(),
     );
+}
+
+/// `C = alpha · (A₁ · B₁ + A₂ · B₂) + beta · C` as one product over the concatenated k
+/// (`[A₁ A₂] · [B₁; B₂]`): a linear layer and its LoRA side product in one pass over `C`, with
+/// `A₂`/`B₂` the rank-`r` factors. The packers read the two parts of each operand into the same
+/// panels, so it gives the same bits as [`gemm_bf16`] on the concatenated matrices.
+///
+/// `A₁`'s columns (= `B₁`'s rows) must be even for that; otherwise, or on a CPU without
+/// avx512_bf16, it runs as two products (the second accumulating).
+///
+/// # Panics
+/// If the shapes do not chain (`A₁`, `A₂` the same rows; `B₁`, `B₂` the same columns;
+/// `Aᵢ.cols == Bᵢ.rows`), or a view or `C` is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_cat(
+    c: &mut [f32],
+    c_row_stride: usize,
+    a: (MatRef, MatRef),
+    b: (MatRef, MatRef),
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) {
+    assert!(
+        a.0.rows == a.1.rows && b.0.cols == b.1.cols && a.0.cols == b.0.rows && a.1.cols == b.1.rows,
+        "gemm_bf16_cat: shapes do not chain"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() && a.0.cols.is_multiple_of(2) && a.0.cols > 0 && a.1.cols > 0 {
+        for (v, what) in [(&a.0, "A1"), (&a.1, "A2"), (&b.0, "B1"), (&b.1, "B2")] {
+            v.check(what);
+        }
+        let (m, n) = (a.0.rows, b.0.cols);
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(
+            c_row_stride >= n,
+            "gemm_bf16_cat: c_row_stride {c_row_stride} < n {n}"
+        );
+        assert!(
+            c.len() >= (m - 1) * c_row_stride + n,
+            "gemm_bf16_cat: C too short"
+        );
+        if alpha == 0.0 {
+            scale_c(c, c_row_stride, m, n, beta);
+            return;
+        }
+        let ka = x86::KCat {
+            main: a.0,
+            tail: Some(a.1),
+            k_rows: false,
+        };
+        let kb = x86::KCat {
+            main: b.0,
+            tail: Some(b.1),
+            k_rows: true,
+        };
+        x86::gemm(
+            c,
+            c_row_stride,
+            &ka,
+            x86::BArg::View(kb),
+            alpha,
+            beta,
+            threads.max(1),
+        );
+        return;
+    }
+    gemm_bf16(c, c_row_stride, a.0, b.0, alpha, beta, threads);
+    gemm_bf16(c, c_row_stride, a.1, b.1, alpha, 1.0, threads);
 }
 
 /// `C[t×n] = alpha · A[t×k] · B + beta · C` for a few rows (`t ≤ MR`) of a row-major f32 `A`
@@ -528,7 +600,15 @@ fn gemm_bf16_impl(
         BInput::View(v) => {
             #[cfg(target_arch = "x86_64")]
             if !force_fallback && has_avx512_bf16() {
-                x86::gemm(c, ldc, &a, x86::BArg::View(&v), alpha, beta, threads);
+                x86::gemm(
+                    c,
+                    ldc,
+                    &x86::KCat::a(a),
+                    x86::BArg::View(x86::KCat::b(v)),
+                    alpha,
+                    beta,
+                    threads,
+                );
                 return;
             }
             let _ = force_fallback;
@@ -550,7 +630,15 @@ fn gemm_bf16_impl(
         BInput::Source(s) => {
             #[cfg(target_arch = "x86_64")]
             if !force_fallback && has_avx512_bf16() {
-                x86::gemm(c, ldc, &a, x86::BArg::Source(s), alpha, beta, threads);
+                x86::gemm(
+                    c,
+                    ldc,
+                    &x86::KCat::a(a),
+                    x86::BArg::Source(s),
+                    alpha,
+                    beta,
+                    threads,
+                );
                 return;
             }
             fallback_gemm(
@@ -572,7 +660,7 @@ fn gemm_bf16_impl(
             PackedRepr::Vnni(blocks, data) => x86::gemm(
                 c,
                 ldc,
-                &a,
+                &x86::KCat::a(a),
                 x86::BArg::Packed(blocks, data, n),
                 alpha,
                 beta,
@@ -748,11 +836,76 @@ mod x86 {
 
     /// Where B comes from: a view packed on the fly, or panels packed in advance.
     pub(super) enum BArg<'x, 'a> {
-        View(&'x MatRef<'a>),
+        /// B's rows, possibly two views one after the other along k.
+        View(KCat<'a>),
         /// Tiles written on demand (see [`pack_b_source`]).
         Source(&'x dyn BSource),
         /// `(k0, k1, offset)` per k-block, the packed panels (see [`pack_b_whole`]) and n.
         Packed(&'x [(usize, usize, usize)], &'x [u16], usize),
+    }
+
+    /// A GEMM operand whose k range is one view's k followed by another's: A's columns (`k()`
+    /// = columns) or B's rows. The main view's k is even, so no k-pair straddles the two; the
+    /// packers fill each panel's pairs from both.
+    #[derive(Clone, Copy)]
+    pub(super) struct KCat<'a> {
+        pub main: MatRef<'a>,
+        pub tail: Option<MatRef<'a>>,
+        /// Whether k runs along the rows (a B operand) rather than the columns (an A operand).
+        pub k_rows: bool,
+    }
+
+    impl<'a> KCat<'a> {
+        /// An A operand (k = columns) of one view.
+        pub fn a(main: MatRef<'a>) -> Self {
+            KCat {
+                main,
+                tail: None,
+                k_rows: false,
+            }
+        }
+        /// A B operand (k = rows) of one view.
+        pub fn b(main: MatRef<'a>) -> Self {
+            KCat {
+                main,
+                tail: None,
+                k_rows: true,
+            }
+        }
+        fn k_of(&self, v: &MatRef) -> usize {
+            if self.k_rows { v.rows } else { v.cols }
+        }
+        /// The length of k.
+        pub fn k(&self) -> usize {
+            self.k_of(&self.main) + self.tail.as_ref().map_or(0, |t| self.k_of(t))
+        }
+        /// k range `k0..k1` of a view (k0 and the length even unless at the end).
+        fn k_view(&self, v: &MatRef<'a>, k0: usize, k1: usize) -> MatRef<'a> {
+            if self.k_rows {
+                sub_view(v, k0, 0, k1 - k0, v.cols)
+            } else {
+                sub_view(v, 0, k0, v.rows, k1 - k0)
+            }
+        }
+        /// The operand restricted to k range `k0..k1` (even bounds, or the end).
+        fn sub(&self, k0: usize, k1: usize) -> Self {
+            let km = self.k_of(&self.main);
+            let one = |v: MatRef<'a>| KCat {
+                main: v,
+                tail: None,
+                k_rows: self.k_rows,
+            };
+            match &self.tail {
+                None => one(self.k_view(&self.main, k0, k1)),
+                Some(_) if k1 <= km => one(self.k_view(&self.main, k0, k1)),
+                Some(t) if k0 >= km => one(self.k_view(t, k0 - km, k1 - km)),
+                Some(t) => KCat {
+                    main: self.k_view(&self.main, k0, km),
+                    tail: Some(self.k_view(t, 0, k1 - km)),
+                    k_rows: self.k_rows,
+                },
+            }
+        }
     }
 
     /// Balanced k-blocks of at most `kc` (even boundaries, so pairs never straddle blocks).
@@ -787,7 +940,7 @@ mod x86 {
             let out = &mut data[off..off + np * b_panel];
             match &b {
                 BArg::View(b) => {
-                    let b_blk = sub_view(b, k0, 0, k1 - k0, n);
+                    let b_blk = b.sub(k0, k1);
                     pack_parallel(out, b_panel, np, threads, |q0, q1, out| {
                         pack_b(&b_blk, q0, q1, kp, out)
                     });
@@ -801,20 +954,12 @@ mod x86 {
         (blocks, data)
     }
 
-    pub(super) fn gemm(
-        c: &mut [f32],
-        ldc: usize,
-        a: &MatRef,
-        b: BArg,
-        alpha: f32,
-        beta: f32,
-        threads: usize,
-    ) {
+    pub(super) fn gemm(c: &mut [f32], ldc: usize, a: &KCat, b: BArg, alpha: f32, beta: f32, threads: usize) {
         // Each k-block is packed and multiplied on its own; C is read and written once per block.
         let owned_blocks;
         let blocks: Vec<(usize, usize, Option<&[u16]>)> = match b {
             BArg::View(_) | BArg::Source(_) => {
-                owned_blocks = k_blocks(a.cols);
+                owned_blocks = k_blocks(a.k());
                 owned_blocks.iter().map(|&(k0, k1)| (k0, k1, None)).collect()
             }
             BArg::Packed(blocks, data, _) => blocks
@@ -823,11 +968,11 @@ mod x86 {
                 .collect(),
         };
         for (kb, &(k0, k1, packed)) in blocks.iter().enumerate() {
-            let a_blk = sub_view(a, 0, k0, a.rows, k1 - k0);
+            let a_blk = a.sub(k0, k1);
             let beta = if kb == 0 { beta } else { 1.0 };
             match (&b, packed) {
                 (BArg::View(b), _) => {
-                    let b_blk = sub_view(b, k0, 0, k1 - k0, b.cols);
+                    let b_blk = b.sub(k0, k1);
                     gemm_kblock(c, ldc, &a_blk, KBlockB::View(&b_blk), alpha, beta, threads);
                 }
                 (BArg::Source(s), _) => {
@@ -987,16 +1132,16 @@ mod x86 {
     /// One k-block: `C = alpha · A · B + beta · C` with `A`, `B` packed whole (k ≤ kc).
     /// B of one k-block: a view to pack, or `(panels, n)` packed in advance.
     enum KBlockB<'x, 'a> {
-        View(&'x MatRef<'a>),
+        View(&'x KCat<'a>),
         Packed(&'x [u16], usize),
         /// A source and the k-block's rows `k0..k1`.
         Source(&'x dyn BSource, usize, usize),
     }
 
-    fn gemm_kblock(c: &mut [f32], ldc: usize, a: &MatRef, b: KBlockB, alpha: f32, beta: f32, threads: usize) {
-        let (m, k) = (a.rows, a.cols);
+    fn gemm_kblock(c: &mut [f32], ldc: usize, a: &KCat, b: KBlockB, alpha: f32, beta: f32, threads: usize) {
+        let (m, k) = (a.main.rows, a.k());
         let n = match b {
-            KBlockB::View(b) => b.cols,
+            KBlockB::View(b) => b.main.cols,
             KBlockB::Packed(_, n) => n,
             KBlockB::Source(s, _, _) => s.cols(),
         };
@@ -1108,7 +1253,21 @@ mod x86 {
 
     /// Packs the A panels `q0..q1` (rows `q*MR..`, zero rows past the end, zero k past k) into
     /// `out`, panel after panel: `out[(q-q0)*kp*MR*2 + p*MR*2 + r*2 + e] = A[q*MR + r][2p + e]`.
-    fn pack_a(a: &MatRef, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
+    fn pack_a(a: &KCat, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
+        let Some(tail) = &a.tail else {
+            return pack_a_view(&a.main, q0, q1, kp, out);
+        };
+        // Panel by panel: the main view's pairs, then the tail's (the main k is even).
+        let (panel, kpm) = (kp * MR * 2, a.main.cols / 2);
+        for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
+            let (head, rest) = out.split_at_mut(kpm * MR * 2);
+            pack_a_view(&a.main, q, q + 1, kpm, head);
+            pack_a_view(tail, q, q + 1, kp - kpm, rest);
+        }
+    }
+
+    /// [`pack_a`] of one view.
+    fn pack_a_view(a: &MatRef, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
         let panel = kp * MR * 2;
         assert!(out.len() >= (q1 - q0) * panel && q1 * MR < a.rows + MR);
         let (k, rs, cs) = (a.cols, a.row_stride, a.col_stride);
@@ -1135,7 +1294,21 @@ mod x86 {
 
     /// Packs the B panels `q0..q1` (columns `q*NR..`, zero past the end) into `out`, panel after
     /// panel: `out[(q-q0)*kp*NR*2 + p*NR*2 + c*2 + e] = B[2p + e][q*NR + c]`.
-    fn pack_b(b: &MatRef, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
+    fn pack_b(b: &KCat, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
+        let Some(tail) = &b.tail else {
+            return pack_b_view(&b.main, q0, q1, kp, out);
+        };
+        // Panel by panel: the main view's pairs, then the tail's (the main k is even).
+        let (panel, kpm) = (kp * NR * 2, b.main.rows / 2);
+        for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
+            let (head, rest) = out.split_at_mut(kpm * NR * 2);
+            pack_b_view(&b.main, q, q + 1, kpm, head);
+            pack_b_view(tail, q, q + 1, kp - kpm, rest);
+        }
+    }
+
+    /// [`pack_b`] of one view.
+    fn pack_b_view(b: &MatRef, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
         let panel = kp * NR * 2;
         assert!(out.len() >= (q1 - q0) * panel && q1 * NR < b.cols + NR);
         let (k, rs, cs) = (b.rows, b.row_stride, b.col_stride);
@@ -1182,7 +1355,7 @@ mod x86 {
                 s.tile(k0, k1, j0, j1, &mut tile[..kb * (j1 - j0)]);
                 let tile: &[half::bf16] = bytemuck::cast_slice(&tile[..kb * (j1 - j0)]);
                 let view = tile_view(s, tile, kb, j1 - j0);
-                pack_b(
+                pack_b_view(
                     &view,
                     0,
                     qe - q,
@@ -1813,6 +1986,104 @@ mod tests {
         }
         fn at(&self, i: usize, j: usize) -> f64 {
             self.h[i * self.rs + j * self.cs].to_f64()
+        }
+    }
+
+    /// [`gemm_bf16_cat`] against [`gemm_bf16`] on the concatenated operands: bit for bit where
+    /// the fused path runs (the packed panels are the same), within bf16 tolerance otherwise.
+    /// Shapes cover both thread splits (m > n and m < n), odd tails, a k-block boundary inside
+    /// the main part and inside the tail, and an odd main k (two products).
+    #[test]
+    fn concatenated_k_equals_the_product_of_the_concatenation() {
+        let kc = KC;
+        for &(m, n, k1, k2, nn) in &[
+            (70, 45, 576, 16, false),
+            (300, 97, 64, 7, false),
+            (33, 400, 96, 16, true),
+            (129, 64, 1536, 16, true),
+            (40, 50, kc + 100, 16, false),
+            (40, 50, kc - 6, 30, true),
+            (17, 33, 45, 8, false),
+        ] {
+            let k = k1 + k2;
+            let a1 = rand_vec(m * k1, 1);
+            let a2 = rand_vec(m * k2, 2);
+            // B₁ in bf16 (a frozen weight), B₂ in f32 (LoRA factors).
+            let b1: Vec<bf16> = rand_vec(k1 * n, 3).iter().map(|&x| bf16::from_f32(x)).collect();
+            let b2 = rand_vec(k2 * n, 4);
+            let c0 = rand_vec(m * n, 5);
+            // Concatenated: A row-major m × k; B as NT (W = [W₁ | W₂], n × k) or NN (k × n).
+            let mut a = vec![0.0f32; m * k];
+            for i in 0..m {
+                a[i * k..i * k + k1].copy_from_slice(&a1[i * k1..(i + 1) * k1]);
+                a[i * k + k1..(i + 1) * k].copy_from_slice(&a2[i * k2..(i + 1) * k2]);
+            }
+            let mut b = vec![0.0f32; k * n];
+            let (bv1, bv2) = if nn {
+                for (i, v) in b1.iter().enumerate() {
+                    b[i] = v.to_f32();
+                }
+                b[k1 * n..].copy_from_slice(&b2);
+                (
+                    MatRef::bf16_row_major(&b1, k1, n),
+                    MatRef::f32_row_major(&b2, k2, n),
+                )
+            } else {
+                // b1/b2 hold W₁ (n × k1), W₂ (n × k2) row-major.
+                for j in 0..n {
+                    for p in 0..k1 {
+                        b[j * k + p] = b1[j * k1 + p].to_f32();
+                    }
+                    for p in 0..k2 {
+                        b[j * k + k1 + p] = b2[j * k2 + p];
+                    }
+                }
+                (
+                    MatRef::bf16_row_major(&b1, n, k1).t(),
+                    MatRef::f32_row_major(&b2, n, k2).t(),
+                )
+            };
+            let bv = if nn {
+                MatRef::f32_row_major(&b, k, n)
+            } else {
+                MatRef::f32_row_major(&b, n, k).t()
+            };
+            for threads in [1, 2] {
+                let mut want = c0.clone();
+                gemm_bf16(
+                    &mut want,
+                    n,
+                    MatRef::f32_row_major(&a, m, k),
+                    bv,
+                    0.5,
+                    1.0,
+                    threads,
+                );
+                let mut got = c0.clone();
+                gemm_bf16_cat(
+                    &mut got,
+                    n,
+                    (
+                        MatRef::f32_row_major(&a1, m, k1),
+                        MatRef::f32_row_major(&a2, m, k2),
+                    ),
+                    (bv1, bv2),
+                    0.5,
+                    1.0,
+                    threads,
+                );
+                let fused = has_avx512_bf16() && k1.is_multiple_of(2);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    if fused {
+                        assert_eq!(g.to_bits(), w.to_bits(), "{m}x{n} k {k1}+{k2} at {i}");
+                    } else {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (k as f32).sqrt() * (1.0 + w.abs()),
+                            "{g} vs {w}"
+                        );
+                    }
+                }
+            }
         }
     }
 

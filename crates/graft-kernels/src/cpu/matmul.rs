@@ -12,7 +12,8 @@
 //! bf16 while packing, so activations never need a bf16 copy.
 
 use super::gemm_bf16::{
-    MatData, MatRef, PackedB, gemm_bf16, gemm_bf16_packed, gemm_bf16_rows_packed, has_avx512_bf16,
+    MatData, MatRef, PackedB, gemm_bf16, gemm_bf16_cat, gemm_bf16_packed, gemm_bf16_rows_packed,
+    has_avx512_bf16,
 };
 use super::quant_matmul;
 use crate::quant::QuantTensor;
@@ -361,6 +362,52 @@ pub fn linear_forward(
     );
 }
 
+/// Whether a product with `w` and a LoRA factor `f` can run as one [`gemm_bf16_cat`]: fast
+/// precision on a CPU with the bf16 GEMM, weights stored as f32 or bf16, and more rows than the
+/// few-row products take.
+fn lora_fusable(w: &Weight, f: &Weight, t: usize, precision: Precision) -> bool {
+    let plain = |w: &Weight| matches!(w.data, WeightData::F32(_) | WeightData::Bf16(_));
+    precision.effective() == Precision::Fast && t > GEMV_MAX_ROWS && plain(w) && plain(f)
+}
+
+/// `y[t×out] (+)= x · wᵀ + xa · bᵀ`: a linear layer and its LoRA up-projection (`xa` `[t×r]`,
+/// the scaled down-projection; `b` `[out×r]`) as one product over the concatenated k where
+/// [`lora_fusable`], so `y` is written once instead of being read back to add the side product;
+/// otherwise two products.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward_lora(
+    y: &mut [f32],
+    x: &[f32],
+    w: &Weight,
+    xa: &[f32],
+    b: &Weight,
+    t: usize,
+    accumulate: bool,
+    precision: Precision,
+) {
+    assert_eq!(
+        w.rows, b.rows,
+        "linear_forward_lora: W and B have different outputs"
+    );
+    if !lora_fusable(w, b, t, precision) {
+        linear_forward(y, x, w, t, accumulate, precision);
+        linear_forward(y, xa, b, t, true, precision);
+        return;
+    }
+    gemm_bf16_cat(
+        y,
+        w.rows,
+        (
+            View::row_major(x, t, w.cols).as_mat_ref(),
+            View::row_major(xa, t, b.cols).as_mat_ref(),
+        ),
+        (w.view(true).as_mat_ref(), b.view(true).as_mat_ref()),
+        1.0,
+        if accumulate { 1.0 } else { 0.0 },
+        rayon::current_num_threads(),
+    );
+}
+
 /// `y[t×out] = x · wᵀ` for rows in consecutive `groups` (one per sequence), each row computed as
 /// its group alone would be. Only block-quantized weights need care: their few-row products
 /// (≤ [`GEMV_MAX_ROWS`]) and their GEMM round differently, so the rows of small groups (decode
@@ -670,6 +717,43 @@ pub fn linear_backward_input(
     );
 }
 
+/// `dx[t×in] (+)= dy[t×out] · w + dxa[t×r] · a`: a linear layer's input gradient and its LoRA
+/// down-projection's (`a` `[r×in]`, `dxa` the gradient at its output) as one product over the
+/// concatenated k where [`lora_fusable`] (`dx` written once); otherwise two products.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_input_lora(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &Weight,
+    dxa: &[f32],
+    a: &Weight,
+    t: usize,
+    accumulate: bool,
+    precision: Precision,
+) {
+    assert_eq!(
+        w.cols, a.cols,
+        "linear_backward_input_lora: W and A have different inputs"
+    );
+    if !lora_fusable(w, a, t, precision) {
+        linear_backward_input(dx, dy, w, t, accumulate, precision);
+        linear_backward_input(dx, dxa, a, t, true, precision);
+        return;
+    }
+    gemm_bf16_cat(
+        dx,
+        w.cols,
+        (
+            View::row_major(dy, t, w.rows).as_mat_ref(),
+            View::row_major(dxa, t, a.rows).as_mat_ref(),
+        ),
+        (w.view(false).as_mat_ref(), a.view(false).as_mat_ref()),
+        1.0,
+        if accumulate { 1.0 } else { 0.0 },
+        rayon::current_num_threads(),
+    );
+}
+
 /// `dw[out×in] (+)= dy[t×out]ᵀ · x[t×in]`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward_weight(
@@ -759,6 +843,58 @@ pub fn matmul_strided(
 
 #[cfg(test)]
 mod tests {
+
+    /// The fused LoRA products ([`linear_forward_lora`], [`linear_backward_input_lora`]) against
+    /// the two products they replace, in both precisions, on rows above and below the few-row
+    /// limit, with and without accumulation; bf16-stored and f32 base weights.
+    #[test]
+    fn fused_lora_products_match_the_two_products() {
+        let val = |n: usize, m: usize, s: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i * m % 97) as f32 - 48.0) * s).collect()
+        };
+        for &(t, inp, out, r) in &[
+            (40usize, 96usize, 70usize, 16usize),
+            (5, 64, 33, 8),
+            (130, 58, 200, 4),
+        ] {
+            let x = val(t * inp, 29, 0.02);
+            let xa = val(t * r, 31, 0.03);
+            let dy = val(t * out, 37, 0.01);
+            let dxa = val(t * r, 41, 0.02);
+            let wf = val(out * inp, 13, 0.01);
+            let a = Weight::f32(val(r * inp, 17, 0.02), r, inp);
+            let b = Weight::f32(val(out * r, 19, 0.02), out, r);
+            for w in [
+                Weight::f32(wf.clone(), out, inp),
+                Weight::bf16_from_f32(&wf, out, inp),
+            ] {
+                for p in [Precision::Exact, Precision::Fast] {
+                    for acc in [false, true] {
+                        let close = |got: &[f32], want: &[f32]| {
+                            for (g, w) in got.iter().zip(want) {
+                                assert!(
+                                    (g - w).abs() <= 2e-3 * (1.0 + w.abs()),
+                                    "{g} vs {w} ({t} rows, {p:?})"
+                                );
+                            }
+                        };
+                        let mut want = vec![0.5f32; t * out];
+                        linear_forward(&mut want, &x, &w, t, acc, p);
+                        linear_forward(&mut want, &xa, &b, t, true, p);
+                        let mut got = vec![0.5f32; t * out];
+                        linear_forward_lora(&mut got, &x, &w, &xa, &b, t, acc, p);
+                        close(&got, &want);
+                        let mut want = vec![0.5f32; t * inp];
+                        linear_backward_input(&mut want, &dy, &w, t, acc, p);
+                        linear_backward_input(&mut want, &dxa, &a, t, true, p);
+                        let mut got = vec![0.5f32; t * inp];
+                        linear_backward_input_lora(&mut got, &dy, &w, &dxa, &a, t, acc, p);
+                        close(&got, &want);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn few_row_small_f32_products_match_the_naive_product() {
@@ -897,7 +1033,13 @@ mod tests {
                 .collect();
             let w = Weight::bf16_from_f32(&wf, out, inp);
             let wr = w.to_f32();
-            let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            // Inputs are rounded to bf16 only where the CPU has the bf16 path; elsewhere fast
+            // precision is the exact f32 product with the widened weights.
+            let bf16_path = Precision::Fast.effective() == Precision::Fast;
+            let xr: Vec<f32> = x
+                .iter()
+                .map(|&v| if bf16_path { bf16::from_f32(v).to_f32() } else { v })
+                .collect();
             for accumulate in [false, true] {
                 let mut y = vec![0.5f32; t * out];
                 linear_forward(&mut y, &x, &w, t, accumulate, Precision::Fast);
