@@ -354,6 +354,27 @@ fn decode_chunk<E: CacheElem>(
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { decode_chunk_avx512(qs, k_cache, v_cache, i0, n, nq, past, shape) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::math::has_avx2() {
+        // SAFETY: as above.
+        return unsafe { decode_chunk_avx2(qs, k_cache, v_cache, i0, n, nq, past, shape) };
+    }
+    decode_chunk_body(qs, k_cache, v_cache, i0, n, nq, past, shape)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_chunk_avx2<E: CacheElem>(
+    qs: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    i0: usize,
+    n: usize,
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) -> DecodePart {
     decode_chunk_body(qs, k_cache, v_cache, i0, n, nq, past, shape)
 }
 

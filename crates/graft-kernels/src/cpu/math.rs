@@ -1,7 +1,7 @@
 //! Vectorisable transcendental helpers for the fused ops: `exp` by range reduction and a
 //! degree-6 polynomial (≈1 ulp on the softmax range), and row kernels (max, exp-and-sum) written
-//! with fixed-width lane accumulators so LLVM emits SIMD code. Each row kernel is compiled twice —
-//! for the baseline target and for AVX-512 — and picked at run time.
+//! with fixed-width lane accumulators so LLVM emits SIMD code. Each row kernel is compiled three
+//! times — for the baseline target, AVX2 and AVX-512 — and picked at run time.
 
 /// `e^x` for f32, accurate to about 1–2 ulp for `x` in [-87, 88] (clamped outside).
 #[inline(always)]
@@ -118,32 +118,41 @@ fn swiglu_bwd_body(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f
     }
 }
 
+/// The row kernels compiled for one instruction set (the bodies above, vectorised for it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! row_kernels {
+    ($features:literal) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn swiglu_fwd(a: &mut [f32], g: &[f32], u: &[f32]) {
+            super::swiglu_fwd_body(a, g, u)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn swiglu_bwd(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f32]) {
+            super::swiglu_bwd_body(dg, du, da, g, u)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn row_max(row: &[f32]) -> f32 {
+            super::row_max_body(row)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn exp_sub_sum(row: &mut [f32], shift: f32) -> f32 {
+            super::exp_sub_sum_body(row, shift)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn exp_sub_sum_dot(row: &mut [f32], shift: f32) -> (f32, f32) {
+            super::exp_sub_sum_dot_body(row, shift)
+        }
+        #[target_feature(enable = $features)]
+        pub unsafe fn scale(row: &mut [f32], s: f32) {
+            super::scale_body(row, s)
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
-    pub unsafe fn swiglu_fwd(a: &mut [f32], g: &[f32], u: &[f32]) {
-        super::swiglu_fwd_body(a, g, u)
-    }
-    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
-    pub unsafe fn swiglu_bwd(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f32]) {
-        super::swiglu_bwd_body(dg, du, da, g, u)
-    }
-    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
-    pub unsafe fn row_max(row: &[f32]) -> f32 {
-        super::row_max_body(row)
-    }
-    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
-    pub unsafe fn exp_sub_sum(row: &mut [f32], shift: f32) -> f32 {
-        super::exp_sub_sum_body(row, shift)
-    }
-    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
-    pub unsafe fn exp_sub_sum_dot(row: &mut [f32], shift: f32) -> (f32, f32) {
-        super::exp_sub_sum_dot_body(row, shift)
-    }
-    #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
-    pub unsafe fn scale(row: &mut [f32], s: f32) {
-        super::scale_body(row, s)
-    }
+    row_kernels!("avx512f,avx512vl,avx512dq,fma");
+
     /// # Safety
     /// `dst.len() ≥ src.len()`; the CPU has avx512f.
     #[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
@@ -181,6 +190,68 @@ mod avx512 {
     }
 }
 
+/// The same kernels for x86 CPUs without AVX-512 (Zen 1–3, Intel before Ice Lake): AVX2, FMA,
+/// and F16C for the f16 conversions.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    row_kernels!("avx2,fma,f16c");
+
+    /// # Safety
+    /// `dst.len() ≥ src.len()`; the CPU has avx2 and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let n8 = src.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 ≤ src.len() ≤ dst.len().
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for i in n8..src.len() {
+            dst[i] = src[i].to_f32();
+        }
+    }
+    /// # Safety
+    /// `dst.len() ≥ src.len()`; the CPU has avx2 and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn narrow_f16(src: &[f32], dst: &mut [half::f16]) {
+        use std::arch::x86_64::*;
+        let n8 = src.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 ≤ src.len() ≤ dst.len().
+            unsafe {
+                let v = _mm256_loadu_ps(src.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+            }
+        }
+        for i in n8..src.len() {
+            dst[i] = half::f16::from_f32(src[i]);
+        }
+    }
+}
+
+/// Whether the CPU has what this module's AVX2 paths are compiled for (avx2, fma, f16c).
+#[inline]
+pub(super) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the CPU has what this module's AVX-512 paths are compiled for (avx512f/vl/dq, fma).
 #[inline]
 pub(super) fn has_avx512() -> bool {
@@ -208,6 +279,11 @@ pub fn row_max(row: &[f32]) -> f32 {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { avx512::row_max(row) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::row_max(row) };
+    }
     row_max_body(row)
 }
 
@@ -217,6 +293,11 @@ pub fn exp_sub_sum(row: &mut [f32], shift: f32) -> f32 {
     if has_avx512() {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { avx512::exp_sub_sum(row, shift) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::exp_sub_sum(row, shift) };
     }
     exp_sub_sum_body(row, shift)
 }
@@ -229,6 +310,11 @@ pub fn exp_sub_sum_dot(row: &mut [f32], shift: f32) -> (f32, f32) {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { avx512::exp_sub_sum_dot(row, shift) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::exp_sub_sum_dot(row, shift) };
+    }
     exp_sub_sum_dot_body(row, shift)
 }
 
@@ -239,6 +325,11 @@ pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
     if has_avx512() {
         // SAFETY: the CPU supports the features the function is compiled for; sizes asserted.
         return unsafe { avx512::widen_f16(src, dst) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::widen_f16(src, dst) };
     }
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
@@ -253,6 +344,11 @@ pub fn narrow_f16(src: &[f32], dst: &mut [half::f16]) {
         // SAFETY: the CPU supports the features the function is compiled for; sizes asserted.
         return unsafe { avx512::narrow_f16(src, dst) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::narrow_f16(src, dst) };
+    }
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = half::f16::from_f32(s);
     }
@@ -265,6 +361,11 @@ pub fn scale_row(row: &mut [f32], s: f32) {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { avx512::scale(row, s) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::scale(row, s) };
+    }
     scale_body(row, s)
 }
 
@@ -275,6 +376,11 @@ pub fn swiglu_fwd(a: &mut [f32], g: &[f32], u: &[f32]) {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { avx512::swiglu_fwd(a, g, u) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::swiglu_fwd(a, g, u) };
+    }
     swiglu_fwd_body(a, g, u)
 }
 
@@ -284,6 +390,11 @@ pub fn swiglu_bwd(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f3
     if has_avx512() {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { avx512::swiglu_bwd(dg, du, da, g, u) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { avx2::swiglu_bwd(dg, du, da, g, u) };
     }
     swiglu_bwd_body(dg, du, da, g, u)
 }

@@ -163,6 +163,20 @@ pub fn to_bf16(data: &[f32]) -> Vec<bf16> {
     out
 }
 
+/// Widens bf16 values to f32 (exact: the bits shifted), in parallel for large inputs.
+pub fn widen_bf16(data: &[bf16]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0.0f32; data.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(data.par_chunks(1 << 16))
+        .for_each(|(o, i)| {
+            o.iter_mut()
+                .zip(i)
+                .for_each(|(o, x)| *o = f32::from_bits((x.to_bits() as u32) << 16))
+        });
+    out
+}
+
 #[derive(Clone, Copy)]
 enum Src<'a> {
     F32(&'a [f32]),
@@ -180,6 +194,17 @@ struct View<'a> {
 }
 
 impl<'a> View<'a> {
+    /// The same strides over `data` instead, where given (a widened copy of the same layout).
+    fn with_data(self, data: Option<&'a [f32]>) -> View<'a> {
+        match data {
+            Some(d) => View {
+                data: Src::F32(d),
+                ..self
+            },
+            None => self,
+        }
+    }
+
     fn as_mat_ref(self) -> MatRef<'a> {
         MatRef {
             data: match self.data {
@@ -264,26 +289,21 @@ fn matmul(c: &mut [f32], c_rs: usize, a: View, b: View, accumulate: bool, precis
             }
         }
         (Precision::Exact, _, _) => {
-            // bf16-stored operand in exact mode: widen it (only happens for frozen bf16 weights).
-            let widen = |v: View<'_>| -> Vec<f32> {
-                let mut out = vec![0.0f32; v.rows * v.cols];
-                for i in 0..v.rows {
-                    for j in 0..v.cols {
-                        let idx = i * v.rs + j * v.cs;
-                        out[i * v.cols + j] = match v.data {
-                            Src::F32(d) => d[idx],
-                            Src::Bf16(d) => d[idx].to_f32(),
-                        };
-                    }
+            // A bf16-stored operand (a frozen bf16 weight) in exact mode: widened to f32 in its
+            // own layout — one contiguous pass at memory speed, the strides kept — and the f32
+            // operand used as it is.
+            let widened = |v: &View<'_>| -> Option<Vec<f32>> {
+                match v.data {
+                    Src::F32(_) => None,
+                    Src::Bf16(d) => Some(widen_bf16(d)),
                 }
-                out
             };
-            let (aw, bw) = (widen(a), widen(b));
+            let (aw, bw) = (widened(&a), widened(&b));
             matmul(
                 c,
                 c_rs,
-                View::row_major(&aw, m, k),
-                View::row_major(&bw, k, n),
+                a.with_data(aw.as_deref()),
+                b.with_data(bw.as_deref()),
                 accumulate,
                 Precision::Exact,
             );
@@ -338,7 +358,7 @@ pub fn linear_forward(
     // run in another order than the GEMM's: weights packed for inference avoid that.)
     if let WeightData::Bf16(wd) = &w.data
         && (1..=GEMV_MAX_ROWS).contains(&t)
-        && precision.effective() == Precision::Fast
+        && precision == Precision::Fast
     {
         gemv_bf16(y, x, wd, w.rows, w.cols, t, accumulate);
         return;
@@ -544,6 +564,17 @@ fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { axpy_f32_avx512(y, a, x) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as above.
+        return unsafe { axpy_f32_avx2(y, a, x) };
+    }
+    axpy_f32_body(y, a, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_f32_avx2(y: &mut [f32], a: f32, x: &[f32]) {
     axpy_f32_body(y, a, x)
 }
 
@@ -567,6 +598,17 @@ fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { dot_f32_avx512(x, w) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as above.
+        return unsafe { dot_f32_avx2(x, w) };
+    }
+    dot_f32_body(x, w)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
     dot_f32_body(x, w)
 }
 
@@ -600,7 +642,14 @@ pub(super) fn dot_f32_body(x: &[f32], w: &[f32]) -> f32 {
 /// rounds them, products accumulate in f32.
 fn gemv_bf16(y: &mut [f32], x: &[f32], w: &[bf16], out: usize, inp: usize, t: usize, accumulate: bool) {
     use rayon::prelude::*;
-    let xr: Vec<bf16> = x[..t * inp].iter().map(|&v| bf16::from_f32(v)).collect();
+    // With bf16 dot products the inputs are rounded as the bf16 GEMM rounds them; elsewhere the
+    // f32 inputs meet the widened weights.
+    let bf16_dot = has_avx512_bf16();
+    let xr: Vec<bf16> = if bf16_dot {
+        x[..t * inp].iter().map(|&v| bf16::from_f32(v)).collect()
+    } else {
+        Vec::new()
+    };
     let threads = rayon::current_num_threads().max(1);
     let block = out.div_ceil(threads * 4).max(16);
     // Results per output block, row-major [rows of block][t], then scattered into y.
@@ -611,7 +660,12 @@ fn gemv_bf16(y: &mut [f32], x: &[f32], w: &[bf16], out: usize, inp: usize, t: us
             let mut acc = vec![0.0f32; (n1 - n0) * t];
             for n in n0..n1 {
                 let row = &w[n * inp..(n + 1) * inp];
-                gemv_row(&xr, inp, t, row, &mut acc[(n - n0) * t..(n - n0 + 1) * t]);
+                let dst = &mut acc[(n - n0) * t..(n - n0 + 1) * t];
+                if bf16_dot {
+                    gemv_row(&xr, inp, t, row, dst);
+                } else {
+                    gemv_row_f32_inputs(&x[..t * inp], inp, t, row, dst);
+                }
             }
             (n0, acc)
         })
@@ -655,6 +709,97 @@ fn gemv_row(x: &[bf16], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
             .zip(row)
             .map(|(a, b)| a.to_f32() * b.to_f32())
             .sum();
+    }
+}
+
+/// `out[m] = Σ_k x[m·inp + k] · row[k]` for `t` f32 input rows and a bf16 weight row, on CPUs
+/// without bf16 dot products: AVX2 widens eight weights at a time (a shift) and meets every row
+/// in one FMA each.
+fn gemv_row_f32_inputs(x: &[f32], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has avx2 and fma; `x` holds `t · inp` values, `row` `inp`, `out` `t`
+        // (checked inside).
+        unsafe {
+            match t {
+                1 => return gemv_row_avx2::<1, 4>(x, inp, row, out),
+                2 => return gemv_row_avx2::<2, 4>(x, inp, row, out),
+                3 => return gemv_row_avx2::<3, 2>(x, inp, row, out),
+                4 => return gemv_row_avx2::<4, 2>(x, inp, row, out),
+                5 => return gemv_row_avx2::<5, 1>(x, inp, row, out),
+                6 => return gemv_row_avx2::<6, 1>(x, inp, row, out),
+                7 => return gemv_row_avx2::<7, 1>(x, inp, row, out),
+                8 => return gemv_row_avx2::<8, 1>(x, inp, row, out),
+                _ => {}
+            }
+        }
+    }
+    for m in 0..t {
+        out[m] = x[m * inp..(m + 1) * inp]
+            .iter()
+            .zip(row)
+            .map(|(a, b)| a * b.to_f32())
+            .sum();
+    }
+}
+
+/// Whether the CPU has AVX2 and FMA (the f32 paths for x86 CPUs without AVX-512).
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`gemv_row_f32_inputs`] for `T` rows, `U` chunks of eight weights per step (independent FMA
+/// chains: `T · U` accumulators, at most 8 plus the `U` weight vectors in registers).
+///
+/// # Safety
+/// The CPU must have avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_row_avx2<const T: usize, const U: usize>(
+    x: &[f32],
+    inp: usize,
+    row: &[bf16],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= T * inp && row.len() >= inp && out.len() >= T);
+    let mut acc = [[_mm256_setzero_ps(); U]; T];
+    let step = 8 * U;
+    let whole = inp / step * step;
+    let mut k = 0;
+    while k < whole {
+        for u in 0..U {
+            // SAFETY: k + 8u + 8 <= whole <= inp: the loads stay inside `row` and each input row.
+            unsafe {
+                let bits = _mm_loadu_si128(row.as_ptr().add(k + 8 * u) as *const __m128i);
+                let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)));
+                for (m, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(m * inp + k + 8 * u));
+                    a[u] = _mm256_fmadd_ps(xv, wv, a[u]);
+                }
+            }
+        }
+        k += step;
+    }
+    for (m, a) in acc.iter().enumerate() {
+        let mut v = a[0];
+        for au in &a[1..] {
+            v = _mm256_add_ps(v, *au);
+        }
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        for kk in whole..inp {
+            s += x[m * inp + kk] * row[kk].to_f32();
+        }
+        out[m] = s;
     }
 }
 
@@ -1024,6 +1169,7 @@ mod tests {
             (3, 64, 49),
             (8, 33, 1000),
             (5, 16, 7),
+            (2, 100, 9),
         ] {
             let x: Vec<f32> = (0..t * inp)
                 .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.013)

@@ -22,12 +22,15 @@ pub fn kernel_paths() -> String {
     } else {
         "bf16 GEMM: portable (bf16-rounded, widened to f32)"
     };
-    let quant = match (quant_dot::has_vnni(), quant_matmul::has_avx512_blocks()) {
-        (true, _) => {
+    let quant = match (quant_dot::int8_path(), quant_matmul::has_avx512_blocks()) {
+        (Some(quant_dot::Int8Path::Vnni), _) => {
             "quantized decode: int8 activations, AVX-512 VNNI dot products (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K; f32 block products for the rest)"
         }
-        (false, true) => "quantized decode: AVX-512 block products",
-        (false, false) => "quantized decode: portable",
+        (Some(quant_dot::Int8Path::Avx2), _) => {
+            "quantized decode: int8 activations, AVX2 byte multiply-adds (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K; f32 block products for the rest)"
+        }
+        (None, true) => "quantized decode: AVX-512 block products",
+        (None, false) => "quantized decode: portable",
     };
     let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_bf16"));
     let amx = if amx {

@@ -47,15 +47,15 @@ fn update_chunk_body(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], dec
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
+#[target_feature(enable = "avx2,fma")]
 fn update_chunk_fma(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool, s: &AdamWScalars) {
     update_chunk_body(p, g, m, v, decay, s)
 }
 
 fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool, s: &AdamWScalars) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports FMA (checked just above).
+    if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { update_chunk_fma(p, g, m, v, decay, s) };
     }
     update_chunk_body(p, g, m, v, decay, s)

@@ -116,8 +116,10 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: 
         return;
     }
     if t <= GEMV_MAX_ROWS {
+        // 8-bit activations are fast mode's rounding here whether or not the CPU has bf16 dot
+        // products (llama.cpp rounds them on every CPU).
         let int8 =
-            precision.effective() == Precision::Fast && quant_dot::has_vnni() && quant_dot::supported(w.ty);
+            precision == Precision::Fast && quant_dot::int8_path().is_some() && quant_dot::supported(w.ty);
         return gemv(y, x, w, t, accumulate, int8);
     }
     if precision.effective() == Precision::Fast {
@@ -246,6 +248,18 @@ fn gemv_rows(w: &QuantTensor, x: &[f32], t: usize, n0: usize, n1: usize, acc: &m
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { gemv_rows_avx512(w, x, t, n0, n1, acc) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul::has_avx2_fma() {
+        // SAFETY: as above.
+        return unsafe { gemv_rows_avx2(w, x, t, n0, n1, acc) };
+    }
+    gemv_rows_body(w, x, t, n0, n1, acc)
+}
+
+/// [`gemv_rows_body`] compiled for AVX2 and FMA, so that the block products vectorise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_rows_avx2(w: &QuantTensor, x: &[f32], t: usize, n0: usize, n1: usize, acc: &mut [f32]) {
     gemv_rows_body(w, x, t, n0, n1, acc)
 }
 
@@ -572,8 +586,10 @@ pub(super) mod tests {
                     let mut y = vec![base; t * n];
                     forward(&mut y, &x, &w, t, acc, p);
                     let fast = p.effective() == Precision::Fast;
-                    let int8 =
-                        fast && t <= GEMV_MAX_ROWS && quant_dot::has_vnni() && quant_dot::supported(ty);
+                    let int8 = p == Precision::Fast
+                        && t <= GEMV_MAX_ROWS
+                        && quant_dot::int8_path().is_some()
+                        && quant_dot::supported(ty);
                     // Few rows in fast mode: 8-bit activations against the dequantized weight.
                     let want_q8 =
                         int8.then(|| nt(&quant_dot::Q8Rows::new(&x, t, k).dequantized(), &wf, t, n, k));
