@@ -429,20 +429,26 @@ pub fn linear_forward_lora(
 }
 
 /// `y[t×out] = x · wᵀ` for rows in consecutive `groups` (one per sequence), each row computed as
-/// its group alone would be. Only block-quantized weights need care: their few-row products
-/// (≤ [`GEMV_MAX_ROWS`]) and their GEMM round differently, so the rows of small groups (decode
+/// its group alone would be. Weights with a few-row path (≤ [`GEMV_MAX_ROWS`]: block-quantized
+/// ones, bf16 ones in fast mode where they are not packed — CPUs without bf16 dot products — and
+/// small f32 ones) round differently there than in the GEMM, so the rows of small groups (decode
 /// steps, short prompts) are multiplied a few at a time — each row's few-row result does not
 /// depend on the others — and the rows of large groups together through the GEMM, whose rows do
-/// not depend on each other either. Other weights take one product: packed bf16 is invariant
-/// already; f32 and plain bf16 are not promised to be.
+/// not depend on each other either. Packed bf16 is invariant already and takes one product.
 pub fn linear_forward_grouped(y: &mut [f32], x: &[f32], w: &Weight, groups: &[usize], precision: Precision) {
     let t: usize = groups.iter().sum();
     let few = |g: &usize| (1..=GEMV_MAX_ROWS).contains(g);
-    let WeightData::Quant(q) = &w.data else {
-        return linear_forward(y, x, w, t, false, precision);
+    // Where a few rows take another kernel than many (the GEMV paths of `linear_forward`), the
+    // small groups are multiplied apart from the large ones; packed weights give a row the same
+    // bits at any row count.
+    let row_count_matters = match &w.data {
+        WeightData::Quant(_) => true,
+        WeightData::Bf16(_) => precision == Precision::Fast,
+        WeightData::F32(_) => w.rows * w.cols <= SMALL_F32_GEMV,
+        WeightData::Bf16Panels(_) => false,
     };
-    if t <= GEMV_MAX_ROWS || groups.iter().all(|g| !few(g)) {
-        return quant_matmul::forward(y, x, q, t, false, precision);
+    if !row_count_matters || t <= GEMV_MAX_ROWS || groups.iter().all(|g| !few(g)) {
+        return linear_forward(y, x, w, t, false, precision);
     }
     let (inp, out) = (w.cols, w.rows);
     // Row indices of the small groups and of the large ones.
@@ -464,7 +470,7 @@ pub fn linear_forward_grouped(y: &mut [f32], x: &[f32], w: &Weight, groups: &[us
             xs[i * inp..(i + 1) * inp].copy_from_slice(&x[r * inp..(r + 1) * inp]);
         }
         let mut ys = vec![0.0f32; n * out];
-        quant_matmul::forward(&mut ys, &xs, q, n, false, precision);
+        linear_forward(&mut ys, &xs, w, n, false, precision);
         for (i, &r) in rows.iter().enumerate() {
             y[r * out..(r + 1) * out].copy_from_slice(&ys[i * out..(i + 1) * out]);
         }
@@ -714,25 +720,28 @@ fn gemv_row(x: &[bf16], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
 
 /// `out[m] = Σ_k x[m·inp + k] · row[k]` for `t` f32 input rows and a bf16 weight row, on CPUs
 /// without bf16 dot products: AVX2 widens eight weights at a time (a shift) and meets every row
-/// in one FMA each.
+/// in one FMA each. Up to four input rows per pass over the weight row (which stays in L1), each
+/// row with the same two accumulator chains whatever `t` is, so that a row's result does not
+/// depend on the rows multiplied with it.
 fn gemv_row_f32_inputs(x: &[f32], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: the CPU has avx2 and fma; `x` holds `t · inp` values, `row` `inp`, `out` `t`
-        // (checked inside).
-        unsafe {
-            match t {
-                1 => return gemv_row_avx2::<1, 4>(x, inp, row, out),
-                2 => return gemv_row_avx2::<2, 4>(x, inp, row, out),
-                3 => return gemv_row_avx2::<3, 2>(x, inp, row, out),
-                4 => return gemv_row_avx2::<4, 2>(x, inp, row, out),
-                5 => return gemv_row_avx2::<5, 1>(x, inp, row, out),
-                6 => return gemv_row_avx2::<6, 1>(x, inp, row, out),
-                7 => return gemv_row_avx2::<7, 1>(x, inp, row, out),
-                8 => return gemv_row_avx2::<8, 1>(x, inp, row, out),
-                _ => {}
+        let mut m0 = 0;
+        while m0 < t {
+            let (xs, o) = (&x[m0 * inp..t * inp], &mut out[m0..t]);
+            // SAFETY: the CPU has avx2 and fma; `xs` holds `(t − m0) · inp` values, `row` `inp`,
+            // `o` `t − m0` (checked inside).
+            unsafe {
+                match t - m0 {
+                    1 => gemv_row_avx2::<1, 2>(xs, inp, row, o),
+                    2 => gemv_row_avx2::<2, 2>(xs, inp, row, o),
+                    3 => gemv_row_avx2::<3, 2>(xs, inp, row, o),
+                    _ => gemv_row_avx2::<4, 2>(xs, inp, row, o),
+                }
             }
+            m0 += 4;
         }
+        return;
     }
     for m in 0..t {
         out[m] = x[m * inp..(m + 1) * inp]
@@ -756,7 +765,7 @@ pub fn has_avx2_fma() -> bool {
 }
 
 /// [`gemv_row_f32_inputs`] for `T` rows, `U` chunks of eight weights per step (independent FMA
-/// chains: `T · U` accumulators, at most 8 plus the `U` weight vectors in registers).
+/// chains: `T · U` accumulators, plus the `U` weight vectors, in registers).
 ///
 /// # Safety
 /// The CPU must have avx2 and fma.
@@ -1155,6 +1164,43 @@ mod tests {
                 assert!(
                     (y[m * out + n] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                     "lora [{m}][{n}]"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn few_row_products_do_not_depend_on_the_row_count() {
+        // What batching independent requests relies on: row m of a t-row product has the same
+        // bits for every t the few-row paths take (bf16 and block-quantized weights, fast mode).
+        use super::super::quant_matmul::tests::random_blocks;
+        use crate::quant::QuantType;
+        let (inp, out) = (512usize, 37usize);
+        let wf: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 17 % 89) as f32 - 44.0) * 0.021)
+            .collect();
+        let weights = [
+            Weight::bf16_from_f32(&wf, out, inp),
+            Weight::quantized(random_blocks(QuantType::Q8_0, out, inp, 3)),
+            Weight::quantized(random_blocks(QuantType::Q5_0, out, inp, 4)),
+            Weight::quantized(random_blocks(QuantType::Q4_K, out, inp, 5)),
+        ];
+        let x: Vec<f32> = (0..GEMV_MAX_ROWS * inp)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.013)
+            .collect();
+        for w in &weights {
+            let mut one = vec![0.0f32; GEMV_MAX_ROWS * out];
+            for m in 0..GEMV_MAX_ROWS {
+                linear_forward(&mut one[m * out..], &x[m * inp..], w, 1, false, Precision::Fast);
+            }
+            for t in 2..=GEMV_MAX_ROWS {
+                let mut y = vec![0.0f32; t * out];
+                linear_forward(&mut y, &x, w, t, false, Precision::Fast);
+                let same = y.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{:?}: {t} rows differ from one at a time",
+                    std::mem::discriminant(&w.data)
                 );
             }
         }

@@ -253,10 +253,15 @@ macro_rules! int8_kernels {
             let mut acc1 = [_mm256_setzero_ps(); T];
             let mut corr0 = [0.0f32; T];
             let mut corr1 = [0.0f32; T];
+            // Every index below is in bounds by the asserts above: block b < nb of the weight row,
+            // and of each of the T activation rows; the loop reads through raw pointers so the hot
+            // loop carries no bounds checks.
+            let (d, ds) = (a.d.as_ptr(), a.ds.as_ptr());
             macro_rules! block {
                 ($b:expr, $acc:ident, $corr:ident) => {{
                     let b = $b;
-                    let blk = &row[b * bb..(b + 1) * bb];
+                    // SAFETY: b < nb, and the row holds nb blocks of bb bytes (asserted).
+                    let blk = unsafe { core::slice::from_raw_parts(row.as_ptr().add(b * bb), bb) };
                     let dw = f16_at(blk, 0);
                     // SAFETY: the block's quants lie inside it (Q8_0 at 2..34, Q4_0 2..18, Q4_1
                     // 4..20, Q5_0 fifth bits 2..6 and nibbles 6..22, Q5_1 4..8 and 8..24).
@@ -277,16 +282,15 @@ macro_rules! int8_kernels {
                     };
                     for m in 0..T {
                         let i = m * nb + b;
-                        let dx = a.d[i];
-                        // SAFETY: block b of row m < T (asserted above).
-                        let xq = unsafe { act(a, m, b) };
+                        // SAFETY: block b of row m < T: i < T·nb (asserted above).
+                        let (dx, dsx, xq) = unsafe { (*d.add(i), *ds.add(i), act(a, m, b)) };
                         let xq = if K == 0 { _mm256_sign_epi8(xq, wq) } else { xq };
                         let dot = dot_u8i8(uw, xq);
                         $acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * dx), $acc[m]);
                         match K {
-                            1 => $corr[m] -= 8.0 * dw * a.ds[i],
-                            3 => $corr[m] -= 16.0 * dw * a.ds[i],
-                            2 | 4 => $corr[m] += mw * a.ds[i],
+                            1 => $corr[m] -= 8.0 * dw * dsx,
+                            3 => $corr[m] -= 16.0 * dw * dsx,
+                            2 | 4 => $corr[m] += mw * dsx,
                             _ => {}
                         }
                     }
