@@ -447,6 +447,13 @@ pub fn linear_forward_grouped(y: &mut [f32], x: &[f32], w: &Weight, groups: &[us
         WeightData::F32(_) => w.rows * w.cols <= SMALL_F32_GEMV,
         WeightData::Bf16Panels(_) => false,
     };
+    if let WeightData::Quant(q) = &w.data
+        && t > GEMV_MAX_ROWS
+        && quant_matmul::prompts_in_decode_chunks(q, precision)
+    {
+        // Every row as a decode step computes it: invariant by construction.
+        return quant_matmul::forward_in_decode_chunks(y, x, q, t);
+    }
     if !row_count_matters || t <= GEMV_MAX_ROWS || groups.iter().all(|g| !few(g)) {
         return linear_forward(y, x, w, t, false, precision);
     }

@@ -158,10 +158,56 @@ fn for_each_panel(w: &QuantTensor, mut f: impl FnMut(usize, usize, &[f32])) {
     for r0 in (0..out).step_by(panel) {
         let nr = panel.min(out - r0);
         let s = &mut scratch[..nr * inp];
-        for (r, o) in (r0..r0 + nr).zip(s.chunks_exact_mut(inp)) {
-            w.dequantize_range(r, 0, inp, o);
-        }
+        dequantize_rows(w, r0, s);
         f(r0, nr, s);
+    }
+}
+
+/// Rows `r0 ..` of `w` dequantized to f32 into `out` (whole rows, as many as it holds), split
+/// over the threads, each part compiled for the widest vector unit the CPU has.
+fn dequantize_rows(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let inp = w.cols.max(1);
+    let rows = out.len() / inp;
+    let per_task = rows.div_ceil(rayon::current_num_threads().max(1) * 2).max(8);
+    out[..rows * inp]
+        .par_chunks_mut(per_task * inp)
+        .enumerate()
+        .for_each(|(i, o)| dequantize_rows_on_cpu(w, r0 + i * per_task, o));
+}
+
+/// [`dequantize_rows`] on one thread.
+fn dequantize_rows_on_cpu(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_blocks() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { dequantize_rows_avx512(w, r0, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul::has_avx2_fma() {
+        // SAFETY: as above.
+        return unsafe { dequantize_rows_avx2(w, r0, out) };
+    }
+    dequantize_rows_body(w, r0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
+unsafe fn dequantize_rows_avx512(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+    dequantize_rows_body(w, r0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequantize_rows_avx2(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+    dequantize_rows_body(w, r0, out)
+}
+
+#[inline(always)]
+fn dequantize_rows_body(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+    let inp = w.cols;
+    for (r, o) in (r0..).zip(out.chunks_exact_mut(inp)) {
+        w.dequantize_range(r, 0, inp, o);
     }
 }
 
@@ -208,6 +254,54 @@ pub fn backward_input(
         let acc = accumulate || r0 > 0;
         matmul_strided(dx, inp, &dy[r0..], t, nr, out, 1, s, inp, inp, 1, 1.0, acc);
     });
+}
+
+/// Whether inference prompts (many rows) on `w` should run as the decode products, eight rows at
+/// a time ([`forward_in_decode_chunks`]): fast mode on a CPU with integer dot products but no bf16
+/// GEMM, where the alternative is an f32 GEMM on dequantized panels, and only for the 32-value
+/// block types. llama.cpp multiplies prompts on such CPUs the same way (8-bit activations against
+/// the blocks). Measured on Zen 3 (AVX2, `examples/bench_prompt_quant.rs`, 512 × 1536 → 576):
+/// Q8_0 60–76 GFLOP/s against the f32 path's 43–49, Q4_0/Q4_1/Q5_0 even; Q4_K (37–43 vs 49–68)
+/// and Q6_K (20–26 vs 45–63), whose sub-blocks need float work per 32 values, stay on the GEMM.
+pub fn prompts_in_decode_chunks(w: &QuantTensor, precision: Precision) -> bool {
+    precision == Precision::Fast
+        && precision.effective() != Precision::Fast
+        && quant_dot::int8_path().is_some()
+        && matches!(
+            w.ty,
+            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1
+        )
+}
+
+/// `y[t×out] = x · wᵀ` for any number of rows, as the decode products compute them: the rows in
+/// chunks of [`GEMV_MAX_ROWS`] spread over the threads, each chunk quantized to 8 bits and
+/// multiplied with the whole weight (a block of output rows at a time, which stays in L2). Each
+/// row's result is the one a decode step alone would give, whatever rows come with it.
+pub fn forward_in_decode_chunks(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize) {
+    use rayon::prelude::*;
+    let (out, inp) = (w.rows, w.cols);
+    assert!(
+        y.len() >= t * out && x.len() >= t * inp,
+        "quantized forward: buffer sizes"
+    );
+    const ROW_BLOCK: usize = 64;
+    y[..t * out]
+        .par_chunks_mut(GEMV_MAX_ROWS * out)
+        .zip(x[..t * inp].par_chunks(GEMV_MAX_ROWS * inp))
+        .for_each(|(yc, xc)| {
+            let n = xc.len() / inp;
+            let a = quant_dot::Q8Rows::new(xc, n, inp);
+            let mut acc = vec![0.0f32; ROW_BLOCK * n];
+            for n0 in (0..out).step_by(ROW_BLOCK) {
+                let n1 = (n0 + ROW_BLOCK).min(out);
+                quant_dot::rows(w, &a, n, n0, n1, &mut acc);
+                for (r, vals) in acc[..(n1 - n0) * n].chunks_exact(n).enumerate() {
+                    for (m, &v) in vals.iter().enumerate() {
+                        yc[m * out + n0 + r] = v;
+                    }
+                }
+            }
+        });
 }
 
 /// `y[t×out] (+)= x · wᵀ` for a few rows, parallel over blocks of output rows; each weight row is
@@ -619,6 +713,41 @@ pub(super) mod tests {
                     };
                     check(&dx, want, base, 1e-5, &format!("backward {p:?} {what}"));
                 }
+            }
+        }
+    }
+
+    /// Prompts in decode chunks: every row bit for bit what the decode product of that row alone
+    /// gives, for a row count that is not a multiple of the chunk.
+    #[test]
+    fn prompt_rows_in_decode_chunks_equal_each_row_alone() {
+        if quant_dot::int8_path().is_none() {
+            eprintln!("skipping: this CPU has no integer dot products");
+            return;
+        }
+        for (i, ty) in [
+            QuantType::Q8_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+            QuantType::Q4_K,
+            QuantType::Q6_K,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (t, n, k) = (19usize, 70usize, 512usize);
+            let w = random_blocks(ty, n, k, 21 + i as u64);
+            let x = rand(t * k, 9);
+            let mut y = vec![f32::NAN; t * n];
+            forward_in_decode_chunks(&mut y, &x, &w, t);
+            for m in 0..t {
+                let mut one = vec![0.0f32; n];
+                forward(&mut one, &x[m * k..(m + 1) * k], &w, 1, false, Precision::Fast);
+                let same = one
+                    .iter()
+                    .zip(&y[m * n..(m + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{ty:?} row {m}");
             }
         }
     }
