@@ -233,7 +233,9 @@ mod avx2 {
     }
 }
 
-/// Whether the CPU has what this module's AVX2 paths are compiled for (avx2, fma, f16c).
+/// Whether the CPU has AVX2, FMA and F16C: the one test for every AVX2 build in `cpu` (this
+/// module's row kernels, the f32 helpers and GEMV of `matmul`, the block products, the
+/// optimizer), each compiled for those features or fewer.
 #[inline]
 pub(super) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -15,6 +15,7 @@ use super::gemm_bf16::{
     MatData, MatRef, PackedB, gemm_bf16, gemm_bf16_cat, gemm_bf16_packed, gemm_bf16_rows_packed,
     has_avx512_bf16,
 };
+use super::math::has_avx2;
 use super::quant_matmul;
 use crate::quant::QuantTensor;
 use crate::types::Precision;
@@ -578,7 +579,7 @@ fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
         return unsafe { axpy_f32_avx512(y, a, x) };
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if has_avx2() {
         // SAFETY: as above.
         return unsafe { axpy_f32_avx2(y, a, x) };
     }
@@ -612,7 +613,7 @@ fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
         return unsafe { dot_f32_avx512(x, w) };
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if has_avx2() {
         // SAFETY: as above.
         return unsafe { dot_f32_avx2(x, w) };
     }
@@ -732,7 +733,7 @@ fn gemv_row(x: &[bf16], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
 /// depend on the rows multiplied with it.
 fn gemv_row_f32_inputs(x: &[f32], inp: usize, t: usize, row: &[bf16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if has_avx2() {
         let mut m0 = 0;
         while m0 < t {
             let (xs, o) = (&x[m0 * inp..t * inp], &mut out[m0..t]);
@@ -756,18 +757,6 @@ fn gemv_row_f32_inputs(x: &[f32], inp: usize, t: usize, row: &[bf16], out: &mut 
             .zip(row)
             .map(|(a, b)| a * b.to_f32())
             .sum();
-    }
-}
-
-/// Whether the CPU has AVX2 and FMA (the f32 paths for x86 CPUs without AVX-512).
-pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

@@ -54,7 +54,7 @@ fn update_chunk_fma(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], deca
 
 fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool, s: &AdamWScalars) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
+    if super::math::has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { update_chunk_fma(p, g, m, v, decay, s) };
     }

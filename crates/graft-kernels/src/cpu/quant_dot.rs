@@ -105,11 +105,15 @@ pub enum Int8Path {
 /// The integer path for this CPU, or `None` where it has neither (then the f32 block products of
 /// [`super::quant_matmul`] run).
 pub fn int8_path() -> Option<Int8Path> {
+    // Asked once: every decode product and activation quantization consults it.
+    static PATH: std::sync::OnceLock<Option<Int8Path>> = std::sync::OnceLock::new();
+    *PATH.get_or_init(detect_int8_path)
+}
+
+fn detect_int8_path() -> Option<Int8Path> {
     #[cfg(target_arch = "x86_64")]
     {
-        let base = std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c");
+        let base = super::math::has_avx2();
         if base
             && std::is_x86_feature_detected!("avx512vnni")
             && std::is_x86_feature_detected!("avx512vl")

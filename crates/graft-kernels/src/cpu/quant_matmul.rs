@@ -184,7 +184,7 @@ fn dequantize_rows_on_cpu(w: &QuantTensor, r0: usize, out: &mut [f32]) {
         return unsafe { dequantize_rows_avx512(w, r0, out) };
     }
     #[cfg(target_arch = "x86_64")]
-    if super::matmul::has_avx2_fma() {
+    if super::math::has_avx2() {
         // SAFETY: as above.
         return unsafe { dequantize_rows_avx2(w, r0, out) };
     }
@@ -260,7 +260,7 @@ pub fn backward_input(
 /// a time ([`forward_in_decode_chunks`]): fast mode on a CPU with integer dot products but no bf16
 /// GEMM, where the alternative is an f32 GEMM on dequantized panels, and only for the 32-value
 /// block types. llama.cpp multiplies prompts on such CPUs the same way (8-bit activations against
-/// the blocks). Measured on Zen 3 (AVX2, `examples/bench_prompt_quant.rs`, 512 × 1536 → 576):
+/// the blocks). Measured on Zen 3 (AVX2, `examples/bench_quant_products.rs`, 512 × 1536 → 576):
 /// Q8_0 60–76 GFLOP/s against the f32 path's 43–49, Q4_0/Q4_1/Q5_0 even; Q4_K (37–43 vs 49–68)
 /// and Q6_K (20–26 vs 45–63), whose sub-blocks need float work per 32 values, stay on the GEMM.
 pub fn prompts_in_decode_chunks(w: &QuantTensor, precision: Precision) -> bool {
@@ -343,7 +343,7 @@ fn gemv_rows(w: &QuantTensor, x: &[f32], t: usize, n0: usize, n1: usize, acc: &m
         return unsafe { gemv_rows_avx512(w, x, t, n0, n1, acc) };
     }
     #[cfg(target_arch = "x86_64")]
-    if super::matmul::has_avx2_fma() {
+    if super::math::has_avx2() {
         // SAFETY: as above.
         return unsafe { gemv_rows_avx2(w, x, t, n0, n1, acc) };
     }
