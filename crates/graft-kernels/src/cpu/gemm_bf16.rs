@@ -211,6 +211,62 @@ pub fn has_avx512_bf16() -> bool {
     }
 }
 
+/// The kernel that runs the products on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPath {
+    /// AMX tiles (`tdpbf16ps`, 32 × 32 output tiles): Intel Sapphire Rapids and later.
+    Amx,
+    /// The AVX-512 `vdpbf16ps` microkernel (8 × 32 register tile): AMD Zen 4/5, Intel Cooper
+    /// Lake and later.
+    Avx512Bf16,
+    /// Inputs rounded to bf16, widened to f32 and multiplied by the `gemm` crate.
+    Portable,
+}
+
+impl GemmPath {
+    /// The path in words, for benchmark headers.
+    pub fn describe(self) -> &'static str {
+        match self {
+            GemmPath::Amx => "AMX tiles (tdpbf16ps)",
+            GemmPath::Avx512Bf16 => "avx512_bf16 (vdpbf16ps)",
+            GemmPath::Portable => "portable (bf16-rounded, widened to f32)",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            GemmPath::Amx => x86::amx::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            GemmPath::Amx => false,
+            GemmPath::Avx512Bf16 => has_avx512_bf16(),
+            GemmPath::Portable => true,
+        }
+    }
+}
+
+/// The path [`gemm_bf16`] and its variants take: the fastest this CPU supports, or the one named
+/// by `GRAFT_GEMM_BF16_PATH` (`amx`, `avx512`, `portable`; for comparisons) when supported.
+/// Decided once.
+pub fn gemm_path() -> GemmPath {
+    static PATH: std::sync::OnceLock<GemmPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        let wanted = match std::env::var("GRAFT_GEMM_BF16_PATH").as_deref() {
+            Ok("amx") => Some(GemmPath::Amx),
+            Ok("avx512") => Some(GemmPath::Avx512Bf16),
+            Ok("portable") => Some(GemmPath::Portable),
+            _ => None,
+        };
+        match wanted {
+            Some(p) if p.supported() => p,
+            _ if GemmPath::Amx.supported() => GemmPath::Amx,
+            _ if GemmPath::Avx512Bf16.supported() => GemmPath::Avx512Bf16,
+            _ => GemmPath::Portable,
+        }
+    })
+}
+
 /// `C[m×n] = alpha · A[m×k] · B[k×n] + beta · C`, with bf16-rounded inputs and f32 accumulation.
 ///
 /// `C` is row-major with row stride `c_row_stride` (≥ n). `threads` is how many rayon workers to use
@@ -257,7 +313,7 @@ pub fn gemm_bf16(
         alpha,
         beta,
         threads,
-        !has_avx512_bf16(),
+        gemm_path(),
     );
 }
 
@@ -290,12 +346,12 @@ impl std::fmt::Debug for PackedB {
 impl PackedB {
     /// Packs `b` (`k × n`, any strides, f32 rounded to bf16 or bf16) using `threads` workers.
     pub fn new(b: MatRef, threads: usize) -> Self {
-        Self::new_impl(b, threads, !has_avx512_bf16())
+        Self::new_impl(b, threads, gemm_path() == GemmPath::Portable)
     }
 
     /// Packs a [`BSource`] (`k × n`) using `threads` workers, a tile at a time.
     pub fn from_source(b: &dyn BSource, threads: usize) -> Self {
-        Self::source_impl(b, threads, !has_avx512_bf16())
+        Self::source_impl(b, threads, gemm_path() == GemmPath::Portable)
     }
 
     fn source_impl(b: &dyn BSource, threads: usize, force_fallback: bool) -> Self {
@@ -400,7 +456,16 @@ pub fn gemm_bf16_packed(
     beta: f32,
     threads: usize,
 ) {
-    gemm_bf16_impl(c, c_row_stride, a, BInput::Packed(b), alpha, beta, threads, false);
+    gemm_bf16_impl(
+        c,
+        c_row_stride,
+        a,
+        BInput::Packed(b),
+        alpha,
+        beta,
+        threads,
+        gemm_path(),
+    );
 }
 
 /// [`gemm_bf16`] with a `B` produced by a [`BSource`] (dequantized tile by tile while packed).
@@ -424,7 +489,7 @@ pub fn gemm_bf16_source(
         alpha,
         beta,
         threads,
-        !has_avx512_bf16(),
+        gemm_path(),
     );
 }
 
@@ -453,8 +518,9 @@ pub fn gemm_bf16_cat(
         a.0.rows == a.1.rows && b.0.cols == b.1.cols && a.0.cols == b.0.rows && a.1.cols == b.1.rows,
         "gemm_bf16_cat: shapes do not chain"
     );
+    let path = gemm_path();
     #[cfg(target_arch = "x86_64")]
-    if has_avx512_bf16() && a.0.cols.is_multiple_of(2) && a.0.cols > 0 && a.1.cols > 0 {
+    if path != GemmPath::Portable && a.0.cols.is_multiple_of(2) && a.0.cols > 0 && a.1.cols > 0 {
         for (v, what) in [(&a.0, "A1"), (&a.1, "A2"), (&b.0, "B1"), (&b.1, "B2")] {
             v.check(what);
         }
@@ -492,9 +558,11 @@ pub fn gemm_bf16_cat(
             alpha,
             beta,
             threads.max(1),
+            path == GemmPath::Amx,
         );
         return;
     }
+    let _ = path;
     gemm_bf16(c, c_row_stride, a.0, b.0, alpha, beta, threads);
     gemm_bf16(c, c_row_stride, a.1, b.1, alpha, 1.0, threads);
 }
@@ -502,10 +570,10 @@ pub fn gemm_bf16_cat(
 /// `C[t×n] = alpha · A[t×k] · B + beta · C` for a few rows (`t ≤ MR`) of a row-major f32 `A`
 /// against a [`PackedB`]: the decode product on a weight packed once for inference. It streams
 /// the packed panels once with no padding to the microkernel's 8 rows, and computes each element
-/// bit for bit as [`gemm_bf16_packed`] does (the same bf16 rounding of `A`, k-blocks, pair order
-/// and epilogue), so a row's result does not depend on how many rows are multiplied with it — a
-/// request's greedy output does not change with the server's load. `C` is row-major with row
-/// stride `n`.
+/// bit for bit as the AVX-512 kernel does (the same bf16 rounding of `A`, k-blocks, pair order
+/// and epilogue); where that kernel is also [`gemm_path`] (see [`few_rows_match_gemm`]) a row's
+/// result does not depend on how many rows are multiplied with it — a request's greedy output
+/// does not change with the server's load. `C` is row-major with row stride `n`.
 ///
 /// Returns `false` without touching `C` when `t` is 0 or above [`MR`], or `b` holds the widened
 /// fallback copy (a CPU without avx512_bf16); callers then use [`gemm_bf16_packed`].
@@ -536,6 +604,14 @@ pub fn gemm_bf16_rows_packed(c: &mut [f32], a: &[f32], b: &PackedB, t: usize, al
         }
         PackedRepr::Widened(_) => false,
     }
+}
+
+/// Whether [`gemm_bf16_rows_packed`] gives each row the bits [`gemm_bf16_packed`] gives it (true
+/// unless the GEMM runs on AMX tiles, whose rounding of a pair of products differs); where not,
+/// callers that must not let the row count change a row's result keep few-row and many-row
+/// products apart.
+pub fn few_rows_match_gemm() -> bool {
+    gemm_path() != GemmPath::Amx
 }
 
 /// Columns `j0..j0 + nc` of a source, bf16-rounded and widened, row-major `k × nc` into `out`.
@@ -572,7 +648,7 @@ fn gemm_bf16_impl(
     alpha: f32,
     beta: f32,
     threads: usize,
-    force_fallback: bool,
+    path: GemmPath,
 ) {
     let (k, n) = match &b {
         BInput::View(v) => (v.rows, v.cols),
@@ -599,7 +675,7 @@ fn gemm_bf16_impl(
     match b {
         BInput::View(v) => {
             #[cfg(target_arch = "x86_64")]
-            if !force_fallback && has_avx512_bf16() {
+            if path != GemmPath::Portable {
                 x86::gemm(
                     c,
                     ldc,
@@ -608,10 +684,10 @@ fn gemm_bf16_impl(
                     alpha,
                     beta,
                     threads,
+                    path == GemmPath::Amx,
                 );
                 return;
             }
-            let _ = force_fallback;
             fallback_gemm(
                 c,
                 ldc,
@@ -629,7 +705,7 @@ fn gemm_bf16_impl(
         }
         BInput::Source(s) => {
             #[cfg(target_arch = "x86_64")]
-            if !force_fallback && has_avx512_bf16() {
+            if path != GemmPath::Portable {
                 x86::gemm(
                     c,
                     ldc,
@@ -638,6 +714,7 @@ fn gemm_bf16_impl(
                     alpha,
                     beta,
                     threads,
+                    path == GemmPath::Amx,
                 );
                 return;
             }
@@ -665,6 +742,8 @@ fn gemm_bf16_impl(
                 alpha,
                 beta,
                 threads,
+                // Packed panels exist only where the AVX-512 kernel runs; AMX when chosen.
+                path == GemmPath::Amx,
             ),
             PackedRepr::Widened(w) => fallback_gemm(
                 c,
@@ -765,6 +844,64 @@ mod x86 {
     use super::{BSource, KC, MC, MR, MatData, MatRef, NC, NR, tile_view};
     use core::arch::x86_64::*;
     use std::cell::Cell;
+
+    pub(super) mod amx;
+
+    /// The microkernel a product runs on, with its A panel layout.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Micro {
+        /// 8 × 32 `vdpbf16ps` register tile, A in 8-row pair panels.
+        Avx512,
+        /// 32 × 32 AMX tiles, A in 32-row tile panels ([`amx::pack_a`]).
+        Amx,
+    }
+
+    impl Micro {
+        /// Rows of an A panel.
+        fn mr(self) -> usize {
+            match self {
+                Micro::Avx512 => MR,
+                Micro::Amx => amx::MA,
+            }
+        }
+        /// u16 elements of an A panel of `kp` pairs.
+        fn a_panel(self, kp: usize) -> usize {
+            match self {
+                Micro::Avx512 => kp * MR * 2,
+                Micro::Amx => amx::a_panel_len(kp),
+            }
+        }
+        /// Packs the A panels `q0..q1` of `kp` pairs into `out`.
+        fn pack_a(self, a: &KCat, q0: usize, q1: usize, kp: usize, out: &mut [u16]) {
+            match self {
+                Micro::Avx512 => pack_a(a, q0, q1, kp, out),
+                Micro::Amx => amx::pack_a(a, q0, q1, kp, out),
+            }
+        }
+        /// The kernel's `compute` over packed panels (safety contract of [`compute`] and
+        /// [`amx::compute`]).
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn compute(
+            self,
+            ap: &[u16],
+            bp: &[u16],
+            kp: usize,
+            rows: usize,
+            cols: usize,
+            c: *mut f32,
+            ldc: usize,
+            alpha: f32,
+            beta: f32,
+        ) {
+            // SAFETY: per the caller.
+            unsafe {
+                match self {
+                    Micro::Avx512 => compute(ap, bp, kp, rows, cols, c, ldc, alpha, beta),
+                    Micro::Amx => amx::compute(ap, bp, kp, rows, cols, c, ldc, alpha, beta),
+                }
+            }
+        }
+    }
 
     /// Owned-operand chunk (rows of A or columns of B) a worker packs at a time.
     const CHUNK: usize = 512;
@@ -954,7 +1091,25 @@ mod x86 {
         (blocks, data)
     }
 
-    pub(super) fn gemm(c: &mut [f32], ldc: usize, a: &KCat, b: BArg, alpha: f32, beta: f32, threads: usize) {
+    /// `C = alpha · A · B + beta · C` on the AVX-512 kernel, or on AMX tiles when `amx` (then
+    /// [`amx::available`] must be true).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        c: &mut [f32],
+        ldc: usize,
+        a: &KCat,
+        b: BArg,
+        alpha: f32,
+        beta: f32,
+        threads: usize,
+        amx: bool,
+    ) {
+        let micro = if amx {
+            assert!(amx::available(), "gemm_bf16: AMX path without AMX");
+            Micro::Amx
+        } else {
+            Micro::Avx512
+        };
         // Each k-block is packed and multiplied on its own; C is read and written once per block.
         let owned_blocks;
         let blocks: Vec<(usize, usize, Option<&[u16]>)> = match b {
@@ -973,14 +1128,22 @@ mod x86 {
             match (&b, packed) {
                 (BArg::View(b), _) => {
                     let b_blk = b.sub(k0, k1);
-                    gemm_kblock(c, ldc, &a_blk, KBlockB::View(&b_blk), alpha, beta, threads);
+                    gemm_kblock(micro, c, ldc, &a_blk, KBlockB::View(&b_blk), alpha, beta, threads);
                 }
                 (BArg::Source(s), _) => {
-                    gemm_kblock(c, ldc, &a_blk, KBlockB::Source(*s, k0, k1), alpha, beta, threads)
+                    let b = KBlockB::Source(*s, k0, k1);
+                    gemm_kblock(micro, c, ldc, &a_blk, b, alpha, beta, threads)
                 }
-                (BArg::Packed(_, _, n), Some(p)) => {
-                    gemm_kblock(c, ldc, &a_blk, KBlockB::Packed(p, *n), alpha, beta, threads)
-                }
+                (BArg::Packed(_, _, n), Some(p)) => gemm_kblock(
+                    micro,
+                    c,
+                    ldc,
+                    &a_blk,
+                    KBlockB::Packed(p, *n),
+                    alpha,
+                    beta,
+                    threads,
+                ),
                 (BArg::Packed(..), None) => unreachable!(),
             }
         }
@@ -1138,7 +1301,17 @@ mod x86 {
         Source(&'x dyn BSource, usize, usize),
     }
 
-    fn gemm_kblock(c: &mut [f32], ldc: usize, a: &KCat, b: KBlockB, alpha: f32, beta: f32, threads: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_kblock(
+        micro: Micro,
+        c: &mut [f32],
+        ldc: usize,
+        a: &KCat,
+        b: KBlockB,
+        alpha: f32,
+        beta: f32,
+        threads: usize,
+    ) {
         let (m, k) = (a.main.rows, a.k());
         let n = match b {
             KBlockB::View(b) => b.main.cols,
@@ -1146,8 +1319,9 @@ mod x86 {
             KBlockB::Source(s, _, _) => s.cols(),
         };
         let kp = k.div_ceil(2);
-        let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
-        let a_panel = kp * MR * 2;
+        let mr = micro.mr();
+        let (mp, np) = (m.div_ceil(mr), n.div_ceil(NR));
+        let a_panel = micro.a_panel(kp);
         let b_panel = kp * NR * 2;
         let cptr = CPtr(c.as_mut_ptr());
         // Split the output along its larger dimension; the other operand is packed whole and
@@ -1156,7 +1330,9 @@ mod x86 {
         if split_cols {
             let threads = threads.min(np).max(1);
             with_scratch(&SHARED, mp * a_panel, |ap| {
-                pack_parallel(ap, a_panel, mp, threads, |q0, q1, out| pack_a(a, q0, q1, kp, out));
+                pack_parallel(ap, a_panel, mp, threads, |q0, q1, out| {
+                    micro.pack_a(a, q0, q1, kp, out)
+                });
                 let ap: &[u16] = ap;
                 par_for(threads, |t| {
                     let (q0, q1) = (split(np, threads, t), split(np, threads, t + 1));
@@ -1164,7 +1340,7 @@ mod x86 {
                     let run = |q: usize, qe: usize, bp: &[u16]| {
                         let cols = (qe * NR).min(n) - q * NR;
                         // SAFETY: see `compute`; this worker owns columns q*NR..q*NR+cols.
-                        unsafe { compute(ap, bp, kp, m, cols, cptr.at(q * NR), ldc, alpha, beta) };
+                        unsafe { micro.compute(ap, bp, kp, m, cols, cptr.at(q * NR), ldc, alpha, beta) };
                     };
                     match b {
                         KBlockB::View(b) => with_scratch(&OWNED, chunk_panels.min(q1 - q0) * b_panel, |bp| {
@@ -1197,14 +1373,17 @@ mod x86 {
             let run = |bp: &[u16]| {
                 par_for(threads, |t| {
                     let (q0, q1) = (split(mp, threads, t), split(mp, threads, t + 1));
-                    let chunk_panels = blocking().chunk / MR;
+                    let chunk_panels = (blocking().chunk / mr).max(1);
                     with_scratch(&OWNED, chunk_panels.min(q1 - q0) * a_panel, |ap| {
                         for q in (q0..q1).step_by(chunk_panels) {
                             let qe = (q + chunk_panels).min(q1);
-                            pack_a(a, q, qe, kp, &mut ap[..(qe - q) * a_panel]);
-                            let rows = (qe * MR).min(m) - q * MR;
-                            // SAFETY: see `compute`; this worker owns rows q*MR..q*MR+rows.
-                            unsafe { compute(ap, bp, kp, rows, n, cptr.at(q * MR * ldc), ldc, alpha, beta) };
+                            micro.pack_a(a, q, qe, kp, &mut ap[..(qe - q) * a_panel]);
+                            let rows = (qe * mr).min(m) - q * mr;
+                            // SAFETY: see `compute`; this worker owns rows q*mr..q*mr+rows.
+                            unsafe {
+                                let c = cptr.at(q * mr * ldc);
+                                micro.compute(ap, bp, kp, rows, n, c, ldc, alpha, beta)
+                            };
                         }
                     });
                 });
@@ -1913,6 +2092,14 @@ mod tests {
     use super::*;
 
     /// Deterministic pseudo-random values in [-1, 1).
+    /// The paths this CPU can run, the portable one always (last).
+    fn paths() -> Vec<GemmPath> {
+        let all = [GemmPath::Amx, GemmPath::Avx512Bf16, GemmPath::Portable];
+        let have: Vec<GemmPath> = all.into_iter().filter(|p| p.supported()).collect();
+        eprintln!("gemm_bf16 paths on this CPU: {have:?}");
+        have
+    }
+
     fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
@@ -2097,7 +2284,7 @@ mod tests {
         alpha: f32,
         beta: f32,
         threads: usize,
-        fallback: bool,
+        path: GemmPath,
         packed: bool,
     ) {
         let (ta, tb, spread) = match layout {
@@ -2118,13 +2305,13 @@ mod tests {
             c0.clone()
         };
         if packed {
-            let pb = PackedB::new_impl(b.view(bf), threads, fallback);
+            let pb = PackedB::new_impl(b.view(bf), threads, path == GemmPath::Portable);
             assert_eq!((pb.rows(), pb.cols()), (k, n));
             let bi = BInput::Packed(&pb);
-            gemm_bf16_impl(&mut c, ldc, a.view(bf), bi, alpha, beta, threads, fallback);
+            gemm_bf16_impl(&mut c, ldc, a.view(bf), bi, alpha, beta, threads, path);
         } else {
             let bi = BInput::View(b.view(bf));
-            gemm_bf16_impl(&mut c, ldc, a.view(bf), bi, alpha, beta, threads, fallback);
+            gemm_bf16_impl(&mut c, ldc, a.view(bf), bi, alpha, beta, threads, path);
         }
         let (mut err, mut norm) = (0.0f64, 0.0f64);
         for i in 0..m {
@@ -2153,13 +2340,13 @@ mod tests {
         assert!(
             rel <= 1e-5,
             "m={m} n={n} k={k} {layout:?} bf16={bf} alpha={alpha} beta={beta} threads={threads} \
-             fallback={fallback} packed={packed}: relative error {rel:e}"
+             path={path:?} packed={packed}: relative error {rel:e}"
         );
     }
 
     const LAYOUTS: [Layout; 5] = [Layout::Nt, Layout::Nn, Layout::Tn, Layout::Tt, Layout::Strided];
 
-    fn sweep(fallback: bool) {
+    fn sweep(path: GemmPath) {
         let sizes = [
             (1, 1, 1),
             (1, 3, 17),
@@ -2175,7 +2362,7 @@ mod tests {
             for layout in LAYOUTS {
                 for bf in [false, true] {
                     for threads in [1, 2] {
-                        check(m, n, k, layout, bf, 1.0, 0.0, threads, fallback, false);
+                        check(m, n, k, layout, bf, 1.0, 0.0, threads, path, false);
                     }
                 }
             }
@@ -2184,21 +2371,25 @@ mod tests {
 
     #[test]
     fn gemm_bf16_odd_sizes_all_layouts() {
-        sweep(false);
+        for path in paths() {
+            if path != GemmPath::Portable {
+                sweep(path);
+            }
+        }
     }
 
     #[test]
     fn gemm_bf16_fallback_odd_sizes_all_layouts() {
-        sweep(true);
+        sweep(GemmPath::Portable);
     }
 
     #[test]
     fn gemm_bf16_alpha_beta() {
-        for fallback in [false, true] {
+        for path in paths() {
             for (alpha, beta) in [(1.0, 1.0), (0.5, 0.0), (-2.0, 0.25), (1.0, -1.0)] {
                 for layout in LAYOUTS {
-                    check(37, 70, 45, layout, true, alpha, beta, 2, fallback, false);
-                    check(37, 70, 45, layout, false, alpha, beta, 1, fallback, false);
+                    check(37, 70, 45, layout, true, alpha, beta, 2, path, false);
+                    check(37, 70, 45, layout, false, alpha, beta, 1, path, false);
                 }
             }
         }
@@ -2208,12 +2399,13 @@ mod tests {
     fn gemm_bf16_larger_blocks() {
         // Crosses the KC, MC, NC and per-worker chunk boundaries, both split directions.
         for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
-            for threads in [1, 2] {
-                check(100, 1100, 131, layout, false, 1.0, 0.0, threads, false, false);
-                check(600, 130, 97, layout, true, 1.0, 1.0, threads, false, false);
+            for path in paths() {
+                for threads in [1, 2] {
+                    check(100, 1100, 131, layout, false, 1.0, 0.0, threads, path, false);
+                    check(600, 130, 97, layout, true, 1.0, 1.0, threads, path, false);
+                }
             }
         }
-        check(300, 200, 130, Layout::Tn, false, 1.0, 1.0, 2, true, false);
     }
 
     #[test]
@@ -2256,7 +2448,7 @@ mod tests {
         let a = [1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0];
         let b = [1.0f32, 1.0];
         let mut c = [0.0f32];
-        for fallback in [false, true] {
+        for path in paths() {
             gemm_bf16_impl(
                 &mut c,
                 1,
@@ -2265,9 +2457,9 @@ mod tests {
                 1.0,
                 0.0,
                 1,
-                fallback,
+                path,
             );
-            assert_eq!(c[0], 1.0 + (1.0 + 4.0 / 256.0), "fallback={fallback}");
+            assert_eq!(c[0], 1.0 + (1.0 + 4.0 / 256.0), "path={path:?}");
         }
     }
 
@@ -2275,8 +2467,10 @@ mod tests {
     fn gemm_bf16_many_k_blocks() {
         // k far past KC: several balanced k-blocks accumulate into C (odd k: a padded last pair).
         for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
-            check(40, 70, 2 * KC + 301, layout, false, 1.5, 0.0, 2, false, false);
-            check(70, 40, 3 * KC + 2, layout, true, 1.0, 1.0, 1, false, false);
+            for path in paths() {
+                check(40, 70, 2 * KC + 301, layout, false, 1.5, 0.0, 2, path, false);
+                check(70, 40, 3 * KC + 2, layout, true, 1.0, 1.0, 1, path, false);
+            }
         }
     }
 
@@ -2316,35 +2510,23 @@ mod tests {
             let a = rand_vec(m * k, seed);
             let b = rand_vec(k * n, seed + 1);
             let av = MatRef::f32_row_major(&a, m, k);
-            for fallback in [false, true] {
+            for path in paths() {
                 for threads in [1, 2] {
                     let mut want = vec![0.5f32; m * n];
                     let bv = MatRef::f32_row_major(&b, k, n);
-                    gemm_bf16_impl(&mut want, n, av, BInput::View(bv), 1.0, 1.0, threads, fallback);
+                    gemm_bf16_impl(&mut want, n, av, BInput::View(bv), 1.0, 1.0, threads, path);
                     for columns in [false, true] {
                         let src = ViewSource { b: bv, columns };
                         let mut got = vec![0.5f32; m * n];
-                        gemm_bf16_impl(&mut got, n, av, BInput::Source(&src), 1.0, 1.0, threads, fallback);
+                        gemm_bf16_impl(&mut got, n, av, BInput::Source(&src), 1.0, 1.0, threads, path);
                         assert_eq!(
                             got, want,
-                            "{m}x{n}x{k} fallback {fallback} threads {threads} columns {columns}"
+                            "{m}x{n}x{k} path {path:?} threads {threads} columns {columns}"
                         );
-                        let packed = PackedB::source_impl(&src, threads, fallback);
+                        let packed = PackedB::source_impl(&src, threads, path == GemmPath::Portable);
                         let mut got = vec![0.5f32; m * n];
-                        gemm_bf16_impl(
-                            &mut got,
-                            n,
-                            av,
-                            BInput::Packed(&packed),
-                            1.0,
-                            1.0,
-                            threads,
-                            fallback,
-                        );
-                        assert_eq!(
-                            got, want,
-                            "packed {m}x{n}x{k} fallback {fallback} threads {threads}"
-                        );
+                        gemm_bf16_impl(&mut got, n, av, BInput::Packed(&packed), 1.0, 1.0, threads, path);
+                        assert_eq!(got, want, "packed {m}x{n}x{k} path {path:?} threads {threads}");
                     }
                 }
             }
@@ -2366,7 +2548,7 @@ mod tests {
                 1.0,
                 0.0,
                 2,
-                false,
+                gemm_path(),
                 false,
             );
         });
@@ -2374,7 +2556,7 @@ mod tests {
 
     #[test]
     fn gemm_bf16_packed_b() {
-        for fallback in [false, true] {
+        for path in paths() {
             for layout in LAYOUTS {
                 for &(m, n, k) in &[(1, 1, 1), (17, 33, 3), (33, 65, 257), (20, 172, 93)] {
                     check(
@@ -2386,35 +2568,24 @@ mod tests {
                         1.0,
                         0.0,
                         2,
-                        fallback,
+                        path,
                         true,
                     );
                 }
-                check(37, 70, 45, layout, true, -2.0, 0.25, 1, fallback, true);
+                check(37, 70, 45, layout, true, -2.0, 0.25, 1, path, true);
             }
             // Several k-blocks, both split directions.
-            check(
-                40,
-                300,
-                2 * KC + 301,
-                Layout::Nt,
-                false,
-                1.0,
-                1.0,
-                2,
-                fallback,
-                true,
-            );
-            check(600, 40, KC + 3, Layout::Nn, true, 1.0, 0.0, 2, fallback, true);
+            check(40, 300, 2 * KC + 301, Layout::Nt, false, 1.0, 1.0, 2, path, true);
+            check(600, 40, KC + 3, Layout::Nn, true, 1.0, 0.0, 2, path, true);
             // Column chunks of the packed panels.
-            check(30, 1100, 64, Layout::Nt, false, 1.0, 0.0, 2, fallback, true);
+            check(30, 1100, 64, Layout::Nt, false, 1.0, 0.0, 2, path, true);
         }
     }
 
     #[test]
     fn gemm_bf16_same_bits_for_any_thread_count() {
         // Every C element is summed over the same k-blocks in the same order whatever the split
-        // (a property of the vdpbf16ps path; the fallback leaves the order to the gemm crate).
+        // (a property of the vdpbf16ps path; the path leaves the order to the gemm crate).
         if !has_avx512_bf16() {
             return;
         }
@@ -2483,14 +2654,16 @@ mod tests {
                 for &(alpha, beta) in &[(1.0f32, 0.0f32), (1.0, 1.0), (0.5, 0.75)] {
                     let c0 = rand_vec(t * n, 99);
                     let mut want = c0.clone();
-                    gemm_bf16(
+                    // The AVX-512 kernel's bits (AMX rounds pairs of products otherwise).
+                    gemm_bf16_impl(
                         &mut want,
                         n,
                         MatRef::f32_row_major(&a, t, k),
-                        wv.t(),
+                        BInput::View(wv.t()),
                         alpha,
                         beta,
                         1,
+                        GemmPath::Avx512Bf16,
                     );
                     let mut got = c0.clone();
                     assert!(gemm_bf16_rows_packed(&mut got, &a, &packed, t, alpha, beta));

@@ -12,8 +12,8 @@
 //! bf16 while packing, so activations never need a bf16 copy.
 
 use super::gemm_bf16::{
-    MatData, MatRef, PackedB, gemm_bf16, gemm_bf16_cat, gemm_bf16_packed, gemm_bf16_rows_packed,
-    has_avx512_bf16,
+    MatData, MatRef, PackedB, few_rows_match_gemm, gemm_bf16, gemm_bf16_cat, gemm_bf16_packed,
+    gemm_bf16_rows_packed, has_avx512_bf16,
 };
 use super::math::has_avx2;
 use super::quant_matmul;
@@ -336,8 +336,9 @@ pub fn linear_forward(
         return quant_matmul::forward(y, x, q, t, accumulate, precision);
     }
     // A weight packed for inference: a few rows stream its panels once, more rows take the GEMM
-    // without packing it; both compute each row the same way, so a row's result does not depend
-    // on the row count (on the requests batched with it).
+    // without packing it; both compute each row the same way (on AMX machines not: there
+    // `linear_forward_grouped` keeps the two apart), so a row's result does not depend on the row
+    // count (on the requests batched with it).
     if let WeightData::Bf16Panels(p) = &w.data {
         let beta = if accumulate { 1.0 } else { 0.0 };
         if !gemm_bf16_rows_packed(y, x, p, t, 1.0, beta) {
@@ -441,12 +442,12 @@ pub fn linear_forward_grouped(y: &mut [f32], x: &[f32], w: &Weight, groups: &[us
     let few = |g: &usize| (1..=GEMV_MAX_ROWS).contains(g);
     // Where a few rows take another kernel than many (the GEMV paths of `linear_forward`), the
     // small groups are multiplied apart from the large ones; packed weights give a row the same
-    // bits at any row count.
+    // bits at any row count, except where the GEMM runs on AMX tiles.
     let row_count_matters = match &w.data {
         WeightData::Quant(_) => true,
         WeightData::Bf16(_) => precision == Precision::Fast,
         WeightData::F32(_) => w.rows * w.cols <= SMALL_F32_GEMV,
-        WeightData::Bf16Panels(_) => false,
+        WeightData::Bf16Panels(_) => !few_rows_match_gemm(),
     };
     if let WeightData::Quant(q) = &w.data
         && t > GEMV_MAX_ROWS
@@ -1126,7 +1127,8 @@ mod tests {
         let product = |x: &[f32], rows: usize| {
             let mut y = vec![0.5f32; rows * out];
             if let Some(w) = &packed {
-                linear_forward(&mut y, x, w, rows, false, Precision::Fast);
+                // One row per request, as the server batches decode steps.
+                linear_forward_grouped(&mut y, x, w, &vec![1; rows], Precision::Fast);
             }
             lora_forward_rows(&mut y, x, &lora_a, &lora_b, 0.5, rows);
             y
