@@ -22,7 +22,10 @@
 //! not depend on the thread count or on the row's position in a tile.
 
 use super::{KCat, MatRef};
-use super::{NR, blocking, mask16, pack_interleave, pack_lines, pack_scalar, store_row, transpose16};
+use super::{
+    NR, PACK_PF, blocking, load32, mask16, pack_interleave, pack_lines, pack_scalar, prefetch_elem,
+    store_row, transpose16,
+};
 use core::arch::asm;
 use core::arch::x86_64::*;
 use std::cell::Cell;
@@ -105,6 +108,28 @@ pub(in super::super) fn pack_a(a: &KCat, q0: usize, q1: usize, kp: usize, out: &
     let panel = a_panel_len(kp);
     let chunks = padded_pairs(kp) / CHUNK_PAIRS;
     assert!(out.len() >= (q1 - q0) * panel);
+    // Rows contiguous in memory (the common X·Wᵀ case): a tile row is 32 consecutive elements of
+    // one row, so the rows go straight into tiles. A concatenated tail must start on a chunk.
+    let direct = |v: &MatRef| v.col_stride == 1;
+    let tail_ok = a
+        .tail
+        .as_ref()
+        .is_none_or(|t| direct(t) && a.main.cols.is_multiple_of(2 * CHUNK_PAIRS));
+    if direct(&a.main) && tail_ok {
+        for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
+            let main_chunks = a.main.cols.div_ceil(2 * CHUNK_PAIRS);
+            // SAFETY: rows of the views are inside their data (`MatRef::check`); the chunks
+            // written (main, then tail after it) are `chunks` in all, inside `out`; features:
+            // this path runs only where `available()`.
+            unsafe {
+                pack_rows(&a.main, q, 0, main_chunks, out);
+                if let Some(tail) = &a.tail {
+                    pack_rows(tail, q, main_chunks, chunks - main_chunks, out);
+                }
+            }
+        }
+        return;
+    }
     super::with_scratch(&PAIRS, kp * MA * 2, |pairs| {
         for (q, out) in (q0..q1).zip(out.chunks_exact_mut(panel)) {
             match &a.tail {
@@ -121,6 +146,42 @@ pub(in super::super) fn pack_a(a: &KCat, q0: usize, q1: usize, kp: usize, out: &
             unsafe { pairs_to_tiles(pairs, kp, chunks, out) };
         }
     });
+}
+
+/// Panel `q` (rows `q·MA ..`) of a view with contiguous rows, straight into the tile layout:
+/// chunk `c0 + c` of `out` gets the view's elements `32c .. 32c + 32` of each row (zero past
+/// the rows and past k), for `c < chunks`.
+///
+/// # Safety
+/// The view's rows must be inside its data with `col_stride == 1`; `out` must hold `c0 + chunks`
+/// chunks of two tiles; the CPU must have avx512f/bw/vl/bf16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_rows(a: &MatRef, q: usize, c0: usize, chunks: usize, out: &mut [u16]) {
+    let (k, rs) = (a.cols, a.row_stride);
+    let lines = MA.min(a.rows - q * MA);
+    assert!(out.len() >= (c0 + chunks) * 2 * TILE_U16);
+    let o = out.as_mut_ptr();
+    for l in 0..MA {
+        let (h, r) = (l / 16, l % 16);
+        for c in 0..chunks {
+            let kk = 2 * CHUNK_PAIRS * c;
+            let v = if l < lines && kk < k {
+                let idx = (q * MA + l) * rs + kk;
+                prefetch_elem(a.data, idx + PACK_PF);
+                // SAFETY: elements kk .. min(k, kk + 32) of row q·MA + l < rows (caller).
+                unsafe { load32(a.data, idx, (k - kk).min(32)) }
+            } else {
+                _mm512_setzero_si512()
+            };
+            // SAFETY: chunk c0 + c < c0 + chunks, tile h, row r: inside `out` (asserted).
+            unsafe {
+                _mm512_storeu_si512(
+                    o.add((c0 + c) * 2 * TILE_U16 + h * TILE_U16 + r * 32) as *mut __m512i,
+                    v,
+                )
+            };
+        }
+    }
 }
 
 /// Panel `q` (32 rows) of one view, by pairs: `out[p·64 + l·2 + e] = A[32q + l][2p + e]`.
