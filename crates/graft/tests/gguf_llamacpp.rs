@@ -68,9 +68,17 @@ fn run_peer(python: &str, args: &[&str]) -> serde_json::Value {
         .output()
         .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // A llama.cpp built for another CPU dies of SIGILL (4) with nothing printed: say so.
+    use std::os::unix::process::ExitStatusExt;
+    let signal = out
+        .status
+        .signal()
+        .map(|s| format!(" (killed by signal {s})"))
+        .unwrap_or_default();
     assert!(
         out.status.success(),
-        "llama.cpp failed: {stdout}{}",
+        "llama.cpp {args:?} failed: {}{signal}: {stdout}{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
