@@ -14,14 +14,9 @@ pub mod quant_matmul;
 pub mod rope;
 
 /// The kernel paths this CPU runs, in words, for benchmark headers: which bf16 product and which
-/// quantized decode product were chosen at run time, and whether the CPU has AMX tiles (which no
-/// path uses yet).
+/// quantized decode product were chosen at run time.
 pub fn kernel_paths() -> String {
-    let bf16 = if gemm_bf16::has_avx512_bf16() {
-        "bf16 GEMM: avx512_bf16 (vdpbf16ps)"
-    } else {
-        "bf16 GEMM: portable (bf16-rounded, widened to f32)"
-    };
+    let bf16 = format!("bf16 GEMM: {}", gemm_bf16::gemm_path().describe());
     let quant = match (quant_dot::int8_path(), quant_matmul::has_avx512_blocks()) {
         (Some(quant_dot::Int8Path::Vnni), _) => {
             "quantized decode: int8 activations, AVX-512 VNNI dot products (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K; f32 block products for the rest)"
@@ -32,11 +27,5 @@ pub fn kernel_paths() -> String {
         (None, true) => "quantized decode: AVX-512 block products",
         (None, false) => "quantized decode: portable",
     };
-    let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_bf16"));
-    let amx = if amx {
-        "; AMX present (no AMX path yet)"
-    } else {
-        ""
-    };
-    format!("{bf16}; {quant}{amx}")
+    format!("{bf16}; {quant}")
 }
