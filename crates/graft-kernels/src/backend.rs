@@ -389,7 +389,9 @@ impl Backend for Cpu {
             }
             // Arbitrary values have no blocks: the weight becomes bf16 (an adapter merged into a
             // quantized base for serving).
-            matmul::WeightData::Quant(_) => w.data = matmul::WeightData::Bf16(matmul::to_bf16(data)),
+            matmul::WeightData::Quant(_) | matmul::WeightData::QuantInterleaved(_) => {
+                w.data = matmul::WeightData::Bf16(matmul::to_bf16(data))
+            }
         }
     }
     fn weight_bytes(&self, w: &Weight) -> usize {

@@ -78,7 +78,7 @@ pub fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
 
 /// The 5-bit quants of a Q5_0/Q5_1 block: `qh` is a little-endian u32 whose bit `i` is the fifth
 /// bit of value `i`; `qs` holds the low 4 bits, nibbles as Q4_0.
-fn q5_quants(qh: &[u8], qs: &[u8]) -> [u8; QK] {
+pub(crate) fn q5_quants(qh: &[u8], qs: &[u8]) -> [u8; QK] {
     let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
     let mut q = [0u8; QK];
     for (j, &b) in qs.iter().enumerate() {

@@ -145,7 +145,10 @@ impl<B: Backend> Grads<B> {
 fn host(w: &mut Weight) -> Option<&mut [f32]> {
     match &mut w.data {
         WeightData::F32(v) => Some(v.as_mut_slice()),
-        WeightData::Bf16(_) | WeightData::Bf16Panels(_) | WeightData::Quant(_) => None,
+        WeightData::Bf16(_)
+        | WeightData::Bf16Panels(_)
+        | WeightData::Quant(_)
+        | WeightData::QuantInterleaved(_) => None,
     }
 }
 

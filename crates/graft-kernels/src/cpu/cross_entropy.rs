@@ -69,6 +69,9 @@ pub fn lm_head_cross_entropy(
                 WeightData::Quant(w) => {
                     return PackedB::from_source(&QuantB { w, transposed }, threads);
                 }
+                WeightData::QuantInterleaved(w) => {
+                    return PackedB::from_source(&QuantB { w: &**w, transposed }, threads);
+                }
                 // Packed for inference already (Wᵀ); the input gradient's W is widened.
                 WeightData::Bf16Panels(p) if transposed => return (**p).clone(),
                 WeightData::Bf16Panels(_) => {

@@ -17,6 +17,7 @@ use super::gemm_bf16::{
 };
 use super::math::has_avx2;
 use super::quant_matmul;
+use super::quant_packed::{self, InterleavedQuant};
 use crate::quant::QuantTensor;
 use crate::types::Precision;
 use half::bf16;
@@ -43,6 +44,10 @@ pub enum WeightData {
     Bf16Panels(Arc<PackedB>),
     /// Block-quantized (a frozen base read from GGUF): never updated, no weight gradient.
     Quant(QuantTensor),
+    /// Block-quantized and re-laid for inference in groups of sixteen interleaved rows (see
+    /// [`Weight::pack_for_inference`], [`super::quant_packed`]): the same values; decode products
+    /// sixteen rows per instruction. Prompts and gradients dequantize it as they do the blocks.
+    QuantInterleaved(Arc<InterleavedQuant>),
 }
 
 impl Weight {
@@ -75,16 +80,24 @@ impl Weight {
         }
     }
 
-    /// Packs a bf16 weight into the GEMM's panels for inference ([`WeightData::Bf16Panels`]),
-    /// where the CPU has the bf16 microkernel; other weights, and other CPUs, keep what they hold.
-    /// Same bytes; forward only (no gradient ever reads it fast).
+    /// Lays a frozen weight out for fast-mode inference where this CPU has a faster layout: bf16
+    /// into the GEMM's panels ([`WeightData::Bf16Panels`]) where it has the bf16 microkernel,
+    /// ggml blocks into interleaved rows ([`WeightData::QuantInterleaved`]) where it has AVX-512
+    /// VNNI; other weights, and other CPUs, keep what they hold. The same values in about the same
+    /// bytes; fast forward products read it directly, anything else widens it (slow).
     pub fn pack_for_inference(&mut self) {
-        if let WeightData::Bf16(v) = &self.data
-            && has_avx512_bf16()
-        {
-            let view = MatRef::bf16_row_major(v, self.rows, self.cols).t();
-            let packed = PackedB::new(view, rayon::current_num_threads());
-            self.data = WeightData::Bf16Panels(Arc::new(packed));
+        match &self.data {
+            WeightData::Bf16(v) if has_avx512_bf16() => {
+                let view = MatRef::bf16_row_major(v, self.rows, self.cols).t();
+                let packed = PackedB::new(view, rayon::current_num_threads());
+                self.data = WeightData::Bf16Panels(Arc::new(packed));
+            }
+            WeightData::Quant(q) if quant_packed::available() => {
+                if let Some(p) = InterleavedQuant::new(q) {
+                    self.data = WeightData::QuantInterleaved(Arc::new(p));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -97,6 +110,7 @@ impl Weight {
                 .flat_map(|r| (0..self.cols).map(move |c| p.get(c, r)))
                 .collect(),
             WeightData::Quant(q) => q.to_f32(),
+            WeightData::QuantInterleaved(p) => p.to_f32(),
         }
     }
 
@@ -114,6 +128,7 @@ impl Weight {
                 .enumerate()
                 .for_each(|(j, o)| *o = p.get(j, r)),
             WeightData::Quant(q) => q.dequantize_range(r, 0, c, out),
+            WeightData::QuantInterleaved(p) => p.dequantize_range(r, 0, c, out),
         }
     }
 
@@ -124,6 +139,7 @@ impl Weight {
             WeightData::Bf16(v) => v.len() * 2,
             WeightData::Bf16Panels(p) => p.bytes(),
             WeightData::Quant(q) => q.bytes(),
+            WeightData::QuantInterleaved(p) => p.bytes(),
         }
     }
 
@@ -148,7 +164,9 @@ impl Weight {
                 rs,
                 cs,
             },
-            WeightData::Quant(_) => unreachable!("block-quantized weights take quant_matmul"),
+            WeightData::Quant(_) | WeightData::QuantInterleaved(_) => {
+                unreachable!("block-quantized weights take quant_matmul")
+            }
             WeightData::Bf16Panels(_) => unreachable!("packed weights are widened before a view"),
         }
     }
@@ -335,6 +353,21 @@ pub fn linear_forward(
     if let WeightData::Quant(q) = &w.data {
         return quant_matmul::forward(y, x, q, t, accumulate, precision);
     }
+    if let WeightData::QuantInterleaved(p) = &w.data {
+        if t == 0 || w.rows == 0 {
+            return;
+        }
+        // Fast mode: a few rows take the interleaved integer products (8-bit activations);
+        // more rows the bf16 GEMM on dequantized tiles, or — on CPUs without a bf16 GEMM — the
+        // integer products eight rows at a time.
+        if precision == Precision::Fast && t <= GEMV_MAX_ROWS {
+            return quant_packed::forward_rows(y, x, p, t, accumulate);
+        }
+        if precision == Precision::Fast && precision.effective() != Precision::Fast && !accumulate {
+            return quant_packed::forward_in_decode_chunks(y, x, p, t);
+        }
+        return quant_matmul::forward_dequantizing(y, x, &**p, t, accumulate, precision);
+    }
     // A weight packed for inference: a few rows stream its panels once, more rows take the GEMM
     // without packing it; both compute each row the same way (on AMX machines not: there
     // `linear_forward_grouped` keeps the two apart), so a row's result does not depend on the row
@@ -444,7 +477,7 @@ pub fn linear_forward_grouped(y: &mut [f32], x: &[f32], w: &Weight, groups: &[us
     // small groups are multiplied apart from the large ones; packed weights give a row the same
     // bits at any row count, except where the GEMM runs on AMX tiles.
     let row_count_matters = match &w.data {
-        WeightData::Quant(_) => true,
+        WeightData::Quant(_) | WeightData::QuantInterleaved(_) => true,
         WeightData::Bf16(_) => precision == Precision::Fast,
         WeightData::F32(_) => w.rows * w.cols <= SMALL_F32_GEMV,
         WeightData::Bf16Panels(_) => !few_rows_match_gemm(),
@@ -455,6 +488,14 @@ pub fn linear_forward_grouped(y: &mut [f32], x: &[f32], w: &Weight, groups: &[us
     {
         // Every row as a decode step computes it: invariant by construction.
         return quant_matmul::forward_in_decode_chunks(y, x, q, t);
+    }
+    if let WeightData::QuantInterleaved(p) = &w.data
+        && t > GEMV_MAX_ROWS
+        && precision == Precision::Fast
+        && precision.effective() != Precision::Fast
+    {
+        // As above: the interleaved products eight rows at a time.
+        return quant_packed::forward_in_decode_chunks(y, x, p, t);
     }
     if !row_count_matters || t <= GEMV_MAX_ROWS || groups.iter().all(|g| !few(g)) {
         return linear_forward(y, x, w, t, false, precision);
@@ -852,6 +893,9 @@ pub fn linear_backward_input(
 ) {
     if let WeightData::Quant(q) = &w.data {
         return quant_matmul::backward_input(dx, dy, q, t, accumulate, precision);
+    }
+    if let WeightData::QuantInterleaved(p) = &w.data {
+        return quant_matmul::backward_input(dx, dy, &**p, t, accumulate, precision);
     }
     if let WeightData::Bf16Panels(_) = &w.data {
         // Packed for inference; a gradient through it is rare (a reward model scored in place).

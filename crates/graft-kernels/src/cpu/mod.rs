@@ -11,6 +11,7 @@ pub mod norm;
 pub mod optim;
 pub mod quant_dot;
 pub mod quant_matmul;
+pub mod quant_packed;
 pub mod rope;
 
 /// The kernel paths this CPU runs, in words, for benchmark headers: which bf16 product and which

@@ -27,12 +27,12 @@ use crate::quant::{QK, QK_K, QuantTensor, QuantType, k4_scale_min};
 /// Rows of activations quantized to int8 per block of 32 (ggml's Q8_0 with sums): `q` row-major
 /// `t × inp`, one scale per block, and the sum of the quants of every 16 values.
 pub struct Q8Rows {
-    q: Vec<i8>,
-    d: Vec<f32>,
-    s16: Vec<i32>,
+    pub(super) q: Vec<i8>,
+    pub(super) d: Vec<f32>,
+    pub(super) s16: Vec<i32>,
     /// `d · Σ q` per block of 32 (the minimum and offset terms).
-    ds: Vec<f32>,
-    inp: usize,
+    pub(super) ds: Vec<f32>,
+    pub(super) inp: usize,
 }
 
 impl Q8Rows {

@@ -27,22 +27,45 @@ use crate::quant::{self, QK, QuantTensor, QuantType};
 use crate::types::Precision;
 use half::bf16;
 
+/// A frozen block-quantized matrix `[rows, cols]` whose rows dequantize in ranges, exactly as
+/// `quant.rs` does: a [`QuantTensor`] in its ggml blocks, or the same blocks re-laid for the
+/// decode products ([`super::quant_packed::InterleavedQuant`]). The GEMM and exact paths here
+/// read either through this.
+pub trait QuantRows: Sync {
+    /// `(rows, cols)`.
+    fn shape(&self) -> (usize, usize);
+    /// `row[c0..c1]` of row `r` as f32 into `out`.
+    fn dequantize_range(&self, r: usize, c0: usize, c1: usize, out: &mut [f32]);
+}
+
+impl QuantRows for QuantTensor {
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    #[inline]
+    fn dequantize_range(&self, r: usize, c0: usize, c1: usize, out: &mut [f32]) {
+        QuantTensor::dequantize_range(self, r, c0, c1, out)
+    }
+}
+
 /// A quantized weight `W [out, in]` as the `B` operand of a GEMM: `Wᵀ` (`k = in`, the forward)
 /// or `W` (`k = out`, the input gradient). Tiles are dequantized row by row (a weight row's
 /// blocks are contiguous), so the forward's tiles are column-contiguous.
-pub struct QuantB<'a> {
+pub struct QuantB<'a, W: QuantRows + ?Sized = QuantTensor> {
     /// The weight.
-    pub w: &'a QuantTensor,
+    pub w: &'a W,
     /// `Wᵀ` rather than `W`.
     pub transposed: bool,
 }
 
-impl BSource for QuantB<'_> {
+impl<W: QuantRows + ?Sized> BSource for QuantB<'_, W> {
     fn rows(&self) -> usize {
-        if self.transposed { self.w.cols } else { self.w.rows }
+        let (rows, cols) = self.w.shape();
+        if self.transposed { cols } else { rows }
     }
     fn cols(&self) -> usize {
-        if self.transposed { self.w.rows } else { self.w.cols }
+        let (rows, cols) = self.w.shape();
+        if self.transposed { rows } else { cols }
     }
     fn columns_contiguous(&self) -> bool {
         self.transposed
@@ -80,13 +103,20 @@ pub fn has_avx512_blocks() -> bool {
 /// [`tile_rows`] compiled for AVX-512, so that the dequantization and the rounding vectorise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-unsafe fn tile_rows_avx512(w: &QuantTensor, r0: usize, r1: usize, c0: usize, c1: usize, out: &mut [u16]) {
+unsafe fn tile_rows_avx512<W: QuantRows + ?Sized>(
+    w: &W,
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    c1: usize,
+    out: &mut [u16],
+) {
     tile_rows(w, r0, r1, c0, c1, out)
 }
 
 /// Rows `r0..r1`, columns `c0..c1` of `w` as bf16 bits (nearest even), row after row.
 #[inline(always)]
-fn tile_rows(w: &QuantTensor, r0: usize, r1: usize, c0: usize, c1: usize, out: &mut [u16]) {
+fn tile_rows<W: QuantRows + ?Sized>(w: &W, r0: usize, r1: usize, c0: usize, c1: usize, out: &mut [u16]) {
     let len = c1 - c0;
     if len == 0 {
         return;
@@ -122,6 +152,27 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: 
             precision == Precision::Fast && quant_dot::int8_path().is_some() && quant_dot::supported(w.ty);
         return gemv(y, x, w, t, accumulate, int8);
     }
+    forward_dequantizing(y, x, w, t, accumulate, precision)
+}
+
+/// [`forward`] through dequantized tiles, for any row count: the bf16 GEMM on tiles dequantized
+/// while packing (fast mode), or f32 panels (exact).
+pub fn forward_dequantizing<W: QuantRows + ?Sized>(
+    y: &mut [f32],
+    x: &[f32],
+    w: &W,
+    t: usize,
+    accumulate: bool,
+    precision: Precision,
+) {
+    let (out, inp) = w.shape();
+    assert!(
+        y.len() >= t * out && x.len() >= t * inp,
+        "quantized forward: buffer sizes"
+    );
+    if t == 0 || out == 0 {
+        return;
+    }
     if precision.effective() == Precision::Fast {
         let src = QuantB { w, transposed: true };
         let beta = if accumulate { 1.0 } else { 0.0 };
@@ -151,8 +202,8 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &QuantTensor, t: usize, accumulate: 
 
 /// Calls `f(r0, nr, panel)` for consecutive panels of at most [`exact_panel_rows`] rows of `w`,
 /// each dequantized to f32 into one scratch buffer (the whole matrix never is).
-fn for_each_panel(w: &QuantTensor, mut f: impl FnMut(usize, usize, &[f32])) {
-    let (out, inp) = (w.rows, w.cols);
+fn for_each_panel<W: QuantRows + ?Sized>(w: &W, mut f: impl FnMut(usize, usize, &[f32])) {
+    let (out, inp) = w.shape();
     let panel = exact_panel_rows(inp);
     let mut scratch = vec![0.0f32; panel.min(out) * inp];
     for r0 in (0..out).step_by(panel) {
@@ -165,9 +216,9 @@ fn for_each_panel(w: &QuantTensor, mut f: impl FnMut(usize, usize, &[f32])) {
 
 /// Rows `r0 ..` of `w` dequantized to f32 into `out` (whole rows, as many as it holds), split
 /// over the threads, each part compiled for the widest vector unit the CPU has.
-fn dequantize_rows(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+fn dequantize_rows<W: QuantRows + ?Sized>(w: &W, r0: usize, out: &mut [f32]) {
     use rayon::prelude::*;
-    let inp = w.cols.max(1);
+    let inp = w.shape().1.max(1);
     let rows = out.len() / inp;
     let per_task = rows.div_ceil(rayon::current_num_threads().max(1) * 2).max(8);
     out[..rows * inp]
@@ -177,7 +228,7 @@ fn dequantize_rows(w: &QuantTensor, r0: usize, out: &mut [f32]) {
 }
 
 /// [`dequantize_rows`] on one thread.
-fn dequantize_rows_on_cpu(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+fn dequantize_rows_on_cpu<W: QuantRows + ?Sized>(w: &W, r0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512_blocks() {
         // SAFETY: the CPU has the features the function is compiled for.
@@ -193,34 +244,34 @@ fn dequantize_rows_on_cpu(w: &QuantTensor, r0: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,fma")]
-unsafe fn dequantize_rows_avx512(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+unsafe fn dequantize_rows_avx512<W: QuantRows + ?Sized>(w: &W, r0: usize, out: &mut [f32]) {
     dequantize_rows_body(w, r0, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dequantize_rows_avx2(w: &QuantTensor, r0: usize, out: &mut [f32]) {
+unsafe fn dequantize_rows_avx2<W: QuantRows + ?Sized>(w: &W, r0: usize, out: &mut [f32]) {
     dequantize_rows_body(w, r0, out)
 }
 
 #[inline(always)]
-fn dequantize_rows_body(w: &QuantTensor, r0: usize, out: &mut [f32]) {
-    let inp = w.cols;
+fn dequantize_rows_body<W: QuantRows + ?Sized>(w: &W, r0: usize, out: &mut [f32]) {
+    let inp = w.shape().1;
     for (r, o) in (r0..).zip(out.chunks_exact_mut(inp)) {
         w.dequantize_range(r, 0, inp, o);
     }
 }
 
 /// `dx[t×in] (+)= dy[t×out] · w`.
-pub fn backward_input(
+pub fn backward_input<W: QuantRows + ?Sized>(
     dx: &mut [f32],
     dy: &[f32],
-    w: &QuantTensor,
+    w: &W,
     t: usize,
     accumulate: bool,
     precision: Precision,
 ) {
-    let (out, inp) = (w.rows, w.cols);
+    let (out, inp) = w.shape();
     assert!(
         dx.len() >= t * inp && dy.len() >= t * out,
         "quantized backward: buffer sizes"
