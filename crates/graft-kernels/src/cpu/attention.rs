@@ -351,6 +351,20 @@ fn decode_chunk<E: CacheElem>(
 ) -> DecodePart {
     #[cfg(target_arch = "x86_64")]
     if super::math::has_avx512() {
+        macro_rules! direct {
+            ($($dv:literal)*) => {
+                match shape.head_dim {
+                    $(d if d == 16 * $dv => {
+                        // SAFETY: the CPU has the features the function is compiled for.
+                        return unsafe {
+                            decode_chunk_zmm::<E, $dv>(qs, k_cache, v_cache, i0, n, nq, past, shape)
+                        };
+                    })*
+                    _ => {}
+                }
+            };
+        }
+        direct!(2 3 4 5 6 7 8 10 12 16);
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { decode_chunk_avx512(qs, k_cache, v_cache, i0, n, nq, past, shape) };
     }
@@ -392,6 +406,89 @@ unsafe fn decode_chunk_avx512<E: CacheElem>(
     shape: &AttentionShape,
 ) -> DecodePart {
     decode_chunk_body(qs, k_cache, v_cache, i0, n, nq, past, shape)
+}
+
+/// [`decode_chunk_body`] for a head of `16·DV` values on AVX-512: a query row's `DV` vectors stay
+/// in registers while the chunk's keys stream past (each widened from the cache as loaded), one
+/// tree reduction per score instead of a scalar sum of lanes; then each row's output (`DV`
+/// vectors) accumulates in registers over the chunk's values. Scores and sums in f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_chunk_zmm<E: CacheElem, const DV: usize>(
+    qs: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    i0: usize,
+    n: usize,
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) -> DecodePart {
+    use std::arch::x86_64::*;
+    let (d, g, kw) = (shape.head_dim, shape.group(), shape.kv_width());
+    assert_eq!(d, 16 * DV);
+    let rows = shape.n_heads * nq;
+    assert!(qs.len() >= rows * d && k_cache.len() >= (i0 + n) * kw && v_cache.len() >= (i0 + n) * kw);
+    let scale = shape.scale();
+    // Sixteen cache values at `p` as f32.
+    #[inline(always)]
+    unsafe fn load16<E: CacheElem>(p: *const E) -> __m512 {
+        // SAFETY: sixteen elements readable at p (callers); the element is f16 or f32.
+        unsafe {
+            if E::HALF {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+            } else {
+                _mm512_loadu_ps(p as *const f32)
+            }
+        }
+    }
+    let mut s = vec![0.0f32; rows * n];
+    for row in 0..rows {
+        let kvh = row / (g * nq);
+        // SAFETY: row < rows: its d values lie in qs (asserted).
+        let q: [__m512; DV] =
+            core::array::from_fn(|j| unsafe { _mm512_loadu_ps(qs.as_ptr().add(row * d + 16 * j)) });
+        let sr = &mut s[row * n..(row + 1) * n];
+        for (i, sc) in sr.iter_mut().enumerate() {
+            // SAFETY: position i0 + i < i0 + n: its key row lies in the cache (asserted).
+            let key = unsafe { k_cache.as_ptr().add((i0 + i) * kw + kvh * d) };
+            let mut acc = _mm512_mul_ps(q[0], unsafe { load16(key) });
+            for (j, &qj) in q.iter().enumerate().skip(1) {
+                acc = _mm512_fmadd_ps(qj, unsafe { load16(key.add(16 * j)) }, acc);
+            }
+            *sc = scale * _mm512_reduce_add_ps(acc);
+        }
+    }
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut sum = vec![0.0f32; rows];
+    let mut out = vec![0.0f32; rows * d];
+    for row in 0..rows {
+        let pos = past + row % nq;
+        let lo = shape.first_key(pos).max(i0) - i0;
+        let hi = (pos + 1).min(i0 + n).saturating_sub(i0);
+        if lo >= hi {
+            continue;
+        }
+        let sr = &mut s[row * n..(row + 1) * n];
+        max[row] = row_max(&sr[lo..hi]);
+        sum[row] = exp_sub_sum(&mut sr[lo..hi], max[row]);
+        let kvh = row / (g * nq);
+        let mut acc = [_mm512_setzero_ps(); DV];
+        for (i, &p) in sr.iter().enumerate().take(hi).skip(lo) {
+            let p = _mm512_set1_ps(p);
+            // SAFETY: as for the keys.
+            let value = unsafe { v_cache.as_ptr().add((i0 + i) * kw + kvh * d) };
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(p, unsafe { load16(value.add(16 * j)) }, *a);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            // SAFETY: row < rows: its d outputs lie in `out`.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(row * d + 16 * j), *a) };
+        }
+    }
+    DecodePart { max, sum, out }
 }
 
 #[inline(always)]
@@ -507,6 +604,8 @@ pub enum KvRows {
 /// An element of a KV cache: f32, or f16 (the fast-mode cache: half the bytes each decode
 /// step reads, as llama.cpp's default cache), widened to f32 as it is read.
 pub trait CacheElem: Copy + Send + Sync {
+    /// Whether the element is f16 (else f32).
+    const HALF: bool;
     /// `src` as f32: itself, or widened into `buf` (at least `src.len()` long).
     fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
     /// `src` as f32: borrowed, or widened into a new buffer.
@@ -514,6 +613,7 @@ pub trait CacheElem: Copy + Send + Sync {
 }
 
 impl CacheElem for f32 {
+    const HALF: bool = false;
     #[inline(always)]
     fn as_f32<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
         src
@@ -524,6 +624,7 @@ impl CacheElem for f32 {
 }
 
 impl CacheElem for half::f16 {
+    const HALF: bool = true;
     #[inline(always)]
     fn as_f32<'a>(src: &'a [half::f16], buf: &'a mut [f32]) -> &'a [f32] {
         let buf = &mut buf[..src.len()];
@@ -939,10 +1040,17 @@ mod tests {
 
     /// Decode over a long cache takes the chunked f32 path (several chunks of keys, a sliding
     /// window that starts inside a chunk) in either precision; a head size that is not a
-    /// multiple of 16 exercises the lane tail; nine new tokens take the GEMM path instead.
+    /// multiple of 16 exercises the lane tail, multiples of 16 the register-resident AVX-512
+    /// kernel; nine new tokens take the GEMM path instead.
     #[test]
     fn direct_decode_matches_reference() {
-        for (head_dim, window, bf16) in [(40, None, true), (64, Some(100), false), (8, None, false)] {
+        for (head_dim, window, bf16) in [
+            (40, None, true),
+            (64, Some(100), false),
+            (8, None, false),
+            (96, Some(300), true),
+            (128, None, false),
+        ] {
             let sh = AttentionShape {
                 n_heads: 6,
                 n_kv_heads: 2,
