@@ -304,6 +304,56 @@ fn main() {
             n: 576,
             k: 49152,
         },
+        // A serving step: 16–64 rows (decoding sequences, prompt chunks) against weights
+        // packed for inference.
+        Case {
+            name: "serve qkv pk",
+            packed: true,
+            layout: Layout::Nt,
+            m: 16,
+            n: 576,
+            k: 576,
+        },
+        Case {
+            name: "serve up pk",
+            packed: true,
+            layout: Layout::Nt,
+            m: 16,
+            n: 1536,
+            k: 576,
+        },
+        Case {
+            name: "serve dn pk",
+            packed: true,
+            layout: Layout::Nt,
+            m: 16,
+            n: 576,
+            k: 1536,
+        },
+        Case {
+            name: "serve hd pk",
+            packed: true,
+            layout: Layout::Nt,
+            m: 16,
+            n: 49152,
+            k: 576,
+        },
+        Case {
+            name: "serve up pk",
+            packed: true,
+            layout: Layout::Nt,
+            m: 32,
+            n: 1536,
+            k: 576,
+        },
+        Case {
+            name: "serve up pk",
+            packed: true,
+            layout: Layout::Nt,
+            m: 64,
+            n: 1536,
+            k: 576,
+        },
     ];
     let lay = |l: Layout| match l {
         Layout::Nt => "NT",

@@ -60,7 +60,8 @@ pub struct ServeBenchArgs {
     /// (a shared machine's noise hits both alike).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
-    /// Print a per-op time profile of the single-stream decode.
+    /// Print per-op time profiles of an extra (untimed) K-adapter run and of the single-stream
+    /// decode.
     #[arg(long)]
     profile: bool,
 }
@@ -350,7 +351,25 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
             args.rounds.max(1)
         );
     }
+    let print_profile = |title: &str| {
+        graft_kernels::profile::set_enabled(false);
+        println!("{title}:");
+        for (op, time, calls) in graft_kernels::profile::totals() {
+            println!(
+                "  {op:<24} {:>9.1} ms  {calls:>8} calls",
+                time.as_secs_f64() * 1e3
+            );
+        }
+    };
     if args.profile {
+        graft_kernels::profile::reset();
+        graft_kernels::profile::set_enabled(true);
+        let run = run_clients(&engine, &adapters, args, args.clients, args.requests, vocab, 99)?;
+        print_profile(&format!(
+            "{k}-adapter run op profile ({:.1} tok/s while profiled, {:.2} s)",
+            run.tokens_per_s(),
+            run.wall.as_secs_f64()
+        ));
         graft_kernels::profile::reset();
         graft_kernels::profile::set_enabled(true);
     }
@@ -361,14 +380,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<()> {
         128,
     )?;
     if args.profile {
-        graft_kernels::profile::set_enabled(false);
-        println!("single-stream op profile:");
-        for (op, time, calls) in graft_kernels::profile::totals() {
-            println!(
-                "  {op:<24} {:>9.1} ms  {calls:>8} calls",
-                time.as_secs_f64() * 1e3
-            );
-        }
+        print_profile("single-stream op profile");
     }
     let decode: f64 = gaps.iter().sum();
     println!(
