@@ -44,6 +44,15 @@
 //! f32 accumulator. Like the instruction, the f32→bf16 conversion while packing flushes denormal
 //! inputs to zero (`half`'s conversion keeps them), and denormal accumulations flush to zero.
 //!
+//! On Intel CPUs without AMX (or with AMX not granted) the same panels feed an f32-FMA kernel
+//! instead ([`GemmPath::Avx512Fma`]): there `vdpbf16ps` issues at half the FMA rate (measured on
+//! a Xeon model 207: 86 GFLOP/s a core against 173 for `vfmadd231ps`), so multiplying the bf16
+//! values as f32 is twice the peak. B's pairs are widened in registers (a shift for the even k, a
+//! mask for the odd: 4 ALU operations per 32 FMAs); A's panels are widened to f32 after packing,
+//! so each FMA takes its A value as a broadcast from memory. Each lane adds its even-k product,
+//! then its odd-k one; the few-row product ([`gemm_bf16_rows_packed`]) does the same, so decode
+//! rows stay bit-identical to the GEMM on this path too.
+//!
 //! Elsewhere (no `avx512_bf16`, or not x86-64) the inputs are rounded to bf16 and widened to f32
 //! copies, then multiplied with the `gemm` crate: the same products with f32 accumulation, only
 //! summed in another order.
@@ -282,7 +291,10 @@ fn cpu_is_intel() -> bool {
     {
         // cpuid leaf 0 exists on every x86-64 CPU.
         let v = core::arch::x86_64::__cpuid(0);
-        let bytes: Vec<u8> = [v.ebx, v.edx, v.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [v.ebx, v.edx, v.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
         bytes == b"GenuineIntel"
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -610,7 +622,15 @@ pub fn gemm_bf16_rows_packed(c: &mut [f32], a: &[f32], b: &PackedB, t: usize, al
 
 /// [`gemm_bf16_rows_packed`] with the sums of `path`'s kernel (the FMA kernel's on
 /// [`GemmPath::Avx512Fma`], else the `vdpbf16ps` kernel's).
-fn rows_packed_on(c: &mut [f32], a: &[f32], b: &PackedB, t: usize, alpha: f32, beta: f32, path: GemmPath) -> bool {
+fn rows_packed_on(
+    c: &mut [f32],
+    a: &[f32],
+    b: &PackedB,
+    t: usize,
+    alpha: f32,
+    beta: f32,
+    path: GemmPath,
+) -> bool {
     let (k, n) = (b.rows, b.cols);
     if !(1..=MR).contains(&t) {
         return false;
@@ -629,7 +649,18 @@ fn rows_packed_on(c: &mut [f32], a: &[f32], b: &PackedB, t: usize, alpha: f32, b
                 scale_c(c, n, t, n, beta);
                 return true;
             }
-            x86::rows_packed(c, a, blocks, data, t, k, n, alpha, beta, path == GemmPath::Avx512Fma);
+            x86::rows_packed(
+                c,
+                a,
+                blocks,
+                data,
+                t,
+                k,
+                n,
+                alpha,
+                beta,
+                path == GemmPath::Avx512Fma,
+            );
             true
         }
         PackedRepr::Widened(_) => false,
@@ -2035,9 +2066,15 @@ mod x86 {
                             let (a, b, c) = (apan.as_ptr(), bpan.as_ptr(), c.add(ir * ldc + jr));
                             match (FMA, ir == ic) {
                                 (false, true) => kernel::<true>(kp, a, b, next, c, ldc, alpha, beta, mr, nr),
-                                (false, false) => kernel::<false>(kp, a, b, next, c, ldc, alpha, beta, mr, nr),
-                                (true, true) => kernel_fma::<true>(kp, a, b, next, c, ldc, alpha, beta, mr, nr),
-                                (true, false) => kernel_fma::<false>(kp, a, b, next, c, ldc, alpha, beta, mr, nr),
+                                (false, false) => {
+                                    kernel::<false>(kp, a, b, next, c, ldc, alpha, beta, mr, nr)
+                                }
+                                (true, true) => {
+                                    kernel_fma::<true>(kp, a, b, next, c, ldc, alpha, beta, mr, nr)
+                                }
+                                (true, false) => {
+                                    kernel_fma::<false>(kp, a, b, next, c, ldc, alpha, beta, mr, nr)
+                                }
                             }
                         };
                     }

@@ -13,6 +13,7 @@ pub mod quant_dot;
 pub mod quant_matmul;
 pub mod quant_packed;
 pub mod rope;
+pub mod skinny;
 
 /// The kernel paths this CPU runs, in words, for benchmark headers: which bf16 product and which
 /// quantized decode product were chosen at run time.
