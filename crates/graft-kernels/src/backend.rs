@@ -136,6 +136,32 @@ pub trait Backend: Send + Sync {
         scale: f32,
         t: usize,
     );
+    /// [`Backend::lora_forward_rows`] for several adapters at once, each on its own rows of `y`
+    /// and `x` (`groups` in row order, disjoint; `x` is `[t×inp]`, `y` `[t×out]`): a decode
+    /// step whose sequences carry different adapters. Each row gets the bits of a call for its
+    /// group alone; the default makes those calls one after another.
+    fn lora_forward_rows_batch(
+        &self,
+        y: &mut Self::Buf,
+        x: &Self::Buf,
+        groups: &[LoraRows<'_, Self::Weight>],
+        inp: usize,
+        out: usize,
+        t: usize,
+    ) {
+        for g in groups {
+            if g.rows == t {
+                self.lora_forward_rows(y, x, g.a, g.b, g.scale, t);
+                continue;
+            }
+            let mut xs = self.zeros(g.rows * inp);
+            self.copy_rows(&mut xs, 0, x, g.row0, g.rows, inp);
+            let mut ys = self.zeros(g.rows * out);
+            self.copy_rows(&mut ys, 0, y, g.row0, g.rows, out);
+            self.lora_forward_rows(&mut ys, &xs, g.a, g.b, g.scale, g.rows);
+            self.copy_rows(y, g.row0, &ys, 0, g.rows, out);
+        }
+    }
     /// `dx[t×in] (+)= dy · w`.
     fn linear_backward_input(
         &self,
@@ -280,6 +306,29 @@ pub trait Backend: Send + Sync {
         past: usize,
         shape: &AttentionShape,
     );
+    /// One step's cached attention for several sequences (a decode batch): sequence `i` has
+    /// `seqs[i].rows` new query rows, consecutive in `q` and `out` after those of the sequences
+    /// before it, attending to its own cache with `seqs[i].past` earlier positions. Each
+    /// sequence gets what [`Backend::attention_cached`] gives it alone; the default runs them one
+    /// after another.
+    fn attention_cached_batch(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        seqs: &[CachedSeq<'_, Self::KvBuf>],
+        shape: &AttentionShape,
+    ) {
+        let qd = shape.q_width();
+        let mut row = 0;
+        for s in seqs {
+            let mut qs = self.zeros(s.rows * qd);
+            self.copy_rows(&mut qs, 0, q, row, s.rows, qd);
+            let mut o = self.zeros(s.rows * qd);
+            self.attention_cached(&mut o, &qs, s.k, s.v, s.rows, s.past, shape);
+            self.copy_rows(out, row, &o, 0, s.rows, qd);
+            row += s.rows;
+        }
+    }
     /// Copies rows `src_row..src_row+n` of `src` into `dst` starting at row `dst_row` (width `width`).
     fn copy_rows(
         &self,
@@ -334,6 +383,51 @@ pub trait Backend: Send + Sync {
 /// The CPU backend: host vectors, `gemm`/bf16 kernels, rayon threads.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
+
+/// One adapter's rows of [`Backend::lora_forward_rows_batch`]: its factors (`a` `[r×in]`, `b`
+/// `[out×r]`), scale, and the rows `row0 .. row0 + rows` it applies to.
+pub struct LoraRows<'a, W> {
+    /// The down-projection.
+    pub a: &'a W,
+    /// The up-projection.
+    pub b: &'a W,
+    /// `alpha / r` (or its rsLoRA form).
+    pub scale: f32,
+    /// First row.
+    pub row0: usize,
+    /// Rows.
+    pub rows: usize,
+}
+
+/// One sequence of [`Backend::attention_cached_batch`]: its key and value caches (this layer's),
+/// its new query rows and how many positions the cache held before them.
+pub struct CachedSeq<'a, K> {
+    /// The layer's key cache of the sequence (the new rows written already).
+    pub k: &'a K,
+    /// The layer's value cache of the sequence.
+    pub v: &'a K,
+    /// New query rows.
+    pub rows: usize,
+    /// Positions cached before them.
+    pub past: usize,
+}
+
+/// [`attention::attention_cached`] on a cache of either precision.
+fn cpu_attention_cached(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &KvRows,
+    v_cache: &KvRows,
+    nq: usize,
+    past: usize,
+    shape: &AttentionShape,
+) {
+    match (k_cache, v_cache) {
+        (KvRows::F32(k), KvRows::F32(v)) => attention::attention_cached(out, q, k, v, nq, past, shape),
+        (KvRows::F16(k), KvRows::F16(v)) => attention::attention_cached(out, q, k, v, nq, past, shape),
+        _ => panic!("attention_cached: keys and values differ in precision"),
+    }
+}
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
@@ -445,6 +539,44 @@ impl Backend for Cpu {
     ) {
         let _p = crate::profile::scope("lora_forward_rows");
         matmul::lora_forward_rows(y, x, a, b, scale, t)
+    }
+    fn lora_forward_rows_batch(
+        &self,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        groups: &[LoraRows<'_, Weight>],
+        inp: usize,
+        out: usize,
+        t: usize,
+    ) {
+        use rayon::prelude::*;
+        let _p = crate::profile::scope("lora_forward_rows");
+        assert!(
+            x.len() >= t * inp && y.len() >= t * out,
+            "lora_forward_rows_batch: shapes"
+        );
+        // Each group on its own rows of y, side by side on the pool.
+        let mut parts = Vec::with_capacity(groups.len());
+        let (mut rest, mut at) = (&mut y[..t * out], 0);
+        for g in groups {
+            assert!(
+                g.row0 >= at && g.row0 + g.rows <= t,
+                "lora_forward_rows_batch: groups out of order"
+            );
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((g.row0 - at) * out);
+            let (mine, tail) = tail.split_at_mut(g.rows * out);
+            rest = tail;
+            at = g.row0 + g.rows;
+            parts.push((mine, &x[g.row0 * inp..at * inp], g));
+        }
+        let run = |(ys, xs, g): (&mut [f32], &[f32], &LoraRows<'_, Weight>)| {
+            matmul::lora_forward_rows(ys, xs, g.a, g.b, g.scale, g.rows)
+        };
+        if parts.len() == 1 {
+            parts.into_iter().for_each(run);
+        } else {
+            parts.into_par_iter().for_each(run);
+        }
     }
     fn linear_backward_input(
         &self,
@@ -644,11 +776,37 @@ impl Backend for Cpu {
         shape: &AttentionShape,
     ) {
         let _p = crate::profile::scope("attention_cached");
-        match (k_cache, v_cache) {
-            (KvRows::F32(k), KvRows::F32(v)) => attention::attention_cached(out, q, k, v, nq, past, shape),
-            (KvRows::F16(k), KvRows::F16(v)) => attention::attention_cached(out, q, k, v, nq, past, shape),
-            _ => panic!("attention_cached: keys and values differ in precision"),
+        cpu_attention_cached(out, q, k_cache, v_cache, nq, past, shape)
+    }
+    fn attention_cached_batch(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        seqs: &[CachedSeq<'_, KvRows>],
+        shape: &AttentionShape,
+    ) {
+        use rayon::prelude::*;
+        let _p = crate::profile::scope("attention_cached_batch");
+        let qd = shape.q_width();
+        let total: usize = seqs.iter().map(|s| s.rows).sum();
+        assert!(
+            q.len() >= total * qd && out.len() >= total * qd,
+            "attention_cached_batch: q or out shorter than the sequences' rows"
+        );
+        // The sequences side by side on the pool (each short decode cache is one chunk of the
+        // single-sequence kernel, so one at a time would leave the other workers idle), each
+        // on its own rows of `q` and `out`: the same calls as one by one.
+        let mut parts = Vec::with_capacity(seqs.len());
+        let (mut rest, mut qrest) = (&mut out[..total * qd], &q[..total * qd]);
+        for s in seqs {
+            let (o, r) = std::mem::take(&mut rest).split_at_mut(s.rows * qd);
+            let (qs, qr) = qrest.split_at(s.rows * qd);
+            (rest, qrest) = (r, qr);
+            parts.push((o, qs, s));
         }
+        parts
+            .into_par_iter()
+            .for_each(|(o, qs, s)| cpu_attention_cached(o, qs, s.k, s.v, s.rows, s.past, shape));
     }
     fn copy_rows(
         &self,
@@ -734,6 +892,105 @@ impl Backend for Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch of sequences' cached attention gives each sequence the bits of its own call.
+    #[test]
+    fn attention_cached_batch_equals_one_call_per_sequence() {
+        let shape = AttentionShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 64,
+            window: None,
+            bf16: true,
+        };
+        let (qd, kd) = (shape.q_width(), shape.kv_width());
+        let val = |n: usize, s: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i * s) % 89) as f32 - 44.0) / 50.0).collect()
+        };
+        // (new rows, past positions): decode rows, a prompt chunk, an empty cache, a long cache.
+        let specs = [(1usize, 5usize), (3, 0), (1, 300), (20, 40), (1, 0)];
+        for half in [false, true] {
+            let caches: Vec<(KvRows, KvRows)> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, past))| {
+                    let (k, v) = (val((n + past) * kd, 7 + i), val((n + past) * kd, 11 + i));
+                    if half {
+                        let h = |x: Vec<f32>| x.into_iter().map(half::f16::from_f32).collect();
+                        (KvRows::F16(h(k)), KvRows::F16(h(v)))
+                    } else {
+                        (KvRows::F32(k), KvRows::F32(v))
+                    }
+                })
+                .collect();
+            let total: usize = specs.iter().map(|s| s.0).sum();
+            let q = val(total * qd, 13);
+            let seqs: Vec<CachedSeq<'_, KvRows>> = specs
+                .iter()
+                .zip(&caches)
+                .map(|(&(rows, past), (k, v))| CachedSeq { k, v, rows, past })
+                .collect();
+            let mut got = vec![f32::NAN; total * qd];
+            Cpu.attention_cached_batch(&mut got, &q, &seqs, &shape);
+            let mut row = 0;
+            for s in &seqs {
+                let mut want = vec![0.0f32; s.rows * qd];
+                let qs = q[row * qd..(row + s.rows) * qd].to_vec();
+                Cpu.attention_cached(&mut want, &qs, s.k, s.v, s.rows, s.past, &shape);
+                let g = &got[row * qd..(row + s.rows) * qd];
+                assert!(
+                    g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "half {half}, {} rows after {}",
+                    s.rows,
+                    s.past
+                );
+                row += s.rows;
+            }
+        }
+    }
+
+    /// Several adapters' rows in one call give each row the bits of its own group's call, and
+    /// leave rows without an adapter alone.
+    #[test]
+    fn lora_forward_rows_batch_equals_one_call_per_group() {
+        let (inp, out, t) = (40usize, 24usize, 9usize);
+        let val = |n: usize, s: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i * s) % 83) as f32 - 41.0) / 60.0).collect()
+        };
+        let ad: Vec<(Weight, Weight)> = (0..3)
+            .map(|i| {
+                (
+                    Weight::f32(val(4 * inp, 3 + i), 4, inp),
+                    Weight::f32(val(out * 4, 5 + i), out, 4),
+                )
+            })
+            .collect();
+        let x = val(t * inp, 7);
+        let y0 = val(t * out, 9);
+        // Rows 0..2 adapter 0, row 2 none, rows 3..7 adapter 1, rows 7..9 adapter 2.
+        let spans = [(0usize, 0usize, 2usize), (1, 3, 4), (2, 7, 2)];
+        let groups: Vec<LoraRows<'_, Weight>> = spans
+            .iter()
+            .map(|&(a, row0, rows)| LoraRows {
+                a: &ad[a].0,
+                b: &ad[a].1,
+                scale: 0.5 + a as f32,
+                row0,
+                rows,
+            })
+            .collect();
+        let mut got = y0.clone();
+        Cpu.lora_forward_rows_batch(&mut got, &x, &groups, inp, out, t);
+        let mut want = y0.clone();
+        for g in &groups {
+            let xs = x[g.row0 * inp..(g.row0 + g.rows) * inp].to_vec();
+            let mut ys = want[g.row0 * out..(g.row0 + g.rows) * out].to_vec();
+            Cpu.lora_forward_rows(&mut ys, &xs, g.a, g.b, g.scale, g.rows);
+            want[g.row0 * out..(g.row0 + g.rows) * out].copy_from_slice(&ys);
+        }
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(got[2 * out..3 * out], y0[2 * out..3 * out]);
+    }
 
     /// The LoRA dropout mask as it was before its hash moved to `crate::rng`.
     #[test]

@@ -14,7 +14,7 @@ pub mod quant;
 pub mod rng;
 pub mod types;
 
-pub use backend::{Backend, Cpu};
+pub use backend::{Backend, CachedSeq, Cpu, LoraRows};
 pub use cpu::matmul::{Weight, WeightData};
 pub use types::{
     AdamWScalars, AdamWTensor, AttentionShape, CrossEntropyOutput, IGNORE_INDEX, OPTIM_CHUNK, Precision,

@@ -41,6 +41,17 @@ pub struct AttentionShape {
     pub bf16: bool,
 }
 
+impl AttentionShape {
+    /// Values of a row of queries (all heads).
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    /// Values of a row of keys or values (all KV heads).
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
 /// Splits per-token sequence ids into contiguous `(start, len)` segments.
 pub fn segments_from_seq_ids(seq_ids: &[u32]) -> Vec<(usize, usize)> {
     let mut segs = Vec::new();

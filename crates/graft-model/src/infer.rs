@@ -7,7 +7,7 @@
 
 use crate::lora::{Adapter, LoraLinear};
 use crate::model::{DOWN, GATE, K, Layer, Model, O, Q, UP, V};
-use graft_kernels::{Backend, Precision};
+use graft_kernels::{Backend, CachedSeq, LoraRows, Precision};
 
 /// Keys and values of one sequence, per layer `[capacity, kv_dim]`: f16 for fast-mode
 /// generation (as llama.cpp's default cache), f32 for exact mode.
@@ -171,6 +171,7 @@ impl<B: Backend> Model<B> {
             (Some(a), Some(c)) => std::ptr::eq(a, c),
             _ => false,
         };
+        let mut groups = Vec::new();
         let mut start = 0; // first sequence of the current group
         let mut row0 = 0; // its first row
         while start < seqs.len() {
@@ -181,22 +182,21 @@ impl<B: Backend> Model<B> {
                 rows += seqs[end].tokens.len();
                 end += 1;
             }
-            if let Some(m) = m {
-                // Row by row, so a request's output does not depend on the requests batched
-                // with it.
-                if rows == t {
-                    b.lora_forward_rows(&mut y, x, &m.a, &m.b, m.scale, t);
-                } else if rows > 0 {
-                    let mut xs = b.zeros(rows * lin.inp);
-                    b.copy_rows(&mut xs, 0, x, row0, rows, lin.inp);
-                    let mut ys = b.zeros(rows * lin.out);
-                    b.copy_rows(&mut ys, 0, &y, row0, rows, lin.out);
-                    b.lora_forward_rows(&mut ys, &xs, &m.a, &m.b, m.scale, rows);
-                    b.copy_rows(&mut y, row0, &ys, 0, rows, lin.out);
-                }
+            if let Some(m) = m.filter(|_| rows > 0) {
+                groups.push(LoraRows {
+                    a: &m.a,
+                    b: &m.b,
+                    scale: m.scale,
+                    row0,
+                    rows,
+                });
             }
             row0 += rows;
             start = end;
+        }
+        // Row by row, so a request's output does not depend on the requests batched with it.
+        if !groups.is_empty() {
+            b.lora_forward_rows_batch(&mut y, x, &groups, lin.inp, lin.out, t);
         }
         y
     }
@@ -238,17 +238,21 @@ impl<B: Backend> Model<B> {
         let mut attn = b.zeros(t * qd);
         let mut row = 0;
         for sq in seqs.iter_mut() {
-            let n = sq.tokens.len();
-            let past = sq.cache.len;
+            let (n, past) = (sq.tokens.len(), sq.cache.len);
             b.kv_write_rows(&mut sq.cache.k[l], past, &k, row, n, kd);
             b.kv_write_rows(&mut sq.cache.v[l], past, &v, row, n, kd);
-            let mut qs = b.zeros(n * qd);
-            b.copy_rows(&mut qs, 0, &q, row, n, qd);
-            let mut out = b.zeros(n * qd);
-            b.attention_cached(&mut out, &qs, &sq.cache.k[l], &sq.cache.v[l], n, past, &shape);
-            b.copy_rows(&mut attn, row, &out, 0, n, qd);
             row += n;
         }
+        let cached: Vec<CachedSeq<'_, B::KvBuf>> = seqs
+            .iter()
+            .map(|sq| CachedSeq {
+                k: &sq.cache.k[l],
+                v: &sq.cache.v[l],
+                rows: sq.tokens.len(),
+                past: sq.cache.len,
+            })
+            .collect();
+        b.attention_cached_batch(&mut attn, &q, &cached, &shape);
         let o = self.linear_infer(layer, l, O, &attn, seqs, t, p);
         let mut h = o;
         b.axpy(&mut h, 1.0, &x);

@@ -16,12 +16,6 @@ use std::borrow::Cow;
 const QUERY_BLOCK: usize = 64;
 
 impl AttentionShape {
-    fn q_width(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-    fn kv_width(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
     fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }

@@ -1603,7 +1603,8 @@ mod x86 {
         pack: impl Fn(usize, usize, &mut [u16]) + Sync,
     ) {
         let threads = threads.min(panels).max(1);
-        if threads == 1 {
+        // Small operands (a decode step's few rows) are packed faster than a fork-join costs.
+        if threads == 1 || panels * panel_len < 1 << 16 {
             pack(0, panels, &mut buf[..panels * panel_len]);
             return;
         }
@@ -2288,6 +2289,77 @@ mod x86 {
             unsafe { core::mem::transmute::<__m512i, __m512bh>(self) }
         }
     }
+}
+
+/// The instruction peak of `path` in GFLOP/s on `threads` workers at once: each runs a
+/// register-resident loop of the instruction the path's microkernel is built on (twelve
+/// independent `vfmadd231ps` zmm for [`GemmPath::Avx512Fma`], `vdpbf16ps` zmm for
+/// [`GemmPath::Avx512Bf16`]) for about 30 ms, and the rates add up. The physical ceiling MFU is
+/// measured against; `None` for paths without such a loop here (AMX, portable).
+pub fn instruction_peak_gflops(path: GemmPath, threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !path.supported() || !matches!(path, GemmPath::Avx512Fma | GemmPath::Avx512Bf16) {
+            return None;
+        }
+        let one = move || {
+            let iters = 1u64 << 20;
+            let mut best = 0.0f64;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                // SAFETY: the path is supported, so the CPU has avx512f/bw/bf16 and fma.
+                let flops = unsafe { peak_loop(path == GemmPath::Avx512Bf16, iters) };
+                best = best.max(flops / t.elapsed().as_secs_f64() * 1e-9);
+            }
+            best
+        };
+        let threads = threads.max(1);
+        let rates: Vec<f64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(one)).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).collect()
+        });
+        Some(rates.iter().sum())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (path, threads);
+        None
+    }
+}
+
+/// `iters` rounds of twelve independent zmm FMAs (or `vdpbf16ps` when `bf16`) on registers;
+/// returns the FLOPs done.
+///
+/// # Safety
+/// The CPU must have avx512f, avx512bw, avx512bf16 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
+unsafe fn peak_loop(bf16: bool, iters: u64) -> f64 {
+    use core::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 12];
+    let mut x = _mm512_set1_ps(1e-9);
+    // SAFETY: both are 512-bit plain-data vector types; every bit pattern is valid.
+    let xb: __m512bh = unsafe { core::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(0x3f80)) };
+    let mut xbv = xb;
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = if bf16 {
+                _mm512_dpbf16_ps(*a, xbv, xb)
+            } else {
+                _mm512_fmadd_ps(x, x, *a)
+            };
+        }
+        // Keeps the inputs opaque to the optimiser (no hoisting of the loop).
+        x = std::hint::black_box(x);
+        xbv = std::hint::black_box(xbv);
+    }
+    let mut sum = _mm512_setzero_ps();
+    for a in acc {
+        sum = _mm512_add_ps(sum, a);
+    }
+    std::hint::black_box(_mm512_reduce_add_ps(sum));
+    // FLOPs per instruction: 16 lanes × 2 (FMA), 16 lanes × 2 pairs × 2 (bf16 dot).
+    (iters * 12) as f64 * if bf16 { 64.0 } else { 32.0 }
 }
 
 /// Measures the machine's matrix-multiply throughput in GFLOP/s on `threads` workers:
