@@ -380,17 +380,13 @@ fn train(args: &TrainBenchArgs) -> Result<()> {
     );
     let path = graft_kernels::cpu::gemm_bf16::gemm_path();
     if precision == Precision::Fast
+        && let Some(instruction) = path.peak_instruction()
         && let Some(ipeak) = graft_kernels::cpu::gemm_bf16::instruction_peak_gflops(path, threads)
     {
         println!(
-            "graft: MFU {:.1}% of the {} path's instruction peak ({ipeak:.0} GFLOP/s: {threads} cores of register-resident {})",
+            "graft: MFU {:.1}% of the {} path's instruction peak ({ipeak:.0} GFLOP/s: {threads} cores of register-resident {instruction})",
             100.0 * achieved / ipeak,
             path.describe(),
-            if path == graft_kernels::cpu::gemm_bf16::GemmPath::Avx512Fma {
-                "vfmadd231ps"
-            } else {
-                "vdpbf16ps"
-            }
         );
     }
     let plan = graft_train::plan::estimate(

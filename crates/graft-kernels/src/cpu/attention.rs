@@ -29,6 +29,13 @@ impl AttentionShape {
             _ => 0,
         }
     }
+    /// The keys a query at `pos` sees among the chunk of `n` cached positions from `i0`, as
+    /// offsets `lo..hi` into the chunk (empty when `lo >= hi`).
+    fn chunk_keys(&self, pos: usize, i0: usize, n: usize) -> (usize, usize) {
+        let lo = self.first_key(pos).max(i0) - i0;
+        let hi = (pos + 1).min(i0 + n).saturating_sub(i0);
+        (lo, hi)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -458,9 +465,7 @@ unsafe fn decode_chunk_zmm<E: CacheElem, const DV: usize>(
     let mut sum = vec![0.0f32; rows];
     let mut out = vec![0.0f32; rows * d];
     for row in 0..rows {
-        let pos = past + row % nq;
-        let lo = shape.first_key(pos).max(i0) - i0;
-        let hi = (pos + 1).min(i0 + n).saturating_sub(i0);
+        let (lo, hi) = shape.chunk_keys(past + row % nq, i0, n);
         if lo >= hi {
             continue;
         }
@@ -515,9 +520,7 @@ fn decode_chunk_body<E: CacheElem>(
     let mut max = vec![f32::NEG_INFINITY; rows];
     let mut sum = vec![0.0f32; rows];
     for row in 0..rows {
-        let pos = past + row % nq;
-        let lo = shape.first_key(pos).max(i0) - i0;
-        let hi = (pos + 1).min(i0 + n).saturating_sub(i0);
+        let (lo, hi) = shape.chunk_keys(past + row % nq, i0, n);
         let sr = &mut s[row * n..(row + 1) * n];
         if lo >= hi {
             sr.fill(0.0);

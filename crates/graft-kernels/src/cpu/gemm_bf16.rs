@@ -248,6 +248,16 @@ impl GemmPath {
         }
     }
 
+    /// The instruction the path's microkernel is built on, whose register-resident rate
+    /// [`instruction_peak_gflops`] measures; `None` for AMX and the portable path.
+    pub fn peak_instruction(self) -> Option<&'static str> {
+        match self {
+            GemmPath::Avx512Fma => Some("vfmadd231ps"),
+            GemmPath::Avx512Bf16 => Some("vdpbf16ps"),
+            GemmPath::Amx | GemmPath::Portable => None,
+        }
+    }
+
     /// Whether this CPU can run the path.
     pub fn supported(self) -> bool {
         match self {
@@ -672,12 +682,7 @@ fn rows_packed_on(
 /// callers that must not let the row count change a row's result keep few-row and many-row
 /// products apart.
 pub fn few_rows_match_gemm() -> bool {
-    few_rows_match(gemm_path())
-}
-
-/// [`few_rows_match_gemm`] for a given path.
-fn few_rows_match(path: GemmPath) -> bool {
-    path != GemmPath::Amx
+    gemm_path() != GemmPath::Amx
 }
 
 /// Columns `j0..j0 + nc` of a source, bf16-rounded and widened, row-major `k × nc` into `out`.
@@ -1354,7 +1359,6 @@ mod x86 {
         alpha: f32,
         beta: f32,
     ) {
-        let va = _mm512_set1_ps(alpha);
         for (kb, (kp, ap, bp)) in parts.iter().enumerate() {
             let ap = ap.as_ptr() as *const i32;
             let panel = kp * NR * 2;
@@ -1381,15 +1385,8 @@ mod x86 {
                 }
             }
             let beta = if kb == 0 { beta } else { 1.0 };
-            let vb = _mm512_set1_ps(beta);
-            for (j, acc) in acc.iter().enumerate() {
-                let (j0, nr) = ((q + j) * NR, (n - (q + j) * NR).min(NR));
-                let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
-                for (m, acc) in acc.iter().enumerate() {
-                    // SAFETY: row m < T, columns j0..j0+nr of C (caller); masked lanes untouched.
-                    unsafe { store_row(c.at(m * n + j0), acc, va, vb, beta != 0.0, m0, m1) };
-                }
-            }
+            // SAFETY: per the caller.
+            unsafe { store_panels(c, &acc, q, n, alpha, beta) };
         }
     }
 
@@ -1408,7 +1405,6 @@ mod x86 {
         alpha: f32,
         beta: f32,
     ) {
-        let va = _mm512_set1_ps(alpha);
         let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
         for (kb, (kp, ap, bp)) in parts.iter().enumerate() {
             let ap = ap.as_ptr() as *const f32;
@@ -1438,14 +1434,33 @@ mod x86 {
                 }
             }
             let beta = if kb == 0 { beta } else { 1.0 };
-            let vb = _mm512_set1_ps(beta);
-            for (j, acc) in acc.iter().enumerate() {
-                let (j0, nr) = ((q + j) * NR, (n - (q + j) * NR).min(NR));
-                let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
-                for (m, acc) in acc.iter().enumerate() {
-                    // SAFETY: row m < T, columns j0..j0+nr of C (caller); masked lanes untouched.
-                    unsafe { store_row(c.at(m * n + j0), acc, va, vb, beta != 0.0, m0, m1) };
-                }
+            // SAFETY: per the caller.
+            unsafe { store_panels(c, &acc, q, n, alpha, beta) };
+        }
+    }
+
+    /// Writes the accumulators of [`rows_panel`] / [`rows_panel_fma`] (`P` panels from `q`, `T`
+    /// rows each) as `alpha · acc + beta · C`, masked at B's last column.
+    ///
+    /// # Safety
+    /// As the callers': C (row stride `n`) holds `T` rows this thread alone writes in these
+    /// columns; the CPU must have avx512f.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_panels<const T: usize, const P: usize>(
+        c: CPtr,
+        acc: &[[[__m512; 2]; T]; P],
+        q: usize,
+        n: usize,
+        alpha: f32,
+        beta: f32,
+    ) {
+        let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+        for (j, acc) in acc.iter().enumerate() {
+            let (j0, nr) = ((q + j) * NR, (n - (q + j) * NR).min(NR));
+            let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
+            for (m, acc) in acc.iter().enumerate() {
+                // SAFETY: row m < T, columns j0..j0+nr of C (caller); masked lanes untouched.
+                unsafe { store_row(c.at(m * n + j0), acc, va, vb, beta != 0.0, m0, m1) };
             }
         }
     }
@@ -2141,14 +2156,7 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut ap = a as *const i32;
         let mut bp = b;
-        // Fetch the C tile (read for ownership) while the products run.
-        for r in 0..MR {
-            if r < mr {
-                let row = c.wrapping_add(r * ldc) as *const i8;
-                _mm_prefetch::<_MM_HINT_ET0>(row);
-                _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(64));
-            }
-        }
+        prefetch_tile(c, ldc, mr);
         let mut pf = pf as *const i8;
         for _ in 0..kcp {
             if PF {
@@ -2177,16 +2185,8 @@ mod x86 {
                 bp = bp.add(NR * 2);
             }
         }
-        let va = _mm512_set1_ps(alpha);
-        let vb = _mm512_set1_ps(beta);
-        let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
-        for (r, acc) in acc.iter().enumerate() {
-            if r >= mr {
-                break;
-            }
-            // SAFETY: row r < mr of the tile; masked lanes are neither read nor written.
-            unsafe { store_row(c.add(r * ldc), acc, va, vb, beta != 0.0, m0, m1) };
-        }
+        // SAFETY: per the caller.
+        unsafe { store_tile(c, ldc, &acc, alpha, beta, mr, nr) };
     }
 
     /// [`kernel`] on f32 FMAs: `a` holds `kcp * MR * 2` f32 (bf16 values widened, as u16
@@ -2214,13 +2214,7 @@ mod x86 {
         let mut ap = a as *const f32;
         let mut bp = b;
         let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        for r in 0..MR {
-            if r < mr {
-                let row = c.wrapping_add(r * ldc) as *const i8;
-                _mm_prefetch::<_MM_HINT_ET0>(row);
-                _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(64));
-            }
-        }
+        prefetch_tile(c, ldc, mr);
         let mut pf = pf as *const i8;
         for _ in 0..kcp {
             if PF {
@@ -2256,13 +2250,43 @@ mod x86 {
                 bp = bp.add(NR * 2);
             }
         }
-        let va = _mm512_set1_ps(alpha);
-        let vb = _mm512_set1_ps(beta);
-        let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
-        for (r, acc) in acc.iter().enumerate() {
-            if r >= mr {
-                break;
+        // SAFETY: per the caller.
+        unsafe { store_tile(c, ldc, &acc, alpha, beta, mr, nr) };
+    }
+
+    /// Fetches the `mr` rows of a C tile (read for ownership) while a kernel's products run
+    /// (prefetches never fault).
+    #[inline(always)]
+    fn prefetch_tile(c: *mut f32, ldc: usize, mr: usize) {
+        for r in 0..mr.min(MR) {
+            let row = c.wrapping_add(r * ldc) as *const i8;
+            // SAFETY: a prefetch reads nothing architecturally; SSE is baseline on x86-64.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_ET0>(row);
+                _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(64));
             }
+        }
+    }
+
+    /// Writes a kernel's `MR × 32` accumulators as `alpha · acc + beta · C`, only the `mr × nr`
+    /// elements of the tile (`beta == 0`: C is not read).
+    ///
+    /// # Safety
+    /// `c` must be valid for reads and writes of `mr` rows (stride `ldc`) of `nr` elements,
+    /// `mr ≤ MR`, `nr ≤ NR`; the CPU must have avx512f.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tile(
+        c: *mut f32,
+        ldc: usize,
+        acc: &[[__m512; 2]; MR],
+        alpha: f32,
+        beta: f32,
+        mr: usize,
+        nr: usize,
+    ) {
+        let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+        let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
+        for (r, acc) in acc.iter().enumerate().take(mr) {
             // SAFETY: row r < mr of the tile; masked lanes are neither read nor written.
             unsafe { store_row(c.add(r * ldc), acc, va, vb, beta != 0.0, m0, m1) };
         }
@@ -2299,7 +2323,7 @@ mod x86 {
 pub fn instruction_peak_gflops(path: GemmPath, threads: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !path.supported() || !matches!(path, GemmPath::Avx512Fma | GemmPath::Avx512Bf16) {
+        if !path.supported() || path.peak_instruction().is_none() {
             return None;
         }
         let one = move || {

@@ -413,13 +413,16 @@ pub fn linear_forward(
     if let WeightData::F32(wd) = &w.data
         && skinny::applies(t, w.rows)
     {
-        let mut wt = vec![0.0f32; w.rows * w.cols];
-        for (r, row) in wd.chunks_exact(w.cols).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                wt[c * w.rows + r] = v;
-            }
-        }
-        skinny::forward(y, x, &wt, t, w.cols, w.rows, accumulate);
+        skinny::forward(
+            y,
+            x,
+            wd,
+            skinny::WeightLayout::NByK,
+            t,
+            w.cols,
+            w.rows,
+            accumulate,
+        );
         return;
     }
     matmul(
@@ -921,7 +924,16 @@ pub fn linear_backward_input(
     if let WeightData::F32(wd) = &w.data
         && skinny::applies(t, w.cols)
     {
-        skinny::forward(dx, dy, wd, t, w.rows, w.cols, accumulate);
+        skinny::forward(
+            dx,
+            dy,
+            wd,
+            skinny::WeightLayout::KByN,
+            t,
+            w.rows,
+            w.cols,
+            accumulate,
+        );
         return;
     }
     matmul(

@@ -20,11 +20,31 @@ pub fn applies(t: usize, n: usize) -> bool {
     (1..=MAX_N).contains(&n) && t >= MIN_ROWS && super::math::has_avx512()
 }
 
-/// `y[t×n] (+)= x[t×k] · w[k×n]` (all row-major, f32). Callers check [`applies`] first.
+/// How the narrow weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `w[k×n]` row-major (LoRA's B `[out×r]` in `dy · B`).
+    KByN,
+    /// `w[n×k]` row-major, used transposed (LoRA's A `[r×in]` in `x · Aᵀ`).
+    NByK,
+}
+
+/// `y[t×n] (+)= x[t×k] · w` (row-major f32; `w` is `k×n`, or `n×k` used transposed, per
+/// `layout`). Callers check [`applies`] first.
 ///
 /// # Panics
 /// If the slices are shorter than their shapes, `n > MAX_N`, or the CPU lacks AVX-512.
-pub fn forward(y: &mut [f32], x: &[f32], w: &[f32], t: usize, k: usize, n: usize, accumulate: bool) {
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    t: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
     use rayon::prelude::*;
     assert!(
         n <= MAX_N && x.len() >= t * k && w.len() >= k * n && y.len() >= t * n,
@@ -37,8 +57,14 @@ pub fn forward(y: &mut [f32], x: &[f32], w: &[f32], t: usize, k: usize, n: usize
     let nv = n.div_ceil(16);
     // w's k-rows padded to whole vectors (zeros past n), so the loop loads without masks.
     let mut wp = vec![0.0f32; k * nv * 16];
-    for p in 0..k {
-        wp[p * nv * 16..p * nv * 16 + n].copy_from_slice(&w[p * n..(p + 1) * n]);
+    for (p, dst) in wp.chunks_exact_mut(nv * 16).enumerate() {
+        match layout {
+            WeightLayout::KByN => dst[..n].copy_from_slice(&w[p * n..(p + 1) * n]),
+            WeightLayout::NByK => dst[..n]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v = w[j * k + p]),
+        }
     }
     // Tasks of whole row blocks; about four per worker.
     let block = if nv <= 2 { 8 } else { 4 };
@@ -187,7 +213,12 @@ mod tests {
             for accumulate in [false, true] {
                 let y0 = vals(t * n, 3);
                 let mut y = y0.clone();
-                forward(&mut y, &x, &w, t, k, n, accumulate);
+                forward(&mut y, &x, &w, WeightLayout::KByN, t, k, n, accumulate);
+                // The same weight stored n × k gives the same bits.
+                let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+                let mut yt = y0.clone();
+                forward(&mut yt, &x, &wt, WeightLayout::NByK, t, k, n, accumulate);
+                assert!(yt.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
                 for i in 0..t {
                     for j in 0..n {
                         let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[p * n + j] as f64).sum();
@@ -203,7 +234,16 @@ mod tests {
                 if t >= 2 * MIN_ROWS {
                     let mut part = vec![0.0f32; MIN_ROWS * n];
                     part.copy_from_slice(&y0[n..(1 + MIN_ROWS) * n]);
-                    forward(&mut part, &x[k..], &w, MIN_ROWS, k, n, accumulate);
+                    forward(
+                        &mut part,
+                        &x[k..],
+                        &w,
+                        WeightLayout::KByN,
+                        MIN_ROWS,
+                        k,
+                        n,
+                        accumulate,
+                    );
                     assert!(part.iter().zip(&y[n..]).all(|(a, b)| a.to_bits() == b.to_bits()));
                 }
             }
